@@ -1,0 +1,139 @@
+"""Typed run configuration: the single source of truth for keys and defaults.
+
+Plain dataclasses, so the core stays usable without Hydra. The Hydra layer (conf/ and cli.py)
+registers these same classes as structured-config schemas, so a typo'd key or a wrong type is
+caught at compose time. Key names are public (design.md section 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. The message is one line: key, value, what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_dim: int = 176
+    vocab_size: int = 256  # replaced by the tokenizer's vocabulary size at build time
+    seq_len: int = 64
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "pysource"  # pysource | synthetic | text_files | c4
+    path: Optional[str] = None  # text_files: a file, directory or glob; c4: optional local files
+    tokenizer: str = "byte"  # byte | hf:<name or path to tokenizer.json>
+    val_fraction: float = 0.05
+    seed: int = 0
+    max_tokens: int = 0  # 0 = whole corpus (streamed corpora: required budget, see data/)
+
+
+@dataclass
+class SparsityConfig:
+    density: float = 0.25
+    distribution: str = "uniform"  # uniform | erk
+    update_every: int = 100  # Delta T; 0 = static topology
+    prune_rate: float = 0.3  # zeta
+    prune_schedule: str = "cosine"  # cosine | constant | linear | wsd
+    prune: str = "magnitude"
+    growth: str = "random"  # random | gradient
+    block_size: int = 1
+    dense_patterns: list = field(
+        default_factory=lambda: ["tok_embeddings", "output", "norm"]
+    )
+
+
+@dataclass
+class RegrowConfig:
+    reset_step: bool = True
+    warmup_steps: int = 100  # W; 0 = no warm-up
+    warmup_kind: str = "linear_lr"  # linear_lr | moment_damping
+
+
+@dataclass
+class LRScalingConfig:
+    rule: str = "inverse"  # none | inverse | inverse_sqrt | power
+    power: float = 1.0
+    scope: str = "sparse"  # sparse | all
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-2
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    state: str = "compact"  # compact | dense_masked
+    regrow: RegrowConfig = field(default_factory=RegrowConfig)
+    lr_scaling: LRScalingConfig = field(default_factory=LRScalingConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 3000
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 500
+    eval_batches: int = 8
+    log_every: int = 10
+    probe_window: int = 20
+    probe_batch_size: int = 32
+    checkpoint_every: int = 0  # 0 = only at the end when an output dir is given
+    resume_from: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16
+    threads: int = 0  # 0 = leave torch's default
+
+
+@dataclass
+class RunConfig:
+    """Everything the core trainer needs (no tracking, sweep or Ray keys)."""
+
+    method: str = "smet"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a (possibly partial) nested dict, rejecting unknown keys."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in known:
+            raise ConfigError(prefix + key, value, f"unknown key; known keys: {', '.join(known)}")
+        sub = _dataclass_type(known[key])
+        kwargs[key] = from_dict(sub, value, f"{prefix}{key}.") if sub and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(f: dataclasses.Field):
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return type(default) if dataclasses.is_dataclass(default) else None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,317 @@
+"""Corpora as token streams.
+
+Every corpus is a generator of (key, text) documents; one shared `_Assembler` does the rest
+(fingerprint, train/val split, tokenization, token budget), so all corpora behave the same way.
+Adding a corpus = one function `fn(cfg, tok) -> Corpus` + one entry in `CORPORA`.
+
+Split rule: a document goes to val iff uniform(sha256(f"{seed}:{key}")) < val_fraction. It depends
+only on the seed and the document's key, never on file order or count.
+Fingerprint (`Corpus.sha256`): sha256 over key + b"\\0" + text + b"\\0" (UTF-8) of every document
+read, in order, so edits and renames both change it.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import random
+import sysconfig
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from smet_lab.config import ConfigError, DataConfig
+from smet_lab.data.tokenizer import build_tokenizer
+
+Docs = Iterable[tuple[str, str]]
+
+
+@dataclass
+class Corpus:
+    train: torch.Tensor  # 1-D token ids, compact dtype (see storage_dtype)
+    val: torch.Tensor
+    vocab_size: int
+    sha256: str
+    name: str
+    n_documents: int
+    tokenizer: str
+
+
+def storage_dtype(vocab_size: int) -> torch.dtype:
+    """Smallest dtype holding every id (the pysource stream is ~12M tokens: 12 MB as uint8)."""
+    if vocab_size <= 256:
+        return torch.uint8
+    return torch.int16 if vocab_size < 32768 else torch.int32
+
+
+def is_val(seed: int, key: str, val_fraction: float) -> bool:
+    """The per-document split rule (see module docstring)."""
+    h = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < val_fraction
+
+
+class _Assembler:
+    """Collects documents into train/val token streams under an optional token budget."""
+
+    def __init__(self, tok, cfg: DataConfig, budget: int = 0):
+        self.tok, self.seed, self.val_fraction = tok, cfg.seed, cfg.val_fraction
+        self.dtype = storage_dtype(tok.vocab_size)
+        sep = [tok.eos_id] if tok.eos_id is not None else tok.encode("\n")
+        self.sep = torch.tensor(sep, dtype=torch.int64).to(self.dtype)
+        self.limit = {"train": budget, "val": max(1, int(budget * cfg.val_fraction))} if budget else None
+        self.parts: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+        self.count = {"train": 0, "val": 0}
+        self.sha = hashlib.sha256()
+        self.n_documents = 0
+
+    def full(self, split: str) -> bool:
+        return self.limit is not None and self.count[split] >= self.limit[split]
+
+    def add(self, key: str, text: str, split: str | None = None) -> None:
+        self.sha.update(key.encode("utf-8") + b"\0" + text.encode("utf-8") + b"\0")
+        self.n_documents += 1
+        split = split or ("val" if is_val(self.seed, key, self.val_fraction) else "train")
+        if not self.full(split):  # past the budget we still fingerprint, but skip tokenizing
+            ids = self.tok.encode_tensor(text).to(self.dtype)
+            self.parts[split].append(ids)
+            self.count[split] += len(ids) + len(self.sep)
+
+    def consume(self, docs: Docs | dict[str, Docs], stop_early: bool) -> None:
+        """Add documents. stop_early (streamed corpora): stop reading once the budget is met;
+        otherwise read everything so the fingerprint covers the whole source.
+        A dict {split: docs} takes each split from its own source (remote C4 train/validation)."""
+        if isinstance(docs, dict):
+            for split, source in docs.items():
+                for key, text in source:
+                    self.add(key, text, split)
+                    if stop_early and self.full(split):
+                        break
+            return
+        for key, text in docs:
+            self.add(key, text)
+            if stop_early and self.full("train") and self.full("val"):
+                break
+
+    def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        pieces = []
+        for i, p in enumerate(parts):
+            pieces += [self.sep, p] if i else [p]
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=self.dtype)
+
+    def finish(self, name: str, error_key: str, error_value) -> Corpus:
+        train_parts, val_parts = self.parts["train"], self.parts["val"]
+        if not val_parts and len(train_parts) > 1:  # guarantee a non-empty val split
+            val_parts.append(train_parts.pop())
+        train, val = self._join(train_parts), self._join(val_parts)
+        if not val_parts and len(train_parts) == 1:
+            # A single document cannot be split per document: its tail becomes val.
+            n_val = max(1, int(len(train) * self.val_fraction))
+            train, val = train[:-n_val], train[-n_val:]
+        if self.limit is not None:
+            train, val = train[: self.limit["train"]], val[: self.limit["val"]]
+        if len(train) == 0 or len(val) == 0:
+            raise ConfigError(error_key, error_value, f"corpus too small: {len(train)} train / {len(val)} val tokens")
+        return Corpus(train=train, val=val, vocab_size=self.tok.vocab_size, sha256=self.sha.hexdigest(),
+                      name=name, n_documents=self.n_documents, tokenizer=self.tok.name)
+
+
+def _assemble(name: str, docs, tok, cfg: DataConfig, budget: int | None = None, stop_early: bool = False,
+              error_key: str = "data.name", error_value=None) -> Corpus:
+    asm = _Assembler(tok, cfg, cfg.max_tokens if budget is None else budget)
+    asm.consume(docs, stop_early)
+    return asm.finish(name, error_key, name if error_value is None else error_value)
+
+
+# --- pysource: the running Python's standard library ------------------------------------------
+
+_PYSOURCE_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+
+
+def pysource_files() -> tuple[str, list[str]]:
+    """(stdlib root, sorted relative posix paths of its *.py files, tests and site-packages excluded)."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _PYSOURCE_SKIP]  # prune: no descent
+        rel = os.path.relpath(dirpath, root)
+        found += [os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/") for f in filenames if f.endswith(".py")]
+    return root, sorted(found)
+
+
+def _pysource(cfg: DataConfig, tok) -> Corpus:
+    root, files = pysource_files()
+
+    def docs() -> Iterator[tuple[str, str]]:
+        for rel in files:
+            with open(os.path.join(root, rel), encoding="utf-8", errors="replace") as f:
+                yield rel, f.read()
+
+    return _assemble("pysource", docs(), tok, cfg)
+
+
+# --- synthetic: a seeded Markov chain, for tests ----------------------------------------------
+
+_PRINTABLE = [chr(c) for c in range(32, 127)]
+
+
+def _synthetic_docs(seed: int) -> Iterator[tuple[str, str]]:
+    rng = random.Random(seed)
+    # Each symbol has 4 successors with skewed weights: low-entropy structure a model can learn.
+    # A 64-entry lookup table per symbol makes sampling one getrandbits(6) call per character.
+    table = {s: "".join(rng.choices(rng.sample(_PRINTABLE, 4), weights=[8, 4, 2, 1], k=64)) for s in _PRINTABLE}
+    state, i = rng.choice(_PRINTABLE), 0
+    while True:  # endless: the assembler stops at the token budget
+        out = []
+        for _ in range(rng.randint(64, 1024)):
+            state = table[state][rng.getrandbits(6)]
+            out.append(state)
+        yield f"synthetic/{i}", "".join(out)
+        i += 1
+
+
+def _synthetic(cfg: DataConfig, tok) -> Corpus:
+    return _assemble("synthetic", _synthetic_docs(cfg.seed), tok, cfg,
+                     budget=cfg.max_tokens or 200_000, stop_early=True)
+
+
+# --- local files: .txt (one document per file), JSON lines (one document per line) ------------
+
+_TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
+_JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+
+
+def _resolve_files(path, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """A file, directory (recursive) or glob -> sorted [(key relative to its root, file path)]."""
+    wanted = f"give a {', '.join(suffixes)} file, directory or glob"
+    if not path:
+        raise ConfigError("data.path", path, f"required for this corpus; {wanted}")
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        root = path
+        files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    elif os.path.isfile(path):
+        root, files = os.path.dirname(path) or ".", [path]
+    else:
+        fixed = []  # the glob's leading non-wildcard directories are the root for keys
+        for part in path.split(os.sep):
+            if glob.has_magic(part):
+                break
+            fixed.append(part)
+        root = os.sep.join(fixed) or (os.sep if path.startswith(os.sep) else ".")
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+    files = [f for f in files if f.endswith(suffixes)]
+    if not files:
+        raise ConfigError("data.path", path, f"no file matches; {wanted}")
+    return sorted((os.path.relpath(f, root).replace(os.sep, "/"), f) for f in files)
+
+
+def _jsonl_docs(key: str, path: str) -> Iterator[tuple[str, str]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError("data.path", f"{path}:{lineno}", f"bad JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise ConfigError("data.path", f"{path}:{lineno}", 'each line must be a JSON object with a "text" string')
+                yield f"{key}:{lineno}", rec["text"]
+    except OSError as e:  # unreadable file or corrupt gzip
+        raise ConfigError("data.path", f"{path}:{lineno}", f"cannot read ({e})") from None
+
+
+def _file_docs(files: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    for key, path in files:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield key, f.read()
+        else:
+            yield from _jsonl_docs(key, path)
+
+
+def _text_files(cfg: DataConfig, tok) -> Corpus:
+    files = _resolve_files(cfg.path, _TEXT_SUFFIXES)
+    return _assemble("text_files", _file_docs(files), tok, cfg, error_key="data.path", error_value=cfg.path)
+
+
+# --- c4: Hugging Face datasets, streamed ------------------------------------------------------
+
+
+def _hf_docs(ds, fail: Callable[[Exception], ConfigError], where: str) -> Iterator[tuple[str, str]]:
+    """Records of a streamed dataset as documents; keyed by URL (C4 has one) or else by content."""
+    it = iter(ds)
+    for i in itertools.count(1):
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # network drop, bad JSON, ...: surface as a one-line config error
+            raise fail(e) from None
+        text = rec.get("text")
+        if not isinstance(text, str):
+            raise ConfigError("data.path", f"{where} record {i}", 'each record needs a "text" string')
+        yield rec.get("url") or hashlib.sha256(text.encode("utf-8")).hexdigest(), text
+
+
+def _c4(cfg: DataConfig, tok) -> Corpus:
+    if cfg.max_tokens <= 0:
+        raise ConfigError("data.max_tokens", cfg.max_tokens, "c4 is streamed: give a token budget > 0")
+    try:
+        import datasets  # lazy: heavy, optional (hf extra)
+    except ImportError:
+        raise ConfigError("data.name", "c4", "needs the 'datasets' package (pip install smet_lab[hf])") from None
+    if cfg.path:
+        files = [p for _, p in _resolve_files(cfg.path, _JSON_SUFFIXES)]
+
+        def bad_file(e: Exception) -> ConfigError:
+            return ConfigError("data.path", cfg.path, f"cannot read as JSON lines ({type(e).__name__}: {e})")
+
+        try:
+            ds = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+        except Exception as e:
+            raise bad_file(e) from None
+        docs = _hf_docs(ds, bad_file, cfg.path)  # one stream: split by the per-document rule
+    else:
+
+        def offline(_: Exception) -> ConfigError:
+            return ConfigError("data.name", "c4", "cannot reach the Hugging Face hub (offline?); "
+                               "give data.path=<local C4 .json.gz shards>")
+
+        try:
+            docs = {split: _hf_docs(datasets.load_dataset("allenai/c4", "en", split=hf_split, streaming=True),
+                                    offline, "allenai/c4")
+                    for split, hf_split in (("train", "train"), ("val", "validation"))}
+        except Exception as e:
+            raise offline(e) from None
+    return _assemble("c4", docs, tok, cfg, stop_early=True)
+
+
+CORPORA: dict[str, Callable[[DataConfig, object], Corpus]] = {
+    "pysource": _pysource,
+    "synthetic": _synthetic,
+    "text_files": _text_files,
+    "c4": _c4,
+}
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Validate `cfg`, build its tokenizer and load the named corpus (nothing is cached on disk)."""
+    if cfg.name not in CORPORA:
+        raise ConfigError("data.name", cfg.name, f"one of {', '.join(CORPORA)}")
+    vf = cfg.val_fraction
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf <= 0.5:
+        raise ConfigError("data.val_fraction", vf, "a number in (0, 0.5]")
+    if isinstance(cfg.max_tokens, bool) or not isinstance(cfg.max_tokens, int) or cfg.max_tokens < 0:
+        raise ConfigError("data.max_tokens", cfg.max_tokens, "an integer >= 0 (0 = whole corpus)")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError("data.seed", cfg.seed, "an integer")
+    return CORPORA[cfg.name](cfg, build_tokenizer(cfg.tokenizer))

@@ -1,0 +1,88 @@
+"""Tokenizers: a dependency-free byte tokenizer and a thin wrapper over Hugging Face `tokenizers`.
+
+Both expose the same small surface (name, vocab_size, eos_id, encode, encode_tensor, decode), so the
+corpus code never needs to know which one it has.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from smet_lab.config import ConfigError
+
+_SPECS = "'byte' or 'hf:<name or path to tokenizer.json>'"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: vocabulary 256, no special tokens (documents are joined by "\\n")."""
+
+    name = "byte"
+    vocab_size = 256
+    eos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        # Fast path for large corpora: no Python int per byte.
+        data = text.encode("utf-8")
+        if not data:  # torch.frombuffer rejects empty buffers
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer`, used without its post-processor (we insert eos between documents)."""
+
+    _EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[EOS]")
+
+    def __init__(self, tok, name: str):
+        self._tok, self.name = tok, name
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        ids = (tok.token_to_id(t) for t in self._EOS_TOKENS)
+        self.eos_id = next((i for i in ids if i is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        # add_special_tokens=False: e.g. T5 would otherwise append </s> to every document itself.
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.encode(text), dtype=torch.int64)
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self._tok.decode(ids)
+
+
+def build_tokenizer(spec: str):
+    """'byte' -> ByteTokenizer; 'hf:<path or hub name>' -> HFTokenizer (local files first)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if not isinstance(spec, str) or not spec.startswith("hf:") or not spec[3:].strip():
+        raise ConfigError("data.tokenizer", spec, f"one of {_SPECS}")
+    name = os.path.expanduser(spec[3:].strip())
+    try:
+        from tokenizers import Tokenizer  # lazy: optional dependency (hf extra)
+    except ImportError:
+        raise ConfigError("data.tokenizer", spec, "needs the 'tokenizers' package (pip install smet_lab[hf])") from None
+    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    if os.path.isfile(path):
+        try:
+            return HFTokenizer(Tokenizer.from_file(path), spec)
+        except Exception as e:
+            raise ConfigError("data.tokenizer", spec, f"cannot read {path} as a tokenizer.json ({e})") from None
+    if os.path.isdir(name) or name.endswith(".json"):  # clearly meant as a local path
+        raise ConfigError("data.tokenizer", spec, f"no tokenizer.json at {path}")
+    try:
+        return HFTokenizer(Tokenizer.from_pretrained(name), spec)
+    except Exception:
+        raise ConfigError(
+            "data.tokenizer", spec,
+            f"cannot load Hugging Face tokenizer '{name}' (offline?); use 'byte' or hf:<path to tokenizer.json>",
+        ) from None

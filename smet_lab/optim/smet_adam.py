@@ -1,0 +1,385 @@
+"""SMETAdam: Adam whose sparse-layer gradients and moments exist only for active weights.
+
+Layout (state="compact"): all sparse layers share one flat buffer per quantity, shaped
+[active blocks, block_size] and ordered like the topology's slots (layer after layer):
+
+    grad, exp_avg, exp_avg_sq : float32 [K, B]
+    age                       : int16   [K, 1]  steps since the block was (re)grown, saturating at
+                                                 32767 (only when reset_step or a warm-up needs it)
+    index                     : the topology's int32 block ids (shared, not copied)
+
+A post-accumulate-grad hook gathers each sparse weight's dense gradient into `grad` as soon as
+autograd produces it and drops the dense tensor, so a dense weight gradient lives only during its own
+layer's backward. The update is vectorised over all sparse layers at once; a per-layer index_add_
+writes it back into the (dense-stored, zero-where-inactive) weights.
+
+state="dense_masked" keeps the same math on dense-size buffers with a per-block mask (what mask-based
+DST libraries do), so memory can be compared like for like.
+
+SMET semantics (design.md section 5), per active entry i:
+    regrow(i): m_i = v_i = 0, age_i = 0     (theta_i = 0 is the topology updater's job)
+    step:      age_i += 1; t_i = age_i if reset_step else the global step
+               u_i = (m_i / (1-b1^t_i)) / (sqrt(v_i / (1-b2^t_i)) + eps)
+               lr_i = lr * scale(d) * warm_i,  warm_i = min(1, age_i / W) for regrown entries
+               (warmup_kind="moment_damping": m_i *= warm_i in place instead, as the released code)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from smet_lab.config import ConfigError
+from smet_lab.sparse.topology import SparseTopology
+from smet_lab.sparse.updater import RegrowEvent
+
+# Density-aware LR rules: scale(d, power). A new rule = one entry here.
+LR_SCALING = {
+    "none": lambda d, p: 1.0,
+    "inverse": lambda d, p: 1.0 / d,
+    "inverse_sqrt": lambda d, p: d ** -0.5,
+    "power": lambda d, p: d ** -p,
+}
+WARMUP_KINDS = ("linear_lr", "moment_damping")
+STATE_LAYOUTS = ("compact", "dense_masked")
+AGE_MAX = 32767  # int16 saturates; exact as long as b2**AGE_MAX underflows float32 (b2 <= 0.9995)
+
+
+class SMETAdam(torch.optim.Optimizer):
+    def __init__(
+        self,
+        model: nn.Module,
+        topology: SparseTopology,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        reset_step: bool = True,
+        warmup_steps: int = 0,
+        warmup_kind: str = "linear_lr",
+        lr_scaling: str = "inverse",
+        lr_scaling_power: float = 1.0,
+        lr_scaling_scope: str = "sparse",
+        state: str = "compact",
+    ):
+        validate_optimizer(lr, betas, eps, weight_decay, warmup_steps, warmup_kind, lr_scaling,
+                           lr_scaling_power, lr_scaling_scope, state)
+        self.topology = topology
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.reset_step = reset_step
+        self.warmup_steps = warmup_steps
+        self.warmup_kind = warmup_kind
+        self.layout = state
+        self.global_step = 0
+        self.last_regrow_step: int | None = None
+        self.last_regrow_update_ratio: float | None = None
+        self.capture_dense_grads = False
+        self.dense_grads: dict[int, torch.Tensor] = {}
+
+        self.lr_scale = LR_SCALING[lr_scaling](topology.density(), lr_scaling_power)
+        sparse_ids = {id(layer.param) for layer in topology.layers}
+        dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
+        sparse = [layer.param for layer in topology.layers]
+        groups = []
+        if dense:
+            scale = self.lr_scale if lr_scaling_scope == "all" else 1.0
+            groups.append({"params": dense, "lr": lr * scale, "base_lr": lr * scale, "kind": "dense"})
+        if sparse:
+            groups.append({"params": sparse, "lr": lr * self.lr_scale, "base_lr": lr * self.lr_scale, "kind": "sparse"})
+        super().__init__(groups, {"lr": lr})
+
+        # Dense Adam state, allocated eagerly so memory accounting is exact from step 0.
+        for p in dense:
+            self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+        self._init_sparse_state()
+
+    # ----------------------------------------------------------------------------------- layout
+    def _init_sparse_state(self) -> None:
+        layers = self.topology.layers
+        B = self.topology.block_size
+        self.compact = self.layout == "compact"
+        sizes = [(layer.n_active if self.compact else layer.n_blocks) for layer in layers]
+        self._offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        total = self._offsets[-1]
+        device = layers[0].param.device if layers else torch.device("cpu")
+        f32 = dict(dtype=torch.float32, device=device)
+        self.grad = torch.zeros(total, B, **f32)
+        self.exp_avg = torch.zeros(total, B, **f32)
+        self.exp_avg_sq = torch.zeros(total, B, **f32)
+        needs_age = self.reset_step or self.warmup_steps > 0
+        self.age = torch.zeros(total, 1, dtype=torch.int16, device=device) if needs_age else None
+        self.active = None
+        if not self.compact:
+            self.active = torch.cat([layer.active_mask() for layer in layers]).unsqueeze(1) if layers \
+                else torch.zeros(0, 1, dtype=torch.bool, device=device)
+        self._fresh = [True] * len(layers)
+        self._hooks = [layer.param.register_post_accumulate_grad_hook(self._make_hook(i))
+                       for i, layer in enumerate(layers)]
+
+    def _slice(self, i: int) -> slice:
+        return slice(self._offsets[i], self._offsets[i + 1])
+
+    def _make_hook(self, i: int):
+        layer = self.topology.layers[i]
+
+        def gather_grad(p: torch.Tensor) -> None:
+            g = p.grad.view(-1, layer.block_size)
+            buf = self.grad[self._slice(i)]
+            if self.compact:
+                if self._fresh[i]:
+                    torch.index_select(g, 0, layer.block_idx, out=buf)
+                else:
+                    buf.add_(g.index_select(0, layer.block_idx))
+            else:
+                mask = self.active[self._slice(i)]
+                buf.copy_(g * mask) if self._fresh[i] else buf.addcmul_(g, mask)
+            self._fresh[i] = False
+            if self.capture_dense_grads:  # RigL growth needs the dense gradient, only at update steps
+                prev = self.dense_grads.get(i)
+                self.dense_grads[i] = p.grad.detach().clone() if prev is None else prev.add_(p.grad)
+            p.grad = None  # the dense gradient dies here
+
+        return gather_grad
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------------------------ grads
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            if group["kind"] == "dense":
+                for p in group["params"]:
+                    p.grad = None
+        self._fresh = [True] * len(self.topology.layers)
+
+    def _dense_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        params = [p for g in self.param_groups if g["kind"] == "dense" for p in g["params"] if p.grad is not None]
+        return params, [p.grad for p in params]
+
+    def _settle_sparse_grads(self) -> None:
+        # A layer whose hook did not fire since zero_grad has no gradient this step.
+        for i, fresh in enumerate(self._fresh):
+            if fresh:
+                self.grad[self._slice(i)].zero_()
+                self._fresh[i] = False
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global L2 norm over dense AND sparse gradients; scales both if max_norm > 0."""
+        self._settle_sparse_grads()
+        _, grads = self._dense_grads()
+        norms = [torch.linalg.vector_norm(g) for g in grads] + [torch.linalg.vector_norm(self.grad)]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if max_norm and max_norm > 0:
+            coef = (max_norm / (total + 1e-6)).clamp_(max=1.0)
+            if grads:
+                torch._foreach_mul_(grads, coef)
+            self.grad.mul_(coef)
+        return total
+
+    # ------------------------------------------------------------------------------------- step
+    def set_lr_factor(self, factor: float) -> None:
+        """Multiply every group's base lr (density scaling included) by the schedule's factor."""
+        for group in self.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.global_step += 1
+        for group in self.param_groups:
+            if group["kind"] == "dense":
+                self._dense_step(group)
+            else:
+                self._sparse_step(group)
+
+    def _dense_step(self, group: dict) -> None:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is not None:
+                params.append(p)
+                grads.append(p.grad)
+        if not params:
+            return
+        b1, b2 = self.betas
+        t, lr = self.global_step, group["lr"]
+        ms = [self.state[p]["exp_avg"] for p in params]
+        vs = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(ms, grads, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, grads, grads, 1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
+        torch._foreach_add_(denom, self.eps)
+        if self.weight_decay:
+            torch._foreach_mul_(params, 1 - lr * self.weight_decay)
+        torch._foreach_addcdiv_(params, ms, denom, -lr / (1 - b1 ** t))
+
+    def _warm_factor(self) -> torch.Tensor | None:
+        """min(1, age/W) for blocks regrown during training, 1 otherwise; None when nobody warms."""
+        W = self.warmup_steps
+        if W <= 0 or self.last_regrow_step is None or self.global_step - self.last_regrow_step > W:
+            return None
+        age = self.age.float()
+        regrown = self.age.int() < min(self.global_step, AGE_MAX)  # initial blocks are as old as the run
+        return torch.where(regrown, (age / W).clamp_(max=1.0), torch.ones_like(age))
+
+    def _sparse_step(self, group: dict) -> None:
+        self._settle_sparse_grads()
+        b1, b2 = self.betas
+        g, m, v = self.grad, self.exp_avg, self.exp_avg_sq
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if self.age is not None:
+            self.age.clamp_(max=AGE_MAX - 1).add_(1)
+        warm = self._warm_factor()
+        if warm is not None and self.warmup_kind == "moment_damping":
+            m.mul_(warm)
+        if self.reset_step:  # local bias correction per block
+            t = self.age.float()
+            upd = (m / (1 - b1 ** t)).div_((v / (1 - b2 ** t)).sqrt_().add_(self.eps))
+        else:  # the shared global step (naive DST)
+            t = self.global_step
+            upd = (m / (1 - b1 ** t)).div_((v / (1 - b2 ** t)).sqrt_().add_(self.eps))
+        if self.weight_decay:
+            upd.add_(self._active_weights(), alpha=self.weight_decay)
+        if warm is not None and self.warmup_kind == "linear_lr":
+            upd.mul_(warm)
+        if self._probe_slots is not None:
+            # |delta theta| / lr of the entries regrown at the last update, on their first step.
+            self.last_regrow_update_ratio = upd[self._probe_slots].abs().mean().item()
+            self._probe_slots = None
+        lr = group["lr"]
+        for i, layer in enumerate(self.topology.layers):
+            if self.compact:
+                layer.blocks().index_add_(0, layer.block_idx, upd[self._slice(i)], alpha=-lr)
+            else:
+                layer.blocks().add_(upd[self._slice(i)], alpha=-lr)
+
+    _probe_slots: torch.Tensor | None = None
+
+    def _active_weights(self) -> torch.Tensor:
+        if self.compact:
+            return torch.cat([layer.blocks().index_select(0, layer.block_idx) for layer in self.topology.layers])
+        return torch.cat([layer.blocks() for layer in self.topology.layers])
+
+    # ---------------------------------------------------------------------------------- regrowth
+    @torch.no_grad()
+    def regrow(self, events: list[RegrowEvent]) -> None:
+        """Reset the state of entries regrown by a topology update (see the module docstring)."""
+        fresh_slots = []
+        for e in events:
+            off = self._offsets[e.layer]
+            if self.compact:
+                slots = e.slots.to(self.grad.device) + off
+            else:
+                old = e.old_blocks.to(self.grad.device) + off
+                slots = e.new_blocks.to(self.grad.device) + off
+                self.active[old] = False
+                self.exp_avg[old] = 0.0
+                self.exp_avg_sq[old] = 0.0
+                self.active[slots] = True
+            self.exp_avg[slots] = 0.0
+            self.exp_avg_sq[slots] = 0.0
+            if self.age is not None:
+                self.age[slots] = 0
+            fresh_slots.append(slots)
+        if fresh_slots:
+            self.last_regrow_step = self.global_step
+            self._probe_slots = torch.cat(fresh_slots)
+
+    # -------------------------------------------------------------------------------- accounting
+    def state_bytes_by_role(self) -> dict[str, int]:
+        """Bytes of every gradient and optimizer-state tensor, by role. Dense gradients count at full
+        size: they exist from backward to the step. Sparse gradients exist only in the flat buffer."""
+        dense = [p for g in self.param_groups if g["kind"] == "dense" for p in g["params"]]
+
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        return {
+            "dense/grad": nbytes(dense),
+            "dense/exp_avg": nbytes(self.state[p]["exp_avg"] for p in dense),
+            "dense/exp_avg_sq": nbytes(self.state[p]["exp_avg_sq"] for p in dense),
+            "sparse/grad": nbytes([self.grad]),
+            "sparse/exp_avg": nbytes([self.exp_avg]),
+            "sparse/exp_avg_sq": nbytes([self.exp_avg_sq]),
+            "sparse/age": nbytes([self.age]),
+            "sparse/index": nbytes(layer.block_idx for layer in self.topology.layers),
+            "sparse/mask": nbytes([self.active]),
+        }
+
+    def state_bytes(self, part: str = "all") -> int:
+        """Bytes of gradients + optimizer state; part = all | sparse | dense."""
+        return sum(b for role, b in self.state_bytes_by_role().items()
+                   if part == "all" or role.startswith(part + "/"))
+
+    # ---------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        dense = [p for g in self.param_groups if g["kind"] == "dense" for p in g["params"]]
+        return {
+            "global_step": self.global_step,
+            "last_regrow_step": self.last_regrow_step,
+            "layout": self.layout,
+            "dense": [(self.state[p]["exp_avg"].clone(), self.state[p]["exp_avg_sq"].clone()) for p in dense],
+            "exp_avg": self.exp_avg.clone(),
+            "exp_avg_sq": self.exp_avg_sq.clone(),
+            "age": None if self.age is None else self.age.clone(),
+            "active": None if self.active is None else self.active.clone(),
+            "lr": [g["lr"] for g in self.param_groups],
+            "probe_slots": None if self._probe_slots is None else self._probe_slots.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["layout"] != self.layout or state["exp_avg"].shape != self.exp_avg.shape:
+            raise ValueError("optimizer checkpoint does not match this model/sparsity/state layout")
+        self.global_step = state["global_step"]
+        self.last_regrow_step = state["last_regrow_step"]
+        dense = [p for g in self.param_groups if g["kind"] == "dense" for p in g["params"]]
+        for p, (m, v) in zip(dense, state["dense"]):
+            self.state[p]["exp_avg"].copy_(m)
+            self.state[p]["exp_avg_sq"].copy_(v)
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        if self.age is not None:
+            self.age.copy_(state["age"])
+        if self.active is not None:
+            self.active.copy_(state["active"])
+        for g, lr in zip(self.param_groups, state["lr"]):
+            g["lr"] = lr
+        slots = state.get("probe_slots")
+        self._probe_slots = None if slots is None else slots.to(self.grad.device)
+
+
+def validate_optimizer(lr, betas, eps, weight_decay, warmup_steps, warmup_kind, lr_scaling,
+                       lr_scaling_power, lr_scaling_scope, state) -> None:
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not number(lr) or lr <= 0:
+        raise ConfigError("optim.lr", lr, "a positive number")
+    if len(betas) != 2 or not all(number(b) and 0.0 <= b < 1.0 for b in betas):
+        raise ConfigError("optim.betas", list(betas), "two numbers in [0, 1)")
+    if not number(eps) or eps <= 0:
+        raise ConfigError("optim.eps", eps, "a positive number")
+    if not number(weight_decay) or weight_decay < 0:
+        raise ConfigError("optim.weight_decay", weight_decay, "a non-negative number")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < AGE_MAX:
+        raise ConfigError("optim.regrow.warmup_steps", warmup_steps, f"an integer in [0, {AGE_MAX})")
+    if warmup_kind not in WARMUP_KINDS:
+        raise ConfigError("optim.regrow.warmup_kind", warmup_kind, "one of " + ", ".join(WARMUP_KINDS))
+    if lr_scaling not in LR_SCALING:
+        raise ConfigError("optim.lr_scaling.rule", lr_scaling, "one of " + ", ".join(LR_SCALING))
+    if not number(lr_scaling_power) or lr_scaling_power < 0:
+        raise ConfigError("optim.lr_scaling.power", lr_scaling_power, "a non-negative number")
+    if lr_scaling_scope not in ("sparse", "all"):
+        raise ConfigError("optim.lr_scaling.scope", lr_scaling_scope, "one of sparse, all")
+    if state not in STATE_LAYOUTS:
+        raise ConfigError("optim.state", state, "one of " + ", ".join(STATE_LAYOUTS))

@@ -1,0 +1,47 @@
+"""Checkpoints: model, compact optimizer state, topology, step, RNG and data position in one file.
+
+Written to a temporary name and renamed, so a crash never leaves a half-written checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from smet_lab.config import ConfigError
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+
+
+def save(run, path: Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (STATE_FILE + ".tmp")
+    torch.save(run.state_dict(), tmp)
+    os.replace(tmp, path / STATE_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1, default=str))
+    return path
+
+
+def load(path: str | Path, cfg) -> dict:
+    """Load a checkpoint for `cfg`, refusing one of another model or sparsity layout."""
+    path = Path(path)
+    state_file = path / STATE_FILE if path.is_dir() else path
+    if not state_file.is_file():
+        raise ConfigError("train.resume_from", str(path), f"no checkpoint there (expected {STATE_FILE} inside a checkpoints/step_<N> folder)")
+    config_file = state_file.parent / CONFIG_FILE
+    if config_file.is_file():
+        saved = json.loads(config_file.read_text())
+        for section, keys in (("model", ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "seq_len")),
+                              ("sparsity", ("density", "distribution", "block_size")),
+                              ("optim", ("state",))):
+            for key in keys:
+                mine, theirs = getattr(getattr(cfg, section), key), saved[section][key]
+                if mine != theirs:
+                    raise ConfigError("train.resume_from", str(path),
+                                      f"checkpoint has {section}.{key}={theirs!r} but this run has {mine!r}")
+    return torch.load(state_file, map_location="cpu", weights_only=False)

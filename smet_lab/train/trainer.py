@@ -1,0 +1,313 @@
+"""The training loop: one run of one method, with stability probes, memory accounting and resume.
+
+Metrics go to `log(metrics, step)` (tracking plugs in there) and are kept in `RunResult.history`
+(one dict per optimizer step, the full record that reports are built from). No Ray, MLflow or Hydra.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from smet_lab.config import ConfigError, RunConfig
+from smet_lab.data import Corpus, TokenBatcher, load_corpus
+from smet_lab.model import LLaMA, validate_model
+from smet_lab.optim import SMETAdam
+from smet_lab.sparse import DynamicSparsity, SparseTopology
+from smet_lab.train import checkpoint as ckpt
+from smet_lab.train.memory import memory_summary, peak_memory
+
+LogFn = Callable[[dict, int], None]
+
+
+@dataclass
+class RunResult:
+    status: str  # FINISHED | DIVERGED
+    summary: dict
+    history: list = field(default_factory=list)
+    error: Optional[str] = None
+    output_dir: Optional[str] = None
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Schedule multiplier for optimizer step `step` (1-based): linear warm-up, then cosine to min."""
+    o, total = cfg.optim, cfg.train.max_steps
+    if o.warmup_steps > 0 and step <= o.warmup_steps:
+        return step / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Reject bad values before any work (one ConfigError per problem, key named)."""
+    t = cfg.train
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_batches", "probe_batch_size"):
+        v = getattr(t, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"train.{key}", v, "a positive integer")
+    for key in ("eval_every", "log_every", "probe_window", "checkpoint_every", "threads", "seed"):
+        v = getattr(t, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"train.{key}", v, "a non-negative integer")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("train.device", t.device, "one of auto, cpu, cuda")
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", t.device, "CUDA is not available on this machine; use auto or cpu")
+    if t.dtype not in ("float32", "bfloat16"):
+        raise ConfigError("train.dtype", t.dtype, "one of float32, bfloat16")
+    o = cfg.optim
+    if o.schedule not in ("cosine", "constant"):
+        raise ConfigError("optim.schedule", o.schedule, "one of cosine, constant")
+    if isinstance(o.warmup_steps, bool) or not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", o.warmup_steps, "a non-negative integer")
+    if not isinstance(o.min_lr_ratio, (int, float)) or not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", o.min_lr_ratio, "a number in [0, 1]")
+    if not isinstance(o.grad_clip, (int, float)) or o.grad_clip < 0:
+        raise ConfigError("optim.grad_clip", o.grad_clip, "a non-negative number (0 = off)")
+    validate_model(cfg.model)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Run:
+    """Everything one training run holds; built from a RunConfig, checkpointable."""
+
+    def __init__(self, cfg: RunConfig, corpus: Corpus | None = None):
+        validate_run(cfg)
+        self.cfg = cfg
+        t, s, o = cfg.train, cfg.sparsity, cfg.optim
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        self.corpus = corpus if corpus is not None else load_corpus(cfg.data)
+        cfg.model.vocab_size = self.corpus.vocab_size
+        torch.manual_seed(t.seed)
+        self.model = LLaMA(cfg.model).to(self.device)
+        self.topology = SparseTopology.build(self.model, s.density, s.distribution, s.block_size,
+                                             list(s.dense_patterns), seed=t.seed)
+        self.updater = DynamicSparsity(self.topology, t.max_steps, s.update_every, s.prune_rate,
+                                       s.prune_schedule, s.prune, s.growth, seed=t.seed)
+        self.optimizer = SMETAdam(
+            self.model, self.topology, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+            weight_decay=o.weight_decay, reset_step=o.regrow.reset_step,
+            warmup_steps=o.regrow.warmup_steps, warmup_kind=o.regrow.warmup_kind,
+            lr_scaling=o.lr_scaling.rule, lr_scaling_power=o.lr_scaling.power,
+            lr_scaling_scope=o.lr_scaling.scope, state=o.state)
+        seq = cfg.model.seq_len
+        self.batcher = TokenBatcher(self.corpus.train, t.batch_size, seq, seed=t.seed, device=self.device)
+        self.eval_batches = TokenBatcher.fixed_batches(self.corpus.val, t.batch_size, seq, t.eval_batches, device=self.device)
+        # The probe: one fixed held-out batch, evaluated around topology updates (noise-free spikes).
+        self.probe_batch = TokenBatcher.fixed_batches(self.corpus.val, t.probe_batch_size, seq, 1, device=self.device)[0]
+        self.step = 0
+        self.history: list[dict] = []
+        self._rows: dict[int, dict] = {}
+        self.probe = {"update_step": None, "before": None, "max": None, "remaining": 0}
+        self.train_time = 0.0
+        self.tokens = 0
+
+    # -------------------------------------------------------------------------------- helpers
+    def _autocast(self):
+        enabled = self.cfg.train.dtype == "bfloat16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def loss_on(self, batches) -> float:
+        self.model.eval()
+        total = 0.0
+        with self._autocast():
+            for x, y in batches:
+                total += self.model(x, y).item()
+        self.model.train()
+        return total / len(batches)
+
+    def record(self, step: int, metrics: dict) -> None:
+        """Merge metrics into the history row of `step` (one row per optimizer step)."""
+        row = self._rows.get(step)
+        if row is None:
+            row = self._rows[step] = {"step": step}
+            self.history.append(row)
+        row.update(metrics)
+
+    # ------------------------------------------------------------------------------ one step
+    def train_step(self) -> tuple[float, float]:
+        cfg = self.cfg
+        step = self.step + 1
+        self.optimizer.set_lr_factor(lr_factor(step, cfg))
+        self.optimizer.capture_dense_grads = self.updater.needs_gradient and self.updater.is_update_step(step)
+        loss_sum = 0.0
+        for _ in range(cfg.train.grad_accum):
+            x, y = self.batcher.next_batch()
+            with self._autocast():
+                loss = self.model(x, y) / cfg.train.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = self.optimizer.clip_grad_norm_(cfg.optim.grad_clip).item()
+        if not math.isfinite(loss_sum):
+            self.optimizer.zero_grad()
+            return loss_sum, grad_norm
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.step = step
+        return loss_sum, grad_norm
+
+    def after_step(self, loss: float, grad_norm: float) -> dict:
+        """Stability probes and topology update that follow optimizer step self.step."""
+        step, opt = self.step, self.optimizer
+        metrics = {"train/loss": loss, "train/lr": opt.param_groups[-1]["lr"], "train/grad_norm": grad_norm}
+        if opt.last_regrow_update_ratio is not None:
+            self.record(self.probe["update_step"], {"stability/regrow_update_ratio": opt.last_regrow_update_ratio})
+            opt.last_regrow_update_ratio = None
+        if self.probe["remaining"] > 0:
+            value = self.loss_on([self.probe_batch])
+            metrics["stability/probe_loss"] = value
+            self.probe["max"] = max(self.probe["max"], value)
+            self.probe["remaining"] -= 1
+            if self.probe["remaining"] == 0:
+                self.record(self.probe["update_step"], {"stability/probe_jump": self.probe["max"] - self.probe["before"]})
+        if self.updater.is_update_step(step):
+            before = self.loss_on([self.probe_batch])
+            events = self.updater.update(step, opt.dense_grads)
+            opt.dense_grads = {}
+            opt.regrow(events)
+            regrown = sum(e.new_blocks.numel() for e in events)
+            n_active = sum(layer.n_active for layer in self.topology.layers)
+            metrics.update({"topo/regrown_fraction": regrown / max(1, n_active),
+                            "topo/density": self.topology.density(), "stability/probe_loss": before})
+            window = self.cfg.train.probe_window
+            self.probe = {"update_step": step, "before": before, "max": -math.inf, "remaining": window}
+        return metrics
+
+    def evaluate(self) -> dict:
+        val = self.loss_on(self.eval_batches)
+        return {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))}
+
+    # ----------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "topology": self.topology.state_dict(),
+            "updater": self.updater.state_dict(),
+            "data": self.batcher.state_dict(),
+            "probe": dict(self.probe),
+            "history": [dict(r) for r in self.history],
+            "train_time": self.train_time,
+            "tokens": self.tokens,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.topology.load_state_dict(state["topology"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updater.load_state_dict(state["updater"])
+        self.batcher.load_state_dict(state["data"])
+        self.probe = dict(state["probe"])
+        self.history = [dict(r) for r in state["history"]]
+        self._rows = {r["step"]: r for r in self.history}
+        self.step = state["step"]
+        self.train_time = state["train_time"]
+        self.tokens = state["tokens"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def train(
+    cfg: RunConfig,
+    output_dir: str | Path | None = None,
+    log: LogFn | None = None,
+    progress: Callable[[str], None] | None = print,
+    corpus: Corpus | None = None,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Train one run. `stop_after` ends early after that many steps (as if interrupted: tests use it)."""
+    run = Run(cfg, corpus)
+    t = cfg.train
+    if t.resume_from:
+        run.load_state_dict(ckpt.load(t.resume_from, cfg))
+    log = log or (lambda metrics, step: None)
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
+    report_every = max(1, t.max_steps // 20)
+    summary = {}
+    window_time, window_tokens, started, first_step = 0.0, 0, time.perf_counter(), run.step
+    status, error = "FINISHED", None
+
+    while run.step < t.max_steps:
+        tic = time.perf_counter()
+        loss, grad_norm = run.train_step()
+        dt = time.perf_counter() - tic
+        if not math.isfinite(loss):
+            status, error = "DIVERGED", f"training diverged: loss is {loss} at step {run.step + 1}"
+            run.record(run.step + 1, {"train/loss": loss, "train/diverged": 1.0})
+            log({"train/diverged": 1.0}, run.step + 1)
+            break
+        run.train_time += dt
+        run.tokens += tokens_per_step
+        window_time += dt
+        window_tokens += tokens_per_step
+        step = run.step
+        metrics = run.after_step(loss, grad_norm)
+        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            metrics.update(run.evaluate())
+        elif step == t.max_steps:
+            metrics.update(run.evaluate())
+        if t.log_every and step % t.log_every == 0:
+            metrics["train/tokens_per_s"] = window_tokens / max(window_time, 1e-9)
+            window_time, window_tokens = 0.0, 0
+        run.record(step, metrics)
+        if t.log_every and (step % t.log_every == 0 or "val/loss" in metrics or "topo/density" in metrics):
+            log(metrics, step)
+        if progress and (step % report_every == 0 or step == t.max_steps):
+            elapsed = time.perf_counter() - started
+            eta = elapsed / max(1, step - first_step) * (t.max_steps - step)
+            val = f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""
+            progress(f"step {step}/{t.max_steps} loss {loss:.4f}{val} lr {metrics['train/lr']:.2e} "
+                     f"{run.tokens / max(run.train_time, 1e-9):,.0f} tok/s ETA {eta:.0f}s")
+        if output_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+            ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}")
+        if stop_after is not None and step >= stop_after:
+            break
+
+    summary.update(summarize(run))
+    summary.update(memory_summary(run.model, run.optimizer))
+    summary.update(peak_memory(run.device))
+    if status == "DIVERGED":
+        summary["summary/diverged"] = 1.0
+    if output_dir and status == "FINISHED" and run.step == t.max_steps:
+        ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{run.step}")
+    log(summary, run.step)
+    return RunResult(status, summary, run.history, error, str(output_dir) if output_dir else None)
+
+
+def summarize(run: Run) -> dict:
+    """Run-level numbers from the history (spike statistics live in smet_lab.report)."""
+    hist = run.history
+    jumps = [r["stability/probe_jump"] for r in hist if "stability/probe_jump" in r]
+    ratios = [r["stability/regrow_update_ratio"] for r in hist if "stability/regrow_update_ratio" in r]
+    vals = [r["val/loss"] for r in hist if "val/loss" in r]
+    out = {"summary/steps": float(run.step),
+           "summary/tokens_per_s": run.tokens / run.train_time if run.train_time else 0.0,
+           "summary/density": run.topology.density()}
+    if vals:
+        out["summary/final_val_loss"] = vals[-1]
+        out["summary/final_val_ppl"] = math.exp(min(vals[-1], 50.0))
+    if jumps:
+        out["summary/mean_probe_jump"] = sum(jumps) / len(jumps)
+        out["summary/max_probe_jump"] = max(jumps)
+    if ratios:
+        out["summary/mean_regrow_update_ratio"] = sum(ratios) / len(ratios)
+    return out
