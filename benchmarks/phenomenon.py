@@ -1,9 +1,9 @@
 """Does the default tiny run show the paper's phenomenon? naive_dst vs smet over several seeds.
 
-    python benchmarks/phenomenon.py --seeds 0 1 2 [--steps 3000] [key=value ...]
+    python benchmarks/phenomenon.py --seeds 0 1 2 [--steps 3000] [--set key=value ...]
 
 Prints per-run mean probe jump, regrow update ratio and final val loss, then the means and spreads.
-Extra key=value arguments set RunConfig fields (e.g. optim.lr=0.005 sparsity.density=0.5).
+--set key=value arguments set RunConfig fields (e.g. optim.lr=0.005 sparsity.density=0.5).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["naive_dst", "smet"])
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write all results here")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     corpus = load_corpus(RunConfig().data)
     rows = []
     for seed in args.seeds:

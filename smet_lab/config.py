@@ -75,7 +75,7 @@ class LRScalingConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-2
+    lr: float = 1e-3  # alpha_0, the dense-training LR; sparse layers get lr * scale(d)
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0

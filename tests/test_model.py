@@ -1,0 +1,92 @@
+"""The LLaMA model and its size presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from smet_lab.config import ConfigError
+from smet_lab.model import PRESETS, LLaMA, count_parameters, model_preset, validate_model
+
+# Total parameters (millions) of the released configs with the T5 vocabulary (32000), as tabulated in
+# the paper digest (research/paper.md section 3.2), computed there independently of this code.
+PAPER_TOTALS_M = {"llama_60m": 58.1, "llama_130m": 134.1, "llama_350m": 368.0, "llama_1b": 1339.1, "llama_7b": 6738.4}
+
+
+@pytest.mark.parametrize("name,total", PAPER_TOTALS_M.items())
+def test_preset_sizes_match_the_paper_configs(name, total):
+    cfg = model_preset(name, vocab_size=32000)
+    assert count_parameters(cfg) / 1e6 == pytest.approx(total, abs=0.06)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "llama_9m", "llama_20m"])
+def test_count_parameters_equals_built_model(name):
+    cfg = model_preset(name, vocab_size=256)
+    validate_model(cfg)
+    assert LLaMA(cfg).num_parameters() == count_parameters(cfg)
+
+
+def test_every_preset_is_constructible_and_valid():
+    for name in PRESETS:
+        cfg = model_preset(name, vocab_size=32000)
+        validate_model(cfg)
+        assert cfg.dim % cfg.n_heads == 0
+
+
+def test_preset_table_from_issue():
+    expect = {"llama_9m": (128, 352, 4, 4), "llama_20m": (256, 688, 4, 4), "llama_35m": (384, 1024, 6, 8),
+              "llama_60m": (512, 1376, 8, 8), "llama_130m": (768, 2048, 12, 12), "llama_350m": (1024, 2736, 24, 16),
+              "llama_1b": (2048, 5461, 24, 32), "llama_7b": (4096, 11008, 32, 32)}
+    for name, (d, f, L, H) in expect.items():
+        c = model_preset(name)
+        assert (c.dim, c.ffn_dim, c.n_layers, c.n_heads) == (d, f, L, H)
+
+
+def test_unknown_preset_and_bad_dims():
+    with pytest.raises(ConfigError, match="model.name"):
+        model_preset("llama_3m")
+    with pytest.raises(ConfigError, match="model.n_heads"):
+        validate_model(dataclasses.replace(model_preset("tiny"), n_heads=3))
+    with pytest.raises(ConfigError, match="model.dim"):
+        validate_model(dataclasses.replace(model_preset("tiny"), dim=0))
+
+
+def test_causal_and_loss_matches_manual_cross_entropy():
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", vocab_size=50, seq_len=12)
+    model = LLaMA(cfg).eval()
+    x = torch.randint(0, 50, (2, 12))
+    logits = model(x)
+    x2 = x.clone()
+    x2[:, 7:] = (x2[:, 7:] + 1) % 50  # change the future
+    logits2 = model(x2)
+    assert torch.allclose(logits[:, :7], logits2[:, :7], atol=1e-6)
+    assert not torch.allclose(logits[:, 7:], logits2[:, 7:])
+    y = torch.randint(0, 50, (2, 12))
+    logp = torch.log_softmax(logits, -1)
+    manual = -logp.gather(-1, y.unsqueeze(-1)).mean()
+    assert model(x, y).item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_rope_makes_attention_scores_depend_on_relative_position():
+    from smet_lab.model.llama import apply_rope, rope_tables
+
+    cos, sin = rope_tables(8, 32, 10000.0)
+    q = torch.randn(8)
+    k = torch.randn(8)
+    rq = apply_rope(q.expand(1, 1, 32, 8).contiguous(), cos, sin)[0, 0]
+    rk = apply_rope(k.expand(1, 1, 32, 8).contiguous(), cos, sin)[0, 0]
+    # <R(m) q, R(n) k> depends only on m - n.
+    assert torch.dot(rq[5], rk[2]).item() == pytest.approx(torch.dot(rq[20], rk[17]).item(), rel=1e-4)
+    assert torch.allclose(rq[0], q)  # position 0 is not rotated
+    assert rq.norm(dim=-1).allclose(q.norm().expand(32), rtol=1e-5)  # rotations keep the norm
+
+
+def test_untied_head_and_init():
+    model = LLaMA(model_preset("small", vocab_size=256))
+    assert model.output.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()
+    w = model.layers[0].attention.wq.weight
+    assert w.std().item() == pytest.approx(0.02, rel=0.05)
+    assert (model.norm.weight == 1).all()

@@ -1,0 +1,220 @@
+"""The training loop: metrics, the cold-start effect measured in real runs, resume, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from smet_lab.config import ConfigError, DataConfig, ModelConfig, RunConfig
+from smet_lab.data import load_corpus
+from smet_lab.optim import METHODS, apply_method
+from smet_lab.train import lr_factor, train
+from smet_lab.train.memory import DENSE_ADAM_BYTES_PER_PARAM
+
+CORPUS = load_corpus(DataConfig(name="synthetic", max_tokens=60_000))
+
+
+def small_cfg(method="smet", steps=60, **train_kw) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model = ModelConfig(name="test", dim=32, n_layers=1, n_heads=2, ffn_dim=64, seq_len=16)
+    cfg.train.max_steps = steps
+    cfg.train.batch_size = 4
+    cfg.train.eval_every = 20
+    cfg.train.eval_batches = 2
+    cfg.train.probe_window = 5
+    cfg.train.probe_batch_size = 8
+    cfg.train.log_every = 5
+    cfg.sparsity.update_every = 10
+    cfg.optim.warmup_steps = 10
+    cfg = apply_method(cfg, method)  # the preset wins over the test's sizes (static: no updates)
+    cfg.optim.regrow.warmup_steps = 10 if cfg.optim.regrow.warmup_steps else 0
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def losses(result):
+    return [r["train/loss"] for r in result.history]
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = small_cfg(steps=110)
+    assert lr_factor(1, cfg) == pytest.approx(0.1)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+def test_run_logs_the_public_metrics_and_summary():
+    logged = []
+    res = train(small_cfg(), log=lambda m, s: logged.append((s, dict(m))), progress=None, corpus=CORPUS)
+    assert res.status == "FINISHED" and len(res.history) == 60
+    names = set().union(*(m for _, m in logged))
+    for key in ["train/loss", "train/lr", "train/grad_norm", "val/loss", "val/ppl", "topo/regrown_fraction",
+                "topo/density", "train/tokens_per_s", "summary/final_val_loss", "summary/mean_probe_jump",
+                "summary/memory/state_bytes", "summary/memory/state_ratio_vs_dense_adam", "summary/tokens_per_s",
+                "summary/peak_rss_bytes"]:
+        assert key in names, key
+    rows = {r["step"]: r for r in res.history}
+    update_steps = [s for s, r in rows.items() if "topo/density" in r]
+    assert update_steps == [10, 20, 30, 40, 50]
+    for s in update_steps:
+        r = rows[s]
+        assert r["topo/density"] == pytest.approx(0.25, abs=0.01)
+        assert "stability/probe_jump" in r and "stability/regrow_update_ratio" in r
+        # The probe jump is the max probe loss over the next 5 steps minus the probe loss before.
+        after = [rows[s + k]["stability/probe_loss"] for k in range(1, 6)]
+        assert r["stability/probe_jump"] == pytest.approx(max(after) - r["stability/probe_loss"])
+    s = res.summary
+    assert s["summary/final_val_loss"] == rows[60]["val/loss"]
+    assert s["summary/mean_probe_jump"] == pytest.approx(sum(rows[u]["stability/probe_jump"] for u in update_steps) / 5)
+    n_params = 32 * 256 * 2 + 2 * 32 + 32 + 4 * 32 * 32 + 3 * 32 * 64  # embeddings+head, norms, projections
+    assert s["summary/memory/state_ratio_vs_dense_adam"] == pytest.approx(
+        s["summary/memory/state_bytes"] / (DENSE_ADAM_BYTES_PER_PARAM * n_params))
+    assert math.exp(rows[60]["val/loss"]) == pytest.approx(rows[60]["val/ppl"])
+
+
+def test_regrow_update_ratio_in_a_real_run_shows_the_cold_start():
+    """A topology update after global step 1000: naive DST's regrown entries step by
+    (1-b1)/(1-b1^s) / sqrt((1-b2)/(1-b2^s)) x lr at s = 1001; SMET's by lr / W.
+
+    eps is made negligible so that entries with tiny gradients do not damp the mean (with eps=1e-8
+    a regrown entry with |g| ~ 1e-7 takes a visibly smaller step)."""
+    s = 1001
+    expected_naive = (0.1 / (1 - 0.9 ** s)) / math.sqrt(0.001 / (1 - 0.999 ** s))
+    results = {}
+    for method in ("naive_dst", "smet"):
+        cfg = small_cfg(method, steps=1005)
+        cfg.sparsity.update_every = 1000
+        cfg.train.eval_every = 0
+        cfg.optim.eps = 1e-30
+        cfg.optim.regrow.warmup_steps = 20 if method == "smet" else 0
+        res = train(cfg, progress=None, corpus=CORPUS)
+        results[method] = next(r for r in res.history if r["step"] == 1000)["stability/regrow_update_ratio"]
+    assert expected_naive == pytest.approx(2.52, abs=0.01)
+    assert results["naive_dst"] == pytest.approx(expected_naive, rel=2e-3)
+    assert results["smet"] == pytest.approx(1 / 20, rel=2e-3)
+
+
+def test_same_seed_same_losses_other_seed_differs():
+    a = train(small_cfg(steps=25), progress=None, corpus=CORPUS)
+    b = train(small_cfg(steps=25), progress=None, corpus=CORPUS)
+    c = train(small_cfg(steps=25, seed=1), progress=None, corpus=CORPUS)
+    assert losses(a) == losses(b)
+    assert losses(a) != losses(c)
+
+
+@pytest.mark.parametrize("method,state", [("smet", "compact"), ("naive_dst", "dense_masked")])
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, method, state):
+    cfg = small_cfg(method, steps=50, checkpoint_every=23)  # checkpoint inside a probe window
+    cfg.optim.state = state
+    cfg.sparsity.growth = "gradient" if method == "smet" else "random"
+    full = train(cfg, progress=None, corpus=CORPUS)
+
+    first = train(cfg, output_dir=tmp_path, progress=None, corpus=CORPUS, stop_after=30)
+    assert len(first.history) == 30
+    ckpt = tmp_path / "checkpoints" / "step_23"
+    assert (ckpt / "state.pt").is_file()
+    cfg2 = small_cfg(method, steps=50, checkpoint_every=23, resume_from=str(ckpt))
+    cfg2.optim.state = state
+    cfg2.sparsity.growth = cfg.sparsity.growth
+    resumed = train(cfg2, output_dir=tmp_path / "b", progress=None, corpus=CORPUS)
+    assert losses(resumed) == losses(full)  # exact float equality, every step
+    assert resumed.summary["summary/final_val_loss"] == full.summary["summary/final_val_loss"]
+    assert [r.get("stability/probe_jump") for r in resumed.history] == [r.get("stability/probe_jump") for r in full.history]
+
+
+def test_resume_refuses_missing_or_foreign_checkpoints(tmp_path):
+    with pytest.raises(ConfigError, match="train.resume_from"):
+        train(small_cfg(resume_from=str(tmp_path / "nope")), progress=None, corpus=CORPUS)
+    train(small_cfg(steps=10), output_dir=tmp_path, progress=None, corpus=CORPUS)
+    other = small_cfg(steps=20, resume_from=str(tmp_path / "checkpoints" / "step_10"))
+    other.model.dim = 64
+    with pytest.raises(ConfigError, match="model.dim"):
+        train(other, progress=None, corpus=CORPUS)
+
+
+def test_divergence_stops_the_run_and_marks_it():
+    cfg = small_cfg("naive_dst", steps=200)
+    cfg.optim.lr = 1e35  # weights overflow float32 within a few steps: a genuine NaN loss
+    cfg.optim.grad_clip = 0.0
+    cfg.optim.warmup_steps = 0
+    res = train(cfg, progress=None, corpus=CORPUS)
+    assert res.status == "DIVERGED"
+    assert "diverged" in res.error and "step" in res.error
+    assert res.summary["summary/diverged"] == 1.0
+    assert res.history[-1]["train/diverged"] == 1.0
+    assert not math.isfinite(res.history[-1]["train/loss"])
+    assert len(res.history) < 200
+
+
+def test_every_method_preset_trains_and_sets_its_keys():
+    for method, keys in METHODS.items():
+        cfg = small_cfg(method, steps=12)
+        res = train(cfg, progress=None, corpus=CORPUS)
+        assert res.status == "FINISHED"
+        density = res.summary["summary/density"]
+        assert density == (1.0 if method == "dense" else pytest.approx(0.25, abs=0.01))
+        has_updates = any("topo/density" in r for r in res.history)
+        assert has_updates == (method not in ("dense", "static"))
+        if method == "dense":
+            assert res.summary["summary/memory/state_ratio_vs_dense_adam"] == pytest.approx(1.0)
+
+
+def test_bfloat16_and_grad_accumulation_run():
+    cfg = small_cfg(steps=12, dtype="bfloat16", grad_accum=2)
+    res = train(cfg, progress=None, corpus=CORPUS)
+    assert res.status == "FINISHED" and res.summary["summary/final_val_loss"] < math.log(256)
+
+
+def test_grad_accumulation_equals_bigger_batch():
+    """Two micro-batches of 4 give the same step as one batch of 8 (the same 8 windows)."""
+    from smet_lab.train import Run
+
+    runs = [Run(small_cfg("smet", grad_accum=2), CORPUS), Run(small_cfg("smet", batch_size=8), CORPUS)]
+    step_losses = [[r.train_step()[0] for _ in range(3)] for r in runs]
+    assert step_losses[0] == pytest.approx(step_losses[1], rel=1e-5)
+    for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value", [("max_steps", 0), ("max_steps", 2.5), ("batch_size", -1), ("device", "tpu"),
+                                       ("dtype", "float16"), ("threads", -2)])
+def test_bad_train_values(key, value):
+    cfg = small_cfg()
+    setattr(cfg.train, key, value)
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        train(cfg, progress=None, corpus=CORPUS)
+
+
+def test_progress_lines():
+    lines = []
+    train(small_cfg(steps=40), progress=lines.append, corpus=CORPUS)
+    assert len(lines) == 20 and lines[-1].startswith("step 40/40 loss")
+    assert "tok/s" in lines[0] and "ETA" in lines[0]
+    torch.set_num_threads(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("section,key,values", [
+    ("sparsity", "distribution", ["uniform", "erk"]),
+    ("sparsity", "growth", ["random", "gradient"]),
+    ("sparsity", "prune_schedule", ["cosine", "constant", "linear", "wsd"]),
+    ("sparsity", "block_size", [1, 16]),
+    ("optim", "state", ["compact", "dense_masked"]),
+    ("optim", "schedule", ["cosine", "constant"]),
+    ("regrow", "warmup_kind", ["linear_lr", "moment_damping"]),
+    ("lr_scaling", "rule", ["none", "inverse", "inverse_sqrt", "power"]),
+    ("lr_scaling", "scope", ["sparse", "all"]),
+])
+def test_every_option_trains(section, key, values):
+    for value in values:
+        cfg = small_cfg(steps=11)
+        node = {"sparsity": cfg.sparsity, "optim": cfg.optim, "regrow": cfg.optim.regrow,
+                "lr_scaling": cfg.optim.lr_scaling}[section]
+        setattr(node, key, value)
+        res = train(cfg, progress=None, corpus=CORPUS)
+        assert res.status == "FINISHED", (key, value)
+        assert res.summary["summary/density"] == pytest.approx(0.25, abs=0.01)
+        assert math.isfinite(res.summary["summary/final_val_loss"])
