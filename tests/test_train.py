@@ -52,6 +52,9 @@ def test_run_logs_the_public_metrics_and_summary():
     res = train(small_cfg(), log=lambda m, s: logged.append((s, dict(m))), progress=None, corpus=CORPUS)
     assert res.status == "FINISHED" and len(res.history) == 60
     names = set().union(*(m for _, m in logged))
+    # Late metrics reach the sink at the step they belong to (the update step).
+    assert sorted(s for s, m in logged if "stability/probe_jump" in m) == [10, 20, 30, 40, 50]
+    assert sorted(s for s, m in logged if "stability/regrow_update_ratio" in m) == [10, 20, 30, 40, 50]
     for key in ["train/loss", "train/lr", "train/grad_norm", "val/loss", "val/ppl", "topo/regrown_fraction",
                 "topo/density", "train/tokens_per_s", "summary/final_val_loss", "summary/mean_probe_jump",
                 "summary/memory/state_bytes", "summary/memory/state_ratio_vs_dense_adam", "summary/tokens_per_s",

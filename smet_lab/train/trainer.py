@@ -6,6 +6,7 @@ Metrics go to `log(metrics, step)` (tracking plugs in there) and are kept in `Ru
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ class Run:
 
     def __init__(self, cfg: RunConfig, corpus: Corpus | None = None):
         validate_run(cfg)
-        self.cfg = cfg
+        cfg = self.cfg = copy.deepcopy(cfg)  # vocab_size is filled in below; the caller's stays as given
         t, s, o = cfg.train, cfg.sparsity, cfg.optim
         if t.threads > 0:
             torch.set_num_threads(t.threads)
@@ -112,6 +113,7 @@ class Run:
         self.step = 0
         self.history: list[dict] = []
         self._rows: dict[int, dict] = {}
+        self.late: list[tuple[dict, int]] = []
         self.probe = {"update_step": None, "before": None, "max": None, "remaining": 0}
         self.train_time = 0.0
         self.tokens = 0
@@ -138,6 +140,11 @@ class Run:
             row = self._rows[step] = {"step": step}
             self.history.append(row)
         row.update(metrics)
+
+    def record_late(self, step: int, metrics: dict) -> None:
+        """Metrics that belong to an earlier step (known only some steps later); queued for the sink."""
+        self.record(step, metrics)
+        self.late.append((metrics, step))
 
     # ------------------------------------------------------------------------------ one step
     def train_step(self) -> tuple[float, float]:
@@ -166,7 +173,7 @@ class Run:
         step, opt = self.step, self.optimizer
         metrics = {"train/loss": loss, "train/lr": opt.param_groups[-1]["lr"], "train/grad_norm": grad_norm}
         if opt.last_regrow_update_ratio is not None:
-            self.record(self.probe["update_step"], {"stability/regrow_update_ratio": opt.last_regrow_update_ratio})
+            self.record_late(self.probe["update_step"], {"stability/regrow_update_ratio": opt.last_regrow_update_ratio})
             opt.last_regrow_update_ratio = None
         if self.probe["remaining"] > 0:
             value = self.loss_on([self.probe_batch])
@@ -174,7 +181,7 @@ class Run:
             self.probe["max"] = max(self.probe["max"], value)
             self.probe["remaining"] -= 1
             if self.probe["remaining"] == 0:
-                self.record(self.probe["update_step"], {"stability/probe_jump": self.probe["max"] - self.probe["before"]})
+                self.record_late(self.probe["update_step"], {"stability/probe_jump": self.probe["max"] - self.probe["before"]})
         if self.updater.is_update_step(step):
             before = self.loss_on([self.probe_batch])
             events = self.updater.update(step, opt.dense_grads)
@@ -236,7 +243,7 @@ def train(
 ) -> RunResult:
     """Train one run. `stop_after` ends early after that many steps (as if interrupted: tests use it)."""
     run = Run(cfg, corpus)
-    t = cfg.train
+    cfg, t = run.cfg, run.cfg.train
     if t.resume_from:
         run.load_state_dict(ckpt.load(t.resume_from, cfg))
     log = log or (lambda metrics, step: None)
@@ -261,14 +268,15 @@ def train(
         window_tokens += tokens_per_step
         step = run.step
         metrics = run.after_step(loss, grad_norm)
-        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-            metrics.update(run.evaluate())
-        elif step == t.max_steps:
+        if step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
             metrics.update(run.evaluate())
         if t.log_every and step % t.log_every == 0:
             metrics["train/tokens_per_s"] = window_tokens / max(window_time, 1e-9)
             window_time, window_tokens = 0.0, 0
         run.record(step, metrics)
+        for late_metrics, late_step in run.late:
+            log(late_metrics, late_step)
+        run.late.clear()
         if t.log_every and (step % t.log_every == 0 or "val/loss" in metrics or "topo/density" in metrics):
             log(metrics, step)
         if progress and (step % report_every == 0 or step == t.max_steps):
