@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,7 @@ class SparsityConfig:
     prune: str = "magnitude"
     growth: str = "random"  # random | gradient
     block_size: int = 1
-    dense_patterns: list = field(
+    dense_patterns: List[str] = field(
         default_factory=lambda: ["tok_embeddings", "output", "norm"]
     )
 
@@ -76,7 +76,7 @@ class LRScalingConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # alpha_0, the dense-training LR; sparse layers get lr * scale(d)
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from smet_lab.config import ConfigError, DataConfig
-from smet_lab.data.tokenizer import build_tokenizer
+from smet_lab.data.tokenizer import build_tokenizer, hub_reachable
 
 Docs = Iterable[tuple[str, str]]
 
@@ -281,6 +281,9 @@ def _c4(cfg: DataConfig, tok) -> Corpus:
             raise bad_file(e) from None
         docs = _hf_docs(ds, bad_file, cfg.path)  # one stream: split by the per-document rule
     else:
+        if not hub_reachable():
+            raise ConfigError("data.name", "c4", "cannot reach the Hugging Face hub (offline?); "
+                              "give data.path=<local C4 .json.gz shards>")
 
         def offline(_: Exception) -> ConfigError:
             return ConfigError("data.name", "c4", "cannot reach the Hugging Face hub (offline?); "
@@ -303,8 +306,8 @@ CORPORA: dict[str, Callable[[DataConfig, object], Corpus]] = {
 }
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    """Validate `cfg`, build its tokenizer and load the named corpus (nothing is cached on disk)."""
+def check_data(cfg: DataConfig):
+    """Cheap pre-flight of every data key (no corpus is read); returns the tokenizer it built."""
     if cfg.name not in CORPORA:
         raise ConfigError("data.name", cfg.name, f"one of {', '.join(CORPORA)}")
     vf = cfg.val_fraction
@@ -314,4 +317,16 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         raise ConfigError("data.max_tokens", cfg.max_tokens, "an integer >= 0 (0 = whole corpus)")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError("data.seed", cfg.seed, "an integer")
-    return CORPORA[cfg.name](cfg, build_tokenizer(cfg.tokenizer))
+    if cfg.name == "c4" and cfg.max_tokens <= 0:
+        raise ConfigError("data.max_tokens", cfg.max_tokens, "c4 is streamed: give a token budget > 0")
+    if cfg.name == "text_files":
+        _resolve_files(cfg.path, _TEXT_SUFFIXES)
+    elif cfg.name == "c4" and cfg.path:
+        _resolve_files(cfg.path, _JSON_SUFFIXES)
+    return build_tokenizer(cfg.tokenizer)
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Validate `cfg`, build its tokenizer and load the named corpus (nothing is cached on disk)."""
+    tok = check_data(cfg)
+    return CORPORA[cfg.name](cfg, tok)

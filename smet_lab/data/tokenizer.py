@@ -60,6 +60,18 @@ class HFTokenizer:
         return self._tok.decode(ids)
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick TCP check, so that offline machines fail at once instead of after the hub client's
+    retries with backoff (~25 s of noise)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def build_tokenizer(spec: str):
     """'byte' -> ByteTokenizer; 'hf:<path or hub name>' -> HFTokenizer (local files first)."""
     if spec == "byte":
@@ -79,6 +91,9 @@ def build_tokenizer(spec: str):
             raise ConfigError("data.tokenizer", spec, f"cannot read {path} as a tokenizer.json ({e})") from None
     if os.path.isdir(name) or name.endswith(".json"):  # clearly meant as a local path
         raise ConfigError("data.tokenizer", spec, f"no tokenizer.json at {path}")
+    if not hub_reachable():
+        raise ConfigError("data.tokenizer", spec, f"cannot load Hugging Face tokenizer '{name}': the hub is not "
+                          "reachable (offline?); use 'byte' or hf:<path to tokenizer.json>")
     try:
         return HFTokenizer(Tokenizer.from_pretrained(name), spec)
     except Exception:

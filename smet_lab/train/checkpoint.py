@@ -29,6 +29,11 @@ def save(run, path: Path) -> Path:
 
 def load(path: str | Path, cfg) -> dict:
     """Load a checkpoint for `cfg`, refusing one of another model or sparsity layout."""
+    return torch.load(check(path, cfg), map_location="cpu", weights_only=False)
+
+
+def check(path: str | Path, cfg) -> Path:
+    """The checkpoint's state file, if it exists and was written for the same model and layout."""
     path = Path(path)
     state_file = path / STATE_FILE if path.is_dir() else path
     if not state_file.is_file():
@@ -44,4 +49,4 @@ def load(path: str | Path, cfg) -> dict:
                 if mine != theirs:
                     raise ConfigError("train.resume_from", str(path),
                                       f"checkpoint has {section}.{key}={theirs!r} but this run has {mine!r}")
-    return torch.load(state_file, map_location="cpu", weights_only=False)
+    return state_file

@@ -16,10 +16,13 @@ from typing import Callable, Optional
 import torch
 
 from smet_lab.config import ConfigError, RunConfig
-from smet_lab.data import Corpus, TokenBatcher, load_corpus
+from smet_lab.data import Corpus, TokenBatcher, check_data, load_corpus
 from smet_lab.model import LLaMA, validate_model
-from smet_lab.optim import SMETAdam
+from smet_lab.optim import METHODS, SMETAdam
+from smet_lab.optim.smet_adam import validate_optimizer
 from smet_lab.sparse import DynamicSparsity, SparseTopology
+from smet_lab.sparse.topology import validate_sparsity
+from smet_lab.sparse.updater import validate_dynamic
 from smet_lab.train import checkpoint as ckpt
 from smet_lab.train.memory import memory_summary, peak_memory
 
@@ -28,7 +31,7 @@ LogFn = Callable[[dict, int], None]
 
 @dataclass
 class RunResult:
-    status: str  # FINISHED | DIVERGED
+    status: str  # FINISHED | DIVERGED | KILLED (stopped on request)
     summary: dict
     history: list = field(default_factory=list)
     error: Optional[str] = None
@@ -48,6 +51,11 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
 
 def validate_run(cfg: RunConfig) -> None:
     """Reject bad values before any work (one ConfigError per problem, key named)."""
+    if cfg.method not in METHODS:
+        raise ConfigError("method", cfg.method, "one of " + ", ".join(METHODS))
+    if cfg.method == "dense" and cfg.sparsity.density != 1.0:
+        raise ConfigError("sparsity.density", cfg.sparsity.density,
+                          "method=dense trains every weight (1.0); use static, naive_dst or smet* for a sparse run")
     t = cfg.train
     for key in ("max_steps", "batch_size", "grad_accum", "eval_batches", "probe_batch_size"):
         v = getattr(t, key)
@@ -73,6 +81,22 @@ def validate_run(cfg: RunConfig) -> None:
     if not isinstance(o.grad_clip, (int, float)) or o.grad_clip < 0:
         raise ConfigError("optim.grad_clip", o.grad_clip, "a non-negative number (0 = off)")
     validate_model(cfg.model)
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Pre-flight of the whole run config without building anything heavy (no corpus is read, no
+    model built): what a command line runs before it creates any output or tracking run."""
+    validate_run(cfg)
+    s, o = cfg.sparsity, cfg.optim
+    validate_sparsity(s.density, s.distribution, s.block_size)
+    validate_dynamic(s.update_every, s.prune_rate, s.prune_schedule, s.prune, s.growth)
+    validate_optimizer(o.lr, o.betas, o.eps, o.weight_decay, o.regrow.warmup_steps, o.regrow.warmup_kind,
+                       o.lr_scaling.rule, o.lr_scaling.power, o.lr_scaling.scope, o.state)
+    tokenizer = check_data(cfg.data)
+    if cfg.train.resume_from:
+        probe = copy.deepcopy(cfg)
+        probe.model.vocab_size = tokenizer.vocab_size
+        ckpt.check(cfg.train.resume_from, probe)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -240,8 +264,11 @@ def train(
     progress: Callable[[str], None] | None = print,
     corpus: Corpus | None = None,
     stop_after: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RunResult:
-    """Train one run. `stop_after` ends early after that many steps (as if interrupted: tests use it)."""
+    """Train one run. `should_stop` is polled between steps (a Ctrl-C handler sets it): the run then
+    checkpoints where it is and returns status KILLED. `stop_after` ends the run after that many steps
+    as if the process had died there (tests use it)."""
     run = Run(cfg, corpus)
     cfg, t = run.cfg, run.cfg.train
     if t.resume_from:
@@ -288,6 +315,11 @@ def train(
         if output_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
             ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}")
         if stop_after is not None and step >= stop_after:
+            break
+        if should_stop is not None and should_stop():
+            status, error = "KILLED", f"interrupted at step {step}"
+            if output_dir:
+                ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}")
             break
 
     summary.update(summarize(run))

@@ -1,0 +1,3 @@
+from smet_lab.cli import main
+
+main()

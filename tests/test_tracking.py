@@ -1,0 +1,335 @@
+"""smet_lab.tracking against a real MLflow: a sqlite store in tmp and a real `mlflow server` on loopback."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from smet_lab.config import ConfigError
+from smet_lab.tracking import (NullTracker, TrackingConfig, check_tracking, flatten, resolve_uri,
+                               start_run, write_run_artifacts)
+
+CONFIG = {
+    "model": {"name": "tiny", "dim": 64},
+    "optim": {"lr": 0.001, "betas": [0.9, 0.999], "regrow": {"warmup_steps": 10, "reset_step": True}},
+    "data": {"name": "pysource", "path": None},
+    "sparsity": {"dense_patterns": ["embed", "head"]},
+}
+FLAT = {  # written by hand
+    "model.name": "tiny", "model.dim": "64",
+    "optim.lr": "0.001", "optim.betas": "[0.9, 0.999]",
+    "optim.regrow.warmup_steps": "10", "optim.regrow.reset_step": "True",
+    "data.name": "pysource", "data.path": "None",
+    "sparsity.dense_patterns": "[embed, head]",
+}
+
+
+def make_history(n=30, eval_every=5, update_every=10):
+    """Shaped like RunResult.history: val/loss every eval, topo/* only at topology updates."""
+    rows = []
+    for s in range(1, n + 1):
+        row = {"step": s, "train/loss": 5.0 - 0.1 * s + 0.05 * (s % 3), "train/lr": 1e-3 * min(1, s / 5)}
+        if eval_every and s % eval_every == 0:
+            row["val/loss"] = 5.2 - 0.1 * s
+        if update_every and s % update_every == 0:
+            row.update({"topo/density": 0.1, "stability/probe_jump": 0.01 * s})
+        rows.append(row)
+    return rows
+
+
+def log_history(tracker, history):
+    for row in history:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+
+
+def git_head(cwd):
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    """One sqlite store for the module (creating its tables costs ~4 s)."""
+    return tmp_path_factory.mktemp("store") / "mlflow.db"
+
+
+@pytest.fixture
+def runs_of(monkeypatch):
+    """mlflow.search_runs as a user would call it; the global URI it needs is undone afterwards."""
+    def search(uri, experiment):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        return mlflow.search_runs(experiment_names=[experiment]).set_index("run_id")
+    yield search
+    mlflow.set_tracking_uri(None)
+
+
+def test_flatten():
+    assert flatten(CONFIG) == FLAT
+    assert flatten({"a": {"b": (1, 2)}, "c": {}}, prefix="x.") == {"x.a.b": "[1, 2]", "x.c": "{}"}
+    long = flatten({"s": "y" * 10_000})["s"]
+    assert len(long) == 6000 and long.endswith("...")
+
+
+def test_import_is_cheap():
+    code = ("import sys, smet_lab.tracking; "
+            "print(sorted(m for m in ('mlflow', 'pandas', 'matplotlib', 'omegaconf', 'torch', 'ray', 'hydra')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_run_roundtrip(db, tmp_path, runs_of):
+    uri = f"sqlite:///{db}"
+    cfg = TrackingConfig(uri=uri, experiment="roundtrip")
+    history = make_history()
+    with start_run(cfg, "r1", CONFIG, {"smet.method": "smet"}) as tracker:
+        log_history(tracker, history)
+        paths = write_run_artifacts(history, CONFIG, tmp_path / "art", title="roundtrip")
+        tracker.log_artifacts(paths)
+    assert [p.name for p in paths] == ["config.yaml", "metrics.parquet", "loss_curve.png"]
+
+    runs = runs_of(uri, "roundtrip")
+    assert list(runs.index) == [tracker.run_id]
+    run = runs.loc[tracker.run_id]
+    assert run["status"] == "FINISHED"
+    assert {c[7:]: v for c, v in run.items() if c.startswith("params.")} == FLAT
+    assert run["tags.smet.method"] == "smet" and run["tags.smet.status"] == "FINISHED"
+    assert run["tags.mlflow.runName"] == "r1"
+    sha = git_head(os.getcwd())  # the test's cwd: the repo checkout, or no tag at all
+    if sha:
+        assert run["tags.smet.git_sha"] == sha
+    else:
+        assert "tags.smet.git_sha" not in runs
+
+    client = MlflowClient(uri)
+    for key in ("train/loss", "train/lr", "val/loss", "topo/density", "stability/probe_jump"):
+        got = sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, key))
+        assert got == [(r["step"], r[key]) for r in history if key in r], key
+
+    # Artifacts sit next to the DB (not in ./mlruns) and are byte-identical to the written files.
+    assert client.get_experiment_by_name("roundtrip").artifact_location == str(db.parent / "mlartifacts" / "roundtrip")
+    assert sorted(f.path for f in client.list_artifacts(tracker.run_id)) == sorted(p.name for p in paths)
+    stored = Path(client.get_run(tracker.run_id).info.artifact_uri)
+    assert stored.is_relative_to(db.parent / "mlartifacts")
+    for p in paths:
+        assert (stored / p.name).read_bytes() == p.read_bytes()
+
+
+def test_artifact_files(tmp_path):
+    import pandas as pd
+    import yaml
+    from matplotlib.image import imread
+
+    history = make_history(40)
+    history[7]["train/loss"] = float("nan")
+    config_path, parquet, png = write_run_artifacts(history, CONFIG, tmp_path, title="t")
+    assert yaml.safe_load(config_path.read_text()) == CONFIG
+
+    df = pd.read_parquet(parquet)
+    keys = {k for r in history for k in r}
+    assert set(df.columns) == keys and df.columns[0] == "step"
+    assert df["step"].tolist() == [r["step"] for r in history]
+    for i, row in enumerate(history):
+        for k in keys - {"step"}:
+            v = df.at[i, k]
+            if k not in row or math.isnan(row[k]):
+                assert math.isnan(v), (i, k)
+            else:
+                assert v == row[k], (i, k)
+
+    img = imread(png)
+    assert img.shape == (450, 800, 4) and img[..., :3].std() > 0.05  # 8x4.5 in at 100 dpi, not blank
+
+    # No eval and no topology update at all: still three files.
+    bare = write_run_artifacts(make_history(5, eval_every=0, update_every=0), {}, tmp_path / "bare")
+    assert all(p.stat().st_size > 0 for p in bare)
+    assert list(pd.read_parquet(bare[1]).columns) == ["step", "train/loss", "train/lr"]
+
+
+def test_buffering_and_non_finite(db):
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    with start_run(TrackingConfig(uri=uri, experiment="buffer"), "b", {}, {}) as tracker:
+        for s in range(250):
+            tracker.log_metrics({"x": float(s)}, s)
+        assert len(client.get_metric_history(tracker.run_id, "x")) == 200  # one flush so far
+        tracker.log_metrics({"nan": math.nan}, 1)
+        tracker.log_metrics({"nan": math.inf}, 2)
+        tracker.log_metrics({"nan": -math.inf}, 3)
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "x")] == [float(s) for s in range(250)]
+    # MLflow 3.17 accepts non-finite values: NaN is kept, +-inf is clamped to the largest double.
+    got = sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, "nan"))
+    assert math.isnan(got[0][1]) and got[1:] == [(2, sys.float_info.max), (3, -sys.float_info.max)]
+
+
+def test_statuses_never_left_running(db, runs_of):
+    uri = f"sqlite:///{db}"
+    cfg = TrackingConfig(uri=uri, experiment="statuses")
+    with pytest.raises(RuntimeError):
+        with start_run(cfg, "boom", {}, {}) as failed:
+            raise RuntimeError("boom " + "x" * 1000)
+    with pytest.raises(KeyboardInterrupt):
+        with start_run(cfg, "ctrl-c", {}, {}) as killed:
+            raise KeyboardInterrupt
+    with start_run(cfg, "diverged", {}, {}) as diverged:
+        diverged.finish("DIVERGED")
+        diverged.finish("FINISHED")  # idempotent: the first call wins
+    # A sweep holds a parent and children at once (no global active run).
+    parent = start_run(cfg, "sweep", {}, {"smet.kind": "sweep"})
+    children = [start_run(cfg, f"trial{i}", {"seed": i}, {}, parent_run_id=parent.run_id) for i in range(2)]
+    for c in children:
+        c.finish()
+    parent.finish()
+    with pytest.raises(ValueError):
+        parent.finish("DONE")
+
+    runs = runs_of(uri, "statuses")
+    assert len(runs) == 6 and not (runs["status"] == "RUNNING").any()
+    status = runs["status"].to_dict()
+    tag = lambda run, key: runs.at[run.run_id, f"tags.{key}"]  # noqa: E731
+    assert status[failed.run_id] == "FAILED" and tag(failed, "smet.status") == "FAILED"
+    assert tag(failed, "smet.error") == ("RuntimeError: boom " + "x" * 1000)[:500]
+    assert status[killed.run_id] == "KILLED" and tag(killed, "smet.status") == "KILLED"
+    assert status[diverged.run_id] == "FAILED" and tag(diverged, "smet.diverged") == "true"
+    assert tag(diverged, "smet.status") == "DIVERGED"
+    for c in children:
+        assert status[c.run_id] == "FINISHED" and tag(c, "mlflow.parentRunId") == parent.run_id
+    assert runs.at[children[1].run_id, "params.seed"] == "1"
+
+
+def test_relative_uri_and_no_git(db, monkeypatch, runs_of):
+    monkeypatch.chdir(db.parent)  # a tmp dir: relative to it, and (normally) outside any git checkout
+    assert resolve_uri("sqlite:///mlflow.db") == f"sqlite:///{db}"
+    tracker = start_run(TrackingConfig(uri="sqlite:///mlflow.db", experiment="relative"), "rel", {}, {})
+    tracker.finish()
+    runs = runs_of(f"sqlite:///{db}", "relative")  # the same absolute DB
+    assert list(runs.index) == [tracker.run_id]
+    if git_head(db.parent) is None:
+        assert "tags.smet.git_sha" not in runs
+
+
+def test_disabled(tmp_path):
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/missing/mlflow.db", enabled=False)
+    check_tracking(cfg)  # nothing to check
+    with start_run(cfg, "off", CONFIG, {}) as tracker:
+        assert isinstance(tracker, NullTracker) and tracker.run_id is None
+        tracker.log_metrics({"x": 1.0}, 1)
+        tracker.log_artifacts([tmp_path])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_tracking_sqlite(tmp_path, monkeypatch):
+    check_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/new.db"))
+    assert not (tmp_path / "new.db").exists()  # a check only
+    monkeypatch.chdir(tmp_path)
+    check_tracking(TrackingConfig(uri="sqlite:///mlflow.db"))
+    for uri in (f"sqlite:///{tmp_path}/missing/mlflow.db", "sqlite:///missing/mlflow.db"):
+        with pytest.raises(ConfigError, match="is not an existing directory") as e:
+            check_tracking(TrackingConfig(uri=uri))
+        assert e.value.key == "tracking.uri" and str(tmp_path / "missing") in str(e.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_check_tracking_read_only_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="not writable"):
+        check_tracking(TrackingConfig(uri=f"sqlite:///{ro}/mlflow.db"))
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns", "postgresql://u@h/db", "databricks",
+                                 "sqlite://", "http://", "http://localhost:port", "ftp://h:1"])
+def test_check_tracking_bad_scheme(uri):
+    with pytest.raises(ConfigError) as e:
+        check_tracking(TrackingConfig(uri=uri))
+    assert e.value.key == "tracking.uri" and str(e.value).startswith(f"tracking.uri={uri!r}")
+
+
+def test_check_tracking_no_server():
+    uri = f"http://127.0.0.1:{free_port()}"  # bound then released: nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="no MLflow server answers at") as e:
+        check_tracking(TrackingConfig(uri=uri))
+    assert time.monotonic() - t0 < 5
+    assert e.value.key == "tracking.uri" and "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A lean `mlflow server` (1 worker, no job runner) on a free loopback port; always stopped."""
+    home = tmp_path_factory.mktemp("server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home}/server.db",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = open(home / "server.log", "wb")
+    # cwd=home: the server's artifact store (./mlartifacts) lands in tmp.
+    proc = subprocess.Popen(cmd, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server not ready in 60 s"
+                time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()  # SIGTERM to the CLI stops its uvicorn worker too
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def rest(url, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def test_http_server(server, tmp_path):
+    cfg = TrackingConfig(uri=server + "/", experiment="remote")
+    check_tracking(cfg)
+    history = make_history(12)
+    with start_run(cfg, "remote-run", CONFIG, {"smet.method": "naive_dst"}) as tracker:
+        log_history(tracker, history)
+        tracker.log_artifacts(write_run_artifacts(history, CONFIG, tmp_path, "remote"))
+
+    exp = rest(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=remote")["experiment"]
+    runs = rest(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert len(runs) == 1
+    info, data = runs[0]["info"], runs[0]["data"]
+    assert info["run_id"] == tracker.run_id and info["status"] == "FINISHED" and info["run_name"] == "remote-run"
+    assert {p["key"]: p["value"] for p in data["params"]} == FLAT
+    tags = {t["key"]: t["value"] for t in data["tags"]}
+    assert tags["smet.method"] == "naive_dst" and tags["smet.status"] == "FINISHED"
+    for key in ("train/loss", "val/loss", "topo/density"):
+        got = rest(server, f"/api/2.0/mlflow/metrics/get-history?run_id={tracker.run_id}&metric_key={key}")
+        got = sorted((m["step"], m["value"]) for m in got["metrics"])
+        assert got == [(r["step"], r[key]) for r in history if key in r], key
+    files = rest(server, f"/api/2.0/mlflow/artifacts/list?run_id={tracker.run_id}")["files"]
+    assert sorted(f["path"] for f in files) == ["config.yaml", "loss_curve.png", "metrics.parquet"]
