@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
-from smet_lab.config import ConfigError, RunConfig, from_dict
+from smet_lab.config import ConfigError, RunConfig, run_config_from
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT = 2
@@ -74,6 +74,9 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
     if override or key_error:
         key = override.group(1) if override else key_error.group(1)
         value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
+        if key.startswith("sweep.params."):
+            return (f"{key}={value} is not allowed: not an axis of this sweep; add an axis with "
+                    f"+{key}=[...] (the key must be a config key, e.g. +sweep.params.optim.lr=[0.001,0.002])")
         section = key.rsplit(".", 1)[0] if "." in key else None
         known = _known_keys(section)
         where = f"{section}." if section else ""
@@ -96,17 +99,30 @@ def _known_keys(section: str | None) -> list[str]:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The composed config for these overrides (tests use this too)."""
+    """The composed config for these overrides (tests use this too); works inside a running Hydra
+    app (a sweep composes one base config per method) and outside it."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name="config", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+def method_composer(overrides: list[str]):
+    """compose_for_method(m): the config as if `method=m` had been typed with the other overrides."""
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "method"]
+
+    def compose_for_method(method: str | None) -> dict:
+        cfg = compose(rest + ([f"method={method}"] if method else []))
+        return OmegaConf.to_container(cfg, resolve=True)
+
+    return compose_for_method
+
+
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    core = {k: v for k, v in data.items() if k in ("method", "model", "data", "sparsity", "optim", "train")}
-    return from_dict(RunConfig, core)
+    return run_config_from(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg))
 
 
 def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
@@ -129,7 +145,12 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
         from smet_lab.tracking import check_tracking
         from smet_lab.train import check_config
 
-        check_config(to_run_config(cfg))
+        if cfg.get("sweep") is not None:
+            from smet_lab.sweep.runner import plan
+
+            plan(cfg, method_composer(overrides))
+        else:
+            check_config(to_run_config(cfg))
         tracking = OmegaConf.to_object(cfg.tracking)
         if tracking.enabled:
             check_tracking(tracking)
@@ -194,11 +215,12 @@ def _remove_if_empty(output_dir: Path) -> None:
 def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
     if cfg.get("sweep") is not None:
-        from smet_lab.sweep import run_sweep  # noqa: F401  (the Ray Tune sweep; see smet_lab/sweep)
+        from smet_lab.sweep import run_sweep
 
-        code = run_sweep(cfg, output_dir)
+        code = run_sweep(cfg, output_dir, method_composer(list(hydra_cfg.overrides.task)))
     else:
         code = run_single(cfg, output_dir)
     if code:

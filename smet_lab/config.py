@@ -135,5 +135,12 @@ def _dataclass_type(f: dataclasses.Field):
     return type(default) if dataclasses.is_dataclass(default) else None
 
 
+def run_config_from(container: dict) -> RunConfig:
+    """The core RunConfig from a full (Hydra-composed, resolved) config dict; other sections
+    (tracking, ray, sweep, hydra) are ignored."""
+    core = {k: v for k, v in container.items() if k in ("method", "model", "data", "sparsity", "optim", "train")}
+    return from_dict(RunConfig, core)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)

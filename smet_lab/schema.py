@@ -8,9 +8,10 @@ time, before any work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from smet_lab.config import RunConfig
+from smet_lab.sweep.grid import SweepConfig
 from smet_lab.tracking import TrackingConfig
 
 
@@ -28,7 +29,7 @@ class RayConfig:
 class AppConfig(RunConfig):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    sweep: Optional[Any] = None  # set only by `+sweep=NAME`
+    sweep: Optional[SweepConfig] = None  # set only by `+sweep=NAME`
 
 
 def register() -> None:

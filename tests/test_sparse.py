@@ -109,7 +109,7 @@ def test_random_growth_never_regrows_just_pruned_and_is_uniform():
 def test_gradient_growth_picks_largest_inactive_gradients():
     w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 3.0]])
     layer = SparseTopology.build(One(w), 0.5, dense_patterns=[]).layers[0]
-    layer.block_idx.copy_(torch.tensor([0, 2, 5], dtype=torch.int32))
+    layer.block_idx = torch.tensor([0, 2, 5], dtype=torch.int32)  # derived tensor: assign, not copy_
     grad = torch.tensor([[9.0, 0.5, 9.0, -4.0, 2.0, 9.0]])
     excluded = torch.tensor([0])  # pretend block 0 was just pruned
     new = grow_gradient(layer, 2, excluded, grad, None)

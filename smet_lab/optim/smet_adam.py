@@ -1,24 +1,41 @@
 """SMETAdam: Adam whose sparse-layer gradients and moments exist only for active weights.
 
 Layout (state="compact"): all sparse layers share one flat buffer per quantity, shaped
-[active blocks, block_size] and ordered like the topology's slots (layer after layer):
+[active blocks, block_size] in slot order (layer after layer; within a layer, ascending block id):
 
     grad, exp_avg, exp_avg_sq : float32 [K, B]
-    age                       : int16   [K, 1]  steps since the block was (re)grown, saturating at
-                                                 32767 (only when reset_step or a warm-up needs it)
-    index                     : the topology's int32 block ids (shared, not copied)
+    cohort                    : uint8   [K]   which topology update grew the block (0 = active since
+                                              the start); only when reset_step or a warm-up needs it
+    births                    : int64   [C]   the global step of each cohort's update (C <= 256)
+    positions                 : the topology's chunked position list (uint8 per active block + int16
+                                per 256 blocks; see smet_lab.sparse.topology), shared, not copied
+
+At block size 1 that is 12 + 1 + 1 (+ 2/256/d) bytes per active weight: 14.03 B at density 0.25,
+0.292 x dense Adam's 12 B per weight (the released SMET layout, int32 index + int16 step, is 18 B).
+
+The local step follows from the cohort: t_i = global_step - births[cohort_i] (= steps since regrowth,
+counting the current one; = the global step for blocks active from the start), and so does the
+warm-up min(1, t_i / W). Coefficients are computed once per cohort (a table of <= 256 float32 values)
+and gathered per block. Cohort ids are recycled at topology updates: a cohort with no members left is
+freed, and a cohort whose age reaches `merge_age` is merged into id 0. merge_age is max(W, T) with T
+the smallest t from which float32 1 - b1^t and 1 - b2^t are exactly 1 (17,321 for b2 = 0.999; only W
+without reset_step), so from then on the cohort's bias corrections and warm-up are exactly those of
+id 0 (1.0) and the merge changes no bit of any update. If more than 255 cohorts are ever alive at once
+(update_every * 255 < merge_age), the id tensor widens to int16 (then int32): still exact, 1 byte more.
 
 A post-accumulate-grad hook gathers each sparse weight's dense gradient into `grad` as soon as
 autograd produces it and drops the dense tensor, so a dense weight gradient lives only during its own
-layer's backward. The update is vectorised over all sparse layers at once; a per-layer index_add_
-writes it back into the (dense-stored, zero-where-inactive) weights.
+layer's backward. Gathers and scatters use the int32 block ids decoded from the position list in
+O(active) work (one repeat_interleave + add), one kernel per layer; the Adam math runs once over the
+flat buffers of all sparse layers. A topology update moves surviving entries to their new slots with
+one O(active) gather per layer; no dense-size tensor is built.
 
-state="dense_masked" keeps the same math on dense-size buffers with a per-block mask (what mask-based
-DST libraries do), so memory can be compared like for like.
+state="dense_masked" keeps the same math on dense-size buffers with a per-block mask and an int16
+age per block (what mask-based DST libraries do), so memory can be compared like for like.
 
 SMET semantics (design.md section 5), per active entry i:
-    regrow(i): m_i = v_i = 0, age_i = 0     (theta_i = 0 is the topology updater's job)
-    step:      age_i += 1; t_i = age_i if reset_step else the global step
+    regrow(i): m_i = v_i = 0, t_i = 0       (theta_i = 0 is the topology updater's job)
+    step:      t_i += 1 (reset_step) else t_i = the global step
                u_i = (m_i / (1-b1^t_i)) / (sqrt(v_i / (1-b2^t_i)) + eps)
                lr_i = lr * scale(d) * warm_i,  warm_i = min(1, age_i / W) for regrown entries
                (warmup_kind="moment_damping": m_i *= warm_i in place instead, as the released code)
@@ -44,7 +61,29 @@ LR_SCALING = {
 }
 WARMUP_KINDS = ("linear_lr", "moment_damping")
 STATE_LAYOUTS = ("compact", "dense_masked")
-AGE_MAX = 32767  # int16 saturates; exact as long as b2**AGE_MAX underflows float32 (b2 <= 0.9995)
+AGE_MAX = 32767  # dense_masked's int16 age saturates; exact as long as b2**AGE_MAX underflows float32
+COHORT_DTYPES = (torch.uint8, torch.int16, torch.int32)  # widened only when ids run out
+NEVER = 2 ** 62
+
+
+def _rows(blocks: torch.Tensor) -> torch.Tensor:
+    """A [n, B] block view as index_select/index_add_ run it fastest: 1-D when B = 1 (the 2-D form
+    with rows of one element is ~15x slower on CPU)."""
+    return blocks.view(-1) if blocks.shape[1] == 1 else blocks
+
+
+def bias_correction_saturation(beta: float) -> int:
+    """Smallest t such that the step's float32 `1 - beta ** t` is exactly 1.0 for every t' >= t
+    (evaluated with the same torch expression the step uses; NEVER if beyond 2^24 steps)."""
+    if beta == 0.0:
+        return 1
+    estimate = math.ceil(25 * math.log(2) / -math.log(beta))
+    hi = min(2 * estimate + 64, 2 ** 24)
+    t = torch.arange(1, hi + 1, dtype=torch.float32)
+    not_one = ((1 - beta ** t) != 1.0).nonzero()
+    if not_one.numel() and int(not_one[-1]) == hi - 1:
+        return NEVER
+    return int(not_one[-1]) + 2 if not_one.numel() else 1
 
 
 class SMETAdam(torch.optim.Optimizer):
@@ -79,6 +118,7 @@ class SMETAdam(torch.optim.Optimizer):
         self.last_regrow_update_ratio: float | None = None
         self.capture_dense_grads = False
         self.dense_grads: dict[int, torch.Tensor] = {}
+        self._step_tensors: dict[torch.device, torch.Tensor] = {}
 
         self.lr_scale = LR_SCALING[lr_scaling](topology.density(), lr_scaling_power)
         sparse_ids = {id(layer.param) for layer in topology.layers}
@@ -113,7 +153,12 @@ class SMETAdam(torch.optim.Optimizer):
         self.exp_avg = torch.zeros(total, B, **f32)
         self.exp_avg_sq = torch.zeros(total, B, **f32)
         needs_age = self.reset_step or self.warmup_steps > 0
-        self.age = torch.zeros(total, 1, dtype=torch.int16, device=device) if needs_age else None
+        # compact: cohort id per active block + birth step per cohort (see the module docstring)
+        self.cohort = torch.zeros(total, dtype=torch.uint8, device=device) if needs_age and self.compact else None
+        self.births = torch.zeros(1, dtype=torch.int64) if self.cohort is not None else None
+        self.merge_age = max(self.warmup_steps, *(map(bias_correction_saturation, self.betas) if self.reset_step else [0]))
+        # dense_masked: int16 age and bool mask per block, dense-size
+        self.age = torch.zeros(total, 1, dtype=torch.int16, device=device) if needs_age and not self.compact else None
         self.active = None
         if not self.compact:
             self.active = torch.cat([layer.active_mask() for layer in layers]).unsqueeze(1) if layers \
@@ -132,10 +177,12 @@ class SMETAdam(torch.optim.Optimizer):
             g = p.grad.view(-1, layer.block_size)
             buf = self.grad[self._slice(i)]
             if self.compact:
+                idx = layer.block_idx
+                g, out = _rows(g), _rows(buf)
                 if self._fresh[i]:
-                    torch.index_select(g, 0, layer.block_idx, out=buf)
+                    torch.index_select(g, 0, idx, out=out)
                 else:
-                    buf.add_(g.index_select(0, layer.block_idx))
+                    out.add_(g.index_select(0, idx))
             else:
                 mask = self.active[self._slice(i)]
                 buf.copy_(g * mask) if self._fresh[i] else buf.addcmul_(g, mask)
@@ -201,6 +248,8 @@ class SMETAdam(torch.optim.Optimizer):
                 self._sparse_step(group)
 
     def _dense_step(self, group: dict) -> None:
+        """Plain Adam (decoupled weight decay) on the dense parameters: torch's fused AdamW kernel on
+        CPU and CUDA (one pass per tensor), the same math in foreach ops elsewhere."""
         params, grads = [], []
         for p in group["params"]:
             if p.grad is not None:
@@ -212,6 +261,16 @@ class SMETAdam(torch.optim.Optimizer):
         t, lr = self.global_step, group["lr"]
         ms = [self.state[p]["exp_avg"] for p in params]
         vs = [self.state[p]["exp_avg_sq"] for p in params]
+        if hasattr(torch, "_fused_adamw_") and params[0].device.type in ("cpu", "cuda") and all(p.dtype == params[0].dtype for p in params):
+            # The kernel reads each tensor's step from `state_steps`; all share the global step (a
+            # scalar counter like global_step itself, not per-parameter state).
+            step = self._step_tensors.get(params[0].device)
+            if step is None:
+                step = self._step_tensors[params[0].device] = torch.zeros((), dtype=torch.float32, device=params[0].device)
+            step.fill_(t)
+            torch._fused_adamw_(params, grads, ms, vs, [], [step] * len(params), lr=lr, beta1=b1, beta2=b2,
+                                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
+            return
         torch._foreach_lerp_(ms, grads, 1 - b1)
         torch._foreach_mul_(vs, b2)
         torch._foreach_addcmul_(vs, grads, grads, 1 - b2)
@@ -222,11 +281,25 @@ class SMETAdam(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1 - lr * self.weight_decay)
         torch._foreach_addcdiv_(params, ms, denom, -lr / (1 - b1 ** t))
 
+    def _cohort_ages(self) -> torch.Tensor:
+        """float32 [C]: steps since each cohort's update, counting the current one (the local step)."""
+        return (self.global_step - self.births).float()
+
+    def _per_block(self, table: torch.Tensor) -> torch.Tensor:
+        """Gather a per-cohort float32 table to [K, 1] (one value per active block)."""
+        return table.to(self.grad.device).index_select(0, self.cohort.int()).unsqueeze(1)
+
     def _warm_factor(self) -> torch.Tensor | None:
         """min(1, age/W) for blocks regrown during training, 1 otherwise; None when nobody warms."""
         W = self.warmup_steps
         if W <= 0 or self.last_regrow_step is None or self.global_step - self.last_regrow_step > W:
             return None
+        if self.compact:
+            ages = self._cohort_ages()
+            warming = (self.births > 0) & (ages < W)  # id 0 (birth 0) and free ids (-1) never warm
+            if not warming.any():
+                return None
+            return self._per_block(torch.where(warming, ages / W, torch.ones_like(ages)))
         age = self.age.float()
         regrown = self.age.int() < min(self.global_step, AGE_MAX)  # initial blocks are as old as the run
         return torch.where(regrown, (age / W).clamp_(max=1.0), torch.ones_like(age))
@@ -243,8 +316,13 @@ class SMETAdam(torch.optim.Optimizer):
         if warm is not None and self.warmup_kind == "moment_damping":
             m.mul_(warm)
         if self.reset_step:  # local bias correction per block
-            t = self.age.float()
-            upd = (m / (1 - b1 ** t)).div_((v / (1 - b2 ** t)).sqrt_().add_(self.eps))
+            if self.compact:  # one value per cohort, gathered per block
+                t = self._cohort_ages()
+                bc1, bc2 = self._per_block(1 - b1 ** t), self._per_block(1 - b2 ** t)
+            else:
+                t = self.age.float()
+                bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            upd = (m / bc1).div_((v / bc2).sqrt_().add_(self.eps))
         else:  # the shared global step (naive DST)
             t = self.global_step
             upd = (m / (1 - b1 ** t)).div_((v / (1 - b2 ** t)).sqrt_().add_(self.eps))
@@ -259,7 +337,7 @@ class SMETAdam(torch.optim.Optimizer):
         lr = group["lr"]
         for i, layer in enumerate(self.topology.layers):
             if self.compact:
-                layer.blocks().index_add_(0, layer.block_idx, upd[self._slice(i)], alpha=-lr)
+                _rows(layer.blocks()).index_add_(0, layer.block_idx, _rows(upd[self._slice(i)]), alpha=-lr)
             else:
                 layer.blocks().add_(upd[self._slice(i)], alpha=-lr)
 
@@ -267,33 +345,93 @@ class SMETAdam(torch.optim.Optimizer):
 
     def _active_weights(self) -> torch.Tensor:
         if self.compact:
-            return torch.cat([layer.blocks().index_select(0, layer.block_idx) for layer in self.topology.layers])
+            B = self.topology.block_size
+            return torch.cat([_rows(layer.blocks()).index_select(0, layer.block_idx) for layer in self.topology.layers]).view(-1, B)
         return torch.cat([layer.blocks() for layer in self.topology.layers])
 
     # ---------------------------------------------------------------------------------- regrowth
     @torch.no_grad()
     def regrow(self, events: list[RegrowEvent]) -> None:
-        """Reset the state of entries regrown by a topology update (see the module docstring)."""
+        """Reset the state of entries regrown by a topology update (see the module docstring).
+
+        Call it after the topology has changed (DynamicSparsity.update), with at most one event per
+        layer. Compact layout: the surviving entries of a changed layer move to their new slots
+        (ascending block ids) and the regrown ones start with m = v = 0 in a new cohort."""
         fresh_slots = []
         for e in events:
             off = self._offsets[e.layer]
             if self.compact:
-                slots = e.slots.to(self.grad.device) + off
+                slots = self._move_to_new_slots(e)
             else:
                 old = e.old_blocks.to(self.grad.device) + off
-                slots = e.new_blocks.to(self.grad.device) + off
+                slots = e.new_blocks.to(self.grad.device)
                 self.active[old] = False
                 self.exp_avg[old] = 0.0
                 self.exp_avg_sq[old] = 0.0
-                self.active[slots] = True
+                self.active[slots + off] = True
+            slots = slots + off
             self.exp_avg[slots] = 0.0
             self.exp_avg_sq[slots] = 0.0
             if self.age is not None:
                 self.age[slots] = 0
             fresh_slots.append(slots)
         if fresh_slots:
+            fresh = torch.cat(fresh_slots)
+            if self.cohort is not None:
+                self.cohort[fresh] = 0  # counted in id 0 while ids are recycled, then given the new id
+                new_id = self._new_cohort()  # may re-map or widen self.cohort
+                self.cohort[fresh] = new_id
             self.last_regrow_step = self.global_step
-            self._probe_slots = torch.cat(fresh_slots)
+            self._probe_slots = fresh
+
+    def _move_to_new_slots(self, e: RegrowEvent) -> torch.Tensor:
+        """Permute one layer's compact state from the old slot order to the new one; returns the
+        (layer-local) slots of the regrown blocks. O(k) with the event's `source` (the updater's),
+        O(k log k) without; no dense-size tensor either way."""
+        layer = self.topology.layers[e.layer]
+        device = self.grad.device
+        slots = e.slots.to(device, torch.long)
+        source = e.source
+        if source is None:  # derive it: survivors keep their relative order
+            ids = layer.block_idx.long()  # the new order
+            is_new = torch.zeros(ids.numel(), dtype=torch.bool, device=device)
+            is_new[slots] = True
+            survivors = ids[~is_new]
+            old_ids = torch.cat([survivors, e.old_blocks.to(device, torch.long)]).sort().values
+            if old_ids.numel() != ids.numel() or not bool((ids[slots] == e.new_blocks.to(device)).all()):
+                raise ValueError(f"regrow event for layer {layer.name} does not match its topology")
+            source = torch.full((ids.numel(),), -1, dtype=torch.long, device=device)
+            source[~is_new] = torch.searchsorted(old_ids, survivors)
+        source = source.to(device).clamp(min=0)  # regrown slots: any row, reset below
+        sl = self._slice(e.layer)
+        for buf in (self.grad, self.exp_avg, self.exp_avg_sq, self.cohort):
+            if buf is not None:
+                buf[sl] = buf[sl].index_select(0, source)
+        return slots
+
+    def _new_cohort(self) -> int:
+        """A free cohort id for blocks grown now. Recycles ids first: cohorts old enough to be exact
+        copies of id 0 are merged into it, and cohorts without members are freed."""
+        g = self.global_step
+        births = self.births
+        ids = torch.arange(births.numel())
+        merge = (ids > 0) & (births >= 0) & (g - births >= self.merge_age)
+        if merge.any():
+            remap = torch.where(merge, 0, ids).to(self.cohort.dtype).to(self.cohort.device)
+            self.cohort = remap.index_select(0, self.cohort.int())
+            births[merge] = -1
+        members = torch.bincount(self.cohort.int(), minlength=births.numel()).cpu()
+        births[(ids > 0) & (members == 0)] = -1
+        free = ((ids > 0) & (births < 0)).nonzero()
+        if free.numel():
+            new = int(free[0])
+        else:
+            new = births.numel()
+            if new > torch.iinfo(self.cohort.dtype).max:  # more live cohorts than ids: widen (exact)
+                self.cohort = self.cohort.to(COHORT_DTYPES[COHORT_DTYPES.index(self.cohort.dtype) + 1])
+            births = self.births = torch.cat([births, torch.full((1,), -1, dtype=torch.int64)])
+        births[new] = g
+        return new
 
     # -------------------------------------------------------------------------------- accounting
     def state_bytes_by_role(self) -> dict[str, int]:
@@ -311,8 +449,10 @@ class SMETAdam(torch.optim.Optimizer):
             "sparse/grad": nbytes([self.grad]),
             "sparse/exp_avg": nbytes([self.exp_avg]),
             "sparse/exp_avg_sq": nbytes([self.exp_avg_sq]),
+            "sparse/cohort": nbytes([self.cohort]),
+            "sparse/cohort_births": nbytes([self.births]),
             "sparse/age": nbytes([self.age]),
-            "sparse/index": nbytes(layer.block_idx for layer in self.topology.layers),
+            "sparse/index": self.topology.index_bytes(),
             "sparse/mask": nbytes([self.active]),
         }
 
@@ -325,12 +465,15 @@ class SMETAdam(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         dense = [p for g in self.param_groups if g["kind"] == "dense" for p in g["params"]]
         return {
+            "format": 2,
             "global_step": self.global_step,
             "last_regrow_step": self.last_regrow_step,
             "layout": self.layout,
             "dense": [(self.state[p]["exp_avg"].clone(), self.state[p]["exp_avg_sq"].clone()) for p in dense],
             "exp_avg": self.exp_avg.clone(),
             "exp_avg_sq": self.exp_avg_sq.clone(),
+            "cohort": None if self.cohort is None else self.cohort.clone(),
+            "births": None if self.births is None else self.births.clone(),
             "age": None if self.age is None else self.age.clone(),
             "active": None if self.active is None else self.active.clone(),
             "lr": [g["lr"] for g in self.param_groups],
@@ -338,7 +481,8 @@ class SMETAdam(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["layout"] != self.layout or state["exp_avg"].shape != self.exp_avg.shape:
+        if state.get("format") != 2 or state["layout"] != self.layout or state["exp_avg"].shape != self.exp_avg.shape \
+                or (state["cohort"] is None) != (self.cohort is None):
             raise ValueError("optimizer checkpoint does not match this model/sparsity/state layout")
         self.global_step = state["global_step"]
         self.last_regrow_step = state["last_regrow_step"]
@@ -348,6 +492,9 @@ class SMETAdam(torch.optim.Optimizer):
             self.state[p]["exp_avg_sq"].copy_(v)
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        if self.cohort is not None:
+            self.cohort = state["cohort"].to(self.grad.device).clone()  # its dtype may have widened
+            self.births = state["births"].cpu().clone()
         if self.age is not None:
             self.age.copy_(state["age"])
         if self.active is not None:

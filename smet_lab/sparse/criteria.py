@@ -1,7 +1,7 @@
 """Prune and growth rules. Each rule is one function; registering it in PRUNE / GROWTH makes it a
 config option (`sparsity.prune`, `sparsity.growth`).
 
-prune(layer, n) -> slots         (int64 positions in layer.block_idx to vacate)
+prune(layer, n) -> slots         (int64 positions in layer.block_idx, ascending ids, to vacate)
 grow(layer, n, excluded, dense_grad, generator) -> block ids  (int64, currently inactive, not in
                                                             `excluded` = the blocks just pruned)
 """
@@ -10,33 +10,26 @@ from __future__ import annotations
 
 import torch
 
-from smet_lab.sparse.topology import SparseLayer
+from smet_lab.sparse.topology import SparseLayer, isin_sorted
 
 
 def prune_magnitude(layer: SparseLayer, n: int) -> torch.Tensor:
     """The n active blocks with the smallest L1 magnitude."""
-    scores = layer.blocks().index_select(0, layer.block_idx).abs().sum(1)
+    scores = layer.gather().abs().sum(1)
     return torch.topk(scores, n, largest=False, sorted=False).indices
-
-
-def _is_member(candidates: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
-    """Membership test against a sorted id list, without building a dense-size mask."""
-    if sorted_ids.numel() == 0:
-        return torch.zeros_like(candidates, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_ids, candidates).clamp_(max=sorted_ids.numel() - 1)
-    return sorted_ids[pos] == candidates
 
 
 def grow_random(layer: SparseLayer, n: int, excluded: torch.Tensor, dense_grad, generator) -> torch.Tensor:
     """SET: n blocks uniformly at random among the inactive ones, never the blocks this update pruned.
 
     Rejection sampling against the sorted active list keeps memory O(active), not O(layer)."""
-    device = layer.block_idx.device
-    taken = torch.cat([layer.block_idx.long(), excluded.long()]).sort().values
+    device = layer.param.device
+    active = layer.block_idx.long()  # ascending
+    excluded = excluded.to(device, torch.long).sort().values
     chosen = torch.empty(0, dtype=torch.long, device=device)
     while chosen.numel() < n:
         draw = torch.randint(layer.n_blocks, (2 * (n - chosen.numel()) + 16,), generator=generator).to(device)
-        draw = draw[~_is_member(draw, taken)]
+        draw = draw[~(isin_sorted(draw, active) | isin_sorted(draw, excluded))]
         # Deduplicate, then shuffle so that the kept subset is uniform (unique() sorts).
         draw = torch.unique(torch.cat([chosen, draw]))
         draw = draw[torch.randperm(draw.numel(), generator=generator).to(device)]

@@ -1,29 +1,55 @@
-"""Which weights are active: per-layer lists of active blocks, and how they are first laid out.
+"""Which weights are active: per-layer sets of active blocks, and how they are first laid out.
 
 A sparse layer's weight stays a dense tensor whose inactive entries are exactly zero (the forward is a
-plain dense matmul). What is sparse is the bookkeeping: `block_idx` holds the ids of the active blocks
-(int32, B consecutive weights of the row-major flattened weight each). Its order is the *slot* order
-that the compact optimizer state follows; a topology update overwrites slots in place, so gradients
-and Adam moments never need re-sorting.
+plain dense matmul). What is sparse is the bookkeeping. The active blocks (B consecutive weights of
+the row-major flattened weight each) are stored as a *chunked position list*:
+
+    offsets : uint8 [k]            id % 256 of every active block, in ascending id order
+    counts  : int16 [ceil(n/256)]  how many active blocks each chunk of 256 consecutive blocks holds
+
+i.e. 1 byte per active block + 2 bytes per 256 blocks (1.03 B per active block at density 0.25, B=1),
+instead of an int32 id per active block. `block_idx` (int32 ids, ascending) is *derived* from it on
+demand in O(active) work: repeat the chunk bases by their counts and add the offsets. It is a
+transient tensor: writing into it changes nothing; assign `layer.block_idx = ids` or call
+`replace(old, new)` to change the topology.
+
+The slot order that the compact optimizer state follows is the ascending block-id order. A topology
+update therefore moves surviving entries between slots; `replace` returns where the new blocks land
+and the optimizer re-orders its per-slot state with an O(active) gather (no dense-size tensors).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from smet_lab.config import ConfigError
 
+CHUNK = 256  # blocks per chunk: an in-chunk offset fits in a uint8
 
-@dataclass
+
+def isin_sorted(values: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+    """Membership of `values` in an ascending id list, without a dense-size mask (O(len log len))."""
+    if sorted_ids.numel() == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_ids, values).clamp_(max=sorted_ids.numel() - 1)
+    return sorted_ids[pos] == values
+
+
 class SparseLayer:
-    name: str
-    param: nn.Parameter
-    block_size: int
-    block_idx: torch.Tensor  # int32 [k]: active block ids, in slot order
+    """One sparse weight and its active blocks (chunked position list, see the module docstring)."""
+
+    def __init__(self, name: str, param: nn.Parameter, block_size: int, block_idx: torch.Tensor):
+        self.name = name
+        self.param = param
+        self.block_size = block_size
+        self.n_chunks = -(-self.n_blocks // CHUNK)
+        self.block_idx = block_idx
+
+    def __repr__(self) -> str:
+        return f"SparseLayer({self.name!r}, {tuple(self.param.shape)}, block_size={self.block_size}, n_active={self.n_active})"
 
     @property
     def n_blocks(self) -> int:
@@ -31,19 +57,86 @@ class SparseLayer:
 
     @property
     def n_active(self) -> int:
-        return self.block_idx.numel()
+        return self.offsets.numel()
 
     @property
     def density(self) -> float:
         return self.n_active / self.n_blocks
 
+    # ------------------------------------------------------------------------ position store
+    @property
+    def block_idx(self) -> torch.Tensor:
+        """int32 [k]: the active block ids in ascending (= slot) order; derived, O(k)."""
+        base = torch.arange(0, self.n_chunks * CHUNK, CHUNK, dtype=torch.int32, device=self.offsets.device)
+        ids = torch.repeat_interleave(base, self.counts.int(), output_size=self.n_active)
+        return ids.add_(self.offsets)
+
+    @block_idx.setter
+    def block_idx(self, ids: torch.Tensor) -> None:
+        """Set the active blocks (any order, distinct ids)."""
+        ids = ids.to(device=self.param.device, dtype=torch.long).sort().values
+        if ids.numel() and (ids[0] < 0 or ids[-1] >= self.n_blocks or (ids[1:] == ids[:-1]).any()):
+            raise ValueError(f"{self.name}: active block ids must be distinct and in [0, {self.n_blocks})")
+        self._encode(ids)
+
+    def _encode(self, sorted_ids: torch.Tensor) -> None:
+        self.offsets = (sorted_ids & (CHUNK - 1)).to(torch.uint8)
+        self.counts = torch.bincount(sorted_ids // CHUNK, minlength=self.n_chunks).to(torch.int16)
+
+    def index_bytes(self) -> int:
+        """Bytes of the persistent position store (offsets + chunk counts)."""
+        return self.offsets.numel() * self.offsets.element_size() + self.counts.numel() * self.counts.element_size()
+
+    @torch.no_grad()
+    def replace(self, old_blocks: torch.Tensor, new_blocks: torch.Tensor,
+                old_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deactivate `old_blocks` (active; `old_slots` = their positions in block_idx, if known) and
+        activate `new_blocks` (as many, inactive, distinct). Returns (slots, source): `slots` = the
+        positions in the new block_idx that hold `new_blocks`, in their order; `source` [k] = for
+        every new position, the position that block held before (-1 for the new blocks). One sort
+        of the k active ids; no dense-size tensor."""
+        ids = self.block_idx.long()
+        device = ids.device
+        old_blocks, new_blocks = old_blocks.to(device, torch.long), new_blocks.to(device, torch.long)
+        if old_slots is None:
+            old_slots = torch.searchsorted(ids, old_blocks)
+        old_slots = old_slots.to(device, torch.long)
+        if old_blocks.numel() != new_blocks.numel() or not bool((ids[old_slots] == old_blocks).all()):
+            raise ValueError(f"{self.name}: old_blocks must be active blocks, as many as new_blocks")
+        ids[old_slots] = new_blocks  # each new block takes a pruned block's old position...
+        ids, source = ids.sort()     # ...then ascending order; source[j] = old position of new slot j
+        if new_blocks.numel() and bool((ids[1:] == ids[:-1]).any()):
+            raise ValueError(f"{self.name}: new_blocks must be distinct and inactive")
+        where = torch.empty_like(source)
+        where[source] = torch.arange(source.numel(), device=device)
+        slots = where[old_slots]
+        source[slots] = -1
+        self._encode(ids)
+        return slots, source
+
+    @torch.no_grad()
+    def zero_blocks(self, ids: torch.Tensor) -> None:
+        """Set the weights of blocks `ids` to zero."""
+        flat = self.param.detach().view(-1, self.block_size)
+        (flat.view(-1) if self.block_size == 1 else flat).index_fill_(0, ids.to(flat.device, torch.long), 0.0)
+
+    def gather(self, tensor: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[len(ids), B] values of the weight (or a same-shaped tensor) at blocks `ids` (default: the
+        active blocks, in slot order)."""
+        blocks = self.blocks(tensor)
+        ids = self.block_idx if ids is None else ids
+        if self.block_size == 1:  # 1-D index_select is ~2x faster than over rows of one element
+            return blocks.view(-1).index_select(0, ids).unsqueeze(1)
+        return blocks.index_select(0, ids)
+
+    # --------------------------------------------------------------------------------- views
     def blocks(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """View of the weight (or a same-shaped tensor) as [n_blocks, block_size]."""
         return (self.param.detach() if tensor is None else tensor).view(-1, self.block_size)
 
     def active_mask(self) -> torch.Tensor:
         """Dense bool mask [n_blocks] (transient; used by tests, masked baselines and reports)."""
-        mask = torch.zeros(self.n_blocks, dtype=torch.bool, device=self.block_idx.device)
+        mask = torch.zeros(self.n_blocks, dtype=torch.bool, device=self.offsets.device)
         mask[self.block_idx.long()] = True
         return mask
 
@@ -132,6 +225,10 @@ class SparseTopology:
     def numel(self) -> int:
         return sum(layer.param.numel() for layer in self.layers)
 
+    def index_bytes(self) -> int:
+        """Bytes of the persistent position store of all sparse layers."""
+        return sum(layer.index_bytes() for layer in self.layers)
+
     @property
     def n_active_weights(self) -> int:
         return sum(layer.n_active * layer.block_size for layer in self.layers)
@@ -145,7 +242,7 @@ class SparseTopology:
 
     def state_dict(self) -> dict:
         return {"target_density": self.target_density,
-                "layers": {layer.name: layer.block_idx.clone().cpu() for layer in self.layers}}
+                "layers": {layer.name: layer.block_idx.cpu() for layer in self.layers}}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["layers"]
@@ -155,7 +252,7 @@ class SparseTopology:
             idx = saved[layer.name]
             if idx.numel() != layer.n_active:
                 raise ValueError(f"checkpoint topology of {layer.name} has {idx.numel()} active blocks, expected {layer.n_active}")
-            layer.block_idx.copy_(idx.to(layer.block_idx.device))
+            layer.block_idx = idx
             layer.apply_mask()
 
 

@@ -4,6 +4,7 @@ active blocks and regrow as many elsewhere (density stays constant)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,13 +16,16 @@ from smet_lab.sparse.topology import SparseTopology
 
 @dataclass
 class RegrowEvent:
-    """One layer's change at one update: `slots` (positions in block_idx) now hold `new_blocks`
-    instead of `old_blocks`."""
+    """One layer's change at one update: `old_blocks` were deactivated and `new_blocks` activated;
+    `slots` are the positions in the layer's new block_idx (ascending ids) that hold `new_blocks`, in
+    the same order. Surviving blocks keep their relative order (their slots shift; see
+    SMETAdam.regrow)."""
 
     layer: int
     slots: torch.Tensor
     old_blocks: torch.Tensor
     new_blocks: torch.Tensor
+    source: Optional[torch.Tensor] = None  # [k]: old slot of every new slot, -1 for regrown (if known)
 
 
 class DynamicSparsity:
@@ -66,13 +70,13 @@ class DynamicSparsity:
             n = min(int(rate * layer.n_active), layer.n_blocks - layer.n_active)
             if n <= 0:
                 continue
-            slots = self.prune_fn(layer, n)
-            old = layer.block_idx[slots].long()
+            pruned = self.prune_fn(layer, n)
+            old = layer.block_idx[pruned].long()
             new = self.grow_fn(layer, n, old, (dense_grads or {}).get(i), self.generator)
-            layer.blocks()[old] = 0.0  # pruned weights are removed...
-            layer.blocks()[new] = 0.0  # ...and regrown ones start at zero
-            layer.block_idx[slots] = new.to(torch.int32)
-            events.append(RegrowEvent(i, slots, old, new))
+            layer.zero_blocks(old)  # pruned weights are removed...
+            layer.zero_blocks(new)  # ...and regrown ones start at zero
+            slots, source = layer.replace(old, new, old_slots=pruned)
+            events.append(RegrowEvent(i, slots, old, new, source))
         return events
 
     def state_dict(self) -> dict:

@@ -153,3 +153,27 @@ def start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: dict[str, 
         tracker.finish("FAILED", f"logging params: {type(e).__name__}: {e}")
         raise
     return tracker
+
+
+def find_or_start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: dict[str, str],
+                      match: dict[str, str], parent_run_id: str | None = None) -> NullTracker:
+    """Reuse the newest run of the experiment whose tags equal `match` (a resumed sweep must not
+    duplicate its runs): it is set RUNNING again. Otherwise start a new run carrying those tags."""
+    if not cfg.enabled:
+        return NullTracker()
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_uri(cfg.uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, cfg.experiment, uri)
+    conditions = [f"tags.`{k}` = '{v}'" for k, v in match.items()]
+    if parent_run_id:
+        conditions.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    found = client.search_runs([exp_id], filter_string=" and ".join(conditions), max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "smet.resumed", "true")
+        return Tracker(client, run_id)
+    return start_run(cfg, run_name, params, {**tags, **match}, parent_run_id)

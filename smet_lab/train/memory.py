@@ -1,4 +1,18 @@
-"""Exact memory accounting of gradients and optimizer state, and peak process memory."""
+"""Exact memory accounting of gradients and optimizer state, analytic layout sizes, peak memory.
+
+Per active block of B weights, the layouts of the sparse layers cost (float32 grad, m, v = 12 B per
+weight in all of them):
+
+    compact (default)  12 B + 1 B position offset + 2 B per 256 blocks (chunk counts)
+                       + 1 B cohort id when the method needs a local step or a warm-up
+                       + 8 B per live cohort (birth-step table, <= 256 entries)
+    released SMET      12 B + 4 B int32 index + 2 B int16 step   (18 B per active weight at B = 1)
+    dense_masked       12 B per weight, active or not + 1 B mask and 2 B age (when needed) per block
+                       + the topology's position store
+    dense Adam         12 B per weight
+
+`analytic_state_bytes` evaluates these formulas; the tests check that the tensors hold exactly that.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +22,55 @@ import sys
 import torch
 
 from smet_lab.optim.smet_adam import SMETAdam
+from smet_lab.sparse.topology import CHUNK, SparseTopology
 
 # float32 gradient + exp_avg + exp_avg_sq: what dense Adam keeps per parameter.
 DENSE_ADAM_BYTES_PER_PARAM = 12
+RELEASED_SMET_INDEX_BYTES = 4 + 2  # int32 block index + int16 step per active block
 
 
-def compact_layout_minimum(opt: SMETAdam) -> int:
-    """Analytic minimum of the compact layout for the sparse layers: per active block, B x (grad, m, v)
-    in float32 + an int32 block id + an int16 age when the method needs one."""
-    B = opt.topology.block_size
-    per_block = B * DENSE_ADAM_BYTES_PER_PARAM + 4 + (2 if opt.age is not None else 0)
-    return sum(layer.n_active for layer in opt.topology.layers) * per_block
+def _chunks(n_blocks: int) -> int:
+    return -(-n_blocks // CHUNK)
+
+
+def position_bytes(topology: SparseTopology) -> int:
+    """The chunked position list: a uint8 offset per active block + an int16 count per 256 blocks."""
+    return sum(layer.n_active + 2 * _chunks(layer.n_blocks) for layer in topology.layers)
+
+
+def float32_floor(topology: SparseTopology) -> int:
+    """12 B (float32 grad, m, v) per active weight of the sparse layers, no index at all."""
+    return DENSE_ADAM_BYTES_PER_PARAM * topology.n_active_weights
+
+
+def analytic_state_bytes(topology: SparseTopology, layout: str, needs_step: bool, n_cohorts: int = 1) -> int:
+    """Gradient + optimizer-state bytes of the sparse layers by the layout's formula (module docstring).
+    layout: compact | released | dense_masked."""
+    k = sum(layer.n_active for layer in topology.layers)
+    if layout == "compact":
+        return float32_floor(topology) + position_bytes(topology) + (k + 8 * n_cohorts if needs_step else 0)
+    if layout == "released":
+        return float32_floor(topology) + RELEASED_SMET_INDEX_BYTES * k
+    if layout == "dense_masked":
+        n_blocks = sum(layer.n_blocks for layer in topology.layers)
+        return (DENSE_ADAM_BYTES_PER_PARAM * topology.numel + n_blocks * (1 + (2 if needs_step else 0))
+                + position_bytes(topology))
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def optimizer_layout_bytes(opt: SMETAdam) -> int:
+    """analytic_state_bytes for this optimizer's layout, method and current number of cohorts."""
+    needs_step = opt.reset_step or opt.warmup_steps > 0
+    n_cohorts = opt.births.numel() if opt.births is not None else 0
+    return analytic_state_bytes(opt.topology, opt.layout, needs_step, n_cohorts)
+
+
+def torch_adam_state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of a torch.optim optimizer's state tensors and of the model's gradients (dense size: the
+    gradients exist from backward to the step), counted from the tensors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return {"grad": sum(p.numel() * p.element_size() for p in params), "state": state}
 
 
 def memory_summary(model: torch.nn.Module, opt: SMETAdam) -> dict[str, float]:
@@ -40,5 +92,10 @@ def memory_summary(model: torch.nn.Module, opt: SMETAdam) -> dict[str, float]:
 def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"summary/peak_cuda_bytes": float(torch.cuda.max_memory_allocated(device))}
+    return {"summary/peak_rss_bytes": float(peak_rss_bytes())}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return {"summary/peak_rss_bytes": float(rss if sys.platform == "darwin" else rss * 1024)}
+    return rss if sys.platform == "darwin" else rss * 1024

@@ -20,6 +20,7 @@ from smet_lab.data import Corpus, TokenBatcher, check_data, load_corpus
 from smet_lab.model import LLaMA, validate_model
 from smet_lab.optim import METHODS, SMETAdam
 from smet_lab.optim.smet_adam import validate_optimizer
+from smet_lab.report.spikes import run_spike_summary
 from smet_lab.sparse import DynamicSparsity, SparseTopology
 from smet_lab.sparse.topology import validate_sparsity
 from smet_lab.sparse.updater import validate_dynamic
@@ -265,10 +266,12 @@ def train(
     corpus: Corpus | None = None,
     stop_after: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
 ) -> RunResult:
     """Train one run. `should_stop` is polled between steps (a Ctrl-C handler sets it): the run then
     checkpoints where it is and returns status KILLED. `stop_after` ends the run after that many steps
-    as if the process had died there (tests use it)."""
+    as if the process had died there (tests use it). `on_checkpoint(path, step)` is called after each
+    checkpoint is written (a sweep hands it to Ray Tune)."""
     run = Run(cfg, corpus)
     cfg, t = run.cfg, run.cfg.train
     if t.resume_from:
@@ -313,7 +316,9 @@ def train(
             progress(f"step {step}/{t.max_steps} loss {loss:.4f}{val} lr {metrics['train/lr']:.2e} "
                      f"{run.tokens / max(run.train_time, 1e-9):,.0f} tok/s ETA {eta:.0f}s")
         if output_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-            ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}")
+            saved = ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}")
+            if on_checkpoint:
+                on_checkpoint(saved, step)
         if stop_after is not None and step >= stop_after:
             break
         if should_stop is not None and should_stop():
@@ -334,7 +339,7 @@ def train(
 
 
 def summarize(run: Run) -> dict:
-    """Run-level numbers from the history (spike statistics live in smet_lab.report)."""
+    """Run-level numbers from the history, spike metrics included (defined in smet_lab.report.spikes)."""
     hist = run.history
     jumps = [r["stability/probe_jump"] for r in hist if "stability/probe_jump" in r]
     ratios = [r["stability/regrow_update_ratio"] for r in hist if "stability/regrow_update_ratio" in r]
@@ -350,4 +355,6 @@ def summarize(run: Run) -> dict:
         out["summary/max_probe_jump"] = max(jumps)
     if ratios:
         out["summary/mean_regrow_update_ratio"] = sum(ratios) / len(ratios)
+    for key, value in run_spike_summary(hist).items():  # default k/window; the probe keys above stay as they are
+        out.setdefault(key, value)
     return out

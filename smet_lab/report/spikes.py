@@ -1,0 +1,187 @@
+"""Loss-spike metrics from a run's per-step history (design §6, research notes §4.2).
+
+Only pandas and numpy: the trainer and the report builders import this without Ray, MLflow or Hydra.
+
+Inputs: a history (a DataFrame with a `step` column, as in metrics.parquet, or RunResult.history's list
+of per-step dicts) or a bare loss series (a Series keeps its index as the step; a list or array is
+indexed 0..n-1). `window` counts rows of the loss series (logged points), not steps.
+
+Definitions:
+- A row is *flagged* when its loss is non-finite (divergence) or when its log loss is >= k rolling
+  standard deviations (ddof=1) above the rolling mean of the previous `window` rows. The current row is
+  excluded so that a spike cannot inflate its own baseline and hide; upward only, since a fast fall of
+  the loss is not instability. Non-finite losses are left out of the rolling statistics (one NaN must
+  not blank the next `window` rows); a baseline needs max(2, window // 2) finite values. A flat window
+  (std ~ 0) flags nothing. The first `burn_in` rows (default: `window`) are never flagged nor counted.
+- Flagged rows at most `merge_gap` steps apart form one *event*.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+LOSS, DENSITY, DIVERGED = "train/loss", "topo/density", "train/diverged"
+EVENT_COLUMNS = {"start_step": "int64", "peak_step": "int64", "end_step": "int64", "peak_loss": "float64",
+                 "baseline": "float64", "peak_ratio": "float64", "recovery_steps": "float64",
+                 "censored": "bool", "near_update": "bool", "steps_after_update": "float64"}
+FLAT_STD = 1e-7  # on the log scale; below this the rolling std is float residue of a flat window
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _is_history(x) -> bool:
+    return isinstance(x, pd.DataFrame) or (isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], dict))
+
+
+def _frame(history) -> pd.DataFrame:
+    """A history as a DataFrame sorted by step."""
+    df = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
+    if "step" not in df.columns:
+        if df.empty:
+            return pd.DataFrame({"step": pd.Series(dtype="int64")})
+        raise ValueError("a history needs a 'step' column (one row per optimizer step)")
+    return df.sort_values("step", kind="stable")
+
+
+def _loss(loss) -> pd.Series:
+    """The loss series indexed by step. From a history: rows with no loss (late-metric or sparse-cadence
+    rows in a DataFrame) are dropped, except the row marked train/diverged, whose NaN is a divergence."""
+    if _is_history(loss):
+        df = _frame(loss)
+        if LOSS not in df.columns:
+            return pd.Series(dtype="float64")
+        keep = df[LOSS].notna()
+        if DIVERGED in df.columns:
+            keep |= df[DIVERGED].eq(1)
+        return pd.Series(df.loc[keep, LOSS].to_numpy(float), index=df.loc[keep, "step"].to_numpy())
+    if isinstance(loss, pd.Series):
+        return loss.astype("float64")
+    return pd.Series(np.asarray(loss, dtype=float))
+
+
+def _update_steps(history) -> list:
+    """Topology update steps: the rows that carry topo/density."""
+    df = _frame(history)
+    return df.loc[df[DENSITY].notna(), "step"].tolist() if DENSITY in df.columns else []
+
+
+# --------------------------------------------------------------------------------------- detection
+def _detect(s: pd.Series, window: int, k: float, burn_in: int | None):
+    """Flags per row, plus the previous-window statistics (log and raw scale) that events need."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an integer >= 2 (a std needs two values), got {window!r}")
+    burn_in = window if burn_in is None else burn_in
+    x = s.to_numpy(float)
+    finite = np.isfinite(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logx = np.where(finite & (x > 0), np.log(x), np.nan)  # NaN rows are skipped by rolling()
+
+    def prev(values: np.ndarray):  # mean and std of the previous `window` rows, current row excluded
+        r = pd.Series(values).rolling(window, min_periods=max(2, window // 2))
+        return r.mean().shift(1).to_numpy(), r.std().shift(1).to_numpy()
+
+    lmean, lstd = prev(logx)
+    mean, std = prev(np.where(finite, x, np.nan))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = (lstd > FLAT_STD) & ((logx - lmean) / lstd >= k)  # NaN comparisons are False
+    flags = ~finite | up
+    flags[:burn_in] = False
+    if len(x) <= max(window, burn_in):  # not one full window of history: nothing can be judged
+        flags[:] = False
+    return flags, mean, std
+
+
+def spike_flags(loss, window: int = 50, k: float = 3.0, burn_in: int | None = None) -> pd.Series:
+    """Boolean Series (indexed by step): which rows count as spikes (see the module docstring)."""
+    s = _loss(loss)
+    return pd.Series(_detect(s, window, k, burn_in)[0], index=s.index)
+
+
+def spike_score(loss, window: int = 50, k: float = 3.0, burn_in: int | None = None) -> float:
+    """Fraction of the rows after burn-in that are flagged (non-finite, or log loss >= k rolling stds
+    above the mean of the previous `window` rows). A series of at most max(window, burn_in) rows (so
+    shorter than window + 1 by default) has nothing to judge and scores 0.0; a constant series scores 0.0."""
+    s = _loss(loss)
+    burn_in = window if burn_in is None else burn_in
+    flags = _detect(s, window, k, burn_in)[0]
+    n = len(flags) - burn_in
+    return float(flags.sum() / n) if n > 0 and len(flags) > window else 0.0
+
+
+def spike_events(loss, window: int = 50, k: float = 3.0, merge_gap: int = 5, burn_in: int | None = None,
+                 update_steps=None, update_window: int = 20) -> pd.DataFrame:
+    """One row per spike event (flagged rows at most `merge_gap` steps apart), columns EVENT_COLUMNS:
+
+    - start_step / end_step: first and last flagged step of the event; peak_step: the highest loss between
+      them (a non-finite loss is the highest); peak_loss: the loss there.
+    - baseline: mean raw loss over the `window` rows before start_step; peak_ratio = peak_loss / baseline.
+    - recovery_steps: steps from the peak to the first later row with loss <= baseline + 1 std of that same
+      window; NaN with censored=True when that never happens before the series ends.
+    - steps_after_update: start_step minus the last topology update step strictly before it (the update at
+      step u runs after step u's loss is taken, so it cannot cause a spike at u); NaN when none.
+      near_update: steps_after_update <= update_window.
+
+    `update_steps` defaults to the history's topo/density rows (none for a bare loss series)."""
+    s = _loss(loss)
+    if update_steps is None:
+        update_steps = _update_steps(loss) if _is_history(loss) else []
+    flags, mean, std = _detect(s, window, k, burn_in)
+    steps, x = s.index.to_numpy(), s.to_numpy(float)
+    updates = np.sort(np.asarray(update_steps, dtype=float))
+    pos = np.flatnonzero(flags)
+    groups = np.split(pos, np.flatnonzero(np.diff(steps[pos]) > merge_gap) + 1) if len(pos) else []
+    rows = []
+    for g in groups:
+        a, b = g[0], g[-1]
+        seg = x[a:b + 1]
+        p = a + int(np.argmax(np.where(np.isfinite(seg), seg, np.inf)))
+        base, thr = mean[a], mean[a] + std[a]
+        hit = np.flatnonzero(x[p + 1:] <= thr)  # NaN (loss or threshold) never counts as recovered
+        prior = updates[updates < steps[a]]
+        after = float(steps[a] - prior[-1]) if len(prior) else math.nan
+        rows.append({"start_step": steps[a], "peak_step": steps[p], "end_step": steps[b], "peak_loss": x[p],
+                     "baseline": base, "peak_ratio": x[p] / base,
+                     "recovery_steps": float(steps[p + 1 + hit[0]] - steps[p]) if len(hit) else math.nan,
+                     "censored": not len(hit), "near_update": after <= update_window,
+                     "steps_after_update": after})
+    return pd.DataFrame(rows, columns=list(EVENT_COLUMNS)).astype(EVENT_COLUMNS)
+
+
+# ----------------------------------------------------------------------------------------- summary
+def probe_summary(history) -> dict:
+    """summary/mean_probe_jump, summary/max_probe_jump, summary/mean_regrow_update_ratio from the
+    stability/* columns, NaN values ignored; a key whose column is absent (or all NaN) is omitted."""
+    df = _frame(history)
+    out = {}
+    for key, col, fn in (("summary/mean_probe_jump", "stability/probe_jump", np.mean),
+                         ("summary/max_probe_jump", "stability/probe_jump", np.max),
+                         ("summary/mean_regrow_update_ratio", "stability/regrow_update_ratio", np.mean)):
+        if col in df.columns:
+            values = df[col].dropna().to_numpy(float)
+            if len(values):
+                out[key] = float(fn(values))
+    return out
+
+
+def run_spike_summary(history, window: int = 50, k: float = 3.0, update_window: int = 20,
+                      merge_gap: int = 5, burn_in: int | None = None) -> dict:
+    """Run-level spike metrics (public names, design §6) plus probe_summary(history).
+
+    summary/spike_score, summary/spike_events and summary/spike_events_near_update are always present;
+    summary/mean_spike_peak_ratio (finite ratios only: a divergence has none) and summary/mean_recovery_steps
+    (uncensored events only) are omitted when there is nothing to average, like the probe keys."""
+    df = _frame(history)  # convert a list of dicts once
+    events = spike_events(df, window, k, merge_gap, burn_in, update_window=update_window)
+    out = {"summary/spike_score": spike_score(df, window, k, burn_in),
+           "summary/spike_events": float(len(events)),
+           "summary/spike_events_near_update": float(events["near_update"].sum())}
+    ratios = events["peak_ratio"][np.isfinite(events["peak_ratio"])]
+    recovery = events.loc[~events["censored"], "recovery_steps"]
+    if len(ratios):
+        out["summary/mean_spike_peak_ratio"] = float(ratios.mean())
+    if len(recovery):
+        out["summary/mean_recovery_steps"] = float(recovery.mean())
+    out.update(probe_summary(df))
+    return out

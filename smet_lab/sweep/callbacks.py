@@ -1,0 +1,193 @@
+"""Driver-side Ray Tune callbacks: the single MLflow writer of a sweep, and a live progress view.
+
+Both are pickled into the experiment state by Tune and come back on `Tuner.restore`, so they keep
+only plain settings and find (or create) their MLflow runs again in `setup()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from ray import tune
+
+from smet_lab.tracking import TrackingConfig, find_or_start_run
+
+# Trial statuses in our words (MLflow's KILLED/FAILED/FINISHED + diverged) by trial key.
+STATUS_FILE = "trial_status.json"
+
+
+def numeric_metrics(result: dict) -> dict:
+    return {k: float(v) for k, v in result.items()
+            if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MlflowSweepLogger(tune.Callback):
+    """One parent run per sweep, one child run per trial (`mlflow.parentRunId`)."""
+
+    def __init__(self, tracking: TrackingConfig, sweep_name: str, sweep_dir: str, configs: dict, parent_params: dict):
+        self.tracking = tracking
+        self.sweep_name = sweep_name
+        self.sweep_dir = sweep_dir
+        self.configs = configs
+        self.parent_params = parent_params
+        self._parent = None
+        self._children = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_parent"], state["_children"] = None, {}
+        return state
+
+    # -------------------------------------------------------------------------------- runs
+    def parent(self):
+        if self._parent is None:
+            self._parent = find_or_start_run(
+                self.tracking, run_name=f"sweep:{self.sweep_name}", params=self.parent_params,
+                tags={"smet.kind": "sweep", "smet.sweep": self.sweep_name},
+                match={"smet.sweep_dir": self.sweep_dir})
+        return self._parent
+
+    def child(self, key: str):
+        if key not in self._children:
+            cfg = self.configs[key]
+            self._children[key] = find_or_start_run(
+                self.tracking, run_name=key, params=cfg,
+                tags={"smet.kind": "trial", "smet.sweep": self.sweep_name, "smet.method": cfg["method"]},
+                match={"smet.trial_key": key}, parent_run_id=self.parent().run_id)
+        return self._children[key]
+
+    # ---------------------------------------------------------------------------- callbacks
+    def setup(self, **info):
+        self.parent()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.child(trial.config["key"])
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = numeric_metrics(result)
+        if metrics:
+            self.child(trial.config["key"]).log_metrics(metrics, int(result.get("step", 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        key = trial.config["key"]
+        tracker = self.child(key)
+        status, error = "FINISHED", None
+        checkpoint = trial.checkpoint
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                summary = Path(d) / "summary.json"
+                if summary.is_file():
+                    data = json.loads(summary.read_text())
+                    status, error = data["status"], data["error"]
+                    tracker.log_artifacts([p for p in Path(d).iterdir() if p.name != "summary.json"])
+        if status == "KILLED":
+            status = "FAILED"
+        tracker.finish(status, error)
+        record_status(self.sweep_dir, key, status, error)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        key = trial.config["key"]
+        error = first_error_line(trial)
+        self.child(key).finish("FAILED", error)
+        record_status(self.sweep_dir, key, "FAILED", error)
+
+    def on_experiment_end(self, trials, **info):
+        for t in trials:  # stopped by Ctrl-C or a driver shutdown: never leave a child RUNNING
+            if t.status not in ("TERMINATED", "ERROR") and t.config["key"] in self._children:
+                self._children[t.config["key"]].finish("KILLED", "sweep interrupted")
+
+
+def first_error_line(trial) -> str:
+    """The last line of the trial's error file (the exception itself), or a generic message."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        text = ""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "trial failed")[:500]
+
+
+def record_status(sweep_dir: str, key: str, status: str, error: str | None) -> None:
+    """A small file next to Tune's state: what each trial ended as, in our words (FINISHED,
+    DIVERGED, FAILED), for the report and for resumed runs."""
+    path = Path(sweep_dir) / STATUS_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = {"status": status, "error": error}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+class SweepProgress(tune.Callback):
+    """A compact live view that reads well in a terminal and in CI logs: one line every
+    `every_s` seconds and one per finished trial."""
+
+    def __init__(self, name: str, metric: str, mode: str, n_trials: int, every_s: float = 15.0):
+        self.name, self.metric, self.mode, self.n_trials, self.every_s = name, metric, mode, n_trials, every_s
+        self._reset()
+
+    def _reset(self):
+        self.start = time.time()
+        self.last = 0.0
+        self.best = None
+        self.durations = []
+        self.ended = {}  # trial key -> "done" | "failed" (Tune's own status lags the callbacks)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(start=0.0, last=0.0, best=None, durations=[], ended={})
+        return state
+
+    def setup(self, **info):
+        self._reset()
+        print(f"[sweep {self.name}] {self.n_trials} trials; progress every {self.every_s:.0f}s", flush=True)
+
+    def _consider(self, trial, result):
+        value = result.get(self.metric) if result else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
+            if better:
+                self.best = (value, trial.config["key"])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        self._consider(trial, result)
+        self.durations.append(result.get("time_total_s", 0.0))
+        self.ended[trial.config["key"]] = "done"
+        status = result.get("smet_status", "FINISHED")
+        value = result.get(self.metric)
+        shown = f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else "no metric"
+        print(f"[sweep {self.name}] done {trial.config['key']}: {status}, {shown}", flush=True)
+        self.line(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.config["key"]] = "failed"
+        print(f"[sweep {self.name}] FAILED {trial.config['key']}: {first_error_line(trial)}", flush=True)
+        self.line(trials, force=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        self.line(trials)
+
+    def line(self, trials, force: bool = False):
+        now = time.time()
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        ended = dict(self.ended)
+        for t in trials:  # trials that ended in an earlier (interrupted) session of this sweep
+            if t.config["key"] not in ended and t.status in ("TERMINATED", "ERROR"):
+                ended[t.config["key"]] = "done" if t.status == "TERMINATED" else "failed"
+        done = sum(v == "done" for v in ended.values())
+        failed = len(ended) - done
+        running = sum(t.status == "RUNNING" and t.config["key"] not in ended for t in trials)
+        left = self.n_trials - len(ended)
+        eta = ""
+        if self.durations and left:
+            per = sum(self.durations) / len(self.durations)
+            eta = f", ETA ~{per * left / max(1, running) / 60:.1f} min"
+        best = f", best {self.metric}={self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+        print(f"[sweep {self.name}] {done}/{self.n_trials} done, {running} running, {failed} failed, "
+              f"{now - self.start:.0f}s{eta}{best}", flush=True)

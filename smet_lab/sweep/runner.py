@@ -1,0 +1,184 @@
+"""`python -m smet_lab +sweep=NAME`: the grid of trials on Ray Tune, tracked in MLflow, resumable.
+
+Storage: `sweeps/<name>/` (or `ray.storage`/`sweep.storage`) holds Tune's experiment state and
+trial checkpoints; running the same command again restores it (finished trials are not re-run,
+MLflow runs are reused), `sweep.resume=false` starts fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from smet_lab.config import ConfigError
+from smet_lab.sweep.grid import SweepConfig, Trial, expand, trial_configs
+
+EXIT_TRIAL_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def sweep_config(cfg: DictConfig | dict) -> SweepConfig:
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepConfig), data["sweep"]))
+
+
+def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial], dict]:
+    """The sweep, its trials and each trial's full config; ConfigError on any bad value (every trial
+    is checked before anything starts)."""
+    from smet_lab.config import run_config_from
+    from smet_lab.train import check_config
+
+    sweep = sweep_config(cfg)
+    trials = expand(sweep)
+    configs = trial_configs(trials, compose_for_method)
+    for trial in trials:
+        try:
+            check_config(run_config_from(configs[trial.key]))
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.value, f"{exc.allowed} (in trial {trial.key})") from None
+    return sweep, trials, configs
+
+
+def storage_root(cfg: DictConfig, sweep: SweepConfig) -> Path:
+    return Path(cfg.ray.storage or sweep.storage or "sweeps").expanduser().resolve()
+
+
+def ray_temp_dir(sweep_dir: Path) -> str:
+    """Ray's session files; inside the sweep folder unless that path is too long for Ray's unix
+    sockets (~107 bytes with Ray's own suffixes), then under the system temp dir."""
+    candidate = sweep_dir / ".ray"
+    if len(str(candidate)) <= 40:
+        candidate.mkdir(parents=True, exist_ok=True)
+        return str(candidate)
+    return tempfile.mkdtemp(prefix="smetray_")
+
+
+def init_ray(cfg: DictConfig, sweep_dir: Path) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
+    # Save Tune's experiment state at least every second (default: adaptive, ~10 s or more), so a
+    # driver killed right after a trial ended does not run that trial's tail again on resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    if cfg.ray.address == "local":
+        num_cpus = cfg.ray.num_cpus or os.cpu_count()
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=0 if not cfg.ray.gpus_per_trial else None,
+                 include_dashboard=False, _temp_dir=ray_temp_dir(sweep_dir), log_to_driver=False,
+                 configure_logging=True, logging_level="ERROR")
+    else:  # an existing cluster: it owns its resources
+        ray.init(address=cfg.ray.address, log_to_driver=False, logging_level="ERROR")
+
+
+def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int:
+    """Run (or resume) the sweep; returns the exit code (0 ok, 1 a trial failed, 130 interrupted)."""
+    import ray
+    from ray import tune
+
+    from smet_lab.sweep.callbacks import STATUS_FILE, MlflowSweepLogger, SweepProgress
+    from smet_lab.sweep.trainable import run_trial
+    from smet_lab.tracking import TrackingConfig
+
+    sweep, trials, configs = plan(cfg, compose_for_method)
+    root = storage_root(cfg, sweep)
+    sweep_dir = root / sweep.name
+    if not sweep.resume and sweep_dir.exists():
+        shutil.rmtree(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
+    print(f"[sweep {sweep.name}] {len(trials)} trials -> {sweep_dir}", flush=True)
+
+    init_ray(cfg, sweep_dir)
+    try:
+        cpus = cfg.ray.cpus_per_trial
+        trainable = tune.with_resources(tune.with_parameters(run_trial, cpus=cpus),
+                                        {"cpu": cpus, "gpu": cfg.ray.gpus_per_trial})
+        exp_dir = str(sweep_dir / "tune")
+        if sweep.resume and tune.Tuner.can_restore(exp_dir):
+            print(f"[sweep {sweep.name}] resuming from {exp_dir}", flush=True)
+            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            scheduler = None
+            if sweep.scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
+
+                scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.asha_grace_steps,
+                                          max_t=max(c["train"]["max_steps"] for c in configs.values()))
+            parent_params = {"sweep": OmegaConf.to_container(cfg.sweep, resolve=True), "n_trials": len(trials)}
+            callbacks = [MlflowSweepLogger(tracking, sweep.name, str(sweep_dir), configs, parent_params) if tracking.enabled
+                         else None, SweepProgress(sweep.name, sweep.metric, sweep.mode, len(trials))]
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"key": tune.grid_search([t.key for t in trials]),
+                             "cfg": tune.sample_from(lambda spec: configs[spec.config["key"]])},
+                # FIFO by default: ASHA would stop spiking-but-recovering trials and bias the results.
+                tune_config=tune.TuneConfig(scheduler=scheduler, metric="train/loss" if scheduler else None,
+                                            mode="min" if scheduler else None,
+                                            max_concurrent_trials=cfg.ray.max_concurrent or None),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=str(sweep_dir), verbose=0,
+                    callbacks=[c for c in callbacks if c is not None],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        grid = tuner.fit()
+    finally:
+        ray.shutdown()
+
+    statuses = json.loads((sweep_dir / STATUS_FILE).read_text()) if (sweep_dir / STATUS_FILE).is_file() else {}
+    unfinished = [r for r in grid if r.metrics is None or not r.metrics.get("final")] if grid else []
+    failed = [k for k, v in statuses.items() if v["status"] == "FAILED"]
+    interrupted = len(statuses) < len(trials) and len(unfinished) > len(failed)
+    write_trial_table(sweep_dir, trials, statuses, grid, sweep.metric)
+    finish_parent(tracking, sweep, sweep_dir, interrupted, failed)
+    print(f"[sweep {sweep.name}] {len(statuses)}/{len(trials)} trials ended "
+          f"({sum(v['status'] == 'FINISHED' for v in statuses.values())} finished, "
+          f"{sum(v['status'] == 'DIVERGED' for v in statuses.values())} diverged, {len(failed)} failed); "
+          f"results in {sweep_dir}", flush=True)
+    if interrupted:
+        print(f"[sweep {sweep.name}] interrupted: run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_TRIAL_FAILED if failed else 0
+
+
+def write_trial_table(sweep_dir: Path, trials: list[Trial], statuses: dict, grid, metric: str) -> Path:
+    import pandas as pd
+
+    last = {}
+    for result in grid or []:
+        if result.metrics and "trial_key" in result.metrics:
+            last[result.metrics["trial_key"]] = result.metrics
+    rows = []
+    for t in trials:
+        m = last.get(t.key, {})
+        rows.append({"trial": t.key, **{k: v for k, v in t.values.items()},
+                     "status": statuses.get(t.key, {}).get("status", "UNFINISHED"),
+                     metric: m.get(metric), "summary/mean_probe_jump": m.get("summary/mean_probe_jump"),
+                     "summary/final_val_loss": m.get("summary/final_val_loss")})
+    frame = pd.DataFrame(rows)
+    path = sweep_dir / "trials.csv"
+    frame.to_csv(path, index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(frame.drop(columns=["trial"]).to_string(index=False), flush=True)
+    return path
+
+
+def finish_parent(tracking, sweep: SweepConfig, sweep_dir: Path, interrupted: bool, failed: list) -> None:
+    from smet_lab.tracking import find_or_start_run
+
+    if not tracking.enabled:
+        return
+    parent = find_or_start_run(tracking, run_name=f"sweep:{sweep.name}", params={},
+                               tags={"smet.kind": "sweep", "smet.sweep": sweep.name},
+                               match={"smet.sweep_dir": str(sweep_dir)})
+    parent.log_artifacts([sweep_dir / "trials.csv"])
+    status = "KILLED" if interrupted else "FINISHED"
+    parent.finish(status, f"{len(failed)} trial(s) failed" if failed else None)

@@ -1,0 +1,74 @@
+"""The function Ray Tune runs for one trial (in a Ray worker process).
+
+It reports metrics with `ray.tune.report` and checkpoints with `ray.tune.Checkpoint`; it never
+writes to MLflow (SQLite takes one writer: the driver logs what trials report). Its last report
+carries a checkpoint holding the run's artifacts (config.yaml, metrics.parquet, loss_curve.png).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Fault injection for tests and drills: trials whose key contains this string raise at step 5.
+INJECT_ENV = "SMET_LAB_INJECT_FAILURE"
+INJECT_AT_STEP = 5
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+def run_trial(config: dict, cpus: int = 1) -> None:
+    import torch
+    from ray import tune
+
+    from smet_lab.config import run_config_from
+    from smet_lab.tracking import write_run_artifacts
+    from smet_lab.train import train
+
+    torch.set_num_threads(max(1, int(cpus)))  # a trial gets its CPUs' worth of threads, no more
+    key, cfg_dict = config["key"], config["cfg"]
+    run_cfg = run_config_from(cfg_dict)
+    if run_cfg.train.checkpoint_every == 0:  # sweeps always checkpoint, so an interrupted trial resumes
+        run_cfg.train.checkpoint_every = max(1, run_cfg.train.max_steps // 5)
+    work = Path(tempfile.mkdtemp(prefix="smet_trial_"))
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        local = restored.to_directory(str(work / "restored"))
+        run_cfg.train.resume_from = local
+
+    def log(metrics: dict, step: int) -> None:
+        # Several log calls can concern one step; each becomes one tune.report (a training iteration).
+        tune.report({**metrics, "step": step, "trial_key": key})
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        tune.report({"step": step, "trial_key": key, "checkpoint_step": step},
+                    checkpoint=tune.Checkpoint.from_directory(str(path)))
+
+    inject = os.environ.get(INJECT_ENV)
+    should_stop = None
+    if inject and inject in key:
+        polls = [0]
+
+        def should_stop():  # polled once per step: fail like a crashing trial would, mid-run
+            polls[0] += 1
+            if polls[0] >= INJECT_AT_STEP:
+                raise InjectedFailure(f"injected failure ({INJECT_ENV}={inject})")
+            return False
+    try:
+        result = train(run_cfg, output_dir=work / "run", log=log, progress=None,
+                       on_checkpoint=on_checkpoint, should_stop=should_stop)
+        artifacts = work / "artifacts"
+        artifacts.mkdir()
+        write_run_artifacts(result.history, cfg_dict, artifacts, title=key)
+        (artifacts / "summary.json").write_text(json.dumps(
+            {"status": result.status, "error": result.error, "summary": result.summary}, default=float))
+        tune.report({**result.summary, "step": int(result.summary.get("summary/steps", 0)), "trial_key": key,
+                     "smet_status": result.status, "smet_error": result.error or "", "final": 1},
+                    checkpoint=tune.Checkpoint.from_directory(str(artifacts)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

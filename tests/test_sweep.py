@@ -1,0 +1,168 @@
+"""Ray Tune sweeps: grids, precedence, end-to-end MLflow layout, failing trials, interrupt + resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from smet_lab.cli import compose, method_composer
+from smet_lab.config import ConfigError
+from smet_lab.sweep.grid import expand, trial_configs
+from smet_lab.sweep.runner import plan, sweep_config
+
+EXPECTED_TRIALS = {"density": 7, "warmup": 8, "lr_scaling": 9, "update_every": 8, "ablation": 6, "smoke": 2}
+
+
+@pytest.mark.parametrize("name,count", EXPECTED_TRIALS.items())
+def test_every_sweep_composes_and_expands(name, count):
+    overrides = [f"+sweep={name}"]
+    cfg = compose(overrides)
+    sweep, trials, configs = plan(cfg, method_composer(overrides))
+    assert sweep.name == name and len(trials) == count == len(configs)
+    assert len({t.key for t in trials}) == count
+    three = plan(compose([*overrides, "sweep.seeds=[0,1,2]"]), method_composer([*overrides, "sweep.seeds=[0,1,2]"]))[1]
+    assert len(three) == 3 * count
+    assert sorted({t.values["train.seed"] for t in three}) == [0, 1, 2]
+
+
+def test_density_sweep_grid_and_dense_reference():
+    overrides = ["+sweep=density"]
+    _, trials, configs = plan(compose(overrides), method_composer(overrides))
+    cells = sorted((c["method"], c["sparsity"]["density"]) for c in configs.values())
+    assert cells == sorted([(m, d) for m in ("naive_dst", "smet") for d in (0.1, 0.25, 0.5)] + [("dense", 1.0)])
+    smet = next(c for c in configs.values() if c["method"] == "smet")
+    naive = next(c for c in configs.values() if c["method"] == "naive_dst")
+    assert smet["optim"]["regrow"]["reset_step"] is True and smet["optim"]["lr_scaling"]["rule"] == "inverse"
+    assert naive["optim"]["regrow"]["reset_step"] is False and naive["optim"]["regrow"]["warmup_steps"] == 0
+
+
+def test_precedence_preset_then_sweep_file_then_command_line():
+    # smoke.yaml sets train.max_steps=60, which wins over the default; each trial keeps its preset ...
+    overrides = ["+sweep=smoke"]
+    configs = plan(compose(overrides), method_composer(overrides))[2]
+    assert configs["method=smet,seed=0"]["optim"]["regrow"]["warmup_steps"] == 100
+    assert configs["method=naive_dst,seed=0"]["optim"]["regrow"]["warmup_steps"] == 0
+    assert configs["method=smet,seed=0"]["train"]["max_steps"] == 60
+    # ... and the command line wins over both; grid values win over everything.
+    overrides = ["+sweep=smoke", "optim.regrow.warmup_steps=7", "+sweep.params.optim.lr=[0.002]"]
+    configs = plan(compose(overrides), method_composer(overrides))[2]
+    smet = configs["method=smet,optim.lr=0.002,seed=0"]
+    assert smet["optim"]["regrow"]["warmup_steps"] == 7 and smet["optim"]["lr"] == 0.002
+
+
+def test_bad_grid_values_are_caught_before_anything_runs():
+    overrides = ["+sweep=density", "sweep.params.sparsity.density=[0.5,1.5]"]
+    with pytest.raises(ConfigError, match=r"sparsity.density.*in trial"):
+        plan(compose(overrides), method_composer(overrides))
+    sweep = sweep_config(compose(["+sweep=smoke", "sweep.seeds=[]"]))
+    with pytest.raises(ConfigError, match="sweep.seeds"):
+        expand(sweep)
+    with pytest.raises(ConfigError, match="unknown key"):
+        trial_configs(expand(sweep_config(compose(["+sweep=smoke", "+sweep.params.optim.lrr=[1]"]))),
+                      method_composer(["+sweep=smoke"]))
+
+
+# ------------------------------------------------------------------------------- end to end
+SMOKE = ["+sweep=smoke", "train.max_steps=40"]
+
+
+def run_cli(args, cwd, env_extra=None, timeout=400):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "smet_lab", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def runs_of(db: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exps = client.search_experiments()
+    return client, [r for e in exps for r in client.search_runs([e.experiment_id])]
+
+
+def common(tmp):
+    return [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"ray.storage={tmp}/sw", f"hydra.run.dir={tmp}/out"]
+
+
+def test_smoke_sweep_parent_and_children_in_mlflow(tmp_path):
+    proc = run_cli([*SMOKE, *common(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[sweep smoke] 2/2 done" in proc.stdout
+    client, runs = runs_of(tmp_path / "mlflow.db")
+    parents = [r for r in runs if r.data.tags.get("smet.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("smet.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["smet.sweep"] == "smoke"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(c.data.tags["smet.method"] for c in children) == ["naive_dst", "smet"]
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert c.data.params["train.max_steps"] == "40"
+        losses = client.get_metric_history(c.info.run_id, "train/loss")
+        assert [m.step for m in losses] == list(range(5, 41, 5))
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "stability/probe_jump")] == [10, 20, 30]
+        assert "summary/final_val_loss" in c.data.metrics and "summary/memory/state_bytes" in c.data.metrics
+        assert {"config.yaml", "metrics.parquet", "loss_curve.png"} <= {a.path for a in client.list_artifacts(c.info.run_id)}
+    assert "trials.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv")))
+    assert sorted(r["status"] for r in rows) == ["FINISHED", "FINISHED"]
+    by_method = {c.data.tags["smet.method"]: c.data.metrics["summary/final_val_loss"] for c in children}
+    for r in rows:
+        assert float(r["summary/final_val_loss"]) == pytest.approx(by_method[r["method"]])
+
+
+def test_a_failing_trial_does_not_take_the_others(tmp_path):
+    proc = run_cli([*SMOKE, *common(tmp_path)], cwd=tmp_path, env_extra={"SMET_LAB_INJECT_FAILURE": "naive_dst"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "FAILED method=naive_dst" in proc.stdout and "1 failed" in proc.stdout
+    _, runs = runs_of(tmp_path / "mlflow.db")
+    children = {r.data.tags["smet.method"]: r for r in runs if r.data.tags.get("smet.kind") == "trial"}
+    assert children["naive_dst"].info.status == "FAILED"
+    assert "injected failure" in children["naive_dst"].data.tags["smet.error"]
+    assert children["smet"].info.status == "FINISHED"
+    rows = {r["method"]: r["status"] for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
+    assert rows == {"naive_dst": "FAILED", "smet": "FINISHED"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_driver_resumes_to_exactly_the_grid(tmp_path, sig):
+    args = ["+sweep=smoke", "train.max_steps=200", "train.checkpoint_every=50", *common(tmp_path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "smet_lab", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    deadline, seen = time.time() + 300, ""
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if "done method=naive_dst" in line or not line:
+            break
+    assert "done method=naive_dst" in seen, seen[-3000:]
+    time.sleep(2)  # the second trial is running now
+    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        _, runs = runs_of(tmp_path / "mlflow.db")
+        assert "RUNNING" not in {r.info.status for r in runs}  # children and parent KILLED, not RUNNING
+    client, first = runs_of(tmp_path / "mlflow.db")
+    naive_run = next(r for r in first if r.data.tags.get("smet.method") == "naive_dst")
+    naive_points = len(client.get_metric_history(naive_run.info.run_id, "train/loss"))
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from" in again.stdout
+    client, runs = runs_of(tmp_path / "mlflow.db")
+    assert len(runs) == 3  # one parent + the grid's 2 children: nothing duplicated
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    # The finished trial was not re-run: its history has exactly the points it had.
+    assert len(client.get_metric_history(naive_run.info.run_id, "train/loss")) == naive_points
+    smet = next(r for r in runs if r.data.tags.get("smet.method") == "smet")
+    assert smet.data.metrics["summary/steps"] == 200
