@@ -1,4 +1,4 @@
-"""Spike metrics (smet_lab.report.spikes) on synthetic losses with known injected spikes, and the trainer hook."""
+"""Spike metrics (smet_lab.spikes, re-exported by smet_lab.report) on synthetic losses with known injected spikes, and the trainer hook."""
 
 from __future__ import annotations
 

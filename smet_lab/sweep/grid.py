@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from smet_lab.config import ConfigError
-from smet_lab.optim import METHODS
+from smet_lab.methods import METHODS
 
 
 @dataclass

@@ -18,9 +18,10 @@ import torch
 from smet_lab.config import ConfigError, RunConfig
 from smet_lab.data import Corpus, TokenBatcher, check_data, load_corpus
 from smet_lab.model import LLaMA, validate_model
-from smet_lab.optim import METHODS, SMETAdam
+from smet_lab.methods import METHODS
+from smet_lab.optim import SMETAdam
 from smet_lab.optim.smet_adam import validate_optimizer
-from smet_lab.report.spikes import run_spike_summary
+from smet_lab.spikes import run_spike_summary
 from smet_lab.sparse import DynamicSparsity, SparseTopology
 from smet_lab.sparse.topology import validate_sparsity
 from smet_lab.sparse.updater import validate_dynamic
@@ -339,7 +340,7 @@ def train(
 
 
 def summarize(run: Run) -> dict:
-    """Run-level numbers from the history, spike metrics included (defined in smet_lab.report.spikes)."""
+    """Run-level numbers from the history, spike metrics included (defined in smet_lab.spikes)."""
     hist = run.history
     jumps = [r["stability/probe_jump"] for r in hist if "stability/probe_jump" in r]
     ratios = [r["stability/regrow_update_ratio"] for r in hist if "stability/regrow_update_ratio" in r]
