@@ -157,6 +157,7 @@ BAD_INPUTS = [
     (["train.maxsteps=5"], "train.maxsteps"),
     (["data=text_files"], "data.path"),
     (["data=text_files", "data.path=/nonexistent/*.jsonl"], "data.path"),
+    (["data=text_files", "data.path="], "data.path"),
     (["data.tokenizer=hf:t5-base"], "data.tokenizer"),
     (["train.resume_from=/nonexistent/step_5"], "train.resume_from"),
     (["method=dense", "sparsity.density=0.5"], "sparsity.density"),
