@@ -78,9 +78,8 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
             return (f"{key}={value} is not allowed: not an axis of this sweep; add an axis with "
                     f"+{key}=[...] (the key must be a config key, e.g. +sweep.params.optim.lr=[0.001,0.002])")
         section = key.rsplit(".", 1)[0] if "." in key else None
-        known = _known_keys(section)
-        where = f"{section}." if section else ""
-        return f"{key}={value} is not allowed: unknown key; known keys of {where or 'the config'}: {', '.join(known)}"
+        known = ", ".join(_known_keys(section)) or "none"
+        return f"{key}={value} is not allowed: unknown key; known keys of {section or 'the config'}: {known}"
     typed = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
     full_key = re.search(r"full_key: ([\w.]+)", text)
     if typed and full_key:
