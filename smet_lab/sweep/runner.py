@@ -138,6 +138,7 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
     failed = [k for k, v in statuses.items() if v["status"] == "FAILED"]
     interrupted = len(statuses) < len(trials) and len(unfinished) > len(failed)
     write_trial_table(sweep_dir, trials, statuses, grid, sweep.metric)
+    write_report(tracking, sweep, sweep_dir, interrupted)
     finish_parent(tracking, sweep, sweep_dir, interrupted, failed)
     print(f"[sweep {sweep.name}] {len(statuses)}/{len(trials)} trials ended "
           f"({sum(v['status'] == 'FINISHED' for v in statuses.values())} finished, "
@@ -171,6 +172,21 @@ def write_trial_table(sweep_dir: Path, trials: list[Trial], statuses: dict, grid
     return path
 
 
+def write_report(tracking, sweep: SweepConfig, sweep_dir: Path, interrupted: bool) -> None:
+    """The stability report into <sweep_dir>/report/, logged as the parent run's artifact report/.
+    Never fails the sweep: any error (or a second Ctrl-C while it is built) is one warning line."""
+    if not tracking.enabled:
+        return
+    try:
+        from smet_lab.report import report_for_sweep_dir
+
+        out = report_for_sweep_dir(tracking.uri, tracking.experiment, sweep_dir,
+                                   status="KILLED" if interrupted else "FINISHED")
+        print(f"[sweep {sweep.name}] report: {out / 'report.html'}", flush=True)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - never cost the sweep its exit code or parent
+        print(f"[sweep {sweep.name}] warning: no report ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+
+
 def finish_parent(tracking, sweep: SweepConfig, sweep_dir: Path, interrupted: bool, failed: list) -> None:
     from smet_lab.tracking import find_or_start_run
 
@@ -178,7 +194,7 @@ def finish_parent(tracking, sweep: SweepConfig, sweep_dir: Path, interrupted: bo
         return
     parent = find_or_start_run(tracking, run_name=f"sweep:{sweep.name}", params={},
                                tags={"smet.kind": "sweep", "smet.sweep": sweep.name},
-                               match={"smet.sweep_dir": str(sweep_dir)})
+                               match={"smet.sweep_dir": str(sweep_dir)}, mark_resumed=False)
     parent.log_artifacts([sweep_dir / "trials.csv"])
     status = "KILLED" if interrupted else "FINISHED"
     parent.finish(status, f"{len(failed)} trial(s) failed" if failed else None)

@@ -156,7 +156,8 @@ def start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: dict[str, 
 
 
 def find_or_start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: dict[str, str],
-                      match: dict[str, str], parent_run_id: str | None = None) -> NullTracker:
+                      match: dict[str, str], parent_run_id: str | None = None,
+                      mark_resumed: bool = True) -> NullTracker:
     """Reuse the newest run of the experiment whose tags equal `match` (a resumed sweep must not
     duplicate its runs): it is set RUNNING again. Otherwise start a new run carrying those tags."""
     if not cfg.enabled:
@@ -174,6 +175,7 @@ def find_or_start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: di
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "smet.resumed", "true")
+        if mark_resumed:
+            client.set_tag(run_id, "smet.resumed", "true")
         return Tracker(client, run_id)
     return start_run(cfg, run_name, params, {**tags, **match}, parent_run_id)

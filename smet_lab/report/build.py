@@ -1,0 +1,183 @@
+"""The stability report of a sweep: report.md, a self-contained report.html (plots inlined as base64
+PNG), the tables as .md/.csv/.tex and the plots as .png, in one folder.
+
+build_report(info, runs, out_dir) is pure apart from writing that folder (no MLflow); report_for_target
+and report_for_sweep_dir read MLflow (smet_lab.report.io), build, and log the folder as the parent
+run's artifact `report/`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from smet_lab.report.data import SEED, SweepInfo, fmt_value, with_missing
+from smet_lab.report.plots import png_bytes, report_figures
+from smet_lab.report.tables import (FLAG, cell_stats, headline, partial_note, pivot_numbers, pivot_table, to_html,
+                                    to_latex, to_markdown, trial_notes, trial_numbers, trial_table)
+
+OUTPUTS = ("report.md", "report.html", "trials.csv", "trials.md", "trials.tex", "pivot.csv", "pivot.md", "pivot.tex")
+FIGURE_FILES = ("loss_curves.png", "update_zoom.png", "probe_jump_vs_warmup.png", "probe_jump_vs_update_every.png",
+                "val_ppl_vs_density.png", "memory_vs_density.png")
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
+       padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+.headline { font-size: 1.1em; background: #eef6ee; border-left: 4px solid #2a7a2a; padding: .6em 1em; }
+.partial { background: #fff4e0; border-left: 4px solid #d08000; padding: .6em 1em; font-weight: bold; }
+.meta { color: #555; font-size: .9em; }
+table { border-collapse: collapse; font-size: .85em; margin: .5em 0; }
+.scroll { overflow-x: auto; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; white-space: normal; vertical-align: bottom; } td:first-child, th:first-child { text-align: left; }
+tr.diverged td { background: #fde8e8; } tr.failed td { background: #f8d7da; }
+tr.missing td, tr.running td, tr.killed td { background: #f0f0f0; color: #777; } tr.flagged td { background: #fff8e0; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .9em; }
+"""
+
+
+def report_keys(info: SweepInfo, runs: pd.DataFrame) -> list:
+    keys = [k for k in info.swept if k != SEED]
+    if not keys and "method" in runs:
+        keys = ["method"]
+    return keys
+
+
+def default_out_dir(info: SweepInfo) -> Path:
+    """<sweep_dir>/report when the sweep's folder is on this machine, else reports/<name>/."""
+    if info.sweep_dir and Path(info.sweep_dir).is_dir():
+        return Path(info.sweep_dir) / "report"
+    return Path("reports") / re.sub(r"[^\w.-]+", "_", info.name)
+
+
+def build_report(info: SweepInfo, runs: pd.DataFrame, out_dir, now: dt.datetime | None = None) -> Path:
+    """Write the report of `runs` (a runs DataFrame, smet_lab.report.data) into out_dir; returns it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*OUTPUTS, *FIGURE_FILES):  # a rebuilt report must not keep a stale plot
+        (out / name).unlink(missing_ok=True)
+    runs = with_missing(runs, info)
+    keys = report_keys(info, runs)
+    stats = cell_stats(runs, keys, seeds_asked=info.seeds_asked)
+    asked = int(stats["asked"].max()) if len(stats) else (info.seeds_asked or 1)
+    sections = {
+        "headline": headline(stats, keys, runs),
+        "partial": partial_note(info, runs),
+        "trials": trial_table(runs, keys),
+        "trial_classes": [str(s).lower() for s in trial_numbers(runs, keys)["status"]],
+        "notes": trial_notes(runs, keys),
+        "pivot": pivot_table(stats, keys),
+        "pivot_classes": ["flagged" if f else "" for f in stats["flagged"]] if len(stats) else [],
+        "pivot_note": (f"Mean ± std (ddof=1) over the FINISHED runs of each cell; diverged, failed and unfinished "
+                       f"runs are never averaged in (column 'not averaged'; they are listed in the trial table). "
+                       f"{FLAG} marks a cell with fewer finished seeds than the {asked} asked for."),
+        "meta": _meta(info, runs, now),
+    }
+    trial_numbers(runs, keys).to_csv(out / "trials.csv", index=False)
+    (out / "trials.md").write_text(to_markdown(sections["trials"]))
+    (out / "trials.tex").write_text(to_latex(sections["trials"], caption=f"Sweep {info.name}: trials",
+                                             label="tab:" + re.sub(r"[^\w]+", "-", info.name) + "-trials"))
+    pivot_numbers(stats, keys).to_csv(out / "pivot.csv", index=False)
+    (out / "pivot.md").write_text(to_markdown(sections["pivot"]) + "\n" + sections["pivot_note"] + "\n")
+    label = "tab:" + re.sub(r"[^\w]+", "-", info.name) + "-pivot"
+    (out / "pivot.tex").write_text(to_latex(sections["pivot"], caption=f"Sweep {info.name}: mean ± std over seeds",
+                                            label=label, notes=[sections["pivot_note"]]))
+    figures = []
+    for name, caption, fig in report_figures(runs, info):
+        data = png_bytes(fig)
+        (out / name).write_bytes(data)
+        figures.append((name, caption, data))
+    (out / "report.md").write_text(render_markdown(info, sections, figures))
+    (out / "report.html").write_text(render_html(info, sections, figures))
+    return out
+
+
+def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    ended = int(runs["status"].isin(["FINISHED", "DIVERGED", "FAILED"]).sum()) if len(runs) else 0
+    total = max(info.n_trials or 0, len(runs))
+    items = [("sweep", info.name), ("experiment", info.experiment or "—"),
+             ("parent run", info.parent_run_id or "— (runs of an experiment without a sweep parent)"),
+             ("parent status", info.status or "—"), ("trials ended", f"{ended}/{total}"),
+             ("seeds asked", " ".join(fmt_value(s) for s in info.seeds) if info.seeds else "—"),
+             ("swept keys", ", ".join(info.swept) or "—"), ("sweep metric", f"{info.metric} ({info.mode})"),
+             ("tracking URI", info.uri or "—"), ("sweep folder", info.sweep_dir or "—"),
+             ("generated", now.strftime("%Y-%m-%d %H:%M:%S %Z"))]
+    return items
+
+
+def render_markdown(info: SweepInfo, s: dict, figures) -> str:
+    lines = [f"# Stability report: sweep `{info.name}`", ""]
+    if s["partial"]:
+        lines += [f"> **{s['partial']}**", ""]
+    lines += [f"**{s['headline']}**", ""]
+    lines += [f"- {k}: {v}" for k, v in s["meta"]] + [""]
+    lines += ["## Trials", "", to_markdown(s["trials"])]
+    if s["notes"]:
+        lines += ["Not finished:", ""] + [f"- {n}" for n in s["notes"]] + [""]
+    lines += ["## Mean ± std over seeds", "", to_markdown(s["pivot"]), s["pivot_note"], ""]
+    lines += ["## Plots", ""]
+    if not figures:
+        lines += ["No plot: no run has a history yet.", ""]
+    for name, caption, _ in figures:
+        lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    lines += ["Files: report.html (this report, self-contained), trials.csv/.md/.tex, pivot.csv/.md/.tex, "
+              + ", ".join(n for n, _, _ in figures) + ".", ""]
+    return "\n".join(lines)
+
+
+def render_html(info: SweepInfo, s: dict, figures) -> str:
+    e = html.escape
+    parts = ["<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+             f"<title>Stability report: {e(info.name)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
+             f"<h1>Stability report: sweep <code>{e(info.name)}</code></h1>"]
+    if s["partial"]:
+        parts.append(f'<p class="partial">{e(s["partial"])}</p>')
+    parts.append(f'<p class="headline">{e(s["headline"])}</p>')
+    parts.append('<ul class="meta">' + "".join(f"<li>{e(k)}: {e(str(v))}</li>" for k, v in s["meta"]) + "</ul>")
+    parts += ["<h2>Trials</h2>", f'<div class="scroll">{to_html(s["trials"], s["trial_classes"])}</div>']
+    if s["notes"]:
+        parts.append("<p>Not finished:</p><ul>" + "".join(f"<li>{e(n)}</li>" for n in s["notes"]) + "</ul>")
+    parts += ["<h2>Mean ± std over seeds</h2>", f'<div class="scroll">{to_html(s["pivot"], s["pivot_classes"])}</div>',
+              f'<p class="meta">{e(s["pivot_note"])}</p>', "<h2>Plots</h2>"]
+    if not figures:
+        parts.append("<p>No plot: no run has a history yet.</p>")
+    for name, caption, data in figures:
+        b64 = base64.b64encode(data).decode("ascii")
+        parts.append(f'<figure><img src="data:image/png;base64,{b64}" alt="{e(caption)}">'
+                     f"<figcaption>{e(caption)} ({e(name)})</figcaption></figure>")
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------- with MLflow
+def report_for_target(uri: str, target: str, out_dir=None, log: bool = True) -> tuple[SweepInfo, Path]:
+    """Read `target` (sweep name, experiment or parent run id) from MLflow, build its report (default
+    folder: default_out_dir) and log it to the parent run as `report/`."""
+    from smet_lab.report.io import load_sweep_runs, log_report
+
+    info, runs = load_sweep_runs(uri, target)
+    out = build_report(info, runs, Path(out_dir) if out_dir else default_out_dir(info))
+    if log and info.parent_run_id:
+        log_report(info.uri, info.parent_run_id, out)
+    return info, out
+
+
+def report_for_sweep_dir(uri: str, experiment: str, sweep_dir, status: str | None = None, log: bool = True) -> Path:
+    """The sweep runner's hook: the report of the sweep stored in sweep_dir into <sweep_dir>/report/,
+    logged to its parent run. `status` stands for the parent's status, which the runner is about to set."""
+    from smet_lab.report.io import load_sweep_dir, log_report
+
+    info, runs = load_sweep_dir(uri, experiment, str(sweep_dir))
+    if status:
+        info.status = status
+    out = build_report(info, runs, Path(sweep_dir) / "report")
+    if log and info.parent_run_id:
+        log_report(info.uri, info.parent_run_id, out)
+    return out

@@ -1,0 +1,223 @@
+"""What a report is built from: SweepInfo (what the sweep asked for) and the runs DataFrame.
+
+Pure pandas: no MLflow here (smet_lab.report.io reads MLflow into these), so every table and plot can
+be built and tested from a hand-made frame.
+
+The runs DataFrame has one row per trial run, with columns
+- `run_id`, `trial` (the trial key, e.g. "method=smet,sparsity.density=0.25,seed=0"), `status`
+  (FINISHED | DIVERGED | FAILED | KILLED | RUNNING | MISSING), `error`;
+- every config param under its dotted name, values parsed to int/float/bool where they look like one
+  (`method`, `sparsity.density`, `train.seed`, ...);
+- the run-level metrics under their MLflow keys (`summary/final_val_ppl`, ... see METRICS);
+- `history`: the run's per-step history (metrics.parquet) as a DataFrame, or None.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+SEED = "train.seed"
+FINISHED, DIVERGED, FAILED, KILLED, RUNNING, MISSING = "FINISHED", "DIVERGED", "FAILED", "KILLED", "RUNNING", "MISSING"
+ENDED = (FINISHED, DIVERGED, FAILED)  # a trial in one of these has nothing left to run
+EXCLUDED = (DIVERGED, FAILED)  # ended without a usable result: listed, never averaged in
+BASE_COLUMNS = ["run_id", "trial", "status", "error", "history"]
+
+# Run-level metrics shown in the tables: MLflow key -> (label, format of one value).
+METRICS: dict[str, tuple[str, str]] = {
+    "summary/spike_score": ("spike score", "{:.3f}"),
+    "summary/spike_events": ("spike events", "{:g}"),
+    "summary/mean_probe_jump": ("mean probe jump", "{:+.4f}"),
+    "summary/max_probe_jump": ("max probe jump", "{:+.4f}"),
+    "summary/mean_regrow_update_ratio": ("regrow update ratio", "{:.3g}"),
+    "summary/final_val_loss": ("final val loss", "{:.4f}"),
+    "summary/final_val_ppl": ("final val ppl", "{:.2f}"),
+    "summary/memory/state_ratio_vs_dense_adam": ("state memory / dense Adam", "{:.3f}"),
+    "summary/tokens_per_s": ("tokens/s", "{:,.0f}"),
+}
+# Filled from the run's history with smet_lab.spikes when the run did not log them (failed, killed or
+# still running trials log no summary).
+FROM_HISTORY = ("summary/spike_score", "summary/spike_events", "summary/mean_probe_jump",
+                "summary/max_probe_jump", "summary/mean_regrow_update_ratio")
+CONFIG_SECTIONS = ("method", "model.", "data.", "sparsity.", "optim.", "train.")
+
+
+@dataclass
+class SweepInfo:
+    """The sweep a report is about, as its parent MLflow run describes it (all optional but the name)."""
+
+    name: str
+    uri: str = ""
+    experiment: str | None = None
+    parent_run_id: str | None = None
+    status: str | None = None  # the parent run's status (RUNNING, FINISHED, KILLED, ...); None: no parent
+    sweep_dir: str | None = None
+    n_trials: int | None = None  # the grid size
+    seeds: list | None = None  # the seeds asked for (sweep.seeds)
+    swept: list = field(default_factory=list)  # dotted keys the sweep varies (method first; seed excluded)
+    metric: str = "summary/final_val_loss"
+    mode: str = "min"
+    expected: list | None = None  # [(trial key, {dotted key: value})] of the whole grid, when known
+
+    @property
+    def seeds_asked(self) -> int | None:
+        return len(self.seeds) if self.seeds else None
+
+
+# ----------------------------------------------------------------------------------------- values
+def parse_value(text):
+    """An MLflow param string as the value it was: int, float, bool or None where it reads as one."""
+    if not isinstance(text, str):
+        return text
+    if text in ("True", "true"):
+        return True
+    if text in ("False", "false"):
+        return False
+    if text == "None":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _yaml(text):
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if isinstance(text, str) else text
+    except yaml.YAMLError:
+        return None
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node} if prefix else {}
+
+
+def sweep_info_from_params(name: str, params: dict[str, str], **fields) -> SweepInfo:
+    """SweepInfo from a parent run's params (`sweep.params.<dotted key>`, `sweep.extra_trials`,
+    `sweep.seeds`, `sweep.metric`, `sweep.mode`, `n_trials`: the flattened sweep config)."""
+    nested: dict = {}
+    for key, text in params.items():
+        if key.startswith("sweep.params.") and key != "sweep.params":
+            node = nested
+            *path, leaf = key[len("sweep.params."):].split(".")
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = _yaml(text)
+    extra = _yaml(params.get("sweep.extra_trials", "[]"))
+    extra = [e for e in extra if isinstance(e, dict)] if isinstance(extra, list) else []
+    seeds = _yaml(params.get("sweep.seeds"))
+    seeds = seeds if isinstance(seeds, list) and seeds else None
+    swept = list(_leaves(nested))
+    for e in extra:
+        swept += [k for k in _leaves(e) if k not in swept]
+    swept = [k for k in swept if k != SEED]
+    swept.sort(key=lambda k: k != "method")  # stable: method first, the rest as the sweep lists them
+    n = parse_value(params.get("n_trials"))
+    info = SweepInfo(name=name, n_trials=n if isinstance(n, int) else None, seeds=seeds, swept=swept,
+                     metric=params.get("sweep.metric", "summary/final_val_loss"), mode=params.get("sweep.mode", "min"),
+                     **fields)
+    try:  # the grid itself, so missing trials can be named (smet_lab.sweep.grid needs no Ray)
+        from smet_lab.sweep.grid import SweepConfig, expand
+
+        trials = expand(SweepConfig(name=name, params=nested, extra_trials=extra, seeds=seeds or [0]))
+        info.expected = [(t.key, dict(t.values)) for t in trials]
+    except Exception:  # a truncated or odd param: the count (n_trials) still says what is missing
+        info.expected = None
+    return info
+
+
+def infer_swept(runs: pd.DataFrame) -> list:
+    """Without a parent run: `method` plus the config keys that vary within some method's runs (keys a
+    method preset sets vary only between methods, so they are not taken for sweep axes)."""
+    if runs.empty:
+        return []
+    keys = ["method"] if "method" in runs else []
+    for col in runs.columns:
+        if col in ("method", SEED) or not col.startswith(CONFIG_SECTIONS) or "/" in col:
+            continue
+        values = runs[col].map(repr)
+        groups = values.groupby(runs["method"].map(repr)) if "method" in runs else [(None, values)]
+        if any(g.nunique() > 1 for _, g in groups):
+            keys.append(col)
+    return keys
+
+
+# -------------------------------------------------------------------------------------- the frame
+def empty_runs() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in BASE_COLUMNS})
+
+
+def with_missing(runs: pd.DataFrame, info: SweepInfo) -> pd.DataFrame:
+    """The runs plus one MISSING row per grid trial that has no run yet (grid known from the parent)."""
+    if not info.expected:
+        return runs
+    have = set(runs["trial"]) if "trial" in runs else set()
+    rows = [{"run_id": None, "trial": key, "status": MISSING, "error": None, "history": None, **values}
+            for key, values in info.expected if key not in have]
+    if not rows:
+        return runs
+    missing = pd.DataFrame(rows)
+    return pd.concat([runs, missing], ignore_index=True) if len(runs) else missing
+
+
+def method_rank(value) -> float:
+    from smet_lab.methods import METHODS
+
+    names = list(METHODS)
+    return names.index(value) if value in names else len(names)
+
+
+def _sort_key(col: pd.Series) -> pd.Series:
+    if col.name == "method":
+        return col.map(method_rank)
+    numeric = pd.to_numeric(col, errors="coerce")
+    if numeric.notna().sum() == col.notna().sum():
+        return numeric
+    return col.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+
+
+def sort_runs(runs: pd.DataFrame, keys: list) -> pd.DataFrame:
+    """By the swept keys (methods in their canonical order, numbers numerically), then seed."""
+    keys = [k for k in [*keys, SEED] if k in runs]
+    if not keys or runs.empty:
+        return runs.reset_index(drop=True)
+    return runs.sort_values(keys, key=_sort_key, kind="stable", na_position="last").reset_index(drop=True)
+
+
+def cell_label(values: dict, keys: list) -> str:
+    """"smet, sparsity.density=0.25": the method bare, other keys as key=value."""
+    parts = []
+    for k in keys:
+        v = values.get(k)
+        parts.append(fmt_value(v) if k == "method" else f"{k}={fmt_value(v)}")
+    return ", ".join(parts) if parts else "all runs"
+
+
+def fmt_value(v) -> str:
+    """A key's value as text: floats in their shortest form (0.25, 1, 1e-08), missing as an em dash."""
+    if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+        return "—"
+    if isinstance(v, (float, np.floating)) and not isinstance(v, bool):
+        return f"{float(v):g}"
+    return str(v)
+
+
+def histories(runs: pd.DataFrame) -> pd.Series:
+    """The history column with None for runs without one."""
+    if "history" not in runs:
+        return pd.Series([None] * len(runs), index=runs.index, dtype="object")
+    return runs["history"].map(lambda h: h if isinstance(h, pd.DataFrame) and not h.empty else None)

@@ -1,0 +1,260 @@
+"""Report figures from the runs DataFrame: matplotlib `Figure` objects on the Agg canvas (no pyplot, so
+no global backend state). Each builder returns None when it has nothing to draw (its axis is not swept
+in this sweep, or no run has the data), and the report skips it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pandas as pd
+
+from smet_lab.report.data import DIVERGED, FINISHED, SEED, SweepInfo, cell_label, fmt_value, histories, method_rank
+from smet_lab.spikes import spike_events
+
+PROBE = "stability/probe_loss"
+DENSITY_KEY, WARMUP_KEY, UPDATE_KEY = "sparsity.density", "optim.regrow.warmup_steps", "sparsity.update_every"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _methods(runs: pd.DataFrame) -> list:
+    return sorted(runs["method"].dropna().unique(), key=method_rank) if "method" in runs else []
+
+
+def _update_steps(h: pd.DataFrame) -> np.ndarray:
+    return h.loc[h["topo/density"].notna(), "step"].to_numpy() if "topo/density" in h else np.array([])
+
+
+# ----------------------------------------------------------------------------------- loss curves
+def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
+    """One panel per method: each trial's train loss, val loss (dots), its topology updates (ticks on
+    the curve), spike events (red x at the peak) and divergence (dashed red line)."""
+    hist = histories(runs)
+    have = runs[hist.map(lambda h: h is not None and "train/loss" in h)]
+    if have.empty:
+        return None
+    methods = _methods(have) or [None]
+    ncols = 1 if len(methods) == 1 else 2
+    nrows = math.ceil(len(methods) / ncols)
+    fig = _figure(6.2 * ncols, 3.8 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    others = [k for k in info.swept if k != "method"]
+    for ax, method in zip(axes, methods):
+        group = have if method is None else have[have["method"] == method]
+        top = []
+        for _, r in group.iterrows():
+            h = r["history"]
+            train = h[["step", "train/loss"]].dropna()
+            train = train[np.isfinite(train["train/loss"])]
+            label = cell_label(r.to_dict(), others) if others else method or "run"
+            if r.get(SEED) is not None and info.seeds_asked and info.seeds_asked > 1:
+                label += f", seed {fmt_value(r.get(SEED))}"
+            if r["status"] != FINISHED:
+                label += f" ({r['status']})"
+            few = len(train) <= 3  # a trial that failed early: a line alone would not show
+            (line,) = ax.plot(train["step"], train["train/loss"], lw=0.9, alpha=0.85, label=label,
+                              marker="o" if few else None, ms=4)
+            color = line.get_color()
+            if len(train):
+                top.append(float(train["train/loss"].iloc[0]))
+            if "val/loss" in h:
+                val = h[["step", "val/loss"]].dropna()
+                ax.plot(val["step"], val["val/loss"], "o", ms=3.5, color=color)
+            updates = _update_steps(h)
+            if len(updates) and len(train):
+                ax.plot(updates, np.interp(updates, train["step"], train["train/loss"]), "|", ms=9, mew=1.2,
+                        color=color)
+            events = spike_events(h)
+            peaks = events[np.isfinite(events["peak_loss"])]
+            if len(peaks):
+                ax.plot(peaks["peak_step"], peaks["peak_loss"], "x", ms=8, mew=2, color="red")
+            if r["status"] == DIVERGED and len(h):
+                ax.axvline(h["step"].max(), color="red", ls="--", lw=1)
+        if top:
+            low, high = ax.get_ylim()
+            ax.set_ylim(low, min(high, 1.3 * max(top)))  # a blow-up before a divergence would flatten the rest
+        ax.set_title(str(method) if method is not None else "runs", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        _legend_with_markers(ax)
+    for ax in axes[len(methods):]:
+        ax.set_visible(False)
+    fig.suptitle("Loss per method (line: train, dots: val, |: topology update, x: spike event)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _legend_with_markers(ax) -> None:
+    from matplotlib.lines import Line2D
+
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], ls="none", marker="|", ms=9, color="gray"),
+                Line2D([], [], ls="none", marker="x", ms=7, mew=2, color="red")]
+    labels += ["topology update", "spike event"]
+    ax.legend(handles, labels, fontsize=7 if len(labels) <= 12 else 6, loc="upper right",
+              ncol=1 if len(labels) <= 12 else 2)
+
+
+# ---------------------------------------------------------------------------------- update zoom
+def update_deltas(history: pd.DataFrame, window: int | None = None) -> pd.DataFrame:
+    """Probe loss around each topology update u, relative to the value just before it: rows
+    (update_step, offset, delta) with delta = probe(u + offset) - probe(u) for offset 0..window, where
+    probe(u) is the probe loss taken at step u before the update and probe(u + j) after step u + j.
+    `window` defaults to the longest run of probe rows after an update (train.probe_window)."""
+    cols = ["update_step", "offset", "delta"]
+    if history is None or PROBE not in history or "topo/density" not in history:
+        return pd.DataFrame(columns=cols)
+    probe = history[["step", PROBE]].dropna().set_index("step")[PROBE]
+    probe = probe[~probe.index.duplicated(keep="last")]
+    updates = [u for u in _update_steps(history) if u in probe.index]
+    if window is None:
+        window = 0
+        for u in updates:
+            j = 1
+            while u + j in probe.index:
+                j += 1
+            window = max(window, j - 1)
+    rows = []
+    for u in updates:
+        base = probe[u]
+        for j in range(window + 1):
+            if u + j in probe.index:
+                rows.append((int(u), j, float(probe[u + j] - base)))
+    return pd.DataFrame(rows, columns=cols)
+
+
+def zoom_groups(runs: pd.DataFrame, info: SweepInfo) -> tuple[list, str]:
+    """Group the zoom by method when the sweep has several, else by the swept cell."""
+    if len(_methods(runs)) > 1:
+        return ["method"], "method"
+    keys = [k for k in info.swept if k in runs and k != "method"]
+    return keys or ["method"], "cell"
+
+
+def update_zoom(runs: pd.DataFrame, info: SweepInfo) -> pd.DataFrame:
+    """Mean probe-loss delta per group and offset over every update of the group's ended runs (finished
+    and diverged: a diverging trial's updates are part of the story): group, offset, mean, sem, n."""
+    keys, _ = zoom_groups(runs, info)
+    hist = histories(runs)
+    frames = []
+    for idx, r in runs[hist.map(lambda h: h is not None) & runs["status"].isin([FINISHED, DIVERGED])].iterrows():
+        window = r.get("train.probe_window")
+        window = int(window) if isinstance(window, (int, float, np.number)) and not pd.isna(window) else None
+        d = update_deltas(hist[idx], window)
+        if len(d):
+            d["group"] = cell_label(r.to_dict(), keys)
+            d["rank"] = method_rank(r.get("method"))
+            frames.append(d)
+    if not frames:
+        return pd.DataFrame(columns=["group", "offset", "mean", "sem", "n"])
+    d = pd.concat(frames, ignore_index=True)
+    out = d.groupby(["rank", "group", "offset"], sort=True)["delta"].agg(["mean", "std", "count"]).reset_index()
+    out["sem"] = out["std"] / np.sqrt(out["count"])
+    return out.rename(columns={"count": "n"})[["group", "offset", "mean", "sem", "n"]]
+
+
+def zoom_figure(runs: pd.DataFrame, info: SweepInfo):
+    zoom = update_zoom(runs, info)
+    if zoom.empty:
+        return None
+    fig = _figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    for group, g in zoom.groupby("group", sort=False):
+        (line,) = ax.plot(g["offset"], g["mean"], "o-", ms=3.5, label=f"{group} ({int(g['n'].max())} updates)")
+        sem = g["sem"].fillna(0.0)
+        ax.fill_between(g["offset"], g["mean"] - sem, g["mean"] + sem, color=line.get_color(), alpha=0.15)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("steps after the topology update (0 = probe just before it)")
+    ax.set_ylabel("probe loss − probe loss before update")
+    ax.set_title("Probe loss around topology updates (mean ± s.e.m. over updates)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- metric vs a swept key
+def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric: str, ylabel: str, title: str):
+    """Mean ± std over seeds (FINISHED runs) of `metric` against the swept key `axis`, one line per
+    combination of the other swept keys. None when `axis` is not swept or nothing finished has `metric`."""
+    if axis not in info.swept or axis not in runs or metric not in runs:
+        return None
+    ok = runs[(runs["status"] == FINISHED) & pd.to_numeric(runs[metric], errors="coerce").notna()].copy()
+    if ok.empty:
+        return None
+    ok[metric] = pd.to_numeric(ok[metric], errors="coerce")
+    x_num = pd.to_numeric(ok[axis], errors="coerce")
+    categorical = x_num.isna().any()
+    if categorical:
+        order = list(dict.fromkeys(ok[axis].map(fmt_value)))
+        ok["_x"] = ok[axis].map(fmt_value).map(order.index)
+    else:
+        ok["_x"] = x_num
+    others = [k for k in info.swept if k != axis and k in ok]
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    groups = ok.groupby(others, dropna=False, sort=False) if others else [((), ok)]
+    for cell, g in sorted(groups, key=lambda cg: method_rank(cg[1]["method"].iloc[0]) if "method" in cg[1] else 0):
+        s = g.groupby("_x")[metric].agg(["mean", "std", "count"]).reset_index().sort_values("_x")
+        label = cell_label(g.iloc[0].to_dict(), others) if others else metric
+        ax.errorbar(s["_x"], s["mean"], yerr=s["std"].fillna(0.0), marker="o", ms=4, capsize=3, label=label)
+    if categorical:
+        ax.set_xticks(range(len(order)), order)
+    else:
+        xs = np.sort(ok["_x"].unique())
+        positive = xs[xs > 0]
+        if len(positive) and xs.max() / positive.min() >= 20:
+            ax.set_xscale("symlog", linthresh=float(positive.min()))
+        ax.set_xticks(xs, [fmt_value(float(x)) for x in xs])
+    ax.set_xlabel(axis)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def report_figures(runs: pd.DataFrame, info: SweepInfo) -> list[tuple[str, str, object]]:
+    """[(file name, caption, Figure)] of every plot this sweep has data and axes for."""
+    specs = [
+        ("loss_curves.png", "Loss curves per method, topology updates and spike events marked.",
+         lambda: loss_curves_figure(runs, info)),
+        ("update_zoom.png", "Probe loss in the steps around topology updates, relative to just before the update.",
+         lambda: zoom_figure(runs, info)),
+        ("probe_jump_vs_warmup.png", "Mean probe jump vs the regrown weights' warm-up length W.",
+         lambda: metric_vs_axis_figure(runs, info, WARMUP_KEY, "summary/mean_probe_jump", "mean probe jump",
+                                       "Probe jump vs warm-up length W")),
+        ("probe_jump_vs_update_every.png", "Mean probe jump vs the topology update interval ΔT.",
+         lambda: metric_vs_axis_figure(runs, info, UPDATE_KEY, "summary/mean_probe_jump", "mean probe jump",
+                                       "Probe jump vs update interval ΔT")),
+        ("val_ppl_vs_density.png", "Final validation perplexity vs density, per method.",
+         lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, "summary/final_val_ppl", "final val ppl",
+                                       "Validation perplexity vs density")),
+        ("memory_vs_density.png", "Optimizer-state + gradient memory relative to dense Adam vs density.",
+         lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, "summary/memory/state_ratio_vs_dense_adam",
+                                       "state memory / dense Adam", "Training-state memory vs density")),
+    ]
+    out = []
+    for name, caption, build in specs:
+        fig = build()
+        if fig is not None:
+            out.append((name, caption, fig))
+    return out
