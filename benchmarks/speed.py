@@ -2,10 +2,11 @@
 (compact state), all three in ONE process, interleaved, so that machine load hits them alike.
 
     python benchmarks/speed.py [--models tiny llama_20m] [--batch 8] [--seq-len 256] [--vocab 32000]
-                               [--density 0.25] [--block-size 1] [--repeats 7] [--steps 3] [--warmup 2]
+                               [--density 0.25] [--block-size 1] [--repeats 15] [--steps 1] [--warmup 2]
+                               [--threads N]
 
 Each repeat runs `--steps` training steps (forward + backward + grad clip 1.0 + optimizer step +
-zero_grad, random tokens) of every method in turn; a step's time is taken around all of it, the
+zero_grad, random tokens) of every method in turn (order reversed every other repeat); a step's time is taken around all of it, the
 optimizer-step time around step + zero_grad only (SMET's gradient gather runs inside backward, in its
 hooks, and is counted in the step time). Reported: the median over all timed steps, and the ratio
 smet/dense (and naive/dense) of tokens/s as the median of the per-repeat ratios (paired, so that a
@@ -81,8 +82,8 @@ def main() -> None:
     ap.add_argument("--tiny-vocab", type=int, default=256, help="vocab of the tiny model (byte-level)")
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--block-size", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--updates", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

@@ -1,9 +1,10 @@
 """Wall time of a sweep through Ray Tune + MLflow against the same trials one after another in one
 plain Python process (no Ray, no MLflow).
 
-    python benchmarks/sweep_overhead.py [--sweep density] [--set KEY=VALUE ...]
+    python benchmarks/sweep_overhead.py [--sweep density] [--workdir DIR] [--set KEY=VALUE ...]
 
-Runs `python -m smet_lab +sweep=NAME` (fresh storage and database in a temporary folder) and then
+Runs `python -m smet_lab +sweep=NAME` (fresh storage and database in a temporary folder, or in
+--workdir, which is kept: its mlflow.db and sweeps/ can feed `python -m smet_lab.report`) and then
 the same trial configs sequentially with `smet_lab.train.train`, and prints both wall times and the
 overhead. Run it on a quiet machine: both halves use all cores.
 """
@@ -23,6 +24,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", default="density")
+    ap.add_argument("--workdir", default=None, help="run the sweep here and keep it (default: a temporary folder)")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     overrides = [f"+sweep={args.sweep}", *args.overrides]
@@ -35,10 +37,12 @@ def main() -> None:
 
     _, trials, configs = plan(compose(overrides), method_composer(overrides))
     with tempfile.TemporaryDirectory(prefix="sweepbench_") as tmp:
+        work = os.path.abspath(args.workdir) if args.workdir else tmp
+        os.makedirs(work, exist_ok=True)
         tic = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "smet_lab", *overrides, f"ray.storage={tmp}/sw",
-                               f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/out"],
-                              cwd=tmp, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.run([sys.executable, "-m", "smet_lab", *overrides, f"ray.storage={work}/sweeps",
+                               f"tracking.uri=sqlite:///{work}/mlflow.db", f"hydra.run.dir={work}/outputs/{args.sweep}"],
+                              cwd=work, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         swept = time.perf_counter() - tic
         if proc.returncode != 0:
             sys.exit(f"the sweep failed with exit code {proc.returncode}")

@@ -11,6 +11,7 @@ import torch.nn as nn
 from smet_lab.config import ConfigError, ModelConfig
 from smet_lab.model import LLaMA
 from smet_lab.optim import SMETAdam
+from smet_lab.optim.smet_adam import bias_correction_saturation
 from smet_lab.sparse import DynamicSparsity, RegrowEvent, SparseTopology
 from smet_lab.train.memory import analytic_state_bytes, float32_floor, optimizer_layout_bytes
 
@@ -57,9 +58,9 @@ def regrow_some(topo, opt, n=8, seed=1, with_source=True):
     new = inactive[torch.randperm(inactive.numel(), generator=torch.Generator().manual_seed(seed))[:n]]
     with torch.no_grad():
         layer.blocks()[old] = 0.0
-    slots, source = layer.replace(old, new)
+    slots, old_slots = layer.replace(old, new)
     assert (layer.block_idx[slots].long() == new).all()
-    opt.regrow([RegrowEvent(0, slots, old, new, source if with_source else None)])
+    opt.regrow([RegrowEvent(0, slots, old, new, old_slots if with_source else None)])
     return new
 
 
@@ -108,8 +109,9 @@ def test_entries_active_from_the_start_are_not_warmed():
     assert new.numel() == 8
 
 
-def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damping=False):
+def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damping=False, betas=(B1, B2)):
     """Independent dense, per-entry re-implementation of design.md section 5."""
+    B1, B2 = betas
     w = weight.clone()
     m = torch.zeros_like(w)
     v = torch.zeros_like(w)
@@ -168,6 +170,131 @@ def test_matches_dense_reference_through_topology_updates(method, layout):
     assert torch.allclose(model.weight.detach(), ref, atol=1e-6, rtol=1e-5)
     # Invariant: inactive weights stay exactly zero.
     assert (model.weight.detach()[~masks[-1]] == 0).all()
+
+
+def run_with_updates(model, topo, opt, steps, update_every, prune_rate=0.3):
+    """Train a LinearLoss with DST updates; returns the mask sequence and update steps (for the reference)."""
+    updater = DynamicSparsity(topo, total_steps=steps + 1, update_every=update_every, prune_rate=prune_rate,
+                              prune_schedule="constant")
+    shape = model.weight.shape
+    masks, regrow_at = [topo.layers[0].active_mask().view(shape).clone()], []
+    for step in range(1, steps + 1):
+        model.loss().backward()
+        opt.step()
+        opt.zero_grad()
+        if updater.is_update_step(step):
+            opt.regrow(updater.update(step))
+            regrow_at.append(step)
+            masks.append(topo.layers[0].active_mask().view(shape).clone())
+    return masks, regrow_at
+
+
+def test_cohort_merge_is_exact_and_keeps_ids_few(one_thread):
+    """Cohorts older than merge_age are merged into id 0; the updates are bit-for-bit those of a run
+    that never merges, and both follow the dense reference."""
+    betas = (0.5, 0.6)  # float32 bias corrections reach exactly 1 after a few dozen steps
+    kw = dict(lr=1e-2, betas=betas, reset_step=True, warmup_steps=3, lr_scaling="none")
+    runs = []
+    for merge in (True, False):
+        model, topo, opt = make(density=0.25, **kw)
+        weight0 = model.weight.detach().clone()
+        if not merge:
+            opt.merge_age = 2 ** 62
+        masks, regrow_at = run_with_updates(model, topo, opt, steps=120, update_every=2, prune_rate=0.1)
+        runs.append((model.weight.detach().clone(), opt))
+    (merged_w, merged), (plain_w, plain) = runs
+    assert merged.merge_age == max(3, bias_correction_saturation(0.5), bias_correction_saturation(0.6)) < 60
+    assert torch.equal(merged_w, plain_w)
+    live_age = lambda o: [o.global_step - b for c, b in enumerate(o.births.tolist()) if c > 0 and b >= 0]
+    assert max(live_age(plain)) >= merged.merge_age  # some cohorts did live long enough to be merged...
+    assert max(live_age(merged), default=0) < merged.merge_age  # ...and were, in the merging run
+    ref = reference_smet(weight0 * masks[0], model.G, masks, regrow_at, 120, 1e-2, 3, True, 1.0, betas=betas)
+    assert torch.allclose(merged_w, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture
+def one_thread():
+    """Hundreds of tiny steps: one thread avoids thread-pool wake-ups (seconds on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cohort_ids_widen_when_more_than_255_are_alive(one_thread):
+    torch.manual_seed(0)
+    model = LinearLoss(out=64, inp=64)
+    topo = SparseTopology.build(model, 0.25, dense_patterns=[])  # 1024 active weights
+    opt = SMETAdam(model, topo, lr=1e-2, reset_step=True, warmup_steps=1000, lr_scaling="none")
+    layer = topo.layers[0]
+    weight0 = model.weight.detach().clone()
+    mask = layer.active_mask()
+    gen = torch.Generator().manual_seed(3)
+    olds = layer.block_idx.long()[torch.randperm(1024, generator=gen)[:300]]  # active since the start
+    news = (~mask).nonzero().squeeze(1)[torch.randperm(3072, generator=gen)[:300]]  # never active before
+    masks, regrow_at = [mask.view(64, 64).clone()], []
+    for step in range(1, 301):  # one block regrown after every step: 300 cohorts, all alive
+        model.loss().backward()
+        opt.step()
+        opt.zero_grad()
+        old, new = olds[step - 1 : step], news[step - 1 : step]
+        layer.zero_blocks(old)
+        slots, old_slots = layer.replace(old, new)
+        opt.regrow([RegrowEvent(0, slots, old, new, old_slots)])
+        regrow_at.append(step)
+        mask[old], mask[new] = False, True
+        masks.append(mask.view(64, 64).clone())
+    assert opt.cohort.dtype == torch.int16 and opt.births.numel() == 301
+    assert opt.state_bytes("sparse") == 1024 * 12 + (1024 + 16 * 2) + 1024 * 2 + 301 * 8
+    model.loss().backward()  # a last step, taken by the reference too
+    opt.step()
+    ref = reference_smet(weight0, model.G, masks + [masks[-1]], regrow_at, 301, 1e-2, 1000, True, 1.0)
+    assert torch.allclose(model.weight.detach(), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_regrow_event_without_old_slots_gives_the_same_state():
+    results = []
+    for with_source in (True, False):
+        model, topo, opt = make(lr=1e-2, reset_step=True, warmup_steps=4)
+        run_steps(model, opt, 5)
+        regrow_some(topo, opt, with_source=with_source)
+        run_steps(model, opt, 3)
+        results.append((model.weight.detach().clone(), opt.exp_avg.clone(), opt.exp_avg_sq.clone(), opt.cohort.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout,kind", [("compact", "linear_lr"), ("compact", "moment_damping"),
+                                         ("dense_masked", "linear_lr")])
+def test_chunked_update_equals_one_chunk(monkeypatch, layout, kind):
+    """The update is formed chunk by chunk (bounded temporaries): one chunk per layer gives exactly the
+    same weights, state and regrow ratio as one chunk for all layers (weight decay and warm-up on)."""
+    import smet_lab.optim.smet_adam as smet_adam
+
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16)
+    x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    outcomes = []
+    for chunk in (1 << 40, 1):
+        monkeypatch.setattr(smet_adam, "STEP_CHUNK", chunk)
+        torch.manual_seed(0)
+        model = LLaMA(cfg)
+        topo = SparseTopology.build(model, 0.25)
+        opt = SMETAdam(model, topo, lr=1e-2, weight_decay=0.1, warmup_steps=5, warmup_kind=kind, state=layout)
+        assert len(opt._chunks) == (1 if chunk > 1 else len(topo.layers))
+        updater = DynamicSparsity(topo, total_steps=20, update_every=4, prune_rate=0.3, prune_schedule="constant")
+        ratios = []
+        for step in range(1, 11):
+            model(x, x).backward()
+            opt.step()
+            opt.zero_grad()
+            ratios.append(opt.last_regrow_update_ratio)
+            if updater.is_update_step(step):
+                opt.regrow(updater.update(step))
+        outcomes.append(([p.detach().clone() for p in model.parameters()], opt.exp_avg.clone(), ratios))
+    (w1, m1, r1), (w2, m2, r2) = outcomes
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2)) and torch.equal(m1, m2)
+    assert r1[:4] == r2[:4] == [None] * 4 and None not in r1[4:] + r2[4:]  # set by the steps after updates
+    assert r1[4:] == pytest.approx(r2[4:], rel=1e-6)
 
 
 def test_dense_method_equals_torch_adam():

@@ -151,7 +151,8 @@ def test_killed_driver_resumes_to_exactly_the_grid(tmp_path, sig):
     if sig == signal.SIGINT:
         assert proc.returncode == 130
         _, runs = runs_of(tmp_path / "mlflow.db")
-        assert "RUNNING" not in {r.info.status for r in runs}  # children and parent KILLED, not RUNNING
+        statuses = {r.info.run_name: r.info.status for r in runs}
+        assert "RUNNING" not in statuses.values(), statuses  # children and parent KILLED, not RUNNING
     client, first = runs_of(tmp_path / "mlflow.db")
     naive_run = next(r for r in first if r.data.tags.get("smet.method") == "naive_dst")
     naive_points = len(client.get_metric_history(naive_run.info.run_id, "train/loss"))

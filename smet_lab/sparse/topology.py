@@ -9,7 +9,7 @@ the row-major flattened weight each) are stored as a *chunked position list*:
 
 i.e. 1 byte per active block + 2 bytes per 256 blocks (1.03 B per active block at density 0.25, B=1),
 instead of an int32 id per active block. `block_idx` (int32 ids, ascending) is *derived* from it on
-demand in O(active) work: repeat the chunk bases by their counts and add the offsets. It is a
+demand in O(active) work: repeat each chunk's index by its count, times 256, plus the offsets. It is a
 transient tensor: writing into it changes nothing; assign `layer.block_idx = ids` or call
 `replace(old, new)` to change the topology.
 
@@ -36,6 +36,25 @@ def isin_sorted(values: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     pos = torch.searchsorted(sorted_ids, values).clamp_(max=sorted_ids.numel() - 1)
     return sorted_ids[pos] == values
+
+
+def moved_from(k: int, old_slots: torch.Tensor, new_slots: torch.Tensor) -> torch.Tensor:
+    """int64 [k]: for every slot of a layer after `replace`, the slot its block held before, -1 for
+    the new blocks. Survivors keep their relative order, so the r-th survivor moves from the r-th
+    slot not in old_slots to the r-th slot not in new_slots; the r-th element of the complement of
+    a sorted set P is r + #{i : P[i] - i <= r}. O(k log n), no dense-size tensor."""
+    device = new_slots.device
+    n = new_slots.numel()
+    r = torch.arange(k - n, device=device)
+    steps = torch.arange(n, device=device)
+
+    def complement(slots: torch.Tensor) -> torch.Tensor:
+        shifted = slots.to(device, torch.long).sort().values - steps
+        return r + torch.searchsorted(shifted, r, right=True)
+
+    source = torch.full((k,), -1, dtype=torch.long, device=device)
+    source[complement(new_slots)] = complement(old_slots)
+    return source
 
 
 class SparseLayer:
@@ -67,9 +86,8 @@ class SparseLayer:
     @property
     def block_idx(self) -> torch.Tensor:
         """int32 [k]: the active block ids in ascending (= slot) order; derived, O(k)."""
-        base = torch.arange(0, self.n_chunks * CHUNK, CHUNK, dtype=torch.int32, device=self.offsets.device)
-        ids = torch.repeat_interleave(base, self.counts.int(), output_size=self.n_active)
-        return ids.add_(self.offsets)
+        chunk_of = torch.repeat_interleave(self.counts.int(), output_size=self.n_active)  # int32 chunk per block
+        return chunk_of.mul_(CHUNK).add_(self.offsets)
 
     @block_idx.setter
     def block_idx(self, ids: torch.Tensor) -> None:
@@ -91,10 +109,11 @@ class SparseLayer:
     def replace(self, old_blocks: torch.Tensor, new_blocks: torch.Tensor,
                 old_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Deactivate `old_blocks` (active; `old_slots` = their positions in block_idx, if known) and
-        activate `new_blocks` (as many, inactive, distinct). Returns (slots, source): `slots` = the
-        positions in the new block_idx that hold `new_blocks`, in their order; `source` [k] = for
-        every new position, the position that block held before (-1 for the new blocks). One sort
-        of the k active ids; no dense-size tensor."""
+        activate `new_blocks` (as many, inactive, distinct). Returns int32 (slots, old_slots): the
+        positions in the new block_idx that hold `new_blocks` (in their order), and the positions
+        `old_blocks` held in the old one. Surviving blocks keep their relative order, so the two
+        determine where every survivor moved (`moved_from`). One sort of the k active ids; no
+        dense-size tensor."""
         ids = self.block_idx.long()
         device = ids.device
         old_blocks, new_blocks = old_blocks.to(device, torch.long), new_blocks.to(device, torch.long)
@@ -103,16 +122,15 @@ class SparseLayer:
         old_slots = old_slots.to(device, torch.long)
         if old_blocks.numel() != new_blocks.numel() or not bool((ids[old_slots] == old_blocks).all()):
             raise ValueError(f"{self.name}: old_blocks must be active blocks, as many as new_blocks")
-        ids[old_slots] = new_blocks  # each new block takes a pruned block's old position...
-        ids, source = ids.sort()     # ...then ascending order; source[j] = old position of new slot j
+        ids[old_slots] = new_blocks  # each new block takes a pruned block's position...
+        ids, order = ids.sort()      # ...then ascending order; order[j] = that position, for new slot j
         if new_blocks.numel() and bool((ids[1:] == ids[:-1]).any()):
             raise ValueError(f"{self.name}: new_blocks must be distinct and inactive")
-        where = torch.empty_like(source)
-        where[source] = torch.arange(source.numel(), device=device)
-        slots = where[old_slots]
-        source[slots] = -1
         self._encode(ids)
-        return slots, source
+        del ids
+        where = torch.empty_like(order)
+        where[order] = torch.arange(order.numel(), device=device)
+        return where[old_slots].int(), old_slots.int()
 
     @torch.no_grad()
     def zero_blocks(self, ids: torch.Tensor) -> None:

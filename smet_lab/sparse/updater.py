@@ -18,14 +18,14 @@ from smet_lab.sparse.topology import SparseTopology
 class RegrowEvent:
     """One layer's change at one update: `old_blocks` were deactivated and `new_blocks` activated;
     `slots` are the positions in the layer's new block_idx (ascending ids) that hold `new_blocks`, in
-    the same order. Surviving blocks keep their relative order (their slots shift; see
-    SMETAdam.regrow)."""
+    the same order. Surviving blocks keep their relative order, so their slots shift; with
+    `old_slots` (where old_blocks were) the move is O(k) to apply (topology.moved_from)."""
 
     layer: int
     slots: torch.Tensor
     old_blocks: torch.Tensor
     new_blocks: torch.Tensor
-    source: Optional[torch.Tensor] = None  # [k]: old slot of every new slot, -1 for regrown (if known)
+    old_slots: Optional[torch.Tensor] = None  # positions of old_blocks in the previous block_idx
 
 
 class DynamicSparsity:
@@ -75,8 +75,9 @@ class DynamicSparsity:
             new = self.grow_fn(layer, n, old, (dense_grads or {}).get(i), self.generator)
             layer.zero_blocks(old)  # pruned weights are removed...
             layer.zero_blocks(new)  # ...and regrown ones start at zero
-            slots, source = layer.replace(old, new, old_slots=pruned)
-            events.append(RegrowEvent(i, slots, old, new, source))
+            slots, pruned = layer.replace(old, new, old_slots=pruned)
+            # int32: the events of all layers are alive together until the optimizer's regrow
+            events.append(RegrowEvent(i, slots, old.int(), new.int(), pruned))
         return events
 
     def state_dict(self) -> dict:

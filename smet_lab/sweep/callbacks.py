@@ -95,9 +95,11 @@ class MlflowSweepLogger(tune.Callback):
         record_status(self.sweep_dir, key, "FAILED", error)
 
     def on_experiment_end(self, trials, **info):
-        for t in trials:  # stopped by Ctrl-C or a driver shutdown: never leave a child RUNNING
-            if t.status not in ("TERMINATED", "ERROR") and t.config["key"] in self._children:
-                self._children[t.config["key"]].finish("KILLED", "sweep interrupted")
+        # Stopped by Ctrl-C or a driver shutdown: never leave a child RUNNING. Tune marks the trials it
+        # stops at shutdown TERMINATED (as if they had completed), so its status cannot tell; a child
+        # that on_trial_complete/on_trial_error already finished ignores this second finish().
+        for tracker in self._children.values():
+            tracker.finish("KILLED", "sweep interrupted")
 
 
 def first_error_line(trial) -> str:
