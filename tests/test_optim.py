@@ -152,17 +152,7 @@ def test_matches_dense_reference_through_topology_updates(method, layout):
               warmup_kind="moment_damping" if method == "damping" else "linear_lr", state=layout)
     model, topo, opt = make(density=0.25, **kw)
     weight0 = model.weight.detach().clone()
-    updater = DynamicSparsity(topo, total_steps=40, update_every=7, prune_rate=0.3, prune_schedule="constant")
-    masks = [topo.layers[0].active_mask().view(16, 16).clone()]
-    regrow_at = []
-    for step in range(1, 31):
-        model.loss().backward()
-        opt.step()
-        opt.zero_grad()
-        if updater.is_update_step(step):
-            opt.regrow(updater.update(step))
-            regrow_at.append(step)
-            masks.append(topo.layers[0].active_mask().view(16, 16).clone())
+    masks, regrow_at = run_with_updates(model, topo, opt, steps=30, update_every=7)
     scale = 4.0 if method != "naive" else 1.0  # inverse scaling at density 0.25
     ref = reference_smet(weight0 * masks[0], model.G, masks, regrow_at, 30, 1e-2, W, reset, scale,
                          damping=method == "damping")

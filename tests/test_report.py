@@ -21,6 +21,7 @@ from smet_lab.report import (SweepInfo, build_report, cell_stats, headline, load
                              spec_table, sweep_info_from_params, trial_table, update_deltas, with_missing)
 from smet_lab.report.__main__ import main as report_main
 from smet_lab.report.specs import SpecError, merge_sweeps, write_spec_table
+from smet_lab.report.specs import _ordered
 from smet_lab.report.tables import pivot_numbers, trial_notes
 from smet_lab.sweep.grid import trial_key
 
@@ -141,7 +142,7 @@ def test_headline_names_the_most_stable_and_the_best_with_numbers():
     info, runs = hand_made()
     stats = cell_stats(with_missing(runs, info), KEYS, seeds_asked=3)
     text = headline(stats, KEYS)
-    assert text == ("Most stable: smet, sparsity.density=0.1 (spike score 0.000, mean probe jump +0.0200, 2 seeds); "
+    assert text == ("Most stable: smet, sparsity.density=0.1 (mean probe jump +0.0200, spike score 0.000, 2 seeds); "
                     "best: smet, sparsity.density=0.5 (final val ppl 8.00 ± 0.00 vs 10.00 for the next best, "
                     "smet, sparsity.density=0.1); not ranked: 1 diverged and 1 failed runs.")
     only_failed = runs[runs["status"] == "FAILED"]
@@ -209,6 +210,9 @@ def test_spec_table_in_paper_layout(tmp_path):
     # Duplicated (row, column, seed) across sweeps: the first sweep listed wins.
     merged = merge_sweeps([runs.iloc[:3], runs.iloc[:3].assign(**{PPL: 1.0})], ["method", "sparsity.density"])
     assert len(merged) == 3 and merged[PPL].tolist() == [10.0, 12.0, 14.0]
+    # Without an explicit order numeric columns read ascending (the dense reference at 1.0 last), text as given.
+    assert _ordered([1.0, 0.1, 0.25], None) == [0.1, 0.25, 1.0] and _ordered(["smet", "dense"], None) == ["smet", "dense"]
+    assert _ordered([1.0, 0.1, 0.25], [0.25]) == [0.25, 1.0, 0.1]
     (tmp_path / "bad.yaml").write_text("sweep: x\nrows: method\nmetric: m\ncolum: typo\n")
     with pytest.raises(SpecError, match="unknown key"):
         load_spec(tmp_path / "bad.yaml")
@@ -217,7 +221,9 @@ def test_spec_table_in_paper_layout(tmp_path):
 def test_shipped_table_specs_load():
     root = Path(__file__).resolve().parent.parent / "analysis"
     specs = {p.stem: load_spec(p) for p in sorted(root.glob("*.yaml"))}
-    assert set(specs) == {"ablation_components", "warmup", "lr_scaling", "update_every"}
+    assert set(specs) == {"ablation_components", "warmup", "lr_scaling", "update_every", "stability_probe_jump",
+                          "stability_update_spike_rate", "stability_spike_score"}
+    assert specs["stability_update_spike_rate"].metric == "summary/update_spike_rate"
     assert specs["ablation_components"].rows == "method" and specs["ablation_components"].columns == "sparsity.density"
     assert specs["ablation_components"].metric == PPL
     assert specs["warmup"].columns == "optim.regrow.warmup_steps"

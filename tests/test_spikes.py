@@ -204,6 +204,22 @@ def test_history_forms_agree_and_late_rows_are_not_losses():
     assert flagged(x) + [301] == [int(s) for s in spike_flags(df).pipe(lambda f: f.index[f])]
 
 
+def test_update_spike_rate_counts_updates_whose_probe_jump_crosses_the_threshold():
+    # Four updates, probe loss before each on the update's own row: relative jumps 2 %, 0.5 %, 1 % (on
+    # the threshold: counted), -1 %; a fifth update's jump is NaN (run ended inside its window): left out.
+    rows = [{"step": 100, "stability/probe_loss": 2.0, "stability/probe_jump": 0.04},
+            {"step": 101, "stability/probe_loss": 2.1},  # probe rows inside the window carry no jump
+            {"step": 200, "stability/probe_loss": 2.0, "stability/probe_jump": 0.01},
+            {"step": 300, "stability/probe_loss": 1.5, "stability/probe_jump": 0.015},
+            {"step": 400, "stability/probe_loss": 1.0, "stability/probe_jump": -0.01},
+            {"step": 500, "stability/probe_loss": 1.0, "stability/probe_jump": math.nan}]
+    assert probe_summary(rows)["summary/update_spike_rate"] == pytest.approx(2 / 4)
+    assert probe_summary(rows, jump_threshold=0.005)["summary/update_spike_rate"] == pytest.approx(3 / 4)
+    assert run_spike_summary(rows)["summary/update_spike_rate"] == pytest.approx(0.5)
+    # Without the probe loss before the update there is nothing to compare the jump with.
+    assert "summary/update_spike_rate" not in probe_summary([{"step": 1, "stability/probe_jump": 0.3}])
+
+
 def test_probe_summary_is_nan_safe_and_omits_absent_keys():
     rows = [{"step": 1, "stability/probe_jump": 0.2, "stability/regrow_update_ratio": 3.0},
             {"step": 2, "stability/probe_jump": math.nan},

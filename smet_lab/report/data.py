@@ -31,6 +31,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "summary/spike_score": ("spike score", "{:.3f}"),
     "summary/spike_events": ("spike events", "{:g}"),
     "summary/mean_probe_jump": ("mean probe jump", "{:+.4f}"),
+    "summary/update_spike_rate": ("update spike rate", "{:.2f}"),
     "summary/max_probe_jump": ("max probe jump", "{:+.4f}"),
     "summary/mean_regrow_update_ratio": ("regrow update ratio", "{:.3g}"),
     "summary/final_val_loss": ("final val loss", "{:.4f}"),
@@ -41,7 +42,7 @@ METRICS: dict[str, tuple[str, str]] = {
 # Filled from the run's history with smet_lab.spikes when the run did not log them (failed, killed or
 # still running trials log no summary).
 FROM_HISTORY = ("summary/spike_score", "summary/spike_events", "summary/mean_probe_jump",
-                "summary/max_probe_jump", "summary/mean_regrow_update_ratio")
+                "summary/max_probe_jump", "summary/mean_regrow_update_ratio", "summary/update_spike_rate")
 CONFIG_SECTIONS = ("method", "model.", "data.", "sparsity.", "optim.", "train.")
 
 

@@ -100,9 +100,11 @@ def merge_sweeps(frames: list[pd.DataFrame], keys: list) -> pd.DataFrame:
 
 
 def _ordered(values: list, order: list | None) -> list:
-    """Values in the spec's order (matched as text), the others after in their given order."""
+    """Values in the spec's order (matched as text), the others after in their given order; without
+    an order, numbers ascending (densities, W, ΔT read left to right) and anything else as given."""
     if not order:
-        return values
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        return sorted(values) if numeric else values
     text = [fmt_value(v) for v in values]
     wanted = [fmt_value(o) for o in order]
     first = [values[text.index(w)] for w in wanted if w in text]

@@ -171,8 +171,10 @@ def _pick(stats: pd.DataFrame, order: list[tuple[str, bool]]) -> pd.Series | Non
 
 
 def headline(stats: pd.DataFrame, keys: list, runs: pd.DataFrame | None = None) -> str:
-    """One sentence: the most stable cell (lowest mean spike score, then lowest mean probe jump) and the
-    best (lowest mean final val ppl), with their numbers and the runner-up for comparison."""
+    """One sentence: the most stable cell (lowest mean probe jump, then lowest mean spike score) and the
+    best (lowest mean final val ppl), with their numbers and the runner-up for comparison. The probe
+    jump ranks first: it measures the update's own effect on a fixed batch, while the train-loss
+    spike score sits at its noise floor whenever update jumps are smaller than batch noise."""
     n_done = int(stats["n"].sum()) if len(stats) else 0
     if not n_done:
         counts = {s: int(v) for s, v in (runs["status"].value_counts().items() if runs is not None else [])}
@@ -180,7 +182,7 @@ def headline(stats: pd.DataFrame, keys: list, runs: pd.DataFrame | None = None) 
         return f"No configuration has a finished run yet ({shown}), so nothing can be ranked."
     spike, jump = "summary/spike_score:mean", "summary/mean_probe_jump:mean"
     quality = "summary/final_val_ppl" if stats["summary/final_val_ppl:mean"].notna().any() else "summary/final_val_loss"
-    stable = _pick(stats, [(spike, True), (jump, True)])
+    stable = _pick(stats, [(jump, True), (spike, True)])
     best = _pick(stats, [(f"{quality}:mean", True)])
     qlabel, qspec = METRICS[quality]
 
@@ -190,7 +192,7 @@ def headline(stats: pd.DataFrame, keys: list, runs: pd.DataFrame | None = None) 
     def seeds(row) -> str:
         return f"{row['n']} seed{'s' if row['n'] != 1 else ''}"
 
-    stable_txt = (f"spike score {fmt(stable[spike], '{:.3f}')}, mean probe jump {fmt(stable[jump], '{:+.4f}')}, "
+    stable_txt = (f"mean probe jump {fmt(stable[jump], '{:+.4f}')}, spike score {fmt(stable[spike], '{:.3f}')}, "
                   f"{seeds(stable)}")
     best_txt = f"{qlabel} {mean_std(best[f'{quality}:mean'], best[f'{quality}:std'], best['n'], qspec)}"
     others = stats[(stats["n"] > 0) & stats[f"{quality}:mean"].notna()].drop(index=best.name, errors="ignore")
