@@ -15,7 +15,7 @@ import pytest
 from smet_lab.cli import compose, method_composer
 from smet_lab.config import ConfigError
 from smet_lab.sweep.grid import expand, trial_configs
-from smet_lab.sweep.runner import plan, sweep_config
+from smet_lab.sweep.runner import GRID_FILE, plan, sweep_config, write_grid
 
 EXPECTED_TRIALS = {"density": 7, "warmup": 8, "lr_scaling": 9, "update_every": 8, "ablation": 6, "smoke": 2}
 
@@ -70,6 +70,26 @@ def test_bad_grid_values_are_caught_before_anything_runs():
 
 
 # ------------------------------------------------------------------------------- end to end
+def test_resuming_with_another_grid_or_setting_is_refused(tmp_path):
+    """Tune restores the trials it stored: a changed grid or training key would silently not apply."""
+    base = ["+sweep=smoke", f"ray.storage={tmp_path}"]
+
+    def plan_of(extra):
+        return plan(compose([*base, *extra]), method_composer([*base, *extra]))
+
+    _, trials, configs = plan_of([])
+    write_grid(tmp_path / "smoke", trials, configs)  # what run_sweep records when the sweep starts
+    assert plan_of(["tracking.enabled=false", "ray.cpus_per_trial=1"])[1] == trials  # may change between sessions
+    with pytest.raises(ConfigError, match=r"sweep='4 trials'.*grid of 2 trials; e.g. method=naive_dst,seed=1 is new"):
+        plan_of(["sweep.seeds=[0,1]"])
+    with pytest.raises(ConfigError, match=r"train.max_steps=300 is not allowed: resuming .* needs 60, .*sweep.resume=false"):
+        plan_of(["train.max_steps=300"])
+    with pytest.raises(ConfigError, match=r"optim.lr=0.002 .* needs 0.001"):
+        plan_of(["optim.lr=0.002"])
+    assert len(plan_of(["sweep.seeds=[0,1]", "sweep.resume=false"])[1]) == 4  # starting afresh is allowed
+    assert (tmp_path / "smoke" / GRID_FILE).is_file()
+
+
 SMOKE = ["+sweep=smoke", "train.max_steps=40"]
 
 
@@ -167,3 +187,13 @@ def test_killed_driver_resumes_to_exactly_the_grid(tmp_path, sig):
     assert len(client.get_metric_history(naive_run.info.run_id, "train/loss")) == naive_points
     smet = next(r for r in runs if r.data.tags.get("smet.method") == "smet")
     assert smet.data.metrics["summary/steps"] == 200
+    if sig == signal.SIGKILL:  # a changed grid on resume: one line, exit 2, nothing touched
+        changed = run_cli([*args, "sweep.seeds=[0,1]"], cwd=tmp_path, timeout=120)
+        assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-2000:]
+        assert changed.stderr.strip().count("\n") == 0 and "sweep.resume=false" in changed.stderr
+        assert len(runs_of(tmp_path / "mlflow.db")[1]) == 3
+        # A sweep folder without grid.json (written by an older smet_lab): Tune restores its own grid;
+        # the trials it does not have are reported as an error, never a silent success.
+        (tmp_path / "sw" / "smoke" / "grid.json").unlink()
+        legacy = run_cli([*args, "sweep.seeds=[0,1]"], cwd=tmp_path, timeout=300)
+        assert legacy.returncode == 1 and "2 trial(s) of this grid are not in the resumed experiment" in legacy.stderr

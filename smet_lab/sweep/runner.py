@@ -42,7 +42,57 @@ def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial],
             check_config(run_config_from(configs[trial.key]))
         except ConfigError as exc:
             raise ConfigError(exc.key, exc.value, f"{exc.allowed} (in trial {trial.key})") from None
+    check_resume(sweep, storage_root(cfg, sweep) / sweep.name, trials, configs)
     return sweep, trials, configs
+
+
+# What a resumed sweep must share with the one it resumes: Tune restores the trials it stored, so a
+# grid or training setting changed on the command line would silently not apply. (tracking and ray
+# settings may change between sessions.)
+GRID_FILE = "grid.json"
+RESUME_SECTIONS = ("method", "model", "data", "sparsity", "optim", "train")
+
+
+def trial_signatures(trials: list[Trial], configs: dict) -> dict:
+    """{trial key: its training config (RESUME_SECTIONS), JSON-normalised}."""
+    return json.loads(json.dumps({t.key: {k: configs[t.key][k] for k in RESUME_SECTIONS if k in configs[t.key]}
+                                  for t in trials}))
+
+
+def _first_difference(old, new, prefix: str = ""):
+    """(dotted key, old value, new value) of the first difference between two nested dicts, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
+            if found:
+                return found
+        return None
+    return None if old == new else (prefix.rstrip("."), old, new)
+
+
+def check_resume(sweep: SweepConfig, sweep_dir: Path, trials: list[Trial], configs: dict) -> None:
+    """ConfigError when resuming would run a different sweep than the one asked for now."""
+    path = sweep_dir / GRID_FILE
+    if not sweep.resume or not path.is_file():
+        return
+    old, new = json.loads(path.read_text()), trial_signatures(trials, configs)
+    fix = "add sweep.resume=false to start it afresh, or sweep.name=OTHER to keep both"
+    if set(old) != set(new):
+        extra = sorted(set(new) - set(old))
+        detail = f"; e.g. {extra[0]} is new" if extra else f"; e.g. {sorted(set(old) - set(new))[0]} is gone"
+        raise ConfigError("sweep", f"{len(new)} trials", f"resuming {sweep_dir} needs its grid of {len(old)} "
+                          f"trials{detail}; {fix}")
+    for key in new:
+        found = _first_difference(old[key], new[key])
+        if found:
+            dotted, was, now = found
+            raise ConfigError(dotted, now, f"resuming {sweep_dir} needs {was!r}, as its trials were started "
+                              f"with (trial {key}); {fix}")
+
+
+def write_grid(sweep_dir: Path, trials: list[Trial], configs: dict) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / GRID_FILE).write_text(json.dumps(trial_signatures(trials, configs), indent=1))
 
 
 def storage_root(cfg: DictConfig, sweep: SweepConfig) -> Path:
@@ -106,6 +156,7 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
             print(f"[sweep {sweep.name}] resuming from {exp_dir}", flush=True)
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=False)
         else:
+            write_grid(sweep_dir, trials, configs)  # what a later resume is checked against (check_resume)
             scheduler = None
             if sweep.scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
@@ -147,6 +198,13 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
     if interrupted:
         print(f"[sweep {sweep.name}] interrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    ran = {(r.config or {}).get("key") for r in grid} if grid else set()
+    never = [t.key for t in trials if t.key not in ran]
+    if never:  # a sweep folder from before grid.json existed, restored with another grid
+        print(f"[sweep {sweep.name}] error: {len(never)} trial(s) of this grid are not in the resumed experiment "
+              f"{sweep_dir / 'tune'} (e.g. {never[0]}): it was started with another grid; run with "
+              f"sweep.resume=false to start afresh or sweep.name=OTHER to keep both", file=sys.stderr)
+        return EXIT_TRIAL_FAILED
     return EXIT_TRIAL_FAILED if failed else 0
 
 
