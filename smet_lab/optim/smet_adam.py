@@ -295,17 +295,41 @@ class SMETAdam(torch.optim.Optimizer):
         """float32 [C]: steps since each cohort's update, counting the current one (the local step)."""
         return (self.global_step - self.births).float()
 
-    def _warm_table(self) -> torch.Tensor | None:
-        """Compact: per-cohort warm-up factor min(1, age/W) (1 for id 0, i.e. blocks active from the
-        start or merged); dense_masked: an empty marker. None when no block is warming up now."""
+    def _warming_now(self) -> bool:
+        """True while blocks regrown at the last update are inside their W-step warm-up."""
         W = self.warmup_steps
-        if W <= 0 or self.last_regrow_step is None or self.global_step - self.last_regrow_step > W:
-            return None
-        if not self.compact:
-            return torch.empty(0)
-        ages = self._cohort_ages()
-        warming = (self.births > 0) & (ages < W)  # id 0 (birth 0) and free ids (-1) never warm
-        return torch.where(warming, ages / W, torch.ones_like(ages)) if warming.any() else None
+        return W > 0 and self.last_regrow_step is not None and self.global_step - self.last_regrow_step <= W
+
+    def _cohort_table(self, device) -> torch.Tensor:
+        """Compact layout: [C, 3] per cohort: 1 - b1^t, 1 - b2^t and the warm-up factor min(1, t/W)
+        (1 for id 0, i.e. blocks active from the start or merged, and for free ids), t = local step."""
+        b1, b2 = self.betas
+        t = self._cohort_ages()
+        warm = torch.ones_like(t)
+        if self.warmup_steps > 0:
+            warming = (self.births > 0) & (t < self.warmup_steps)
+            warm = torch.where(warming, t / self.warmup_steps, warm)
+        return torch.stack([1 - b1 ** t, 1 - b2 ** t, warm], 1).to(device)
+
+    def _chunk_coefficients(self, sl: slice, table, warming: bool):
+        """(bias correction 1, bias correction 2, warm-up factor or None) for the state rows `sl`."""
+        b1, b2 = self.betas
+        if table is not None:  # compact with cohorts: one value per cohort, gathered per block
+            coef = table.index_select(0, self.cohort[sl].int())
+            bc1, bc2 = (coef[:, 0:1], coef[:, 1:2]) if self.reset_step else \
+                (1 - b1 ** self.global_step, 1 - b2 ** self.global_step)
+            return bc1, bc2, coef[:, 2:3] if warming else None
+        if self.reset_step:  # dense_masked: the int16 age per block is the local step
+            t = self.age[sl].float()
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        else:  # the shared global step (naive DST)
+            bc1, bc2 = 1 - b1 ** self.global_step, 1 - b2 ** self.global_step
+        warm = None
+        if warming:
+            age = self.age[sl]
+            regrown = age.int() < min(self.global_step, AGE_MAX)  # initial blocks: as old as the run
+            warm = torch.where(regrown, (age.float() / self.warmup_steps).clamp_(max=1.0), 1.0)
+        return bc1, bc2, warm
 
     def _sparse_step(self, group: dict) -> None:
         """Adam on the compact (or masked) buffers, then the scatter into the weights. The moments
@@ -319,36 +343,15 @@ class SMETAdam(torch.optim.Optimizer):
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
         if self.age is not None:
             self.age.clamp_(max=AGE_MAX - 1).add_(1)
-        warm_table = self._warm_table()
-        damping = warm_table is not None and self.warmup_kind == "moment_damping"
-        if self.reset_step and self.compact:  # local bias corrections: one value per cohort
-            t = self._cohort_ages()
-            tables = [(1 - b1 ** t).to(g.device), (1 - b2 ** t).to(g.device)]
-            if warm_table is not None:
-                tables.append(warm_table.to(g.device))
-            table = torch.stack(tables, 1)  # [C, 2 or 3]
+        warming = self._warming_now()
+        damping = warming and self.warmup_kind == "moment_damping"
+        table = self._cohort_table(g.device) if self.cohort is not None else None
         probe, probe_sum = self._probe_slots, None
         lr = group["lr"]
         for first, last in self._chunks:
             sl = slice(self._offsets[first], self._offsets[last])
             m_c, v_c = m[sl], v[sl]
-            warm = None
-            if self.reset_step and self.compact:
-                coef = table.index_select(0, self.cohort[sl].int())  # [k, 2 or 3]
-                bc1, bc2 = coef[:, 0:1], coef[:, 1:2]
-                warm = coef[:, 2:3] if warm_table is not None else None
-            elif self.reset_step:
-                t = self.age[sl].float()
-                bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-            else:  # the shared global step (naive DST)
-                bc1, bc2 = 1 - b1 ** self.global_step, 1 - b2 ** self.global_step
-            if warm_table is not None and warm is None:
-                if self.compact:
-                    warm = warm_table.to(g.device).index_select(0, self.cohort[sl].int()).unsqueeze(1)
-                else:
-                    age = self.age[sl]
-                    regrown = age.int() < min(self.global_step, AGE_MAX)  # initial blocks: as old as the run
-                    warm = torch.where(regrown, (age.float() / self.warmup_steps).clamp_(max=1.0), 1.0)
+            bc1, bc2, warm = self._chunk_coefficients(sl, table, warming)
             if damping:
                 m_c.mul_(warm)
             upd = (m_c / bc1).div_((v_c / bc2).sqrt_().add_(self.eps))
