@@ -8,6 +8,8 @@ only when work starts, so `--help` and `--cfg job` answer fast.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -20,16 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
 from smet_lab.config import ConfigError, RunConfig, run_config_from
+from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, config_groups, explain_hydra_error, group_options,
+                                ignored_setting, multirun_overrides, split_args, unknown_key)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT = 2
+RUN_FILE = "mlflow_run.json"  # in a run's output folder: the MLflow run a resume continues
 
 schema.register()
-
-# Hydra flags that take a value (their value is not an override).
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--experimental-rerun"}
-_FLAGS_THAT_SKIP = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
 
 
 class BadInput(Exception):
@@ -39,62 +38,6 @@ class BadInput(Exception):
 def fail(message: str) -> None:
     print(f"smet_lab: error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
-
-
-# ----------------------------------------------------------------------------------- pre-flight
-def split_args(argv: list[str]) -> tuple[list[str], bool, bool]:
-    """(overrides, whether Hydra should handle the call alone, whether only the config is asked for)."""
-    overrides, skip, cfg_only, i = [], False, False, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in _FLAGS_THAT_SKIP:
-            skip = True
-        elif arg in _FLAGS_WITH_VALUE:
-            cfg_only = cfg_only or arg in ("--cfg", "-c")
-            i += 1
-        elif not arg.startswith("-"):
-            overrides.append(arg)
-        i += 1
-    return overrides, skip, cfg_only
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
-    """Hydra's multi-line composition errors as one line: key, value, what is allowed."""
-    text = str(exc) + ("\n" + str(exc.__cause__) if exc.__cause__ else "")
-    missing = re.search(r"Could not find '([\w-]+)/([^']+)'", text)
-    if missing:
-        group, option = missing.groups()
-        return f"{group}={option} is not allowed: one of {', '.join(group_options(group))}"
-    override = re.search(r"Could not override '([^']+)'", text)
-    key_error = re.search(r"Key '([^']+)' not in '(\w+)'", text)
-    if override or key_error:
-        key = override.group(1) if override else key_error.group(1)
-        value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
-        if key.startswith("sweep.params."):
-            return (f"{key}={value} is not allowed: not an axis of this sweep; add an axis with "
-                    f"+{key}=[...] (the key must be a config key, e.g. +sweep.params.optim.lr=[0.001,0.002])")
-        section = key.rsplit(".", 1)[0] if "." in key else None
-        known = ", ".join(_known_keys(section)) or "none"
-        return f"{key}={value} is not allowed: unknown key; known keys of {section or 'the config'}: {known}"
-    typed = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
-    full_key = re.search(r"full_key: ([\w.]+)", text)
-    if typed and full_key:
-        return f"{full_key.group(1)}={typed.group(1)} is not allowed: must be of type {typed.group(2)}"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first
-
-
-def _known_keys(section: str | None) -> list[str]:
-    node = OmegaConf.structured(schema.AppConfig)
-    for part in (section.split(".") if section else []):
-        node = node.get(part) if isinstance(node, DictConfig) and part in node else None
-        if node is None:
-            return []
-    return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -132,12 +75,15 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
 
     try:
         cfg = compose(overrides)
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as exc:
         if "MissingMandatoryValue" in type(exc).__name__ or "Missing mandatory value" in str(exc):
             key = re.search(r"full_key: ([\w.]+)", str(exc))
             raise BadInput(f"{key.group(1) if key else 'a key'} is required and has no value (set it on the command line)")
         raise BadInput(explain_hydra_error(exc, overrides)) from None
+    unknown = unknown_key(container, overrides)  # `+key=` adds keys the schema does not close off
+    if unknown:
+        raise BadInput(unknown)
     if compose_only:
         return cfg
     try:
@@ -147,9 +93,13 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
         if cfg.get("sweep") is not None:
             from smet_lab.sweep.runner import plan
 
-            plan(cfg, method_composer(overrides))
+            configs = list(plan(cfg, method_composer(overrides))[2].values())
         else:
             check_config(to_run_config(cfg))
+            configs = [container]
+        ignored = ignored_setting(overrides, configs, is_sweep=cfg.get("sweep") is not None)
+        if ignored:
+            raise BadInput(ignored)
         tracking = OmegaConf.to_object(cfg.tracking)
         if tracking.enabled:
             check_tracking(tracking)
@@ -162,24 +112,23 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
 def run_single(cfg: DictConfig, output_dir: Path) -> int:
     """One training run, tracked in MLflow. Returns the process exit code."""
     from smet_lab.data import load_corpus
-    from smet_lab.tracking import start_run, write_run_artifacts
+    from smet_lab.tracking import write_run_artifacts
     from smet_lab.train import train
 
     run_cfg = to_run_config(cfg)
-    container = OmegaConf.to_container(cfg, resolve=True)
     tracking = OmegaConf.to_object(cfg.tracking)
     try:
         corpus = load_corpus(run_cfg.data)
     except ConfigError as exc:
         _remove_if_empty(output_dir)
         fail(str(exc))
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container["model"]["vocab_size"] = corpus.vocab_size  # recorded as the run trains: the tokenizer's
     name = f"{run_cfg.method}-d{run_cfg.sparsity.density}-s{run_cfg.train.seed}"
     tags = {"smet.method": run_cfg.method, "smet.data_sha256": corpus.sha256, "smet.kind": "run",
             "smet.output_dir": str(output_dir)}
     print(f"smet_lab: {name} on {corpus.name} ({len(corpus.train):,} train tokens), output in {output_dir}")
-    with start_run(tracking, run_name=name, params=container, tags=tags) as tracker:
-        if tracking.enabled:
-            print(f"smet_lab: tracking to MLflow run {tracker.run_id} ({tracking.uri})")
+    with open_tracker(tracking, run_cfg.train.resume_from, name, container, tags, output_dir) as tracker:
         result = train(run_cfg, output_dir=output_dir, log=tracker.log_metrics, corpus=corpus,
                        should_stop=STOP.is_set)
         paths = write_run_artifacts(result.history, container, output_dir, title=name)
@@ -192,15 +141,40 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     elif result.status != "FINISHED":
         print(f"smet_lab: error: {result.error} (run marked diverged)", file=sys.stderr)
     else:
+        jump = s.get("summary/mean_probe_jump")
         print(f"smet_lab: done: final val loss {s.get('summary/final_val_loss', float('nan')):.4f}, "
-              f"mean probe jump {s.get('summary/mean_probe_jump', float('nan')):.4f}, "
+              f"mean probe jump {'n/a (no topology update)' if jump is None else f'{jump:.4f}'}, "
               f"state memory {s['summary/memory/state_ratio_vs_dense_adam']:.3f} x dense Adam")
     print(f"smet_lab: results in {output_dir}")
     if tracking.enabled:
-        uri = tracking.uri
-        print(f"smet_lab: MLflow run {tracker.run_id} in experiment '{tracking.experiment}' at {uri}; "
-              f"dashboards: mlflow ui --backend-store-uri {uri}")
+        print(f"smet_lab: MLflow run {tracker.run_id} in experiment '{tracking.experiment}' at {tracking.uri}; "
+              f"dashboards: mlflow ui --backend-store-uri {tracking.uri}")
     return {"FINISHED": 0, "KILLED": 130}.get(result.status, 1)
+
+
+def open_tracker(tracking, resume_from: str | None, name: str, params: dict, tags: dict, output_dir: Path):
+    """The run's tracker. A resumed run continues its MLflow run (same id, one contiguous history) when
+    the store still has it (its id is in the checkpoint's output folder), else a new run tagged with
+    where it resumed from."""
+    from smet_lab.tracking import continue_run, start_run
+
+    tracker, previous = None, None
+    if tracking.enabled and resume_from:
+        tags = {**tags, "smet.resumed_from": str(resume_from)}
+        found = next((d / RUN_FILE for d in Path(resume_from).resolve().parents[:3] if (d / RUN_FILE).is_file()), None)
+        previous = json.loads(found.read_text()) if found else None
+        if previous and previous.get("experiment") == tracking.experiment:
+            tracker = continue_run(tracking, previous["run_id"], {"smet.resumed": "true", **tags})
+    if tracker is None:
+        if previous:
+            tags["smet.resumed_from_run"] = previous["run_id"]
+        tracker = start_run(tracking, run_name=name, params=params, tags=tags)
+    if tracking.enabled:
+        continued = previous is not None and tracker.run_id == previous["run_id"]
+        print(f"smet_lab: tracking to MLflow run {tracker.run_id}{' (continued)' if continued else ''} ({tracking.uri})")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_FILE).write_text(json.dumps({"run_id": tracker.run_id, "experiment": tracking.experiment}))
+    return tracker
 
 
 def _remove_if_empty(output_dir: Path) -> None:
@@ -208,6 +182,9 @@ def _remove_if_empty(output_dir: Path) -> None:
     output_dir = Path(output_dir)
     if output_dir.is_dir() and all(p.name in (".hydra", "cli.log", "__main__.log") for p in output_dir.iterdir()):
         shutil.rmtree(output_dir, ignore_errors=True)
+        for parent in output_dir.parents[:2]:  # outputs/<date>/ and outputs/ when nothing else is left
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -220,6 +197,7 @@ def hydra_main(cfg: DictConfig) -> None:
         from smet_lab.sweep import run_sweep
 
         code = run_sweep(cfg, output_dir, method_composer(list(hydra_cfg.overrides.task)))
+        _remove_if_empty(output_dir)  # a sweep writes into its sweep folder, not here
     else:
         code = run_single(cfg, output_dir)
     if code:
@@ -247,12 +225,62 @@ class StopRequest:
 STOP = StopRequest()
 
 
+HELP = """smet_lab: dynamic sparse training (DST) of LLaMA-style language models with SMET (local Adam
+step reset + warm-up for regrown weights, density-scaled learning rate, compact optimizer state), with
+Ray Tune sweeps, MLflow tracking and stability reports.
+
+Usage: python -m smet_lab [KEY=VALUE ...] [GROUP=OPTION ...] [+sweep=NAME | -m KEY=A,B ...]
+
+Main commands:
+  python -m smet_lab                                       one run: tiny model, embedded corpus, smet at density 0.25
+  python -m smet_lab method=naive_dst sparsity.density=0.1 train.max_steps=500
+  python -m smet_lab data=text_files data.path=/data/my.txt  train on your own text (.txt/.jsonl/.json.gz)
+  python -m smet_lab +sweep=density                        a Ray Tune sweep: MLflow parent + child runs + report
+  python -m smet_lab -m sparsity.density=0.1,0.25 method=smet,naive_dst   the same grid as a Hydra multirun
+  python -m smet_lab +sweep=smoke sweep.retry_failed=true  resume a sweep, re-running its failed trials
+  python -m smet_lab train.resume_from=outputs/.../checkpoints/step_N   resume a run (same MLflow run)
+  python -m smet_lab.report SWEEP                          rebuild a sweep's stability report
+  python -m smet_lab --cfg job                             print the composed config (every key and value)
+  mlflow ui --backend-store-uri sqlite:///mlflow.db         the dashboards
+
+Config groups (GROUP=OPTION):
+{groups}
+
+Hydra's own flags: python -m smet_lab --hydra-help
+"""
+
+
+def help_text() -> str:
+    lines = []
+    for group in config_groups():
+        name = f"+{group}" if group == "sweep" else group  # sweep is optional: it needs its plus
+        lines.append(f"  {name + ':':<12} {', '.join(group_options(group))}")
+    return HELP.format(groups="\n".join(lines))
+
+
+def quiet_libraries() -> None:
+    """No INFO chatter from MLflow's store set-up (alembic migrations) on a user's first run."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return
     signal.signal(signal.SIGINT, STOP)
     signal.signal(signal.SIGTERM, STOP)
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    quiet_libraries()
     overrides, hydra_alone, cfg_only = split_args(argv)
+    if any(flag in argv for flag in MULTIRUN_FLAGS):  # a multirun is a sweep: Ray Tune, not Hydra's launcher
+        try:
+            swept = multirun_overrides(overrides)
+        except ConfigError as exc:
+            fail(str(exc))
+        argv = [a for a in argv if a not in MULTIRUN_FLAGS and a not in overrides] + swept
+        overrides = swept
     if not hydra_alone:
         try:
             preflight(overrides, compose_only=cfg_only)

@@ -63,7 +63,7 @@ class SparsityConfig:
 class RegrowConfig:
     reset_step: bool = True
     warmup_steps: int = 100  # W; 0 = no warm-up
-    warmup_kind: str = "linear_lr"  # linear_lr | moment_damping
+    warmup_kind: str = "linear_lr"  # linear_lr | moment_damping | released (the released code, bugs included)
 
 
 @dataclass

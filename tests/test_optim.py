@@ -109,8 +109,10 @@ def test_entries_active_from_the_start_are_not_warmed():
     assert new.numel() == 8
 
 
-def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damping=False, betas=(B1, B2)):
-    """Independent dense, per-entry re-implementation of design.md section 5."""
+def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damping=False, betas=(B1, B2),
+                   released=False):
+    """Independent dense, per-entry re-implementation of design.md section 5. released=True: the
+    released code's counter (set to 1 at regrowth, +1 before use) damps m of every entry while < W."""
     B1, B2 = betas
     w = weight.clone()
     m = torch.zeros_like(w)
@@ -123,9 +125,12 @@ def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damp
         m = B1 * m + (1 - B1) * g
         v = B2 * v + (1 - B2) * g * g
         age = age + 1
-        t = age if reset else torch.full_like(w, float(step))
+        counter = age + regrown.float() if released else age
+        t = counter if reset else torch.full_like(w, float(step))
         warm = torch.where(regrown, torch.clamp(age / W, max=1.0), torch.ones_like(w)) if W else torch.ones_like(w)
-        if damping:
+        if released and W:
+            warm = torch.clamp(counter / W, max=1.0)
+        if damping or released:
             m = m * warm
             warm = torch.ones_like(w)
         u = (m / (1 - B1 ** t)) / (torch.sqrt(v / (1 - B2 ** t)) + 1e-8)
@@ -143,19 +148,20 @@ def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damp
     return w
 
 
-@pytest.mark.parametrize("method", ["smet", "naive", "no_reset", "damping"])
+@pytest.mark.parametrize("method", ["smet", "naive", "no_reset", "damping", "released"])
 @pytest.mark.parametrize("layout", ["compact", "dense_masked"])
 def test_matches_dense_reference_through_topology_updates(method, layout):
-    reset = method in ("smet", "damping")
+    reset = method in ("smet", "damping", "released")
     W = 0 if method == "naive" else 5
+    kind = {"damping": "moment_damping", "released": "released"}.get(method, "linear_lr")
     kw = dict(lr=1e-2, reset_step=reset, warmup_steps=W, lr_scaling="inverse" if method != "naive" else "none",
-              warmup_kind="moment_damping" if method == "damping" else "linear_lr", state=layout)
+              warmup_kind=kind, state=layout)
     model, topo, opt = make(density=0.25, **kw)
     weight0 = model.weight.detach().clone()
     masks, regrow_at = run_with_updates(model, topo, opt, steps=30, update_every=7)
     scale = 4.0 if method != "naive" else 1.0  # inverse scaling at density 0.25
     ref = reference_smet(weight0 * masks[0], model.G, masks, regrow_at, 30, 1e-2, W, reset, scale,
-                         damping=method == "damping")
+                         damping=method == "damping", released=method == "released")
     assert len(regrow_at) == 4
     assert torch.allclose(model.weight.detach(), ref, atol=1e-6, rtol=1e-5)
     # Invariant: inactive weights stay exactly zero.
@@ -177,6 +183,116 @@ def run_with_updates(model, topo, opt, steps, update_every, prune_rate=0.3):
             regrow_at.append(step)
             masks.append(topo.layers[0].active_mask().view(shape).clone())
     return masks, regrow_at
+
+
+def released_first_update(W: float) -> float:
+    """|first update| / lr of a regrown entry under warmup_kind="released" (steady gradient g, m = v = 0
+    at regrowth). Its counter is 1 at regrowth and +1 before use, so t = 2 and the damping is
+    d = min(1, 2/W): m = d(1-b1)g, v = (1-b2)g^2, and
+        |u| = (d(1-b1)/(1-b1^2)) / sqrt((1-b2)/(1-b2^2)) = d sqrt(1+b2) / (1+b1).
+    (moment_damping has t = 1, d = min(1, 1/W): |u| = d.)"""
+    return min(1.0, 2 / W) * math.sqrt(1 + B2) / (1 + B1)
+
+
+@pytest.mark.parametrize("layout", ["compact", "dense_masked"])
+@pytest.mark.parametrize("kind,W,expected", [("released", 1, 0.7441), ("released", 10, 0.1488),
+                                             ("moment_damping", 1, 1.0), ("moment_damping", 10, 0.1)])
+def test_first_regrown_update_released_vs_moment_damping(layout, kind, W, expected):
+    """The released code's off-by-one: its first update of a regrown weight uses t = 2, not 1, so it
+    is sqrt(1.999)/1.9 = 0.744 x lr undamped (W = 1) and 0.2 x 0.744 = 0.149 x lr at W = 10, where
+    moment_damping (t = 1) gives 1 x lr and 0.1 x lr."""
+    if kind == "released":
+        assert released_first_update(W) == pytest.approx(expected, abs=1e-4)
+    model, topo, opt = make(lr=1e-3, reset_step=True, warmup_steps=W, warmup_kind=kind, lr_scaling="none",
+                            state=layout)
+    run_steps(model, opt, 30)  # past W: the entries active from the start are no longer damped
+    new = regrow_some(topo, opt)
+    before = topo.layers[0].blocks()[new].clone()
+    run_steps(model, opt, 1)
+    delta = (topo.layers[0].blocks()[new] - before).abs() / 1e-3
+    assert torch.allclose(delta, torch.full_like(delta, expected), rtol=2e-4)
+    assert opt.last_regrow_update_ratio == pytest.approx(expected, rel=2e-4)
+
+
+class WithDense(LinearLoss):
+    """LinearLoss plus a 1-D (hence dense) parameter with its own steady gradient Gb."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed=seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.bias = nn.Parameter(torch.randn(16, generator=gen) * 0.02)
+        self.register_buffer("Gb", torch.randn(16, generator=gen))
+
+    def loss(self):
+        return super().loss() + (self.bias * self.Gb).sum()
+
+
+@pytest.mark.parametrize("layout", ["compact", "dense_masked"])
+@pytest.mark.parametrize("kind", ["released", "moment_damping"])
+def test_released_damps_dense_and_initial_weights_in_the_first_W_steps(layout, kind):
+    """With released, every tensor's counter is the global step until a regrowth, so during the first
+    W steps the dense parameters and the initially active sparse weights are damped too. Steady
+    gradient g, W = 10, damping d_s = s/10 applied in place to m after its update at step s:
+        step 1: m = d_1(1-b1)g,                    bias-corrected |u| = d_1 = 0.1
+        step 2: m = d_2(b1 d_1(1-b1) + (1-b1))g,  |u| = d_2 (0.009 + 0.1) / (1 - b1^2) = 0.114737
+    (v_hat = g^2 exactly for a steady gradient). moment_damping leaves them plain Adam: |u| = 1, 1."""
+    model = WithDense()
+    topo = SparseTopology.build(model, 0.25, dense_patterns=[])
+    assert [layer.name for layer in topo.layers] == ["weight"]
+    opt = SMETAdam(model, topo, lr=1e-3, reset_step=True, warmup_steps=10, warmup_kind=kind,
+                   lr_scaling="none", state=layout)
+    active = topo.layers[0].block_idx.long()
+    assert 0.2 * (B1 * 0.1 * (1 - B1) + (1 - B1)) / (1 - B1 ** 2) == pytest.approx(0.114737, abs=1e-6)
+    expected = {"released": [0.1, 0.114737], "moment_damping": [1.0, 1.0]}[kind]
+    for step in range(2):
+        bias, weight = model.bias.detach().clone(), topo.layers[0].blocks()[active].clone()
+        run_steps(model, opt, 1)
+        dense_delta = (model.bias.detach() - bias).abs() / 1e-3
+        sparse_delta = (topo.layers[0].blocks()[active] - weight).abs() / 1e-3
+        for delta in (dense_delta, sparse_delta):
+            assert torch.allclose(delta, torch.full_like(delta, expected[step]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["compact", "dense_masked"])
+def test_released_resume_is_bitwise(tmp_path, layout):
+    """Checkpoint inside the warm-up (global step < W, just after a regrowth), reload everything into
+    fresh objects, continue: weights and state equal an uninterrupted run bit for bit."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16)
+    x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def build():
+        torch.manual_seed(0)
+        model = LLaMA(cfg)
+        topo = SparseTopology.build(model, 0.25)
+        opt = SMETAdam(model, topo, lr=1e-2, warmup_steps=6, warmup_kind="released", state=layout)
+        updater = DynamicSparsity(topo, total_steps=20, update_every=3, prune_rate=0.3, prune_schedule="constant")
+        return model, topo, opt, updater
+
+    def train(objs, steps):
+        model, _, opt, updater = objs
+        for step in steps:
+            model(x, x).backward()
+            opt.step()
+            opt.zero_grad()
+            if updater.is_update_step(step):
+                opt.regrow(updater.update(step))
+
+    full = build()
+    train(full, range(1, 11))
+    first = build()
+    train(first, range(1, 5))
+    torch.save({k: o.state_dict() for k, o in zip(("model", "topology", "optimizer", "updater"), first)},
+               tmp_path / "state.pt")
+    resumed = build()
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    for k, o in zip(("model", "topology", "optimizer", "updater"), resumed):
+        o.load_state_dict(state[k])
+    train(resumed, range(5, 11))
+    assert all(torch.equal(a, b) for a, b in zip(full[0].parameters(), resumed[0].parameters()))
+    for a, b in ((full[2].exp_avg, resumed[2].exp_avg), (full[2].exp_avg_sq, resumed[2].exp_avg_sq)):
+        assert torch.equal(a, b)
+    dense = lambda opt: [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert all(torch.equal(a, b) for a, b in zip(dense(full[2]), dense(resumed[2])))
 
 
 def test_cohort_merge_is_exact_and_keeps_ids_few(one_thread):
@@ -255,7 +371,7 @@ def test_regrow_event_without_old_slots_gives_the_same_state():
 
 
 @pytest.mark.parametrize("layout,kind", [("compact", "linear_lr"), ("compact", "moment_damping"),
-                                         ("dense_masked", "linear_lr")])
+                                         ("dense_masked", "linear_lr"), ("compact", "released")])
 def test_chunked_update_equals_one_chunk(monkeypatch, layout, kind):
     """The update is formed chunk by chunk (bounded temporaries): one chunk per layer gives exactly the
     same weights, state and regrow ratio as one chunk for all layers (weight decay and warm-up on)."""
@@ -393,6 +509,9 @@ def test_bad_optimizer_values_are_rejected_with_the_key():
     for kwargs, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             SMETAdam(model, topo, **kwargs)
+    with pytest.raises(ConfigError, match="one of linear_lr, moment_damping, released"):
+        SMETAdam(model, topo, warmup_kind="cosine")
+    SMETAdam(model, topo, warmup_kind="released", warmup_steps=10).remove_hooks()
 
 
 def test_lr_scaling_rules_and_scope():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import math
+from html import escape as html_escape
 import os
 import re
 import shutil
@@ -20,12 +21,16 @@ import pytest
 from smet_lab.report import (SweepInfo, build_report, cell_stats, headline, load_spec, partial_note, pivot_table,
                              spec_table, sweep_info_from_params, trial_table, update_deltas, with_missing)
 from smet_lab.report.__main__ import main as report_main
-from smet_lab.report.specs import SpecError, merge_sweeps, write_spec_table
+from smet_lab.report.specs import SpecError, default_specs, merge_sweeps, write_spec_table
 from smet_lab.report.specs import _ordered
-from smet_lab.report.tables import pivot_numbers, trial_notes
+from smet_lab.report.data import METRICS, positive_probe_jump, with_positive_jump
+from smet_lab.report.glossary import DEFINITIONS, glossary
+from smet_lab.report.plots import overlay_figure
+from smet_lab.report.tables import INDISTINCT, STABILITY_KEYS, pivot_numbers, ranked, trial_notes
 from smet_lab.sweep.grid import trial_key
 
 PPL, SPIKE, JUMP = "summary/final_val_ppl", "summary/spike_score", "summary/mean_probe_jump"
+RATE, POS = "summary/update_spike_rate", "summary/mean_positive_probe_jump"
 SEEDS = [0, 1, 2]
 CELLS = [("naive_dst", 0.1), ("naive_dst", 0.5), ("smet", 0.1), ("smet", 0.5)]
 
@@ -142,11 +147,113 @@ def test_headline_names_the_most_stable_and_the_best_with_numbers():
     info, runs = hand_made()
     stats = cell_stats(with_missing(runs, info), KEYS, seeds_asked=3)
     text = headline(stats, KEYS)
-    assert text == ("Most stable: smet, sparsity.density=0.1 (mean probe jump +0.0200, spike score 0.000, 2 seeds); "
-                    "best: smet, sparsity.density=0.5 (final val ppl 8.00 ± 0.00 vs 10.00 for the next best, "
-                    "smet, sparsity.density=0.1); not ranked: 1 diverged and 1 failed runs.")
+    # No update spike rate logged: ranked by mean positive jump, smet@0.1 (0.01, 0.03) and smet@0.5 (0.02 x 3)
+    # tie at 0.02; ppl 8 ± 0 vs 10 ± 1.41: |8 - 10| = 2 > 0 + 1.41, told apart.
+    assert text == ("Most stable: smet, sparsity.density=0.1 (mean positive probe jump 0.0200 ± 0.0141, 2 seeds) and "
+                    "the runner-up smet, sparsity.density=0.5 (mean positive probe jump 0.0200 ± 0.0000, 3 seeds) are "
+                    "indistinguishable (within the seeds' spread); unequal seed counts (2 vs 3 seeds). "
+                    "Best: smet, sparsity.density=0.5 (final val ppl 8.00 ± 0.00, 3 seeds), ahead of the next best "
+                    "smet, sparsity.density=0.1 (final val ppl 10.00 ± 1.41, 2 seeds) by more than the seeds' spread "
+                    "in final val ppl; unequal seed counts (3 vs 2 seeds). Not ranked: 1 diverged and 1 failed runs.")
     only_failed = runs[runs["status"] == "FAILED"]
     assert headline(cell_stats(only_failed, KEYS), KEYS, only_failed).startswith("No configuration has a finished run")
+
+
+def jump_history(jumps) -> pd.DataFrame:
+    """A run history whose topology updates (every 10 steps) logged these probe jumps."""
+    steps = np.arange(1, 10 * len(jumps) + 1)
+    h = pd.DataFrame({"step": steps, "train/loss": 4.0 - 0.01 * steps})
+    h["stability/probe_jump"] = np.nan
+    h.loc[steps % 10 == 0, "stability/probe_jump"] = jumps
+    return h
+
+
+def stability_runs(cells: dict) -> pd.DataFrame:
+    """Finished runs from {method: [(update spike rate, mean probe jump, jumps or None, ppl) per seed]}."""
+    rows = []
+    for method, seeds in cells.items():
+        for seed, (rate, jump, jumps, ppl) in enumerate(seeds):
+            rows.append({"run_id": f"{method}{seed}", "trial": f"method={method},seed={seed}", "status": "FINISHED",
+                         "error": None, "history": None if jumps is None else jump_history(jumps), "method": method,
+                         "train.seed": seed, RATE: rate, JUMP: jump, PPL: ppl})
+    return pd.DataFrame(rows)
+
+
+def stable_sentence(runs) -> str:
+    return headline(cell_stats(runs, ["method"]), ["method"]).split(". Best:")[0]
+
+
+def test_positive_probe_jump_from_the_history_else_the_clipped_logged_mean():
+    assert positive_probe_jump(jump_history([0.05, -0.07])) == pytest.approx(0.025)  # signed mean: -0.01
+    assert positive_probe_jump(jump_history([-0.01, -0.02, 0.0])) == 0.0
+    assert positive_probe_jump(None, -0.01) == 0.0 and positive_probe_jump(None, 0.003) == pytest.approx(0.003)
+    assert math.isnan(positive_probe_jump(None)) and math.isnan(positive_probe_jump(None, None))
+    no_probe = pd.DataFrame({"step": [1, 2], "train/loss": [4.0, 3.9]})
+    assert positive_probe_jump(no_probe, 0.004) == pytest.approx(0.004)
+    runs = stability_runs({"smet": [(0.0, -0.01, [0.05, -0.07], 9.0), (0.0, 0.002, None, 9.0)]})
+    assert with_positive_jump(runs)[POS].tolist() == pytest.approx([0.025, 0.002])
+
+
+def test_a_negative_mean_probe_jump_is_never_ranked_more_stable():
+    # naive_dst: mean jump -0.01 (the loss kept falling on average), but half its updates spiked.
+    # smet: mean jump +0.002, no update spike. Ranking by the signed jump would pick naive_dst.
+    runs = stability_runs({"naive_dst": [(0.5, -0.01, None, 9.0)] * 3, "smet": [(0.0, 0.002, None, 9.0)] * 3})
+    stats = cell_stats(runs, ["method"])
+    assert stats.set_index("method")[f"{POS}:mean"].to_dict() == pytest.approx({"naive_dst": 0.0, "smet": 0.002})
+    text = stable_sentence(runs)
+    assert text.startswith("Most stable: smet (update spike rate 0.00 ± 0.00, mean positive probe jump "
+                           "0.0020 ± 0.0000, 3 seeds), ahead of the runner-up naive_dst (update spike rate 0.50 ± 0.00")
+    assert text.endswith("by more than the seeds' spread in update spike rate")
+    # Equal update spike rates: the positive jump decides. From the history, naive_dst's -0.01 mean hides a
+    # +0.05 spike (positive mean 0.025 > 0.002), so smet stays ahead.
+    runs = stability_runs({"naive_dst": [(0.0, -0.01, [0.05, -0.07], 9.0)] * 2, "smet": [(0.0, 0.002, None, 9.0)] * 2})
+    assert stable_sentence(runs).startswith("Most stable: smet (")
+    assert "in mean positive probe jump" in stable_sentence(runs)
+    # Without histories, a jump <= 0 counts as no spike: 0 beats 0.002, but -0.05 does not beat -0.01.
+    runs = stability_runs({"naive_dst": [(0.0, -0.05, None, 9.0)] * 2, "smet": [(0.0, -0.01, None, 9.0)] * 2,
+                           "static": [(0.0, 0.002, None, 9.0)] * 2})
+    ranked_rows = ranked(cell_stats(runs, ["method"]), STABILITY_KEYS)
+    assert ranked_rows["method"].tolist() == ["naive_dst", "smet", "static"]  # the tie keeps the table order
+    assert "and the runner-up smet (" in stable_sentence(runs) and INDISTINCT in stable_sentence(runs)
+
+
+@pytest.mark.parametrize("a, b", [([0.1, 0.2, 0.3], [0.2, 0.3, 0.4]), ([0.0, 0.0, 0.1], [0.5, 0.6, 0.7]),
+                                  ([0.0, 0.1], [0.3, 0.4, 0.5]), ([0.2, 0.2, 0.2], [0.25, 0.25, 0.25]),
+                                  ([0.0, 0.4], [0.3, 0.5])])
+def test_headline_tells_cells_apart_only_beyond_the_seeds_spread(a, b):
+    runs = stability_runs({"smet": [(r, 0.001, None, 9.0) for r in a], "naive_dst": [(r, 0.001, None, 9.0) for r in b]})
+    text = stable_sentence(runs)
+    apart = abs(np.mean(a) - np.mean(b)) > np.std(a, ddof=1) + np.std(b, ddof=1)
+    assert text.startswith("Most stable: smet (") and f"{len(a)} seeds)" in text and f"{len(b)} seeds)" in text
+    assert (INDISTINCT in text) == (not apart) and ("by more than the seeds' spread" in text) == apart
+    assert ("unequal seed counts" in text) == (len(a) != len(b))
+    if len(a) != len(b):
+        assert f"unequal seed counts ({len(a)} vs {len(b)} seeds)" in text
+
+
+def test_one_seed_per_cell_is_never_told_apart():
+    runs = stability_runs({"smet": [(0.0, 0.001, None, 8.0)], "naive_dst": [(0.9, 0.2, None, 30.0)]})
+    text = headline(cell_stats(runs, ["method"]), ["method"])
+    assert text == ("Most stable: smet (update spike rate 0.00, mean positive probe jump 0.0010, 1 seed) and the "
+                    "runner-up naive_dst (update spike rate 0.90, mean positive probe jump 0.2000, 1 seed) are "
+                    "indistinguishable (within the seeds' spread): one seed has no spread, so no difference can be "
+                    "claimed. Best: smet (final val ppl 8.00, 1 seed) and the next best naive_dst (final val ppl "
+                    "30.00, 1 seed) are indistinguishable (within the seeds' spread): one seed has no spread, so no "
+                    "difference can be claimed.")
+    # Three seeds against one: still no claim, and the counts are named.
+    runs = stability_runs({"smet": [(0.0, 0.001, None, 8.0)] * 3, "naive_dst": [(0.9, 0.2, None, 30.0)]})
+    text = headline(cell_stats(runs, ["method"]), ["method"])
+    assert text.count(INDISTINCT) == 2 and text.count("unequal seed counts (3 vs 1 seeds)") == 2
+
+
+def test_cells_without_probe_jumps_are_not_ranked_for_stability():
+    runs = stability_runs({"dense": [(math.nan, math.nan, None, 7.0)] * 2, "smet": [(0.1, 0.003, None, 9.0)] * 2})
+    text = headline(cell_stats(runs, ["method"]), ["method"])
+    assert text.startswith("Most stable: smet (update spike rate 0.10 ± 0.00, mean positive probe jump 0.0030 ± "
+                           "0.0000, 2 seeds) (no other cell to compare). Best: dense (final val ppl 7.00 ± 0.00")
+    dense = stability_runs({"dense": [(math.nan, math.nan, None, 7.0)] * 2})
+    assert headline(cell_stats(dense, ["method"]), ["method"]).startswith(
+        "Stability: no finished run has probe jumps (no topology update), so none is ranked. Best: dense")
 
 
 def test_partial_note_for_running_interrupted_and_incomplete_sweeps():
@@ -219,8 +326,7 @@ def test_spec_table_in_paper_layout(tmp_path):
 
 
 def test_shipped_table_specs_load():
-    root = Path(__file__).resolve().parent.parent / "analysis"
-    specs = {p.stem: load_spec(p) for p in sorted(root.glob("*.yaml"))}
+    specs = {p.stem: load_spec(p) for p in default_specs()}
     assert set(specs) == {"ablation_components", "warmup", "lr_scaling", "update_every", "stability_probe_jump",
                           "stability_update_spike_rate", "stability_spike_score"}
     assert specs["stability_update_spike_rate"].metric == "summary/update_spike_rate"
@@ -260,14 +366,71 @@ def test_build_report_from_a_hand_made_sweep(tmp_path):
     assert "probe_jump_vs_warmup.png" not in names  # W is not swept here
     md = (out / "report.md").read_text()
     assert "Partial report: the sweep is still running" in md and "Most stable: smet, sparsity.density=0.1" in md
+    assert "- seeds asked: [0, 1, 2]" in md and "![Train loss of every cell overlaid" in md
     html = (out / "report.html").read_text()
-    assert check_inline_images(html) == 4
+    assert check_inline_images(html) == 5 and "<li>seeds asked: [0, 1, 2]</li>" in html
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 12 and set(trials["status"]) == {"FINISHED", "DIVERGED", "FAILED", "MISSING"}
     # W swept (and nothing else but the method): the W plot appears, the density plots do not.
     info2 = SweepInfo(name="w", status="FINISHED", seeds=SEEDS, swept=["method", "optim.regrow.warmup_steps"])
     names2 = {p.name for p in build_report(info2, runs, tmp_path / "rep2").iterdir()}
     assert "probe_jump_vs_warmup.png" in names2 and "val_ppl_vs_density.png" not in names2
+
+
+def test_seeds_asked_are_printed_as_a_list(tmp_path):
+    _, runs = hand_made()
+    for seeds, shown in (([0], "[0]"), ([0, 1, 2], "[0, 1, 2]")):
+        info = SweepInfo(name="s", status="FINISHED", seeds=seeds, swept=["method", "sparsity.density"])
+        out = build_report(info, runs[runs["train.seed"].isin(seeds)], tmp_path / str(len(seeds)))
+        assert f"- seeds asked: {shown}\n" in (out / "report.md").read_text()
+        assert f"<li>seeds asked: {shown}</li>" in (out / "report.html").read_text()
+
+
+def test_overlay_draws_one_line_per_cell_with_the_mean_over_finished_seeds():
+    info, runs = hand_made()
+    # A cell whose only run diverged: drawn dashed from that run, not left out.
+    runs = pd.concat([runs, pd.DataFrame([run_row("smet", 0.9, 0, "DIVERGED")])], ignore_index=True)
+    fig = overlay_figure(runs, info)
+    lines = [ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")]
+    assert len(fig.axes) == 1 and len(lines) == 5
+    by_label = {ln.get_label(): ln for ln in lines}
+    assert list(by_label) == ["naive_dst, sparsity.density=0.1 (3 seeds)", "naive_dst, sparsity.density=0.5 (1 seed)",
+                              "smet, sparsity.density=0.1 (2 seeds)", "smet, sparsity.density=0.5 (3 seeds)",
+                              "smet, sparsity.density=0.9 (1 seed, none finished: diverged)"]
+    expected = np.mean([history(s)["train/loss"].to_numpy() for s in (0, 1)], axis=0)  # smet@0.1: seeds 0 and 1
+    line = by_label["smet, sparsity.density=0.1 (2 seeds)"]
+    assert line.get_xdata().tolist() == list(range(1, 61)) and line.get_ydata() == pytest.approx(expected)
+    # naive_dst@0.5: the diverged and failed seeds (1, 2) are not averaged in.
+    assert by_label["naive_dst, sparsity.density=0.5 (1 seed)"].get_ydata() == pytest.approx(history(0)["train/loss"])
+    assert by_label["smet, sparsity.density=0.9 (1 seed, none finished: diverged)"].get_linestyle() == "--"
+    assert overlay_figure(runs.assign(history=None), info) is None
+
+
+def test_glossary_defines_every_metric_the_report_shows(tmp_path):
+    assert set(METRICS) <= set(DEFINITIONS)  # a new table column cannot ship without a definition
+    terms = dict(glossary())
+    assert [t for t in terms if t in {label for label, _ in METRICS.values()}] == [lbl for lbl, _ in METRICS.values()]
+    assert {"probe jump", "mean ± std", INDISTINCT} <= set(terms) and "train loss" not in terms
+    assert "at least 1% of the probe loss" in terms["update spike rate"]  # spikes.UPDATE_SPIKE_THRESHOLD = 0.01
+    assert "A jump <= 0 means the loss kept falling: no spike." in terms["probe jump"]
+    assert "mean of max(probe jump, 0)" in terms["mean positive probe jump"].lower()
+    assert "previous 50 steps" in terms["spike score"] and "12 B" in terms["state memory / dense Adam"]
+    assert "more than the sum of their stds" in terms[INDISTINCT]
+    assert set(dict(glossary(["loss_overlay.png"]))) - set(terms) == {"train loss"}
+    assert set(dict(glossary(["loss_curves.png", "update_zoom.png"]))) - set(terms) == {"train loss", "val loss",
+                                                                                          "probe loss"}
+    assert set(dict(glossary(metrics=[PPL]))) == {"probe jump", "final val ppl", "mean ± std", INDISTINCT}
+
+    info, runs = hand_made()
+    out = build_report(info, runs, tmp_path / "rep")
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    glossary_md = md.split("## Glossary\n", 1)[1]
+    glossary_html = html.split("<h2>Glossary</h2>", 1)[1]
+    shown = glossary(["loss_curves.png", "loss_overlay.png", "update_zoom.png"])
+    for term, text in shown:
+        assert f"- **{term}**: {text}\n" in glossary_md
+        assert f"<dt>{html_escape(term)}</dt><dd>{html_escape(text)}</dd>" in glossary_html
+    assert glossary_html.count("<dt>") == len(shown) == len(METRICS) + 6
 
 
 def test_report_cli_usage_errors_are_one_line(tmp_path, capsys):
@@ -304,7 +467,7 @@ def test_report_of_an_experiment_without_a_sweep_parent(tmp_path, capsys):
     assert list(trials.columns[:5]) == ["trial", "method", "sparsity.density", "train.seed", "status"]
     assert trials[PPL].tolist() == [30.0, 25.0, 20.0, 18.0] and set(trials["status"]) == {"FINISHED"}
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "swept keys: method, sparsity.density" in md and "best: smet, sparsity.density=0.5" in md
+    assert "swept keys: method, sparsity.density" in md and "Best: smet, sparsity.density=0.5" in md
     assert "loss_curves.png" in md  # drawn from MLflow's metric history (no metrics.parquet artifact)
 
 
@@ -364,11 +527,18 @@ def test_report_numbers_match_the_runs_own_metrics(smoke):
         cell_row = pivot.loc[child["params.method"]]
         assert cell_row["n"] == 1 and not cell_row["flagged"]
         assert cell_row[f"{PPL}:mean"] == pytest.approx(child[f"metrics.{PPL}"])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    for key, row in trials.iterrows():  # the ranking's positive jump, from the jumps MLflow holds
+        jumps = [m.value for m in client.get_metric_history(children.loc[key, "run_id"], "stability/probe_jump")]
+        assert jumps and row[POS] == pytest.approx(np.mean(np.maximum(jumps, 0.0)))
     best = children.sort_values(f"metrics.{PPL}").iloc[0]
     other = children.sort_values(f"metrics.{PPL}").iloc[1]
     md = (tmp / "sw" / "smoke" / "report" / "report.md").read_text()
-    assert (f"{best['params.method']} is both" in md or f"best: {best['params.method']} " in md)
-    assert f"final val ppl {best[f'metrics.{PPL}']:.2f} vs {other[f'metrics.{PPL}']:.2f}" in md
+    assert (f"Best: {best['params.method']} (final val ppl {best[f'metrics.{PPL}']:.2f}, 1 seed) and the next best "
+            f"{other['params.method']} (final val ppl {other[f'metrics.{PPL}']:.2f}, 1 seed) are {INDISTINCT}") in md
+    assert "- seeds asked: [0]\n" in md
     table_md = (tmp / "sw" / "smoke" / "report" / "trials.md").read_text()
     assert f"| {best[f'metrics.{PPL}']:.2f} |" in table_md
 

@@ -197,3 +197,46 @@ def test_killed_driver_resumes_to_exactly_the_grid(tmp_path, sig):
         (tmp_path / "sw" / "smoke" / "grid.json").unlink()
         legacy = run_cli([*args, "sweep.seeds=[0,1]"], cwd=tmp_path, timeout=300)
         assert legacy.returncode == 1 and "2 trial(s) of this grid are not in the resumed experiment" in legacy.stderr
+
+
+def _run_until(args, cwd, marker_count, sig=signal.SIGINT, timeout=300):
+    """Start the CLI, send `sig` once `marker_count` trials have printed their "done" line; returns
+    (returncode, output)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "smet_lab", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    deadline, seen, done = time.time() + timeout, "", 0
+    while time.time() < deadline and done < marker_count:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+        done += "] done method=" in line
+    assert done == marker_count, seen[-3000:]
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, seen + out
+
+
+def test_a_sweep_interrupted_twice_resumes_to_exactly_the_grid(tmp_path):
+    """4 trials at concurrency 1: the trials Tune had not created yet when the driver stopped must run on
+    resume (they used to FAIL with "'tuple' object has no attribute 'items'")."""
+    args = ["+sweep=smoke", "sweep.seeds=[0,1]", "train.max_steps=40", "ray.max_concurrent=1", *common(tmp_path)]
+    code, out = _run_until(args, tmp_path, 1)
+    assert code == 130, out[-3000:]
+    code, out = _run_until(args, tmp_path, 1)  # the second session finishes one more trial
+    assert code == 130 and "resuming from" in out, out[-3000:]
+    last = run_cli(args, cwd=tmp_path)
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    assert "4/4 trials ended (4 finished" in last.stdout
+    client, runs = runs_of(tmp_path / "mlflow.db")
+    children = [r for r in runs if r.data.tags.get("smet.kind") == "trial"]
+    assert len(runs) == 5 and len(children) == 4  # one parent, one child per trial, no duplicates
+    assert sorted(r.info.run_name for r in children) == sorted(
+        f"method={m},seed={s}" for m in ("naive_dst", "smet") for s in (0, 1))
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for c in children:  # each trial trained to the end (a trial stopped mid-run resumed from its checkpoint)
+        assert {m.step for m in client.get_metric_history(c.info.run_id, "train/loss")} == set(range(5, 41, 5))
+        assert c.data.metrics["summary/steps"] == 40
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv")))
+    assert sorted(r["status"] for r in rows) == ["FINISHED"] * 4

@@ -41,7 +41,13 @@ SMET semantics (design.md section 5), per active entry i:
     step:      t_i += 1 (reset_step) else t_i = the global step
                u_i = (m_i / (1-b1^t_i)) / (sqrt(v_i / (1-b2^t_i)) + eps)
                lr_i = lr * scale(d) * warm_i,  warm_i = min(1, age_i / W) for regrown entries
-               (warmup_kind="moment_damping": m_i *= warm_i in place instead, as the released code)
+               (age_i = steps since regrowth, counting the current one)
+warmup_kind="moment_damping": m_i *= warm_i in place instead of scaling lr_i (regrown entries only).
+warmup_kind="released": the released SMET code, bugs included. Every tensor keeps a counter c
+incremented before use: the global step for dense parameters and sparse entries never regrown, and
+age_i + 1 for regrown entries (the released code sets it to 1 at regrowth). Then m *= min(1, c / W)
+in place for EVERY tensor with c < W (so all parameters are damped during the first W global steps),
+and with reset_step the bias corrections use t_i = c (a regrown entry's first update uses t = 2).
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ LR_SCALING = {
     "inverse_sqrt": lambda d, p: d ** -0.5,
     "power": lambda d, p: d ** -p,
 }
-WARMUP_KINDS = ("linear_lr", "moment_damping")
+WARMUP_KINDS = ("linear_lr", "moment_damping", "released")
 STATE_LAYOUTS = ("compact", "dense_masked")
 AGE_MAX = 32767  # dense_masked's int16 age saturates; exact as long as b2**AGE_MAX underflows float32
 COHORT_DTYPES = (torch.uint8, torch.int16, torch.int32)  # widened only when ids run out
@@ -271,7 +277,11 @@ class SMETAdam(torch.optim.Optimizer):
         t, lr = self.global_step, group["lr"]
         ms = [self.state[p]["exp_avg"] for p in params]
         vs = [self.state[p]["exp_avg_sq"] for p in params]
-        if hasattr(torch, "_fused_adamw_") and params[0].device.type in ("cpu", "cuda") and all(p.dtype == params[0].dtype for p in params):
+        # warmup_kind="released" damps dense moments too while the global step is below W; the fused
+        # kernel cannot, so those first W - 1 steps take the foreach path below.
+        damp = t / self.warmup_steps if self.warmup_kind == "released" and t < self.warmup_steps else 1.0
+        if damp == 1.0 and hasattr(torch, "_fused_adamw_") and params[0].device.type in ("cpu", "cuda") \
+                and all(p.dtype == params[0].dtype for p in params):
             # The kernel reads each tensor's step from `state_steps`; all share the global step (a
             # scalar counter like global_step itself, not per-parameter state).
             step = self._step_tensors.get(params[0].device)
@@ -282,6 +292,8 @@ class SMETAdam(torch.optim.Optimizer):
                                 weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
             return
         torch._foreach_lerp_(ms, grads, 1 - b1)
+        if damp != 1.0:
+            torch._foreach_mul_(ms, damp)
         torch._foreach_mul_(vs, b2)
         torch._foreach_addcmul_(vs, grads, grads, 1 - b2)
         denom = torch._foreach_sqrt(vs)
@@ -296,18 +308,30 @@ class SMETAdam(torch.optim.Optimizer):
         return (self.global_step - self.births).float()
 
     def _warming_now(self) -> bool:
-        """True while blocks regrown at the last update are inside their W-step warm-up."""
-        W = self.warmup_steps
-        return W > 0 and self.last_regrow_step is not None and self.global_step - self.last_regrow_step <= W
+        """True while blocks regrown at the last update are inside their W-step warm-up, and with
+        warmup_kind="released" also during the first W global steps (every counter is below W)."""
+        W, g = self.warmup_steps, self.global_step
+        if W == 0:
+            return False
+        regrown = self.last_regrow_step is not None and g - self.last_regrow_step <= W
+        return regrown or (self.warmup_kind == "released" and g < W)
 
     def _cohort_table(self, device) -> torch.Tensor:
         """Compact layout: [C, 3] per cohort: 1 - b1^t, 1 - b2^t and the warm-up factor min(1, t/W)
-        (1 for id 0, i.e. blocks active from the start or merged, and for free ids), t = local step."""
+        (1 for id 0, i.e. blocks active from the start or merged, and for free ids), t = local step.
+        warmup_kind="released": t is the released code's counter (local step + 1 for regrown cohorts,
+        ids > 0) and id 0 is warmed too. A merge stays exact: at age >= merge_age >= W and T both
+        counters give bias corrections and warm-up factors of exactly 1."""
         b1, b2 = self.betas
         t = self._cohort_ages()
+        released = self.warmup_kind == "released"
+        if released:
+            t = t + (torch.arange(t.numel()) > 0)
         warm = torch.ones_like(t)
         if self.warmup_steps > 0:
-            warming = (self.births > 0) & (t < self.warmup_steps)
+            warming = t < self.warmup_steps
+            if not released:
+                warming &= self.births > 0
             warm = torch.where(warming, t / self.warmup_steps, warm)
         return torch.stack([1 - b1 ** t, 1 - b2 ** t, warm], 1).to(device)
 
@@ -327,8 +351,10 @@ class SMETAdam(torch.optim.Optimizer):
         warm = None
         if warming:
             age = self.age[sl]
-            regrown = age.int() < min(self.global_step, AGE_MAX)  # initial blocks: as old as the run
-            warm = torch.where(regrown, (age.float() / self.warmup_steps).clamp_(max=1.0), 1.0)
+            warm = (age.float() / self.warmup_steps).clamp_(max=1.0)
+            if self.warmup_kind != "released":  # released: every block, its age is its counter
+                regrown = age.int() < min(self.global_step, AGE_MAX)  # initial blocks: as old as the run
+                warm = torch.where(regrown, warm, 1.0)
         return bc1, bc2, warm
 
     def _sparse_step(self, group: dict) -> None:
@@ -344,7 +370,7 @@ class SMETAdam(torch.optim.Optimizer):
         if self.age is not None:
             self.age.clamp_(max=AGE_MAX - 1).add_(1)
         warming = self._warming_now()
-        damping = warming and self.warmup_kind == "moment_damping"
+        damping = warming and self.warmup_kind != "linear_lr"
         table = self._cohort_table(g.device) if self.cohort is not None else None
         probe, probe_sum = self._probe_slots, None
         lr = group["lr"]
@@ -407,8 +433,8 @@ class SMETAdam(torch.optim.Optimizer):
             slots = slots + off
             self.exp_avg[slots] = 0.0
             self.exp_avg_sq[slots] = 0.0
-            if self.age is not None:
-                self.age[slots] = 0
+            if self.age is not None:  # released: its counter restarts at 1 (then +1 before use)
+                self.age[slots] = 1 if self.warmup_kind == "released" else 0
             fresh_slots.append(slots)
         if fresh_slots:
             fresh = torch.cat(fresh_slots).int()

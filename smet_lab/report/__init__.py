@@ -6,7 +6,7 @@ of every run); they are re-exported here.
     info, runs = load_sweep_runs("sqlite:///mlflow.db", "density")   # sweep name, experiment or run id
     build_report(info, runs, "reports/density")                      # pure: DataFrame -> files
     python -m smet_lab.report density                                # the same from the shell
-    python -m smet_lab.report --tables                               # analysis/*.yaml -> analysis/tables/
+    python -m smet_lab.report --tables                               # shipped table specs -> analysis/tables/
 """
 
 from smet_lab.report.build import build_report, default_out_dir, report_for_sweep_dir, report_for_target

@@ -6,8 +6,8 @@
         <sweep_dir>/report/ when the sweep's folder is on this machine, else reports/<name>/) and logs
         the folder as the parent run's artifact report/ (unless --no-log).
     python -m smet_lab.report --tables [SPEC.yaml ...] [--tracking-uri URI] [--out DIR]
-        Renders each table spec (default: analysis/*.yaml) as Markdown, CSV and LaTeX into DIR
-        (default: analysis/tables/).
+        Renders each table spec (default: the shipped smet_lab/report/table_specs/*.yaml) as Markdown,
+        CSV and LaTeX into DIR (default: analysis/tables/ in the working directory).
 
 Bad input (unknown sweep, empty experiment, missing database, bad spec): one line
 `smet_lab: error: ...` on stderr and exit code 2.
@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the parent MLflow run")
     p.add_argument("--tables", nargs="*", metavar="SPEC", default=None,
-                   help="render table specs (default: analysis/*.yaml) instead of a report")
+                   help="render table specs (default: the shipped ones) instead of a report")
     return p
 
 
@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tables(args) -> int:
-    from smet_lab.report.specs import ANALYSIS_DIR, default_specs, render_tables
+    from smet_lab.report.specs import SPECS_DIR, default_specs, render_tables
 
     specs = [Path(p) for p in args.tables] or default_specs()
     if not specs:
-        return fail(f"no table specs given and none in {ANALYSIS_DIR}")
-    out = Path(args.out) if args.out else ANALYSIS_DIR / "tables"
+        return fail(f"no table specs given and none in {SPECS_DIR}")
+    out = Path(args.out) if args.out else Path("analysis") / "tables"
     written = render_tables(args.tracking_uri, specs, out, warn=lambda m: print(m, file=sys.stderr))
     if not written:
         return fail(f"no table rendered: none of the specs' sweeps is in {args.tracking_uri}")

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from smet_lab.report.data import SEED, SweepInfo, fmt_value, with_missing
+from smet_lab.report.data import SEED, SweepInfo, fmt_value, with_missing, with_positive_jump
+from smet_lab.report.glossary import glossary
 from smet_lab.report.plots import png_bytes, report_figures
 from smet_lab.report.tables import (FLAG, cell_stats, headline, partial_note, pivot_numbers, pivot_table, to_html,
                                     to_latex, to_markdown, trial_notes, trial_numbers, trial_table)
 
 OUTPUTS = ("report.md", "report.html", "trials.csv", "trials.md", "trials.tex", "pivot.csv", "pivot.md", "pivot.tex")
-FIGURE_FILES = ("loss_curves.png", "update_zoom.png", "probe_jump_vs_warmup.png", "probe_jump_vs_update_every.png",
-                "val_ppl_vs_density.png", "memory_vs_density.png")
+FIGURE_FILES = ("loss_curves.png", "loss_overlay.png", "update_zoom.png", "probe_jump_vs_warmup.png",
+                "probe_jump_vs_update_every.png", "val_ppl_vs_density.png", "memory_vs_density.png")
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
        padding: 0 1em; color: #222; }
@@ -39,6 +40,7 @@ tr.diverged td { background: #fde8e8; } tr.failed td { background: #f8d7da; }
 tr.missing td, tr.running td, tr.killed td { background: #f0f0f0; color: #777; } tr.flagged td { background: #fff8e0; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: .9em; }
+dt { font-weight: bold; margin-top: .5em; } dd { margin-left: 1.5em; }
 """
 
 
@@ -62,7 +64,7 @@ def build_report(info: SweepInfo, runs: pd.DataFrame, out_dir, now: dt.datetime 
     out.mkdir(parents=True, exist_ok=True)
     for name in (*OUTPUTS, *FIGURE_FILES):  # a rebuilt report must not keep a stale plot
         (out / name).unlink(missing_ok=True)
-    runs = with_missing(runs, info)
+    runs = with_positive_jump(with_missing(runs, info))  # the trial table shows what the ranking uses
     keys = report_keys(info, runs)
     stats = cell_stats(runs, keys, seeds_asked=info.seeds_asked)
     asked = int(stats["asked"].max()) if len(stats) else (info.seeds_asked or 1)
@@ -93,6 +95,7 @@ def build_report(info: SweepInfo, runs: pd.DataFrame, out_dir, now: dt.datetime 
         data = png_bytes(fig)
         (out / name).write_bytes(data)
         figures.append((name, caption, data))
+    sections["glossary"] = glossary([name for name, _, _ in figures])
     (out / "report.md").write_text(render_markdown(info, sections, figures))
     (out / "report.html").write_text(render_html(info, sections, figures))
     return out
@@ -105,7 +108,7 @@ def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
     items = [("sweep", info.name), ("experiment", info.experiment or "—"),
              ("parent run", info.parent_run_id or "— (runs of an experiment without a sweep parent)"),
              ("parent status", info.status or "—"), ("trials ended", f"{ended}/{total}"),
-             ("seeds asked", " ".join(fmt_value(s) for s in info.seeds) if info.seeds else "—"),
+             ("seeds asked", "[" + ", ".join(fmt_value(s) for s in info.seeds) + "]" if info.seeds else "—"),
              ("swept keys", ", ".join(info.swept) or "—"), ("sweep metric", f"{info.metric} ({info.mode})"),
              ("tracking URI", info.uri or "—"), ("sweep folder", info.sweep_dir or "—"),
              ("generated", now.strftime("%Y-%m-%d %H:%M:%S %Z"))]
@@ -127,6 +130,7 @@ def render_markdown(info: SweepInfo, s: dict, figures) -> str:
         lines += ["No plot: no run has a history yet.", ""]
     for name, caption, _ in figures:
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    lines += ["## Glossary", ""] + [f"- **{term}**: {text}" for term, text in s["glossary"]] + [""]
     lines += ["Files: report.html (this report, self-contained), trials.csv/.md/.tex, pivot.csv/.md/.tex, "
               + ", ".join(n for n, _, _ in figures) + ".", ""]
     return "\n".join(lines)
@@ -152,7 +156,8 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
         b64 = base64.b64encode(data).decode("ascii")
         parts.append(f'<figure><img src="data:image/png;base64,{b64}" alt="{e(caption)}">'
                      f"<figcaption>{e(caption)} ({e(name)})</figcaption></figure>")
-    parts += ["</body>", "</html>", ""]
+    parts += ["<h2>Glossary</h2>", "<dl>" + "".join(f"<dt>{e(t)}</dt><dd>{e(d)}</dd>" for t, d in s["glossary"])
+              + "</dl>", "</body>", "</html>", ""]
     return "\n".join(parts)
 
 

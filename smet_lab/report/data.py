@@ -8,7 +8,8 @@ The runs DataFrame has one row per trial run, with columns
   (FINISHED | DIVERGED | FAILED | KILLED | RUNNING | MISSING), `error`;
 - every config param under its dotted name, values parsed to int/float/bool where they look like one
   (`method`, `sparsity.density`, `train.seed`, ...);
-- the run-level metrics under their MLflow keys (`summary/final_val_ppl`, ... see METRICS);
+- the run-level metrics under their MLflow keys (`summary/final_val_ppl`, ... see METRICS); the report
+  adds POS_JUMP (with_positive_jump), the only one not logged by the run;
 - `history`: the run's per-step history (metrics.parquet) as a DataFrame, or None.
 """
 
@@ -26,13 +27,18 @@ ENDED = (FINISHED, DIVERGED, FAILED)  # a trial in one of these has nothing left
 EXCLUDED = (DIVERGED, FAILED)  # ended without a usable result: listed, never averaged in
 BASE_COLUMNS = ["run_id", "trial", "status", "error", "history"]
 
-# Run-level metrics shown in the tables: MLflow key -> (label, format of one value).
+JUMP, POS_JUMP = "summary/mean_probe_jump", "summary/mean_positive_probe_jump"
+PROBE_JUMP = "stability/probe_jump"  # the history column: one value per topology update
+
+# Run-level metrics shown in the tables: MLflow key -> (label, format of one value). The stability
+# ranking's two keys come first. POS_JUMP is computed here (positive_probe_jump), never logged.
 METRICS: dict[str, tuple[str, str]] = {
+    "summary/update_spike_rate": ("update spike rate", "{:.2f}"),
+    POS_JUMP: ("mean positive probe jump", "{:.4f}"),
+    JUMP: ("mean probe jump", "{:+.4f}"),
+    "summary/max_probe_jump": ("max probe jump", "{:+.4f}"),
     "summary/spike_score": ("spike score", "{:.3f}"),
     "summary/spike_events": ("spike events", "{:g}"),
-    "summary/mean_probe_jump": ("mean probe jump", "{:+.4f}"),
-    "summary/update_spike_rate": ("update spike rate", "{:.2f}"),
-    "summary/max_probe_jump": ("max probe jump", "{:+.4f}"),
     "summary/mean_regrow_update_ratio": ("regrow update ratio", "{:.3g}"),
     "summary/final_val_loss": ("final val loss", "{:.4f}"),
     "summary/final_val_ppl": ("final val ppl", "{:.2f}"),
@@ -215,6 +221,25 @@ def fmt_value(v) -> str:
     if isinstance(v, (float, np.floating)) and not isinstance(v, bool):
         return f"{float(v):g}"
     return str(v)
+
+
+def positive_probe_jump(history, mean_jump=math.nan) -> float:
+    """Mean of max(jump, 0) over the run's topology updates: a jump <= 0 (the probe loss kept falling)
+    counts as no spike, so falling faster after one update cannot offset a spike after another.
+    Without probe jumps in the history: max(mean_jump, 0), a lower bound of the same number."""
+    if isinstance(history, pd.DataFrame) and PROBE_JUMP in history:
+        jumps = pd.to_numeric(history[PROBE_JUMP], errors="coerce").dropna().to_numpy(float)
+        if len(jumps):
+            return float(np.maximum(jumps, 0.0).mean())
+    mean_jump = pd.to_numeric(mean_jump, errors="coerce")
+    return max(float(mean_jump), 0.0) if pd.notna(mean_jump) else math.nan
+
+
+def with_positive_jump(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs with the POS_JUMP column (from each run's history, else its logged mean jump)."""
+    jumps = runs[JUMP] if JUMP in runs else pd.Series(math.nan, index=runs.index)
+    values = [positive_probe_jump(h, j) for h, j in zip(histories(runs), jumps)]
+    return runs.assign(**{POS_JUMP: pd.Series(values, index=runs.index, dtype="float64")})
 
 
 def histories(runs: pd.DataFrame) -> pd.Series:

@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from smet_lab.report.data import DIVERGED, FINISHED, SEED, SweepInfo, cell_label, fmt_value, histories, method_rank
+from smet_lab.report.data import (DIVERGED, FINISHED, SEED, SweepInfo, cell_label, fmt_value, histories, method_rank,
+                                  sort_runs)
 from smet_lab.spikes import spike_events
 
 PROBE = "stability/probe_loss"
@@ -94,6 +95,46 @@ def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
     for ax in axes[len(methods):]:
         ax.set_visible(False)
     fig.suptitle("Loss per method (line: train, dots: val, |: topology update, x: spike event)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def overlay_figure(runs: pd.DataFrame, info: SweepInfo):
+    """Every cell's train loss on one axis: one line per cell of the swept keys, the mean over its
+    FINISHED seeds at each step; a cell with no finished run is drawn dashed from the runs it has
+    (diverged, failed, ...), so no method goes missing from the comparison."""
+    hist = histories(runs)
+    have = runs[hist.map(lambda h: h is not None and "train/loss" in h)]
+    if have.empty:
+        return None
+    keys = [k for k in info.swept if k in have and k != SEED] or (["method"] if "method" in have else [])
+    have = sort_runs(have, keys)
+    fig = _figure(7.5, 4.6)
+    ax = fig.add_subplot()
+    top = []
+    for _, g in have.groupby(keys, dropna=False, sort=False) if keys else [((), have)]:
+        finished = g[g["status"] == FINISHED]
+        used = finished if len(finished) else g
+        curves = [h.set_index("step")["train/loss"] for h in used["history"]]
+        curves = [c[~c.index.duplicated(keep="last")].dropna() for c in curves]
+        mean = pd.concat(curves, axis=1).mean(axis=1).sort_index()  # a step only some seeds reached: their mean
+        mean = mean[np.isfinite(mean)]
+        if mean.empty:
+            continue
+        n = len(curves)
+        label = f"{cell_label(g.iloc[0].to_dict(), keys)} ({n} seed{'s' if n != 1 else ''}"
+        label += ")" if len(finished) else ", none finished: " + ", ".join(used["status"].str.lower()) + ")"
+        ax.plot(mean.index, mean.to_numpy(), lw=1.0, ls="-" if len(finished) else "--", label=label)
+        top.append(float(mean.iloc[0]))
+    if not top:
+        return None
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, min(high, 1.3 * max(top)))  # as in the panels: a blow-up would flatten the rest
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (mean over seeds)")
+    ax.set_title("Train loss of every cell on one axis (mean over its finished seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7 if len(top) <= 12 else 6, ncol=1 if len(top) <= 12 else 2)
     fig.tight_layout()
     return fig
 
@@ -237,6 +278,9 @@ def report_figures(runs: pd.DataFrame, info: SweepInfo) -> list[tuple[str, str, 
     specs = [
         ("loss_curves.png", "Loss curves per method, topology updates and spike events marked.",
          lambda: loss_curves_figure(runs, info)),
+        ("loss_overlay.png", "Train loss of every cell overlaid on one axis: mean over its finished seeds "
+         "(dashed: a cell with no finished run, from its other runs).",
+         lambda: overlay_figure(runs, info)),
         ("update_zoom.png", "Probe loss in the steps around topology updates, relative to just before the update.",
          lambda: zoom_figure(runs, info)),
         ("probe_jump_vs_warmup.png", "Mean probe jump vs the regrown weights' warm-up length W.",

@@ -1,4 +1,4 @@
-"""Ablation tables in the paper's layout from YAML specs (analysis/*.yaml), as Markdown, CSV and LaTeX.
+"""Ablation tables in the paper's layout from YAML specs (smet_lab/report/table_specs/*.yaml), as Markdown, CSV and LaTeX.
 
 A spec names the sweep(s) to read, the row key, the column key, the metric and its format:
 
@@ -32,7 +32,8 @@ import pandas as pd
 from smet_lab.report.data import SEED, fmt_value
 from smet_lab.report.tables import FLAG, cell_stats, mean_std, to_latex, to_markdown
 
-ANALYSIS_DIR = Path(__file__).resolve().parents[2] / "analysis"
+# The shipped table specs (package data, so a non-editable install has them too).
+SPECS_DIR = Path(__file__).resolve().parent / "table_specs"
 DAGGER = "†"
 
 
@@ -240,4 +241,4 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
 
 
 def default_specs() -> list[Path]:
-    return sorted(ANALYSIS_DIR.glob("*.yaml"))
+    return sorted(SPECS_DIR.glob("*.yaml"))

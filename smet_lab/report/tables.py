@@ -4,7 +4,8 @@
 - cell_stats: per cell of the swept keys, mean and std (ddof=1) over the FINISHED runs' seeds, the seed
   count, and how many runs were left out of the means and why; a cell with fewer finished seeds than
   the sweep asked for is flagged.
-- pivot_table / headline / partial_note: the report's text built on those.
+- pivot_table / headline / partial_note: the report's text built on those; the headline ranks and
+  compares cells under an explicit noise rule (`separated`).
 - to_markdown / to_latex / to_html: renderers for string tables (no tabulate or jinja needed).
 """
 
@@ -16,10 +17,11 @@ import math
 import numpy as np
 import pandas as pd
 
-from smet_lab.report.data import (DIVERGED, ENDED, FAILED, FINISHED, METRICS, MISSING, RUNNING, SEED, SweepInfo,
-                                  cell_label, fmt_value, sort_runs)
+from smet_lab.report.data import (DIVERGED, ENDED, FAILED, FINISHED, METRICS, MISSING, POS_JUMP, RUNNING, SEED,
+                                  SweepInfo, cell_label, fmt_value, sort_runs, with_positive_jump)
 
 FLAG = "*"  # marks a cell with fewer finished seeds than asked
+PPL = "summary/final_val_ppl"
 NOT_ENDED_LABEL = {MISSING: "missing", RUNNING: "running", "KILLED": "killed", "SCHEDULED": "scheduled"}
 
 
@@ -94,10 +96,11 @@ def cell_stats(runs: pd.DataFrame, keys: list, metrics=None, seeds_asked: int | 
     (their seeds), `n_diverged`, `n_failed`, `n_unfinished` (killed, running, missing; `unfinished` says
     which, e.g. "1 missing"), `asked`, `flagged`
     (n < asked), and `<metric>:mean`, `<metric>:std` (ddof=1, NaN below two values) per metric.
-    `seeds_asked` defaults to the number of distinct seeds among the runs."""
+    `seeds_asked` defaults to the number of distinct seeds among the runs. POS_JUMP is derived from
+    the runs (data.with_positive_jump) when they lack it."""
     metrics = _metrics(runs, metrics)
     keys = list(keys)
-    df = runs.copy()
+    df = with_positive_jump(runs) if POS_JUMP in metrics and POS_JUMP not in runs else runs.copy()
     for c in [*keys, *metrics, SEED, "status"]:
         if c not in df:
             df[c] = np.nan
@@ -160,54 +163,83 @@ def pivot_numbers(stats: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame
 
 
 # -------------------------------------------------------------------------------------------- text
-def _pick(stats: pd.DataFrame, order: list[tuple[str, bool]]) -> pd.Series | None:
-    """The first row after sorting by (column, ascending) pairs, NaN last."""
-    done = stats[stats["n"] > 0]
-    if done.empty:
-        return None
-    cols = [c for c, _ in order if c in done]
-    return done.sort_values(cols, ascending=[a for c, a in order if c in done], na_position="last",
-                            kind="stable").iloc[0]
+STABILITY_KEYS = ("summary/update_spike_rate", POS_JUMP)  # lower = more stable, compared in this order
+INDISTINCT = "indistinguishable (within the seeds' spread)"
+
+
+def seeds_text(n) -> str:
+    return f"{int(n)} seed{'s' if n != 1 else ''}"
+
+
+def separated(a: pd.Series, b: pd.Series, metric: str) -> bool:
+    """The noise rule: two cells differ in `metric` only when each has >= 2 seeds with a value and
+    their means are further apart than the sum of their stds (ddof=1), i.e. the mean ± std intervals
+    do not overlap. One seed has no spread, so it can never be told apart."""
+    if min(a[f"{metric}:n"], b[f"{metric}:n"]) < 2:
+        return False
+    return abs(a[f"{metric}:mean"] - b[f"{metric}:mean"]) > a[f"{metric}:std"] + b[f"{metric}:std"]
+
+
+def ranked(stats: pd.DataFrame, metrics) -> pd.DataFrame:
+    """Cells with a finished run and a value in some of `metrics`, sorted by them (ascending, in
+    order, NaN last); a cell with none of them (e.g. dense: no topology update) is not ranked."""
+    cols = [f"{m}:mean" for m in metrics]
+    done = stats[(stats["n"] > 0) & stats[cols].notna().any(axis=1)] if len(stats) else stats
+    return done.sort_values(cols, na_position="last", kind="stable") if len(done) else done
+
+
+def compare(rows: pd.DataFrame, metrics, keys: list, what: str, runner_up: str, numbers) -> str:
+    """"<what>: A (numbers, n seeds)" and its comparison with the runner-up: ahead beyond the seeds'
+    spread in the first metric whose means differ, else INDISTINCT (why, when one seed), plus a
+    note when the seed counts differ."""
+    first = rows.iloc[0]
+    text = f"{what}: {cell_label(first.to_dict(), keys)} ({numbers(first)}, {seeds_text(first['n'])})"
+    if len(rows) < 2:
+        return text + " (no other cell to compare)"
+    second = rows.iloc[1]
+    other = f"{runner_up} {cell_label(second.to_dict(), keys)} ({numbers(second)}, {seeds_text(second['n'])})"
+    key = next((m for m in metrics if pd.notna(first[f"{m}:mean"]) and pd.notna(second[f"{m}:mean"])
+                and first[f"{m}:mean"] != second[f"{m}:mean"]), None)
+    if key is not None and separated(first, second, key):
+        text += f", ahead of {other} by more than the seeds' spread in {METRICS[key][0]}"
+    else:
+        text += f" and {other} are {INDISTINCT}"
+        if min(first["n"], second["n"]) < 2:
+            text += ": one seed has no spread, so no difference can be claimed"
+    if first["n"] != second["n"]:
+        text += f"; unequal seed counts ({first['n']} vs {second['n']} seeds)"
+    return text
+
+
+def _mean_std(row, metric: str) -> str:
+    label, spec = METRICS[metric]
+    return f"{label} {mean_std(row[f'{metric}:mean'], row[f'{metric}:std'], row[f'{metric}:n'], spec)}"
 
 
 def headline(stats: pd.DataFrame, keys: list, runs: pd.DataFrame | None = None) -> str:
-    """One sentence: the most stable cell (lowest mean probe jump, then lowest mean spike score) and the
-    best (lowest mean final val ppl), with their numbers and the runner-up for comparison. The probe
-    jump ranks first: it measures the update's own effect on a fixed batch, while the train-loss
-    spike score sits at its noise floor whenever update jumps are smaller than batch noise."""
+    """The most stable cell (lowest update spike rate, then lowest mean positive probe jump: a jump
+    <= 0 is no spike, so a more negative mean jump is never more stable) and the best cell (lowest
+    final val ppl, else val loss), each with its seed count and compared with the runner-up under
+    the noise rule of `separated`. Needs cell_stats over STABILITY_KEYS and the quality metric."""
     n_done = int(stats["n"].sum()) if len(stats) else 0
     if not n_done:
         counts = {s: int(v) for s, v in (runs["status"].value_counts().items() if runs is not None else [])}
         shown = ", ".join(f"{v} {s.lower()}" for s, v in counts.items()) or "no runs"
         return f"No configuration has a finished run yet ({shown}), so nothing can be ranked."
-    spike, jump = "summary/spike_score:mean", "summary/mean_probe_jump:mean"
-    quality = "summary/final_val_ppl" if stats["summary/final_val_ppl:mean"].notna().any() else "summary/final_val_loss"
-    stable = _pick(stats, [(jump, True), (spike, True)])
-    best = _pick(stats, [(f"{quality}:mean", True)])
-    qlabel, qspec = METRICS[quality]
-
-    def label(row) -> str:
-        return cell_label(row.to_dict(), keys)
-
-    def seeds(row) -> str:
-        return f"{row['n']} seed{'s' if row['n'] != 1 else ''}"
-
-    stable_txt = (f"mean probe jump {fmt(stable[jump], '{:+.4f}')}, spike score {fmt(stable[spike], '{:.3f}')}, "
-                  f"{seeds(stable)}")
-    best_txt = f"{qlabel} {mean_std(best[f'{quality}:mean'], best[f'{quality}:std'], best['n'], qspec)}"
-    others = stats[(stats["n"] > 0) & stats[f"{quality}:mean"].notna()].drop(index=best.name, errors="ignore")
-    if len(others):
-        second = others.sort_values(f"{quality}:mean", kind="stable").iloc[0]
-        best_txt += f" vs {fmt(second[f'{quality}:mean'], qspec)} for the next best, {label(second)}"
+    quality = PPL if stats[f"{PPL}:mean"].notna().any() else "summary/final_val_loss"
+    stable, best = ranked(stats, STABILITY_KEYS), ranked(stats, [quality])
+    parts = [compare(stable, STABILITY_KEYS, keys, "Most stable", "the runner-up",
+                     lambda r: ", ".join(_mean_std(r, m) for m in STABILITY_KEYS if r[f"{m}:n"])) if len(stable)
+             else "Stability: no finished run has probe jumps (no topology update), so none is ranked"]
+    if len(best):
+        parts.append(compare(best, [quality], keys, "Best", "the next best",
+                             lambda r: _mean_std(r, quality)))
     excluded = [f"{int(stats[c].sum())} {word}" for c, word in (("n_diverged", "diverged"), ("n_failed", "failed"))
                 if stats[c].sum()]
     n_excluded = int(stats["n_diverged"].sum() + stats["n_failed"].sum())
-    tail = f"; not ranked: {' and '.join(excluded)} run{'s' if n_excluded > 1 else ''}" if excluded else ""
-    if len(stats) == 1:
-        return f"One configuration ({label(best)}): {stable_txt}, {best_txt}{tail}."
-    if stable.name == best.name:
-        return f"{label(best)} is both the most stable ({stable_txt}) and the best ({best_txt}){tail}."
-    return f"Most stable: {label(stable)} ({stable_txt}); best: {label(best)} ({best_txt}){tail}."
+    if excluded:
+        parts.append(f"Not ranked: {' and '.join(excluded)} run{'s' if n_excluded > 1 else ''}")
+    return ". ".join(parts) + "."
 
 
 def partial_note(info: SweepInfo, runs: pd.DataFrame) -> str | None:

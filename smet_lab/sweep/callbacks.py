@@ -35,10 +35,11 @@ class MlflowSweepLogger(tune.Callback):
         self.parent_params = parent_params
         self._parent = None
         self._children = {}
+        self._tagged = set()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_parent"], state["_children"] = None, {}
+        state["_parent"], state["_children"], state["_tagged"] = None, {}, set()
         return state
 
     # -------------------------------------------------------------------------------- runs
@@ -67,9 +68,13 @@ class MlflowSweepLogger(tune.Callback):
         self.child(trial.config["key"])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        key = trial.config["key"]
+        if key not in self._tagged and result.get("smet_data_sha256"):
+            self.child(key).set_tags({"smet.data_sha256": result["smet_data_sha256"]})
+            self._tagged.add(key)
         metrics = numeric_metrics(result)
         if metrics:
-            self.child(trial.config["key"]).log_metrics(metrics, int(result.get("step", 0)))
+            self.child(key).log_metrics(metrics, int(result.get("step", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         key = trial.config["key"]
@@ -85,6 +90,9 @@ class MlflowSweepLogger(tune.Callback):
                     tracker.log_artifacts([p for p in Path(d).iterdir() if p.name != "summary.json"])
         if status == "KILLED":
             status = "FAILED"
+        resumed = (trial.last_result or {}).get("smet_resumed_from_step")
+        if resumed:
+            tracker.set_tags({"smet.resumed_from_step": resumed})
         tracker.finish(status, error)
         record_status(self.sweep_dir, key, status, error)
 

@@ -27,6 +27,7 @@ class SweepConfig:
     metric: str = "summary/final_val_loss"
     mode: str = "min"
     resume: bool = True
+    retry_failed: bool = False  # on resume, run FAILED trials again (from their last checkpoint)
     scheduler: str = "fifo"  # fifo | asha (asha stops spiking-but-recovering trials: biased for stability studies)
     asha_grace_steps: int = 500
     storage: Optional[str] = None  # default: <cwd>/sweeps

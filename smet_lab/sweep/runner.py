@@ -38,8 +38,12 @@ def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial],
     trials = expand(sweep)
     configs = trial_configs(trials, compose_for_method)
     for trial in trials:
+        cfg_t = configs[trial.key]
+        if cfg_t["train"]["checkpoint_every"] == 0:  # sweeps always checkpoint, so an interrupted trial resumes
+            cfg_t["train"]["checkpoint_every"] = max(1, cfg_t["train"]["max_steps"] // 5)
         try:
-            check_config(run_config_from(configs[trial.key]))
+            # The recorded config is the effective one: the tokenizer sets the vocabulary.
+            cfg_t["model"]["vocab_size"] = check_config(run_config_from(cfg_t))
         except ConfigError as exc:
             raise ConfigError(exc.key, exc.value, f"{exc.allowed} (in trial {trial.key})") from None
     check_resume(sweep, storage_root(cfg, sweep) / sweep.name, trials, configs)
@@ -149,12 +153,18 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
     init_ray(cfg, sweep_dir)
     try:
         cpus = cfg.ray.cpus_per_trial
-        trainable = tune.with_resources(tune.with_parameters(run_trial, cpus=cpus),
+        # A trial's config is looked up by its key in `configs` (handed over through Ray's object store,
+        # and handed again on restore), never stored in Tune's search state: Tune's restore does not
+        # rebuild a sample_from faithfully, and trials not created before an interrupt then failed.
+        trainable = tune.with_resources(tune.with_parameters(run_trial, cpus=cpus, configs=configs),
                                         {"cpu": cpus, "gpu": cfg.ray.gpus_per_trial})
         exp_dir = str(sweep_dir / "tune")
+        legacy = False
         if sweep.resume and tune.Tuner.can_restore(exp_dir):
-            print(f"[sweep {sweep.name}] resuming from {exp_dir}", flush=True)
-            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=False)
+            legacy = not (sweep_dir / GRID_FILE).is_file()  # started by a smet_lab without grid.json
+            print(f"[sweep {sweep.name}] resuming from {exp_dir}"
+                  f"{' (retrying failed trials)' if sweep.retry_failed else ''}", flush=True)
+            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=sweep.retry_failed)
         else:
             write_grid(sweep_dir, trials, configs)  # what a later resume is checked against (check_resume)
             scheduler = None
@@ -168,8 +178,7 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
                          else None, SweepProgress(sweep.name, sweep.metric, sweep.mode, len(trials))]
             tuner = tune.Tuner(
                 trainable,
-                param_space={"key": tune.grid_search([t.key for t in trials]),
-                             "cfg": tune.sample_from(lambda spec: configs[spec.config["key"]])},
+                param_space={"key": tune.grid_search([t.key for t in trials])},
                 # FIFO by default: ASHA would stop spiking-but-recovering trials and bias the results.
                 tune_config=tune.TuneConfig(scheduler=scheduler, metric="train/loss" if scheduler else None,
                                             mode="min" if scheduler else None,
@@ -185,26 +194,30 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
         ray.shutdown()
 
     statuses = json.loads((sweep_dir / STATUS_FILE).read_text()) if (sweep_dir / STATUS_FILE).is_file() else {}
-    unfinished = [r for r in grid if r.metrics is None or not r.metrics.get("final")] if grid else []
+    statuses = {t.key: statuses[t.key] for t in trials if t.key in statuses}
     failed = [k for k, v in statuses.items() if v["status"] == "FAILED"]
-    interrupted = len(statuses) < len(trials) and len(unfinished) > len(failed)
+    missing = [t.key for t in trials if t.key not in statuses]
     write_trial_table(sweep_dir, trials, statuses, grid, sweep.metric)
+    ran = {(r.config or {}).get("key") for r in grid} if grid else set()
+    never = [k for k in missing if k not in ran] if legacy else []
+    interrupted = bool(missing) and not never
     write_report(tracking, sweep, sweep_dir, interrupted)
-    finish_parent(tracking, sweep, sweep_dir, interrupted, failed)
+    finish_parent(tracking, sweep, sweep_dir, statuses, len(trials), interrupted)
     print(f"[sweep {sweep.name}] {len(statuses)}/{len(trials)} trials ended "
           f"({sum(v['status'] == 'FINISHED' for v in statuses.values())} finished, "
           f"{sum(v['status'] == 'DIVERGED' for v in statuses.values())} diverged, {len(failed)} failed); "
           f"results in {sweep_dir}", flush=True)
-    if interrupted:
-        print(f"[sweep {sweep.name}] interrupted: run the same command again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    ran = {(r.config or {}).get("key") for r in grid} if grid else set()
-    never = [t.key for t in trials if t.key not in ran]
     if never:  # a sweep folder from before grid.json existed, restored with another grid
         print(f"[sweep {sweep.name}] error: {len(never)} trial(s) of this grid are not in the resumed experiment "
               f"{sweep_dir / 'tune'} (e.g. {never[0]}): it was started with another grid; run with "
               f"sweep.resume=false to start afresh or sweep.name=OTHER to keep both", file=sys.stderr)
         return EXIT_TRIAL_FAILED
+    if interrupted:
+        print(f"[sweep {sweep.name}] interrupted: run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if failed:
+        print(f"[sweep {sweep.name}] {len(failed)} trial(s) failed (e.g. {failed[0]}: {statuses[failed[0]]['error']}); "
+              f"run again with sweep.retry_failed=true to retry them from their last checkpoint", file=sys.stderr)
     return EXIT_TRIAL_FAILED if failed else 0
 
 
@@ -245,7 +258,15 @@ def write_report(tracking, sweep: SweepConfig, sweep_dir: Path, interrupted: boo
         print(f"[sweep {sweep.name}] warning: no report ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
 
 
-def finish_parent(tracking, sweep: SweepConfig, sweep_dir: Path, interrupted: bool, failed: list) -> None:
+def finish_parent(tracking, sweep: SweepConfig, sweep_dir: Path, statuses: dict, n_trials: int,
+                  interrupted: bool) -> None:
+    """The parent run tells the truth: KILLED when interrupted, FAILED when a trial failed, with the
+    trial counts and the best value of the sweep metric (and its trial) as metrics, so sweeps compare
+    in MLflow's run table."""
+    import math
+
+    import pandas as pd
+
     from smet_lab.tracking import find_or_start_run
 
     if not tracking.enabled:
@@ -254,5 +275,17 @@ def finish_parent(tracking, sweep: SweepConfig, sweep_dir: Path, interrupted: bo
                                tags={"smet.kind": "sweep", "smet.sweep": sweep.name},
                                match={"smet.sweep_dir": str(sweep_dir)}, mark_resumed=False)
     parent.log_artifacts([sweep_dir / "trials.csv"])
-    status = "KILLED" if interrupted else "FINISHED"
-    parent.finish(status, f"{len(failed)} trial(s) failed" if failed else None)
+    counts = {s: sum(v["status"] == s for v in statuses.values()) for s in ("FINISHED", "DIVERGED", "FAILED")}
+    metrics = {"sweep/trials": n_trials, "sweep/trials_finished": counts["FINISHED"],
+               "sweep/trials_diverged": counts["DIVERGED"], "sweep/trials_failed": counts["FAILED"]}
+    table = pd.read_csv(sweep_dir / "trials.csv")
+    values = table[table["status"] == "FINISHED"][["trial", sweep.metric]].dropna()
+    values = values[values[sweep.metric].map(math.isfinite)]
+    if len(values):
+        best = values.loc[values[sweep.metric].idxmin() if sweep.mode == "min" else values[sweep.metric].idxmax()]
+        metrics[f"best/{sweep.metric}"] = float(best[sweep.metric])
+        parent.set_tags({"smet.best_trial": best["trial"], "smet.best_metric": f"{sweep.mode} {sweep.metric}"})
+    parent.log_metrics(metrics, 0)
+    status = "KILLED" if interrupted else "FAILED" if counts["FAILED"] else "FINISHED"
+    error = "sweep interrupted" if interrupted else f"{counts['FAILED']} trial(s) failed" if counts["FAILED"] else None
+    parent.finish(status, error)

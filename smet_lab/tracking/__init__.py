@@ -7,7 +7,7 @@
 
 from smet_lab.tracking.artifacts import write_run_artifacts
 from smet_lab.tracking.settings import TrackingConfig, check_tracking, flatten, resolve_uri
-from smet_lab.tracking.tracker import NullTracker, Tracker, find_or_start_run, start_run
+from smet_lab.tracking.tracker import NullTracker, Tracker, continue_run, find_or_start_run, start_run
 
 __all__ = ["TrackingConfig", "check_tracking", "start_run", "write_run_artifacts", "flatten",
-           "resolve_uri", "Tracker", "NullTracker", "find_or_start_run"]
+           "resolve_uri", "Tracker", "NullTracker", "continue_run", "find_or_start_run"]

@@ -13,6 +13,10 @@ from smet_lab.tracking.settings import TrackingConfig, flatten, resolve_uri, sql
 FLUSH_EVERY = 200  # buffered metrics per log_batch round trip
 MAX_BATCH = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 MAX_PARAMS_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
+DESCRIPTION = ("smet_lab: dynamic sparse training of LLaMA-style models with SMET. Single runs have the tag "
+               "smet.kind=run; a sweep is a parent run (smet.kind=sweep, its report in the artifact report/) "
+               "with one child run per trial (smet.kind=trial). Metrics: train/*, val/*, topo/*, stability/*, "
+               "summary/* (run-level numbers), sweep/* and best/* on sweep parents.")
 # Our statuses -> MLflow's terminal statuses. A diverged run is a failed run with a tag saying why.
 TERMINAL = {"FINISHED": "FINISHED", "FAILED": "FAILED", "KILLED": "KILLED", "DIVERGED": "FAILED"}
 
@@ -26,6 +30,9 @@ class NullTracker:
         pass
 
     def log_artifacts(self, paths, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
         pass
 
     def flush(self) -> None:
@@ -55,6 +62,11 @@ class Tracker(NullTracker):
         self._buffer.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items())
         if len(self._buffer) >= FLUSH_EVERY:
             self.flush()
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, []
@@ -116,7 +128,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
         # Client-side sqlite would put artifacts in ./mlruns of whatever cwd; keep them next to the DB.
         location = str(db.parent / "mlartifacts" / re.sub(r"[^\w.-]+", "_", name)) if db is not None else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags={"mlflow.note.content": DESCRIPTION})
         except MlflowException:  # another process created it first
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -152,6 +164,27 @@ def start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: dict[str, 
     except BaseException as e:
         tracker.finish("FAILED", f"logging params: {type(e).__name__}: {e}")
         raise
+    return tracker
+
+
+def continue_run(cfg: TrackingConfig, run_id: str, tags: dict[str, str]) -> NullTracker | None:
+    """A Tracker on an existing run of this store (set RUNNING again, `tags` added), or None when the
+    store no longer has it (deleted, or another database)."""
+    if not cfg.enabled:
+        return NullTracker()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_uri(cfg.uri))
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage != "active":
+        return None
+    client.update_run(run_id, status="RUNNING")
+    tracker = Tracker(client, run_id)
+    tracker.set_tags(tags)
     return tracker
 
 

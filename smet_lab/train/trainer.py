@@ -85,9 +85,10 @@ def validate_run(cfg: RunConfig) -> None:
     validate_model(cfg.model)
 
 
-def check_config(cfg: RunConfig) -> None:
+def check_config(cfg: RunConfig) -> int:
     """Pre-flight of the whole run config without building anything heavy (no corpus is read, no
-    model built): what a command line runs before it creates any output or tracking run."""
+    model built): what a command line runs before it creates any output or tracking run. Returns the
+    vocabulary size the run will have (the tokenizer's; model.vocab_size is replaced by it)."""
     validate_run(cfg)
     s, o = cfg.sparsity, cfg.optim
     validate_sparsity(s.density, s.distribution, s.block_size)
@@ -99,6 +100,7 @@ def check_config(cfg: RunConfig) -> None:
         probe = copy.deepcopy(cfg)
         probe.model.vocab_size = tokenizer.vocab_size
         ckpt.check(cfg.train.resume_from, probe)
+    return tokenizer.vocab_size
 
 
 def resolve_device(name: str) -> torch.device:
@@ -197,7 +199,12 @@ class Run:
     def after_step(self, loss: float, grad_norm: float) -> dict:
         """Stability probes and topology update that follow optimizer step self.step."""
         step, opt = self.step, self.optimizer
-        metrics = {"train/loss": loss, "train/lr": opt.param_groups[-1]["lr"], "train/grad_norm": grad_norm}
+        # train/lr is the schedule's base rate (alpha_0 x schedule); sparse layers train at lr x scale(d).
+        metrics = {"train/loss": loss, "train/lr": self.cfg.optim.lr * lr_factor(step, self.cfg),
+                   "train/grad_norm": grad_norm}
+        sparse = [g["lr"] for g in opt.param_groups if g["kind"] == "sparse"]
+        if sparse:
+            metrics["train/lr_sparse"] = sparse[0]
         if opt.last_regrow_update_ratio is not None:
             self.record_late(self.probe["update_step"], {"stability/regrow_update_ratio": opt.last_regrow_update_ratio})
             opt.last_regrow_update_ratio = None
@@ -314,7 +321,8 @@ def train(
             elapsed = time.perf_counter() - started
             eta = elapsed / max(1, step - first_step) * (t.max_steps - step)
             val = f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""
-            progress(f"step {step}/{t.max_steps} loss {loss:.4f}{val} lr {metrics['train/lr']:.2e} "
+            sparse_lr = f" (sparse layers {metrics['train/lr_sparse']:.2e})" if "train/lr_sparse" in metrics else ""
+            progress(f"step {step}/{t.max_steps} loss {loss:.4f}{val} base lr {metrics['train/lr']:.2e}{sparse_lr} "
                      f"{run.tokens / max(run.train_time, 1e-9):,.0f} tok/s ETA {eta:.0f}s")
         if output_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
             saved = ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}")

@@ -1,0 +1,257 @@
+"""Command-line checks before any work: every problem becomes one line (key, value, what is allowed,
+a "did you mean" where it helps). Imports no torch, Ray or MLflow.
+
+    split_args(argv)            -> overrides, whether Hydra answers alone, whether only the config is asked
+    multirun_overrides(ov)      -> the overrides of `-m a=1,2 b=x,y` as the equivalent `+sweep=grid ...`
+    explain_hydra_error(e, ov)  -> Hydra's multi-line composition error as one line
+    unknown_key(container)      -> the first key of a composed config that the schema does not know
+    ignored_setting(ov, cfgs)   -> a command-line value that no run would read (e.g. data.path with data=pysource)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+from smet_lab.config import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: found from any install
+
+# Hydra flags that take a value (their value is not an override).
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+_FLAGS_THAT_SKIP = {"--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
+MULTIRUN_FLAGS = ("-m", "--multirun")
+# Free-form parts of the config: their keys are checked where they are read (sweep grid expansion).
+FREE_FORM = ("sweep.params", "sweep.extra_trials")
+
+
+def split_args(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """(overrides, whether Hydra should handle the call alone, whether only the config is asked for)."""
+    overrides, skip, cfg_only, i = [], False, False, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _FLAGS_THAT_SKIP:
+            skip = True
+        elif arg in _FLAGS_WITH_VALUE:
+            cfg_only = cfg_only or arg in ("--cfg", "-c")
+            i += 1
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+        i += 1
+    return overrides, skip, cfg_only
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_value(override: str) -> str | None:
+    return override.split("=", 1)[1] if "=" in override else None
+
+
+def did_you_mean(word: str, candidates) -> str:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+# ------------------------------------------------------------------------------- schema keys
+def _fields(cls) -> dict[str, Any]:
+    """{name: the field's dataclass type, or None for a leaf}."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[f.name] = type(default) if dataclasses.is_dataclass(default) else None
+    return out
+
+
+def _schema_node(section: str | None):
+    """The dataclass of a dotted section (None = the whole config), or None if it has none."""
+    from smet_lab.schema import AppConfig
+    from smet_lab.sweep.grid import SweepConfig
+
+    cls = AppConfig
+    for part in (section.split(".") if section else []):
+        sub = _fields(cls).get(part) if cls else None
+        cls = SweepConfig if (cls is AppConfig and part == "sweep") else sub
+    return cls
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the schema (sections and leaves)."""
+    out = []
+
+    def walk(section: str | None):
+        for name, sub in _fields(_schema_node(section)).items():
+            key = f"{section}.{name}" if section else name
+            out.append(key)
+            if sub is not None or key == "sweep":
+                walk(key)
+
+    walk(None)
+    return out
+
+
+def unknown_key_message(key: str, value) -> str:
+    section = key.rsplit(".", 1)[0] if "." in key else None
+    node = _schema_node(section)
+    known = ", ".join(_fields(node)) if node else "none"
+    if section is None and key in config_groups():  # `sweep=smoke`: an optional group needs its plus
+        return f"{key}={value} is not allowed: {key} is an optional config group; add it with a plus: +{key}={value}"
+    hint = did_you_mean(key, all_keys())
+    return f"{key}={value} is not allowed: unknown key{hint}; known keys of {section or 'the config'}: {known}"
+
+
+def unknown_key(container: dict, overrides: list[str]) -> str | None:
+    """One line for the first key of the composed config that the schema does not know, or None."""
+
+    def walk(node: dict, section: str | None):
+        cls = _schema_node(section)
+        known = _fields(cls) if cls else {}
+        for name, value in node.items():
+            key = f"{section}.{name}" if section else name
+            if name not in known:
+                typed = next((override_value(o) for o in overrides if override_key(o) == key), value)
+                return unknown_key_message(key, typed)
+            if isinstance(value, dict) and key not in FREE_FORM and (known[name] is not None or key == "sweep"):
+                found = walk(value, key)
+                if found:
+                    return found
+        return None
+
+    return walk(container, None)
+
+
+def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
+    """Hydra's multi-line composition errors as one line: key, value, what is allowed."""
+    text = str(exc) + ("\n" + str(exc.__cause__) if exc.__cause__ else "")
+    missing = re.search(r"Could not find '([\w-]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        return (f"{group}={option} is not allowed: one of {', '.join(group_options(group))}"
+                f"{did_you_mean(option, group_options(group))}")
+    override = re.search(r"Could not override '([^']+)'", text)
+    key_error = re.search(r"Key '([^']+)' not in '(\w+)'", text)
+    if override or key_error:
+        key = override.group(1) if override else key_error.group(1)
+        full = next((override_key(o) for o in overrides if override_key(o).endswith(key)), key)
+        value = next((override_value(o) for o in overrides if override_key(o) == full), None)
+        if full.startswith("sweep.params."):
+            return (f"{full}={value} is not allowed: not an axis of this sweep; add an axis with "
+                    f"+{full}=[...] (the key must be a config key, e.g. +sweep.params.optim.lr=[0.001,0.002])")
+        return unknown_key_message(full, value)
+    typed = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
+    full_key = re.search(r"full_key: ([\w.]+)", text)
+    if typed and full_key:
+        return f"{full_key.group(1)}={typed.group(1)} is not allowed: must be of type {typed.group(2)}"
+    if "Ambiguous value for argument" in text:
+        key = re.search(r"argument '([^'=]+)", text)
+        return (f"{key.group(1) if key else 'a value'}: a comma-separated list sweeps values only in a multirun: "
+                f"add -m (python -m smet_lab -m KEY=A,B), or quote it for a single value")
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------ multirun
+def multirun_overrides(overrides: list[str]) -> list[str]:
+    """`-m sparsity.density=0.1,0.25 method=smet,naive_dst` as the sweep it means: `+sweep=grid` (unless a
+    sweep is named), one `+sweep.params.KEY=[...]` axis per swept key (train.seed feeds sweep.seeds) and a
+    sweep name made of the swept keys. Nothing swept: the overrides as they are (a single run)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError("-m", " ".join(overrides), str(exc).splitlines()[0]) from None
+    swept = [(o, raw) for o, raw in zip(parsed, overrides) if o.is_sweep_override()]
+    if not swept:
+        return list(overrides)
+    groups = set(config_groups()) - {"method"}
+    axes, names, rest = [], [], [raw for o, raw in zip(parsed, overrides) if not o.is_sweep_override()]
+    for o, raw in swept:
+        key, text = o.key_or_group, override_value(raw)
+        if not isinstance(o.value(), ChoiceSweep):
+            raise ConfigError(key, text, "a multirun sweeps comma-separated values (KEY=A,B,C); "
+                                         "range(), interval() and glob() are not supported")
+        if key in groups:
+            raise ConfigError(key, text, f"a multirun sweeps method= and config values, not the {key} group; "
+                                         f"run one sweep per {key}, or sweep {key}.* keys")
+        values = f"[{text}]"
+        axes.append(f"sweep.seeds={values}" if key == "train.seed" else f"+sweep.params.{key}={values}")
+        names.append(key.rsplit(".", 1)[-1])
+    has_sweep = any(override_key(r) == "sweep" for r in rest)
+    has_name = any(override_key(r) == "sweep.name" for r in rest)
+    head = ([] if has_sweep else ["+sweep=grid"]) + ([] if has_name else [f"sweep.name=multirun-{'-'.join(names)}"])
+    return head + rest + axes
+
+
+# ---------------------------------------------------------------------------- ignored settings
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _static(c):
+    return _get(c, "sparsity.update_every") == 0 and f"sparsity.update_every=0 (method={c['method']}: a fixed topology)"
+
+
+def _dense(c):
+    return _get(c, "sparsity.density") == 1.0 and f"sparsity.density=1.0 (method={c['method']}: every weight trains)"
+
+
+# (key prefix, why a config ignores it, or a falsy value where it reads it). Keys read only by some options.
+IGNORED_WHEN = [
+    ("data.path", lambda c: _get(c, "data.name") not in ("text_files", "c4")
+     and f"data={_get(c, 'data.name')} (read only by data=text_files or data=c4)"),
+    ("model.vocab_size", lambda c: "the tokenizer's vocabulary (data.tokenizer) sets it"),
+    ("optim.lr_scaling.power", lambda c: _get(c, "optim.lr_scaling.rule") != "power"
+     and f"optim.lr_scaling.rule={_get(c, 'optim.lr_scaling.rule')} (read only with optim.lr_scaling.rule=power)"),
+    ("optim.lr_scaling.scope", lambda c: _get(c, "optim.lr_scaling.rule") == "none"
+     and f"optim.lr_scaling.rule=none (method={c['method']})"),
+    ("optim.min_lr_ratio", lambda c: _get(c, "optim.schedule") == "constant" and "optim.schedule=constant"),
+    ("optim.regrow.warmup_kind", lambda c: _static(c) or (_get(c, "optim.regrow.warmup_steps") == 0
+     and f"optim.regrow.warmup_steps=0 (method={c['method']})")),
+    ("optim.regrow.", _static),
+    ("sparsity.prune", _static),
+    ("sparsity.growth", _static),
+    ("sparsity.distribution", _dense),
+    ("sparsity.block_size", _dense),
+    ("sparsity.dense_patterns", _dense),
+    ("tracking.uri", lambda c: not _get(c, "tracking.enabled") and "tracking.enabled=false (tracking=none)"),
+    ("tracking.experiment", lambda c: not _get(c, "tracking.enabled") and "tracking.enabled=false (tracking=none)"),
+    ("ray.num_cpus", lambda c: _get(c, "ray.address") != "local" and "ray.address is a cluster (it owns its CPUs)"),
+]
+SWEEP_ONLY = ("ray.",)
+
+
+def ignored_setting(overrides: list[str], configs: list[dict], is_sweep: bool) -> str | None:
+    """One line for a value typed on the command line that no run would read, or None. `configs` are
+    the runs' full configs (one for a single run, every trial's for a sweep: ignored by all of them)."""
+    for override in overrides:
+        key, value = override_key(override), override_value(override)
+        if value is None or override.startswith("~") or "=" not in override:
+            continue
+        if not is_sweep and key.startswith(SWEEP_ONLY):
+            return f"{key}={value} is not allowed: ray.* keys are read only by sweeps (+sweep=NAME or -m)"
+        for prefix, why in IGNORED_WHEN:
+            if key == prefix or (prefix.endswith(".") and key.startswith(prefix)) or key.startswith(prefix + "_"):
+                reasons = [why(c) for c in configs]
+                if reasons and all(reasons):
+                    return f"{key}={value} is not allowed: ignored with {reasons[0]}"
+    return None
