@@ -9,8 +9,6 @@ only when work starts, so `--help` and `--cfg job` answer fast.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
 import shutil
 import signal
@@ -24,6 +22,7 @@ from smet_lab import schema
 from smet_lab.config import ConfigError, RunConfig, run_config_from
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, config_groups, explain_hydra_error, group_options,
                                 ignored_setting, multirun_overrides, split_args, unknown_key)
+from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
 RUN_FILE = "mlflow_run.json"  # in a run's output folder: the MLflow run a resume continues
@@ -258,13 +257,6 @@ def help_text() -> str:
     return HELP.format(groups="\n".join(lines))
 
 
-def quiet_libraries() -> None:
-    """No INFO chatter from MLflow's store set-up (alembic migrations) on a user's first run."""
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -272,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     signal.signal(signal.SIGINT, STOP)
     signal.signal(signal.SIGTERM, STOP)
-    quiet_libraries()
+    quiet_mlflow()
     overrides, hydra_alone, cfg_only = split_args(argv)
     if any(flag in argv for flag in MULTIRUN_FLAGS):  # a multirun is a sweep: Ray Tune, not Hydra's launcher
         try:

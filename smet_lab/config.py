@@ -2,7 +2,7 @@
 
 Plain dataclasses, so the core stays usable without Hydra. The Hydra layer (conf/ and cli.py)
 registers these same classes as structured-config schemas, so a typo'd key or a wrong type is
-caught at compose time. Key names are public (design.md section 4).
+caught at compose time. Key names are public (docs/design.md section 3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Method presets: each names the optimizer/sparsity keys it sets (design.md section 4).
+"""Method presets: each names the optimizer/sparsity keys it sets (docs/design.md section 3).
 Torch-free, so the command line and sweep planning can read them without importing torch.
 
 The Hydra presets in conf/method/*.yaml set exactly these keys; a test keeps the two in step.

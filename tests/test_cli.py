@@ -161,6 +161,24 @@ BAD_INPUTS = [
     (["data.tokenizer=hf:t5-base"], "data.tokenizer"),
     (["train.resume_from=/nonexistent/step_5"], "train.resume_from"),
     (["method=dense", "sparsity.density=0.5"], "sparsity.density"),
+    # Keys the schema does not know, at any level, with a "did you mean" for near misses.
+    (["+notakey=1"], "notakey=1 is not allowed: unknown key"),
+    (["+train.notakey=1"], "train.notakey=1 is not allowed: unknown key"),
+    (["train.maxsteps=5"], "did you mean train.max_steps?"),
+    (["+optim.lr_scalng.rule=none"], "did you mean optim.lr_scaling"),
+    (["model=tiyn"], "did you mean tiny?"),
+    (["sweep=smoke"], "add it with a plus: +sweep=smoke"),
+    # Values that no run would read.
+    (["data.path=/tmp"], "data.path=/tmp is not allowed: ignored with data=pysource"),
+    (["method=static", "sparsity.growth=gradient"], "sparsity.growth=gradient is not allowed: ignored with sparsity.update_every=0"),
+    (["optim.lr_scaling.power=0.5"], "read only with optim.lr_scaling.rule=power"),
+    (["method=naive_dst", "optim.regrow.warmup_kind=released"], "optim.regrow.warmup_kind=released is not allowed"),
+    (["model.vocab_size=1000"], "model.vocab_size=1000 is not allowed: ignored with the tokenizer's vocabulary"),
+    (["ray.cpus_per_trial=1"], "ray.* keys are read only by sweeps"),
+    (["tracking=none", "tracking.experiment=x"], "tracking.experiment=x is not allowed: ignored with tracking.enabled=false"),
+    # A comma list outside a multirun; a multirun over a group other than method.
+    (["sparsity.density=0.1,0.25"], "add -m"),
+    (["-m", "model=tiny,small"], "model='tiny,small' is not allowed: a multirun sweeps method= and config values"),
 ]
 
 
@@ -232,14 +250,104 @@ def test_sigterm_also_marks_the_run_killed(tmp_path):
     assert list(mlflow_runs(tmp_path / "mlflow.db")["status"]) == ["KILLED"]
 
 
-def test_help_and_cfg_are_fast(tmp_path):
-    tic = time.time()
+def test_help_and_cfg_import_no_heavy_library(tmp_path):
     proc = cli(["--cfg", "job", "method=naive_dst"], cwd=tmp_path)
-    elapsed = time.time() - tic
     assert proc.returncode == 0 and "method: naive_dst" in proc.stdout and "reset_step: false" in proc.stdout
     proc = cli(["--help"], cwd=tmp_path)
-    assert proc.returncode == 0 and "method" in proc.stdout
-    print(f"--cfg job took {elapsed:.2f}s")
+    assert proc.returncode == 0 and proc.stdout.startswith("smet_lab: dynamic sparse training")
+    assert "python -m smet_lab +sweep=density" in proc.stdout and "python -m smet_lab -m " in proc.stdout
+    sweeps = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
+    assert f"+sweep:      {', '.join(sweeps)}" in proc.stdout  # the optional group is listed with its plus
     modules = subprocess.run([sys.executable, "-c", "import smet_lab.cli, sys; print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"],
                              capture_output=True, text=True, cwd=tmp_path)
     assert modules.stdout.strip() == "[]"
+
+
+def test_multirun_overrides_become_a_sweep():
+    from smet_lab.preflight import multirun_overrides
+
+    assert multirun_overrides(["sparsity.density=0.1,0.25", "method=smet,naive_dst", "train.max_steps=5"]) == [
+        "+sweep=grid", "sweep.name=multirun-density-method", "train.max_steps=5",
+        "+sweep.params.sparsity.density=[0.1,0.25]", "+sweep.params.method=[smet,naive_dst]"]
+    assert multirun_overrides(["+sweep=density", "train.seed=0,1", "sweep.name=mine"]) == [
+        "+sweep=density", "sweep.name=mine", "sweep.seeds=[0,1]"]
+    assert multirun_overrides(["train.max_steps=5"]) == ["train.max_steps=5"]  # nothing swept: one run
+    overrides = multirun_overrides(["sparsity.density=0.1,0.25", "method=smet,naive_dst"])
+    from smet_lab.sweep.runner import plan
+    from smet_lab.cli import method_composer
+
+    sweep, trials, configs = plan(compose(overrides), method_composer(overrides))
+    assert sweep.name == "multirun-density-method"
+    cells = sorted((c["method"], c["sparsity"]["density"]) for c in configs.values())
+    assert cells == sorted((m, d) for m in ("smet", "naive_dst") for d in (0.1, 0.25))
+    # Each trial is its method's preset with the grid value on top, exactly as `+sweep=` builds it.
+    assert all(c["optim"]["lr_scaling"]["rule"] == METHODS[c["method"]]["optim.lr_scaling.rule"] for c in configs.values())
+
+
+def test_a_value_read_by_some_sweep_trials_is_accepted(tmp_path):
+    from smet_lab.cli import BadInput, preflight
+
+    base = ["+sweep=smoke", f"ray.storage={tmp_path}", "tracking=none"]
+    cfg = preflight([*base, "optim.regrow.warmup_kind=released"])  # smet reads it, naive_dst does not
+    assert cfg.optim.regrow.warmup_kind == "released"
+    with pytest.raises(BadInput, match="optim.lr_scaling.power=0.5 is not allowed"):  # no trial reads it
+        preflight([*base, "optim.lr_scaling.power=0.5"])
+
+
+def test_a_multirun_without_swept_values_is_one_run(tmp_path):
+    proc = cli(["-m", *FAST, "train.max_steps=3", f"hydra.run.dir={tmp_path}/run", "tracking=none"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step 3/3" in proc.stdout and (tmp_path / "run" / "config.yaml").is_file()
+    assert "mean probe jump n/a (no topology update)" in proc.stdout  # no update in 3 steps: no jump to show
+    assert not (tmp_path / "run" / "cli.log").exists()  # no empty log file per run
+
+
+def test_the_recorded_config_is_the_effective_one(tmp_path, hf_tok_dir):
+    """With a Hugging Face tokenizer the model's vocabulary is the tokenizer's, in config.yaml and MLflow."""
+    import yaml
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(hf_tok_dir / "tokenizer.json")).get_vocab_size()
+    assert vocab != 256
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. a dog ate the bone. " * 400)
+    proc = cli([*FAST, "train.max_steps=3", "data=text_files", f"data.path={tmp_path / 'corpus.txt'}",
+                f"data.tokenizer=hf:{hf_tok_dir}", f"hydra.run.dir={tmp_path}/run",
+                f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["vocab_size"] == vocab
+    assert mlflow_runs(tmp_path / "mlflow.db").iloc[0]["params.model.vocab_size"] == str(vocab)
+    from smet_lab.cli import method_composer
+    from smet_lab.sweep.runner import plan
+
+    overrides = ["+sweep=smoke", f"data.tokenizer=hf:{hf_tok_dir}", f"ray.storage={tmp_path}"]
+    configs = plan(compose(overrides), method_composer(overrides))[2]
+    assert {c["model"]["vocab_size"] for c in configs.values()} == {vocab}
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    first = cli([*FAST, "train.max_steps=20", f"hydra.run.dir={tmp_path}/a", f"tracking.uri={db}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "INFO" not in first.stdout + first.stderr  # a fresh database: no MLflow/alembic chatter
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("smet_lab").experiment_id])
+    assert "smet_lab" in client.get_experiment_by_name("smet_lab").tags["mlflow.note.content"]
+    again = cli([*FAST, "train.max_steps=40", f"train.resume_from={tmp_path}/a/checkpoints/step_20",
+                 f"hydra.run.dir={tmp_path}/b", f"tracking.uri={db}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"tracking to MLflow run {run.info.run_id} (continued)" in again.stdout
+    runs = client.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [run.info.run_id] and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["smet.resumed"] == "true"
+    # One contiguous history: every 5th step once, 5..20 from the first process, 25..40 from the second.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(5, 41, 5))
+    # Another store does not have that run: a new run that names the one it resumed.
+    other = f"sqlite:///{tmp_path}/other.db"
+    moved = cli([*FAST, "train.max_steps=40", f"train.resume_from={tmp_path}/a/checkpoints/step_20",
+                 f"hydra.run.dir={tmp_path}/c", f"tracking.uri={other}"], cwd=tmp_path)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    other_client = MlflowClient(other)
+    (new,) = other_client.search_runs([other_client.get_experiment_by_name("smet_lab").experiment_id])
+    assert new.info.run_id != run.info.run_id and new.data.tags["smet.resumed_from_run"] == run.info.run_id

@@ -52,22 +52,6 @@ def test_bad_tokenizer_spec(spec):
         build_tokenizer(spec)
 
 
-@pytest.fixture(scope="module")
-def hf_tok_dir(tmp_path_factory):
-    """A tiny WordLevel tokenizer trained here, saved as tokenizer.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    sentences = ["the cat sat on the mat", "a dog ate the bone", "cats and dogs sat", "one two three four"]
-    tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
-    # Like T5: encode() appends </s>; the corpus must not (it puts eos *between* documents).
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    d = tmp_path_factory.mktemp("tok")
-    tok.save(str(d / "tokenizer.json"))
-    return d
-
-
 def test_hf_tokenizer_from_file_and_dir(hf_tok_dir):
     from tokenizers import Tokenizer
 

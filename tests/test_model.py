@@ -11,7 +11,7 @@ from smet_lab.config import ConfigError
 from smet_lab.model import PRESETS, LLaMA, count_parameters, model_preset, validate_model
 
 # Total parameters (millions) of the released configs with the T5 vocabulary (32000), as tabulated in
-# the paper digest (research/paper.md section 3.2), computed there independently of this code.
+# the SMET paper (arXiv 2606.00888, the released model configs), independently of this code.
 PAPER_TOTALS_M = {"llama_60m": 58.1, "llama_130m": 134.1, "llama_350m": 368.0, "llama_1b": 1339.1, "llama_7b": 6738.4}
 
 

@@ -111,7 +111,7 @@ def test_entries_active_from_the_start_are_not_warmed():
 
 def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damping=False, betas=(B1, B2),
                    released=False):
-    """Independent dense, per-entry re-implementation of design.md section 5. released=True: the
+    """Independent dense, per-entry re-implementation of docs/design.md section 2. released=True: the
     released code's counter (set to 1 at regrowth, +1 before use) damps m of every entry while < W."""
     B1, B2 = betas
     w = weight.clone()

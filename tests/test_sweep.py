@@ -139,17 +139,44 @@ def test_smoke_sweep_parent_and_children_in_mlflow(tmp_path):
         assert float(r["summary/final_val_loss"]) == pytest.approx(by_method[r["method"]])
 
 
-def test_a_failing_trial_does_not_take_the_others(tmp_path):
-    proc = run_cli([*SMOKE, *common(tmp_path)], cwd=tmp_path, env_extra={"SMET_LAB_INJECT_FAILURE": "naive_dst"})
+def test_a_failing_trial_does_not_take_the_others_and_is_retried(tmp_path):
+    # naive_dst fails at step 25, after its checkpoint at step 20 (smoke checkpoints every 20 steps).
+    proc = run_cli([*SMOKE, *common(tmp_path)], cwd=tmp_path,
+                   env_extra={"SMET_LAB_INJECT_FAILURE": "naive_dst", "SMET_LAB_INJECT_AT_STEP": "25"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "FAILED method=naive_dst" in proc.stdout and "1 failed" in proc.stdout
+    assert "sweep.retry_failed=true" in proc.stderr
     _, runs = runs_of(tmp_path / "mlflow.db")
     children = {r.data.tags["smet.method"]: r for r in runs if r.data.tags.get("smet.kind") == "trial"}
     assert children["naive_dst"].info.status == "FAILED"
     assert "injected failure" in children["naive_dst"].data.tags["smet.error"]
     assert children["smet"].info.status == "FINISHED"
+    # The parent tells the truth: FAILED, with the counts and the best finished trial.
+    (parent,) = [r for r in runs if r.data.tags.get("smet.kind") == "sweep"]
+    assert parent.info.status == "FAILED" and parent.data.tags["smet.error"] == "1 trial(s) failed"
+    assert parent.data.metrics["sweep/trials_failed"] == 1 and parent.data.metrics["sweep/trials_finished"] == 1
+    assert parent.data.metrics["best/summary/final_val_loss"] == children["smet"].data.metrics["summary/final_val_loss"]
+    assert parent.data.tags["smet.best_trial"] == "method=smet,seed=0"
+    # Trials carry the corpus fingerprint, as single runs do (computed here independently).
+    from smet_lab.config import DataConfig
+    from smet_lab.data import load_corpus
+
+    sha = load_corpus(DataConfig(name="synthetic", max_tokens=60000)).sha256
+    assert {c.data.tags["smet.data_sha256"] for c in children.values()} == {sha}
     rows = {r["method"]: r["status"] for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
     assert rows == {"naive_dst": "FAILED", "smet": "FINISHED"}
+
+    retry = run_cli([*SMOKE, *common(tmp_path), "sweep.retry_failed=true"], cwd=tmp_path)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    client, runs = runs_of(tmp_path / "mlflow.db")
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # the same runs, all green now
+    naive = next(r for r in runs if r.data.tags.get("smet.method") == "naive_dst")
+    assert naive.info.run_id == children["naive_dst"].info.run_id
+    assert naive.data.tags["smet.resumed_from_step"] == "20" and naive.data.metrics["summary/steps"] == 40
+    smet = next(r for r in runs if r.data.tags.get("smet.method") == "smet")  # the finished trial did not re-run
+    assert len(client.get_metric_history(smet.info.run_id, "train/loss")) == 8
+    rows = {r["method"]: r["status"] for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
+    assert rows == {"naive_dst": "FINISHED", "smet": "FINISHED"}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
@@ -224,6 +251,9 @@ def test_a_sweep_interrupted_twice_resumes_to_exactly_the_grid(tmp_path):
     args = ["+sweep=smoke", "sweep.seeds=[0,1]", "train.max_steps=40", "ray.max_concurrent=1", *common(tmp_path)]
     code, out = _run_until(args, tmp_path, 1)
     assert code == 130, out[-3000:]
+    _, runs = runs_of(tmp_path / "mlflow.db")
+    assert [r.info.status for r in runs if r.data.tags.get("smet.kind") == "sweep"] == ["KILLED"]
+    assert not (tmp_path / "out").exists()  # the sweep writes into its sweep folder, no empty Hydra folder
     code, out = _run_until(args, tmp_path, 1)  # the second session finishes one more trial
     assert code == 130 and "resuming from" in out, out[-3000:]
     last = run_cli(args, cwd=tmp_path)

@@ -47,6 +47,23 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_factor(110, cfg) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("method,scale", [("smet", 4.0), ("naive_dst", 1.0), ("dense", None)])
+def test_train_lr_is_the_base_rate_and_lr_sparse_the_scaled_one(method, scale):
+    """train/lr = alpha_0 x schedule (the same for every method); train/lr_sparse = that x 1/d for smet's
+    inverse rule at d = 0.25, x 1 for naive_dst, and absent where no layer is sparse."""
+    cfg = small_cfg(method, steps=30)
+    res = train(cfg, progress=None, corpus=CORPUS)
+    for row in res.history:
+        step = row["step"]
+        # The schedule by hand: linear warm-up over 10 steps, then cosine from 1 to 0.1 over 20 steps.
+        factor = step / 10 if step <= 10 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 10) / 20))
+        assert row["train/lr"] == pytest.approx(1e-3 * factor, rel=1e-12)
+        if scale is None:
+            assert "train/lr_sparse" not in row
+        else:
+            assert row["train/lr_sparse"] == pytest.approx(1e-3 * factor * scale, rel=1e-6)
+
+
 def test_run_logs_the_public_metrics_and_summary():
     logged = []
     res = train(small_cfg(), log=lambda m, s: logged.append((s, dict(m))), progress=None, corpus=CORPUS)

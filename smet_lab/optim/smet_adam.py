@@ -36,7 +36,7 @@ is built.
 state="dense_masked" keeps the same math on dense-size buffers with a per-block mask and an int16
 age per block (what mask-based DST libraries do), so memory can be compared like for like.
 
-SMET semantics (design.md section 5), per active entry i:
+SMET semantics (docs/design.md section 2), per active entry i:
     regrow(i): m_i = v_i = 0, t_i = 0       (theta_i = 0 is the topology updater's job)
     step:      t_i += 1 (reset_step) else t_i = the global step
                u_i = (m_i / (1-b1^t_i)) / (sqrt(v_i / (1-b2^t_i)) + eps)

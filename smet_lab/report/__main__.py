@@ -49,6 +49,9 @@ def fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from smet_lab.report.io import ReportError
+    from smet_lab.tracking.settings import quiet_mlflow
+
+    quiet_mlflow()
     from smet_lab.report.specs import SpecError
 
     try:

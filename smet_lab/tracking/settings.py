@@ -66,6 +66,13 @@ def check_tracking(cfg: TrackingConfig) -> None:
                           "or use sqlite:///mlflow.db)")
 
 
+def quiet_mlflow() -> None:
+    """For command-line entry points: no INFO chatter from MLflow's store set-up on a first run.
+    (MLflow sets its logger's level from MLFLOW_LOGGING_LEVEL when it is imported.)"""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def _render(value) -> str:
     # Lists read like Hydra overrides ("[0.9, 0.999]"), whatever their container (tuple, ListConfig).
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
