@@ -224,7 +224,7 @@ def test_progress_lines():
     ("sparsity", "block_size", [1, 16]),
     ("optim", "state", ["compact", "dense_masked"]),
     ("optim", "schedule", ["cosine", "constant"]),
-    ("regrow", "warmup_kind", ["linear_lr", "moment_damping"]),
+    ("regrow", "warmup_kind", ["linear_lr", "moment_damping", "released"]),
     ("lr_scaling", "rule", ["none", "inverse", "inverse_sqrt", "power"]),
     ("lr_scaling", "scope", ["sparse", "all"]),
 ])
