@@ -120,8 +120,8 @@ def configs(args) -> list[dict]:
     return out
 
 
-def cfg_keys(cfg: dict) -> set[str]:
-    return {"model", "method", "density", "block_size", "vocab", "batch", "seq_len", "steps", "device"}
+# What identifies one measurement (a re-run skips the configurations already measured).
+CFG_KEYS = ("batch", "block_size", "density", "device", "method", "model", "seq_len", "steps", "vocab")
 
 
 def mib(x) -> str:
@@ -211,9 +211,9 @@ def main() -> None:
             results = json.load(open(args.json))["results"]  # configurations measured already are kept
         print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()}, {os.cpu_count()} CPUs, device {args.device}; "
               f"batch {args.batch}, seq {args.seq_len or 'preset'}, {args.steps} steps per configuration", flush=True)
-        done = {json.dumps({k: r[k] for k in sorted(cfg_keys(r))}) for r in results}
+        done = {json.dumps({k: r[k] for k in CFG_KEYS}) for r in results}
         for cfg in configs(args):
-            if json.dumps({k: cfg[k] for k in sorted(cfg_keys(cfg))}) in done:
+            if json.dumps({k: cfg[k] for k in CFG_KEYS}) in done:
                 continue
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)],
                                   capture_output=True, text=True)
@@ -227,7 +227,7 @@ def main() -> None:
                 with open(args.json, "w") as f:
                     json.dump({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "args": vars(args),
                                "results": results}, f, indent=1)
-    key = lambda c: json.dumps({k: c[k] for k in sorted(cfg_keys(c))})
+    key = lambda c: json.dumps({k: c[k] for k in CFG_KEYS})
     order = {key(c): i for i, c in enumerate(configs(args if not args.from_json else argparse.Namespace(
         **json.load(open(args.from_json))["args"])))}
     results.sort(key=lambda r: order.get(key(r), len(order)))  # configuration order, resumed ones included

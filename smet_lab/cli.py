@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
 from smet_lab.config import ConfigError, RunConfig, run_config_from
-from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, config_groups, explain_hydra_error, group_options,
-                                ignored_setting, multirun_overrides, split_args, unknown_key)
+from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, config_groups, explain_hydra_error, extension_entries,
+                                group_options, ignored_setting, multirun_overrides, split_args, unknown_key)
 from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
@@ -198,7 +198,13 @@ def hydra_main(cfg: DictConfig) -> None:
         code = run_sweep(cfg, output_dir, method_composer(list(hydra_cfg.overrides.task)))
         _remove_if_empty(output_dir)  # a sweep writes into its sweep folder, not here
     else:
-        code = run_single(cfg, output_dir)
+        from smet_lab.sparse.criteria import RuleError
+
+        try:
+            code = run_single(cfg, output_dir)
+        except RuleError as exc:  # a user's rule broke its contract: the MLflow run is already FAILED
+            print(f"smet_lab: error: {exc}", file=sys.stderr)
+            code = 1
     if code:
         sys.exit(code)
 
@@ -249,6 +255,11 @@ Hydra's own flags: python -m smet_lab --hydra-help
 """
 
 
+def quote(value: str) -> str:
+    """A string as a Hydra override value (quoted unless plainly safe)."""
+    return value if re.fullmatch(r"[\w./-]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def help_text() -> str:
     lines = []
     for group in config_groups():
@@ -273,6 +284,17 @@ def main(argv: list[str] | None = None) -> None:
             fail(str(exc))
         argv = [a for a in argv if a not in MULTIRUN_FLAGS and a not in overrides] + swept
         overrides = swept
+    try:  # extensions register their rules and methods before anything is validated
+        from smet_lab.extend import load_extensions
+
+        found, entries = extension_entries(overrides)
+        resolved = load_extensions(entries)
+    except ConfigError as exc:
+        fail(str(exc))
+    schema.register()  # again: the method presets that extensions registered become options
+    if found:  # absolute paths, so Ray trials (other working directories) import the same files
+        fixed = f"{found.split('=', 1)[0]}=[{','.join(map(quote, resolved))}]"
+        argv, overrides = [fixed if a == found else a for a in argv], [fixed if o == found else o for o in overrides]
     if not hydra_alone:
         try:
             preflight(overrides, compose_only=cfg_only)

@@ -1,7 +1,8 @@
 """Method presets: each names the optimizer/sparsity keys it sets (docs/design.md section 3).
 Torch-free, so the command line and sweep planning can read them without importing torch.
 
-The Hydra presets in conf/method/*.yaml set exactly these keys; a test keeps the two in step.
+This is the one source: the Hydra `method` options are built from it (smet_lab/schema.py), and
+`smet_lab.extend.register_method` adds to it.
 """
 
 from __future__ import annotations

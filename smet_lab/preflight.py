@@ -46,11 +46,15 @@ def split_args(argv: list[str]) -> tuple[list[str], bool, bool]:
 
 
 def group_options(group: str) -> list[str]:
+    if group == "method":  # the presets are Python data (smet_lab/methods.py), not YAML files
+        from smet_lab.methods import METHODS
+
+        return sorted(METHODS)
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def config_groups() -> list[str]:
-    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    return sorted({p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"method"})
 
 
 def override_key(override: str) -> str:
@@ -195,6 +199,24 @@ def multirun_overrides(overrides: list[str]) -> list[str]:
     has_name = any(override_key(r) == "sweep.name" for r in rest)
     head = ([] if has_sweep else ["+sweep=grid"]) + ([] if has_name else [f"sweep.name=multirun-{'-'.join(names)}"])
     return head + rest + axes
+
+
+def extension_entries(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """The `extensions=[...]` override and its entries (None, [] when absent)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    found = next((o for o in overrides if override_key(o) == "extensions" and "=" in o), None)
+    if found is None:
+        return None, []
+    try:
+        value = OverridesParser.create().parse_overrides([found])[0].value()
+    except HydraException as exc:
+        raise ConfigError("extensions", override_value(found), str(exc).splitlines()[0]) from None
+    entries = value if isinstance(value, list) else [value]
+    if not all(isinstance(e, str) and e for e in entries):
+        raise ConfigError("extensions", override_value(found), "a list of module names or .py paths")
+    return found, entries
 
 
 # ---------------------------------------------------------------------------- ignored settings

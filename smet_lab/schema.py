@@ -8,7 +8,7 @@ time, before any work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from smet_lab.config import RunConfig
 from smet_lab.sweep.grid import SweepConfig
@@ -30,9 +30,26 @@ class AppConfig(RunConfig):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     sweep: Optional[SweepConfig] = None  # set only by `+sweep=NAME`
+    # Modules or .py files registering rules through smet_lab.extend, imported before validation.
+    extensions: List[str] = field(default_factory=list)
 
 
 def register() -> None:
+    """The schema, and the `method` group's options built from the presets in smet_lab/methods.py
+    (the one source: there are no conf/method/*.yaml files). Called again after extensions load, for
+    the presets they register."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="smet_lab_schema", node=AppConfig)
+    from smet_lab.methods import METHODS
+
+    store = ConfigStore.instance()
+    store.store(name="smet_lab_schema", node=AppConfig)
+    for name, preset in METHODS.items():
+        node: dict = {"method": name}
+        for dotted, value in preset.items():
+            *path, leaf = dotted.split(".")
+            target = node
+            for part in path:
+                target = target.setdefault(part, {})
+            target[leaf] = value
+        store.store(group="method", name=name, node=node, package="_global_")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port, run_cli as cli, start_cli
 from smet_lab.cli import CONF_DIR, compose, to_run_config
 from smet_lab.config import ConfigError
 from smet_lab.model import PRESETS
@@ -25,7 +24,9 @@ FAST = ["data=synthetic", "train.max_steps=40", "train.eval_every=20", "train.lo
 
 
 def options(group):
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    from smet_lab.preflight import group_options
+
+    return group_options(group)
 
 
 def test_defaults_list_and_sweep_not_in_it():
@@ -38,6 +39,13 @@ def test_defaults_list_and_sweep_not_in_it():
     cfg = compose([])
     assert cfg.method == "smet" and cfg.model.name == "tiny" and cfg.data.name == "pysource"
     assert cfg.sweep is None
+
+
+def test_presets_have_one_source():
+    # Model presets: conf/model/*.yaml and smet_lab.model.PRESETS name the same sizes (values: below).
+    assert options("model") == sorted(PRESETS)
+    # Method presets: the `method` options are built from smet_lab.methods.METHODS; no YAML copies.
+    assert options("method") == sorted(METHODS) and not (CONF_DIR / "method").exists()
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -78,12 +86,6 @@ def test_every_method_with_every_density(method, density):
             check_config(run)
     else:
         check_config(run)
-
-
-def cli(args, cwd, timeout=300, env_extra=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "smet_lab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def mlflow_runs(db: Path):
@@ -137,12 +139,6 @@ def test_end_to_end_run_is_tracked_in_mlflow(finished_run):
         assert by_step[m.step] == pytest.approx(m.value, rel=1e-6)
     assert (tmp / "run" / "checkpoints" / "step_20" / "state.pt").is_file()
     assert (tmp / "run" / "checkpoints" / "step_40" / "state.pt").is_file()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 BAD_INPUTS = [
@@ -214,10 +210,8 @@ def test_resume_from_a_checkpoint_of_another_model(finished_run, tmp_path):
 
 
 def test_ctrl_c_marks_the_run_killed(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "smet_lab", *FAST, "train.max_steps=100000",
-                             f"hydra.run.dir={tmp_path}/run", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_cli([*FAST, "train.max_steps=100000", f"hydra.run.dir={tmp_path}/run",
+                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
     deadline = time.time() + 120
     line = ""
     while time.time() < deadline and "tracking to MLflow run" not in line:  # printed when training starts
@@ -235,10 +229,8 @@ def test_ctrl_c_marks_the_run_killed(tmp_path):
 
 
 def test_sigterm_also_marks_the_run_killed(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "smet_lab", *FAST, "train.max_steps=100000",
-                             f"hydra.run.dir={tmp_path}/run", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_cli([*FAST, "train.max_steps=100000", f"hydra.run.dir={tmp_path}/run",
+                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
     line = ""
     deadline = time.time() + 120
     while time.time() < deadline and "tracking to MLflow run" not in line:

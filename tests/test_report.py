@@ -7,17 +7,16 @@ from __future__ import annotations
 import base64
 import math
 from html import escape as html_escape
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import run_cli
 from smet_lab.report import (SweepInfo, build_report, cell_stats, headline, load_spec, partial_note, pivot_table,
                              spec_table, sweep_info_from_params, trial_table, update_deltas, with_missing)
 from smet_lab.report.__main__ import main as report_main
@@ -478,8 +477,7 @@ def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report_smoke")
     args = ["+sweep=smoke", "train.max_steps=40", f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"ray.storage={tmp}/sw",
             f"hydra.run.dir={tmp}/out"]
-    proc = subprocess.run([sys.executable, "-m", "smet_lab", *args], cwd=tmp, capture_output=True, text=True,
-                          timeout=400, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = run_cli(args, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return tmp, proc
 
@@ -491,6 +489,7 @@ def independent_runs(tmp: Path) -> pd.DataFrame:
     return mlflow.search_runs(search_all_experiments=True)
 
 
+@pytest.mark.e2e
 def test_sweep_writes_its_report_and_logs_it_to_the_parent(smoke):
     tmp, proc = smoke
     out = tmp / "sw" / "smoke" / "report"
@@ -509,6 +508,7 @@ def test_sweep_writes_its_report_and_logs_it_to_the_parent(smoke):
     assert "Partial report" not in md and "parent status: FINISHED" in md  # built before the parent closed
 
 
+@pytest.mark.e2e
 def test_report_numbers_match_the_runs_own_metrics(smoke):
     tmp, _ = smoke
     runs = independent_runs(tmp)
@@ -543,6 +543,7 @@ def test_report_numbers_match_the_runs_own_metrics(smoke):
     assert f"| {best[f'metrics.{PPL}']:.2f} |" in table_md
 
 
+@pytest.mark.e2e
 def test_report_cli_resolves_sweep_name_run_id_and_experiment(smoke, tmp_path, capsys):
     tmp, _ = smoke
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -564,6 +565,7 @@ def test_report_cli_resolves_sweep_name_run_id_and_experiment(smoke, tmp_path, c
     assert capsys.readouterr().err == "smet_lab: error: experiment 'empty' has no runs\n"
 
 
+@pytest.mark.e2e
 def test_partial_report_of_a_running_sweep_with_a_lost_trial(smoke, tmp_path):
     """A copy of the database where the parent is still RUNNING and one trial's run is gone."""
     tmp, _ = smoke
@@ -584,6 +586,7 @@ def test_partial_report_of_a_running_sweep_with_a_lost_trial(smoke, tmp_path):
     assert dict(zip(trials["method"], trials["status"])) == {"naive_dst": "MISSING", "smet": "FINISHED"}
 
 
+@pytest.mark.e2e
 def test_tables_cli_renders_a_spec_from_the_sweep(smoke, tmp_path, capsys):
     tmp, _ = smoke
     spec = tmp_path / "smoke_ppl.yaml"
@@ -602,6 +605,7 @@ def test_tables_cli_renders_a_spec_from_the_sweep(smoke, tmp_path, capsys):
     assert "table ablation_components skipped" in err and err.strip().splitlines()[-1].startswith("smet_lab: error:")
 
 
+@pytest.mark.e2e
 def test_report_html_renders_in_headless_chromium(smoke, tmp_path):
     binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if binary is None:
@@ -624,3 +628,12 @@ def test_report_html_renders_in_headless_chromium(smoke, tmp_path):
         pixels = np.asarray(im.convert("L"), dtype=float)
     assert pixels.std() > 10  # not a blank page
     assert (pixels < 128).mean() > 0.01  # text, tables and plots drew dark pixels
+
+
+def test_the_report_names_the_rules_that_ran():
+    from smet_lab.report.build import _rules
+
+    runs = pd.DataFrame({"sparsity.growth": ["lowest_free", "random", "random"], "sparsity.prune": ["magnitude"] * 3,
+                         "extensions": ["[]"] * 3})
+    assert _rules(runs) == "sparsity.growth=lowest_free | random, sparsity.prune=magnitude"
+    assert _rules(pd.DataFrame({"method": ["smet"]})) == "—"

@@ -11,7 +11,21 @@ import torch.nn as nn
 from smet_lab.config import ConfigError, ModelConfig
 from smet_lab.model import LLaMA
 from smet_lab.sparse import DynamicSparsity, SparseTopology, erk_densities, prune_rate_at
-from smet_lab.sparse.criteria import grow_gradient, grow_random, prune_magnitude
+from smet_lab.sparse.criteria import GrowthContext, PruneContext, grow_gradient, grow_random, prune_magnitude
+from smet_lab.sparse.topology import isin_sorted
+
+
+def prune_ctx(layer, n):
+    return PruneContext(layer.name, layer.n_blocks, layer.block_size, layer.block_idx.long(), layer.gather(), n,
+                        torch.Generator())
+
+
+def grow_ctx(layer, n, excluded, grad=None, gen=None):
+    """The context a growth rule gets: the active blocks minus the `excluded` (just pruned) ones."""
+    active = layer.block_idx.long()
+    active = active[~isin_sorted(active, excluded.long().sort().values)]
+    return GrowthContext(layer.name, layer.n_blocks, layer.block_size, active, excluded.long(), n,
+                         gen or torch.Generator(), None if grad is None else layer.blocks(grad))
 
 
 def tiny_llama():
@@ -75,7 +89,7 @@ def test_magnitude_prune_picks_smallest_blocks():
     assert len(topo) == 0  # density 1: nothing sparse
     topo = SparseTopology.build(One(w.clone()), 0.99, dense_patterns=[])  # round(0.99*8) = 8 active
     layer = topo.layers[0]
-    slots = prune_magnitude(layer, 3)
+    slots = prune_magnitude(prune_ctx(layer, 3))
     pruned = set(layer.block_idx[slots].tolist())
     assert pruned == {2, 4, 7}  # |0.1|, |0.2|, |-0.05|
 
@@ -83,7 +97,7 @@ def test_magnitude_prune_picks_smallest_blocks():
 def test_block_magnitude_uses_l1_of_consecutive_weights():
     w = torch.tensor([[1.0, 1.0, -0.1, 0.1], [3.0, -3.0, 0.5, -0.6]])  # blocks of 2: L1 = 2, 0.2, 6, 1.1
     layer = SparseTopology.build(One(w), 0.99, block_size=2, dense_patterns=[]).layers[0]
-    slots = prune_magnitude(layer, 2)
+    slots = prune_magnitude(prune_ctx(layer, 2))
     assert set(layer.block_idx[slots].tolist()) == {1, 3}
 
 
@@ -95,7 +109,7 @@ def test_random_growth_never_regrows_just_pruned_and_is_uniform():
     counts = torch.zeros(200)
     trials = 3000
     for _ in range(trials):
-        new = grow_random(layer, 10, excluded, None, gen)
+        new = grow_random(grow_ctx(layer, 10, excluded, gen=gen))
         assert new.numel() == 10 and torch.unique(new).numel() == 10
         assert not (set(new.tolist()) & active)
         counts[new] += 1
@@ -112,7 +126,7 @@ def test_gradient_growth_picks_largest_inactive_gradients():
     layer.block_idx = torch.tensor([0, 2, 5], dtype=torch.int32)  # derived tensor: assign, not copy_
     grad = torch.tensor([[9.0, 0.5, 9.0, -4.0, 2.0, 9.0]])
     excluded = torch.tensor([0])  # pretend block 0 was just pruned
-    new = grow_gradient(layer, 2, excluded, grad, None)
+    new = grow_gradient(grow_ctx(layer, 2, excluded, grad))
     assert set(new.tolist()) == {3, 4}
 
 

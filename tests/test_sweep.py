@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from smet_lab.cli import compose, method_composer
+from helpers import all_runs as runs_of, run_cli, start_cli
+from smet_lab.cli import CONF_DIR, compose, method_composer
 from smet_lab.config import ConfigError
 from smet_lab.sweep.grid import expand, trial_configs
 from smet_lab.sweep.runner import GRID_FILE, plan, sweep_config, write_grid
 
-EXPECTED_TRIALS = {"density": 7, "warmup": 8, "lr_scaling": 9, "update_every": 8, "ablation": 6, "smoke": 2}
+SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name,count", EXPECTED_TRIALS.items())
-def test_every_sweep_composes_and_expands(name, count):
+def expected_trials(name: str) -> int:
+    """Trials per seed of a sweep file, counted from the YAML itself: the grid's product plus the extra
+    trials that are not already grid points."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "sweep" / f"{name}.yaml"))["sweep"]
+
+    def flat(node, prefix=""):
+        return {k: v for key, sub in node.items() for k, v in (flat(sub, f"{prefix}{key}.") if isinstance(sub, dict)
+                                                                  else {f"{prefix}{key}": sub}).items()}
+
+    axes = flat(spec.get("params") or {})
+    points = {frozenset(zip(axes, combo)) for combo in itertools.product(*axes.values())}
+    points |= {frozenset((k, v) for k, v in flat(extra).items()) for extra in spec.get("extra_trials") or []}
+    return len(points)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_composes_and_expands(name):
+    count = expected_trials(name)
     overrides = [f"+sweep={name}"]
     cfg = compose(overrides)
     sweep, trials, configs = plan(cfg, method_composer(overrides))
@@ -30,6 +48,11 @@ def test_every_sweep_composes_and_expands(name, count):
     three = plan(compose([*overrides, "sweep.seeds=[0,1,2]"]), method_composer([*overrides, "sweep.seeds=[0,1,2]"]))[1]
     assert len(three) == 3 * count
     assert sorted({t.values["train.seed"] for t in three}) == [0, 1, 2]
+
+
+def test_the_trial_counts_of_the_documented_sweeps():
+    assert {n: expected_trials(n) for n in SWEEPS if n != "grid"} == {
+        "density": 7, "warmup": 8, "lr_scaling": 9, "update_every": 8, "ablation": 6, "smoke": 2}
 
 
 def test_density_sweep_grid_and_dense_reference():
@@ -93,24 +116,11 @@ def test_resuming_with_another_grid_or_setting_is_refused(tmp_path):
 SMOKE = ["+sweep=smoke", "train.max_steps=40"]
 
 
-def run_cli(args, cwd, env_extra=None, timeout=400):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "smet_lab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def runs_of(db: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{db}")
-    exps = client.search_experiments()
-    return client, [r for e in exps for r in client.search_runs([e.experiment_id])]
-
-
 def common(tmp):
     return [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"ray.storage={tmp}/sw", f"hydra.run.dir={tmp}/out"]
 
 
+@pytest.mark.e2e
 def test_smoke_sweep_parent_and_children_in_mlflow(tmp_path):
     proc = run_cli([*SMOKE, *common(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -139,6 +149,7 @@ def test_smoke_sweep_parent_and_children_in_mlflow(tmp_path):
         assert float(r["summary/final_val_loss"]) == pytest.approx(by_method[r["method"]])
 
 
+@pytest.mark.e2e
 def test_a_failing_trial_does_not_take_the_others_and_is_retried(tmp_path):
     # naive_dst fails at step 25, after its checkpoint at step 20 (smoke checkpoints every 20 steps).
     proc = run_cli([*SMOKE, *common(tmp_path)], cwd=tmp_path,
@@ -179,12 +190,11 @@ def test_a_failing_trial_does_not_take_the_others_and_is_retried(tmp_path):
     assert rows == {"naive_dst": "FINISHED", "smet": "FINISHED"}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_killed_driver_resumes_to_exactly_the_grid(tmp_path, sig):
+@pytest.mark.e2e
+def test_killed_driver_resumes_to_exactly_the_grid(tmp_path):
+    """SIGKILL (no clean-up at all) while the second trial runs; SIGINT: the test below."""
     args = ["+sweep=smoke", "train.max_steps=200", "train.checkpoint_every=50", *common(tmp_path)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "smet_lab", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    proc = start_cli(args, tmp_path, stderr=subprocess.STDOUT)
     deadline, seen = time.time() + 300, ""
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -193,13 +203,8 @@ def test_killed_driver_resumes_to_exactly_the_grid(tmp_path, sig):
             break
     assert "done method=naive_dst" in seen, seen[-3000:]
     time.sleep(2)  # the second trial is running now
-    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=120)
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130
-        _, runs = runs_of(tmp_path / "mlflow.db")
-        statuses = {r.info.run_name: r.info.status for r in runs}
-        assert "RUNNING" not in statuses.values(), statuses  # children and parent KILLED, not RUNNING
     client, first = runs_of(tmp_path / "mlflow.db")
     naive_run = next(r for r in first if r.data.tags.get("smet.method") == "naive_dst")
     naive_points = len(client.get_metric_history(naive_run.info.run_id, "train/loss"))
@@ -214,24 +219,22 @@ def test_killed_driver_resumes_to_exactly_the_grid(tmp_path, sig):
     assert len(client.get_metric_history(naive_run.info.run_id, "train/loss")) == naive_points
     smet = next(r for r in runs if r.data.tags.get("smet.method") == "smet")
     assert smet.data.metrics["summary/steps"] == 200
-    if sig == signal.SIGKILL:  # a changed grid on resume: one line, exit 2, nothing touched
-        changed = run_cli([*args, "sweep.seeds=[0,1]"], cwd=tmp_path, timeout=120)
-        assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-2000:]
-        assert changed.stderr.strip().count("\n") == 0 and "sweep.resume=false" in changed.stderr
-        assert len(runs_of(tmp_path / "mlflow.db")[1]) == 3
-        # A sweep folder without grid.json (written by an older smet_lab): Tune restores its own grid;
-        # the trials it does not have are reported as an error, never a silent success.
-        (tmp_path / "sw" / "smoke" / "grid.json").unlink()
-        legacy = run_cli([*args, "sweep.seeds=[0,1]"], cwd=tmp_path, timeout=300)
-        assert legacy.returncode == 1 and "2 trial(s) of this grid are not in the resumed experiment" in legacy.stderr
+    # A changed grid on resume: one line, exit 2, nothing touched.
+    changed = run_cli([*args, "sweep.seeds=[0,1]"], cwd=tmp_path, timeout=120)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-2000:]
+    assert changed.stderr.strip().count("\n") == 0 and "sweep.resume=false" in changed.stderr
+    assert len(runs_of(tmp_path / "mlflow.db")[1]) == 3
+    # A sweep folder without grid.json (written by an older smet_lab): Tune restores its own grid;
+    # the trials it does not have are reported as an error, never a silent success.
+    (tmp_path / "sw" / "smoke" / "grid.json").unlink()
+    legacy = run_cli([*args, "sweep.seeds=[0,1]"], cwd=tmp_path, timeout=300)
+    assert legacy.returncode == 1 and "2 trial(s) of this grid are not in the resumed experiment" in legacy.stderr
 
 
-def _run_until(args, cwd, marker_count, sig=signal.SIGINT, timeout=300):
-    """Start the CLI, send `sig` once `marker_count` trials have printed their "done" line; returns
-    (returncode, output)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "smet_lab", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+def _run_until(args, cwd, marker_count, wait_s=0.0, timeout=300):
+    """Start the CLI, Ctrl-C it `wait_s` after `marker_count` trials have printed their "done" line;
+    returns (returncode, output)."""
+    proc = start_cli(args, cwd, stderr=subprocess.STDOUT)
     deadline, seen, done = time.time() + timeout, "", 0
     while time.time() < deadline and done < marker_count:
         line = proc.stdout.readline()
@@ -240,11 +243,13 @@ def _run_until(args, cwd, marker_count, sig=signal.SIGINT, timeout=300):
         seen += line
         done += "] done method=" in line
     assert done == marker_count, seen[-3000:]
-    proc.send_signal(sig)
+    time.sleep(wait_s)
+    proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, seen + out
 
 
+@pytest.mark.e2e
 def test_a_sweep_interrupted_twice_resumes_to_exactly_the_grid(tmp_path):
     """4 trials at concurrency 1: the trials Tune had not created yet when the driver stopped must run on
     resume (they used to FAIL with "'tuple' object has no attribute 'items'")."""
@@ -254,8 +259,12 @@ def test_a_sweep_interrupted_twice_resumes_to_exactly_the_grid(tmp_path):
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs if r.data.tags.get("smet.kind") == "sweep"] == ["KILLED"]
     assert not (tmp_path / "out").exists()  # the sweep writes into its sweep folder, no empty Hydra folder
-    code, out = _run_until(args, tmp_path, 1)  # the second session finishes one more trial
+    # The second session finishes one more trial and is stopped while the next one trains.
+    code, out = _run_until(args, tmp_path, 1, wait_s=3)
     assert code == 130 and "resuming from" in out, out[-3000:]
+    _, runs = runs_of(tmp_path / "mlflow.db")
+    statuses = {r.info.run_name: r.info.status for r in runs}
+    assert "RUNNING" not in statuses.values(), statuses  # the parent and the stopped trial are KILLED
     last = run_cli(args, cwd=tmp_path)
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
     assert "4/4 trials ended (4 finished" in last.stdout

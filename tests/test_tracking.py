@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from helpers import free_port
 from smet_lab.config import ConfigError
 from smet_lab.tracking import (NullTracker, TrackingConfig, check_tracking, flatten, resolve_uri,
                                start_run, write_run_artifacts)
@@ -55,12 +55,6 @@ def log_history(tracker, history):
 def git_head(cwd):
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +305,7 @@ def rest(url, path, body=None):
         return json.load(resp)
 
 
+@pytest.mark.e2e
 def test_http_server(server, tmp_path):
     cfg = TrackingConfig(uri=server + "/", experiment="remote")
     check_tracking(cfg)

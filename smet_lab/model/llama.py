@@ -122,8 +122,3 @@ def count_parameters(cfg: ModelConfig) -> int:
     d, f, L, V = cfg.dim, cfg.ffn_dim, cfg.n_layers, cfg.vocab_size
     per_layer = 4 * d * d + 3 * d * f + 2 * d
     return L * per_layer + 2 * V * d + d
-
-
-def head_dim_ok(cfg: ModelConfig) -> bool:
-    return cfg.dim % cfg.n_heads == 0 and (cfg.dim // cfg.n_heads) % 2 == 0
-

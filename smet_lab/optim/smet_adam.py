@@ -126,8 +126,6 @@ class SMETAdam(torch.optim.Optimizer):
         self.global_step = 0
         self.last_regrow_step: int | None = None
         self.last_regrow_update_ratio: float | None = None
-        self.capture_dense_grads = False
-        self.dense_grads: dict[int, torch.Tensor] = {}
         self._step_tensors: dict[torch.device, torch.Tensor] = {}
 
         self.lr_scale = LR_SCALING[lr_scaling](topology.density(), lr_scaling_power)
@@ -203,9 +201,6 @@ class SMETAdam(torch.optim.Optimizer):
                 mask = self.active[self._slice(i)]
                 buf.copy_(g * mask) if self._fresh[i] else buf.addcmul_(g, mask)
             self._fresh[i] = False
-            if self.capture_dense_grads:  # RigL growth needs the dense gradient, only at update steps
-                prev = self.dense_grads.get(i)
-                self.dense_grads[i] = p.grad.detach().clone() if prev is None else prev.add_(p.grad)
             p.grad = None  # the dense gradient dies here
 
         return gather_grad

@@ -110,9 +110,26 @@ def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
              ("parent status", info.status or "—"), ("trials ended", f"{ended}/{total}"),
              ("seeds asked", "[" + ", ".join(fmt_value(s) for s in info.seeds) + "]" if info.seeds else "—"),
              ("swept keys", ", ".join(info.swept) or "—"), ("sweep metric", f"{info.metric} ({info.mode})"),
+             ("rules", _rules(runs)),
              ("tracking URI", info.uri or "—"), ("sweep folder", info.sweep_dir or "—"),
              ("generated", now.strftime("%Y-%m-%d %H:%M:%S %Z"))]
     return items
+
+
+# The rule options a reader needs to know what ran (a user's registered rule shows up here by name).
+RULE_KEYS = ("sparsity.growth", "sparsity.prune", "sparsity.prune_schedule", "sparsity.distribution",
+             "optim.regrow.warmup_kind", "extensions")
+
+
+def _rules(runs: pd.DataFrame) -> str:
+    """'key=value' for each rule key (several values joined by ' | '), from the runs' params."""
+    parts = []
+    for key in RULE_KEYS:
+        if key in runs:
+            values = sorted({fmt_value(v) for v in runs[key].dropna()})
+            if values and values != ["[]"]:
+                parts.append(f"{key}={' | '.join(values)}")
+    return ", ".join(parts) or "—"
 
 
 def render_markdown(info: SweepInfo, s: dict, figures) -> str:

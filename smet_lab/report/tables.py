@@ -49,14 +49,14 @@ def mean_std(mean, std, n: int, spec: str) -> str:
     return fmt(mean, spec)
 
 
-def _metrics(runs: pd.DataFrame, metrics=None) -> list:
+def _metrics(metrics=None) -> list:
     return list(metrics) if metrics is not None else list(METRICS)
 
 
 # ------------------------------------------------------------------------------------------ trials
 def trial_numbers(runs: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame:
     """Per-trial numbers (machine-readable: MLflow keys as headers), every run kept."""
-    metrics = _metrics(runs, metrics)
+    metrics = _metrics(metrics)
     cols = ["trial", *dict.fromkeys(["method", *keys]), SEED, "status", *metrics, "error", "run_id"]
     frame = sort_runs(runs, keys)
     out = pd.DataFrame({c: frame[c] if c in frame else pd.Series([None] * len(frame), dtype="object") for c in cols})
@@ -65,7 +65,7 @@ def trial_numbers(runs: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame:
 
 def trial_table(runs: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame:
     """The per-trial table for people: labels as headers, values formatted, status spelled out."""
-    metrics = _metrics(runs, metrics)
+    metrics = _metrics(metrics)
     nums = trial_numbers(runs, keys, metrics)
     out = pd.DataFrame({"method": nums["method"].map(fmt_value)})
     for k in keys:
@@ -98,7 +98,7 @@ def cell_stats(runs: pd.DataFrame, keys: list, metrics=None, seeds_asked: int | 
     (n < asked), and `<metric>:mean`, `<metric>:std` (ddof=1, NaN below two values) per metric.
     `seeds_asked` defaults to the number of distinct seeds among the runs. POS_JUMP is derived from
     the runs (data.with_positive_jump) when they lack it."""
-    metrics = _metrics(runs, metrics)
+    metrics = _metrics(metrics)
     keys = list(keys)
     df = with_positive_jump(runs) if POS_JUMP in metrics and POS_JUMP not in runs else runs.copy()
     for c in [*keys, *metrics, SEED, "status"]:
@@ -142,7 +142,7 @@ def excluded_text(row) -> str:
 def pivot_table(stats: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame:
     """The cell table for people: the key values, `seeds` ("2/3*" when flagged), `not averaged`
     (diverged/failed/unfinished runs of the cell) and "mean ± std" per metric."""
-    metrics = _metrics(stats, metrics)
+    metrics = _metrics(metrics)
     out = pd.DataFrame({k: stats[k].map(fmt_value) for k in keys}) if keys else pd.DataFrame(index=stats.index)
     out["seeds"] = [f"{r['n']}/{r['asked']}" + (FLAG if r["flagged"] else "") for _, r in stats.iterrows()]
     out["not averaged"] = [excluded_text(r) for _, r in stats.iterrows()]
@@ -154,7 +154,7 @@ def pivot_table(stats: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame:
 
 def pivot_numbers(stats: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame:
     """The cell table for machines (CSV): key values, counts, flag, mean/std/n per metric."""
-    metrics = _metrics(stats, metrics)
+    metrics = _metrics(metrics)
     cols = [*keys, "n", "asked", "flagged", "n_diverged", "n_failed", "n_unfinished"]
     cols += [f"{m}:{s}" for m in metrics for s in ("mean", "std", "n")]
     out = stats[cols].copy()

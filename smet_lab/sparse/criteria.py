@@ -1,51 +1,115 @@
-"""Prune and growth rules. Each rule is one function; registering it in PRUNE / GROWTH makes it a
-config option (`sparsity.prune`, `sparsity.growth`).
+"""Prune and growth rules. A rule is one function of a context; registering it in PRUNE / GROWTH
+(`smet_lab.extend.register_prune` / `register_growth`) makes it a config option (`sparsity.prune`,
+`sparsity.growth`). The built-in rules below use exactly the contract a user's rule gets:
 
-prune(layer, n) -> slots         (int64 positions in layer.block_idx, ascending ids, to vacate)
-grow(layer, n, excluded, dense_grad, generator) -> block ids  (int64, currently inactive, not in
-                                                            `excluded` = the blocks just pruned)
+    prune(ctx: PruneContext) -> int64 slots (positions in ctx.active) of the ctx.n blocks to vacate
+    grow(ctx: GrowthContext) -> int64 ids of ctx.n distinct blocks, inactive and not ctx.excluded
+
+What a rule returns is checked (count, range, duplicates, active or excluded ids): a wrong rule
+stops the run with one line naming it instead of corrupting the topology.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 
-from smet_lab.sparse.topology import SparseLayer, isin_sorted
+from smet_lab.sparse.topology import isin_sorted
 
 
-def prune_magnitude(layer: SparseLayer, n: int) -> torch.Tensor:
+class RuleError(RuntimeError):
+    """A prune or growth rule returned something the contract does not allow (one line)."""
+
+
+@dataclass(frozen=True)
+class PruneContext:
+    layer_name: str
+    n_blocks: int
+    block_size: int
+    active: torch.Tensor  # int64 [k]: active block ids, ascending (slot order)
+    weights: torch.Tensor  # [k, block_size]: the active blocks' weights, in slot order
+    n: int  # how many blocks to vacate
+    generator: torch.Generator  # seeded, checkpointed with the run
+
+
+@dataclass(frozen=True)
+class GrowthContext:
+    layer_name: str
+    n_blocks: int
+    block_size: int
+    active: torch.Tensor  # int64: active block ids after pruning, ascending
+    excluded: torch.Tensor  # int64: the block ids this update pruned (never regrow them)
+    n: int  # how many blocks to grow
+    generator: torch.Generator
+    dense_grad: Optional[torch.Tensor]  # [n_blocks, block_size] if the rule needs_dense_grad, else None
+
+
+@dataclass(frozen=True)
+class GrowthRule:
+    fn: Callable[[GrowthContext], torch.Tensor]
+    needs_dense_grad: bool = False
+
+
+def prune_magnitude(ctx: PruneContext) -> torch.Tensor:
     """The n active blocks with the smallest L1 magnitude."""
-    scores = layer.gather().abs().sum(1)
-    return torch.topk(scores, n, largest=False, sorted=False).indices
+    return torch.topk(ctx.weights.abs().sum(1), ctx.n, largest=False, sorted=False).indices
 
 
-def grow_random(layer: SparseLayer, n: int, excluded: torch.Tensor, dense_grad, generator) -> torch.Tensor:
+def grow_random(ctx: GrowthContext) -> torch.Tensor:
     """SET: n blocks uniformly at random among the inactive ones, never the blocks this update pruned.
 
-    Rejection sampling against the sorted active list keeps memory O(active), not O(layer)."""
-    device = layer.param.device
-    active = layer.block_idx.long()  # ascending
-    excluded = excluded.to(device, torch.long).sort().values
+    Rejection sampling against the sorted id lists keeps memory O(active), not O(layer)."""
+    device = ctx.active.device
+    excluded = ctx.excluded.to(device, torch.long).sort().values
     chosen = torch.empty(0, dtype=torch.long, device=device)
-    while chosen.numel() < n:
-        draw = torch.randint(layer.n_blocks, (2 * (n - chosen.numel()) + 16,), generator=generator).to(device)
-        draw = draw[~(isin_sorted(draw, active) | isin_sorted(draw, excluded))]
+    while chosen.numel() < ctx.n:
+        draw = torch.randint(ctx.n_blocks, (2 * (ctx.n - chosen.numel()) + 16,), generator=ctx.generator).to(device)
+        draw = draw[~(isin_sorted(draw, ctx.active) | isin_sorted(draw, excluded))]
         # Deduplicate, then shuffle so that the kept subset is uniform (unique() sorts).
         draw = torch.unique(torch.cat([chosen, draw]))
-        draw = draw[torch.randperm(draw.numel(), generator=generator).to(device)]
-        chosen = draw[:n]
+        draw = draw[torch.randperm(draw.numel(), generator=ctx.generator).to(device)]
+        chosen = draw[:ctx.n]
     return chosen
 
 
-def grow_gradient(layer: SparseLayer, n: int, excluded: torch.Tensor, dense_grad, generator) -> torch.Tensor:
+def grow_gradient(ctx: GrowthContext) -> torch.Tensor:
     """RigL: the n inactive blocks with the largest L1 norm of the dense gradient."""
-    if dense_grad is None:
-        raise RuntimeError(f"gradient growth needs the dense gradient of {layer.name} at the update step")
-    scores = layer.blocks(dense_grad).abs().sum(1)
-    taken = torch.cat([layer.block_idx.long(), excluded.long()])
-    scores[taken] = -1.0  # active or just pruned: never chosen (scores are >= 0 otherwise)
-    return torch.topk(scores, n, sorted=False).indices
+    scores = ctx.dense_grad.abs().sum(1)
+    scores[torch.cat([ctx.active, ctx.excluded.long()])] = -1.0  # never chosen (scores are >= 0 otherwise)
+    return torch.topk(scores, ctx.n, sorted=False).indices
 
 
-PRUNE = {"magnitude": prune_magnitude}
-GROWTH = {"random": grow_random, "gradient": grow_gradient}
+PRUNE: dict[str, Callable[[PruneContext], torch.Tensor]] = {"magnitude": prune_magnitude}
+GROWTH: dict[str, GrowthRule] = {"random": GrowthRule(grow_random),
+                                 "gradient": GrowthRule(grow_gradient, needs_dense_grad=True)}
+
+
+def _ids(out, rule: str, what: str, n: int, limit: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() != 1 or out.dtype.is_floating_point or out.dtype == torch.bool:
+        raise RuleError(f"{rule} must return a 1-D integer tensor of {what}, got {type(out).__name__}"
+                        f"{'' if not isinstance(out, torch.Tensor) else f' {out.dtype} {tuple(out.shape)}'}")
+    out = out.long()
+    if out.numel() != n:
+        raise RuleError(f"{rule} returned {out.numel()} {what} for {n} requested")
+    if n and (out.min() < 0 or out.max() >= limit):
+        raise RuleError(f"{rule} returned {what} outside [0, {limit})")
+    if out.unique().numel() != n:
+        raise RuleError(f"{rule} returned duplicate {what}")
+    return out
+
+
+def checked_prune(name: str, ctx: PruneContext) -> torch.Tensor:
+    return _ids(PRUNE[name](ctx), f"sparsity.prune={name} (layer {ctx.layer_name})", "slots", ctx.n,
+                ctx.active.numel())
+
+
+def checked_growth(name: str, ctx: GrowthContext) -> torch.Tensor:
+    rule = f"sparsity.growth={name} (layer {ctx.layer_name})"
+    out = _ids(GROWTH[name].fn(ctx), rule, "block ids", ctx.n, ctx.n_blocks)
+    if isin_sorted(out.to(ctx.active.device), ctx.active).any():
+        raise RuleError(f"{rule} returned block ids that are already active")
+    if isin_sorted(out.to(ctx.excluded.device), ctx.excluded.long().sort().values).any():
+        raise RuleError(f"{rule} returned block ids that this update pruned (ctx.excluded)")
+    return out

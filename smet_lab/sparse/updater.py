@@ -1,5 +1,10 @@
 """The topology updater: every `update_every` steps, prune a scheduled fraction of each sparse layer's
-active blocks and regrow as many elsewhere (density stays constant)."""
+active blocks and regrow as many elsewhere (density stays constant).
+
+It owns the dense-gradient hand-off of growth rules that need it (RigL): `begin_step(step)` arms a
+gradient hook on the sparse weights for update steps only, `update(step)` hands the captured dense
+gradients to the rule and drops them. Tensor hooks run before any post-accumulate-grad hook (where
+the optimizer gathers and frees the dense gradient), whatever the order they were registered in."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Optional
 import torch
 
 from smet_lab.config import ConfigError
-from smet_lab.sparse.criteria import GROWTH, PRUNE
+from smet_lab.sparse.criteria import GROWTH, PRUNE, GrowthContext, PruneContext, checked_growth, checked_prune
 from smet_lab.sparse.schedules import SCHEDULES, prune_rate_at
 from smet_lab.sparse.topology import SparseTopology
 
@@ -46,10 +51,25 @@ class DynamicSparsity:
         self.update_every = update_every
         self.prune_rate = prune_rate
         self.prune_schedule = prune_schedule
-        self.prune_fn = PRUNE[prune]
-        self.grow_fn = GROWTH[growth]
-        self.needs_gradient = growth == "gradient"
+        self.prune, self.growth = prune, growth
+        self.needs_dense_grad = GROWTH[growth].needs_dense_grad
         self.generator = torch.Generator().manual_seed(seed + 7919)
+        self._armed = False
+        self._dense_grads: dict[int, torch.Tensor] = {}
+        self._hooks = [layer.param.register_hook(self._capture(i)) for i, layer in enumerate(topology.layers)] \
+            if self.needs_dense_grad else []
+
+    def _capture(self, i: int):
+        def hook(grad: torch.Tensor) -> None:  # one call per micro-batch: accumulate
+            if self._armed:
+                prev = self._dense_grads.get(i)
+                self._dense_grads[i] = grad.detach().clone() if prev is None else prev.add_(grad)
+        return hook
+
+    def begin_step(self, step: int) -> None:
+        """Call before the backward passes of optimizer step `step`: a growth rule that needs the dense
+        gradient gets it captured at update steps (and only there)."""
+        self._armed = self.needs_dense_grad and self.is_update_step(step)
 
     @property
     def enabled(self) -> bool:
@@ -63,16 +83,28 @@ class DynamicSparsity:
         return prune_rate_at(self.prune_schedule, self.prune_rate, step, self.total_steps)
 
     @torch.no_grad()
-    def update(self, step: int, dense_grads: dict[int, torch.Tensor] | None = None) -> list[RegrowEvent]:
+    def update(self, step: int) -> list[RegrowEvent]:
+        grads, self._dense_grads, self._armed = self._dense_grads, {}, False
+        if self.needs_dense_grad and len(grads) < len(self.topology.layers):
+            raise RuntimeError(f"sparsity.growth={self.growth} needs the dense gradients of step {step}: "
+                               f"call begin_step({step}) before its backward pass")
         rate = self.rate_at(step)
         events = []
         for i, layer in enumerate(self.topology.layers):
             n = min(int(rate * layer.n_active), layer.n_blocks - layer.n_active)
             if n <= 0:
                 continue
-            pruned = self.prune_fn(layer, n)
-            old = layer.block_idx[pruned].long()
-            new = self.grow_fn(layer, n, old, (dense_grads or {}).get(i), self.generator)
+            active = layer.block_idx.long()
+            pruned = checked_prune(self.prune, PruneContext(layer.name, layer.n_blocks, layer.block_size, active,
+                                                            layer.gather(), n, self.generator))
+            old = active[pruned]
+            keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
+            keep[pruned] = False
+            grad = grads.pop(i, None)
+            new = checked_growth(self.growth, GrowthContext(
+                layer.name, layer.n_blocks, layer.block_size, active[keep], old, n, self.generator,
+                None if grad is None else layer.blocks(grad)))
+            del grad
             layer.zero_blocks(old)  # pruned weights are removed...
             layer.zero_blocks(new)  # ...and regrown ones start at zero
             slots, pruned = layer.replace(old, new, old_slots=pruned)

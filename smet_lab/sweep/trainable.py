@@ -29,12 +29,14 @@ def run_trial(config: dict, configs: dict, cpus: int = 1) -> None:
 
     from smet_lab.config import run_config_from
     from smet_lab.data import load_corpus
+    from smet_lab.extend import load_extensions
     from smet_lab.tracking import write_run_artifacts
     from smet_lab.train import train
 
     torch.set_num_threads(max(1, int(cpus)))  # a trial gets its CPUs' worth of threads, no more
     key = config["key"]
     cfg_dict = configs[key]
+    load_extensions(cfg_dict.get("extensions") or [])  # the same rules as the driver, in this worker
     run_cfg = run_config_from(cfg_dict)
     corpus = load_corpus(run_cfg.data)
     # Strings ride along in every report: the driver tags the trial's MLflow run with them.

@@ -179,7 +179,7 @@ class Run:
         cfg = self.cfg
         step = self.step + 1
         self.optimizer.set_lr_factor(lr_factor(step, cfg))
-        self.optimizer.capture_dense_grads = self.updater.needs_gradient and self.updater.is_update_step(step)
+        self.updater.begin_step(step)
         loss_sum = 0.0
         for _ in range(cfg.train.grad_accum):
             x, y = self.batcher.next_batch()
@@ -217,8 +217,7 @@ class Run:
                 self.record_late(self.probe["update_step"], {"stability/probe_jump": self.probe["max"] - self.probe["before"]})
         if self.updater.is_update_step(step):
             before = self.loss_on([self.probe_batch])
-            events = self.updater.update(step, opt.dense_grads)
-            opt.dense_grads = {}
+            events = self.updater.update(step)
             opt.regrow(events)
             regrown = sum(e.new_blocks.numel() for e in events)
             n_active = sum(layer.n_active for layer in self.topology.layers)

@@ -1,0 +1,159 @@
+"""Your own rules without forking: a decorator makes a function a config option everywhere
+(validation, the command line, sweeps, reports).
+
+    # my_rules.py, anywhere:  python -m smet_lab extensions=[my_rules] sparsity.growth=lowest_free
+    import torch
+    from smet_lab.extend import register_growth
+
+    @register_growth("lowest_free")
+    def lowest_free(ctx):                       # ctx: smet_lab.sparse.criteria.GrowthContext
+        taken = torch.cat([ctx.active, ctx.excluded])
+        free = torch.ones(ctx.n_blocks, dtype=torch.bool)
+        free[taken] = False
+        return free.nonzero().flatten()[:ctx.n]  # ctx.n distinct ids, inactive, not excluded
+
+Registering a name that exists is an error unless `replace=True`. Extensions load from the top-level
+config key `extensions` (module names or .py paths; sweeps load them in every Ray trial too) and from
+installed packages' entry points in the group `smet_lab.extensions`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable
+
+from smet_lab.config import ConfigError, RunConfig
+
+ENTRY_POINT_GROUP = "smet_lab.extensions"
+
+
+def _register(table: dict, kind: str, name: str, value, replace: bool):
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a {kind} needs a non-empty name, got {name!r}")
+    if name in table and not replace:
+        raise ValueError(f"{kind} {name!r} is already registered; pass replace=True to replace it")
+    table[name] = value
+
+
+def _decorator(table: dict, kind: str, name: str, replace: bool, wrap=lambda fn: fn) -> Callable:
+    def deco(fn):
+        _register(table, kind, name, wrap(fn), replace)
+        return fn
+    return deco
+
+
+def register_growth(name: str, needs_dense_grad: bool = False, replace: bool = False) -> Callable:
+    """`fn(ctx: GrowthContext) -> int64 ids` (sparsity.growth=NAME). needs_dense_grad: the updater
+    captures the dense weight gradient at update steps and passes it as ctx.dense_grad (RigL)."""
+    from smet_lab.sparse.criteria import GROWTH, GrowthRule
+
+    return _decorator(GROWTH, "growth rule", name, replace, lambda fn: GrowthRule(fn, needs_dense_grad))
+
+
+def register_prune(name: str, replace: bool = False) -> Callable:
+    """`fn(ctx: PruneContext) -> int64 slots` (positions in ctx.active) to vacate (sparsity.prune=NAME)."""
+    from smet_lab.sparse.criteria import PRUNE
+
+    return _decorator(PRUNE, "prune rule", name, replace)
+
+
+def register_prune_schedule(name: str, replace: bool = False) -> Callable:
+    """`fn(progress in [0, 1]) -> multiplier of sparsity.prune_rate` (sparsity.prune_schedule=NAME)."""
+    from smet_lab.sparse.schedules import SCHEDULES
+
+    return _decorator(SCHEDULES, "prune schedule", name, replace)
+
+
+def register_lr_scaling(name: str, replace: bool = False) -> Callable:
+    """`fn(density, power) -> lr multiplier of the sparse layers` (optim.lr_scaling.rule=NAME)."""
+    from smet_lab.optim.smet_adam import LR_SCALING
+
+    return _decorator(LR_SCALING, "LR-scaling rule", name, replace)
+
+
+def register_distribution(name: str, replace: bool = False) -> Callable:
+    """`fn(shapes, density) -> one density per sparse layer` (sparsity.distribution=NAME)."""
+    from smet_lab.sparse.topology import DISTRIBUTIONS
+
+    return _decorator(DISTRIBUTIONS, "distribution", name, replace)
+
+
+def _dotted(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _dotted(f"{prefix}.{key}", sub).items()}
+    return {prefix: value}
+
+
+def register_method(name: str, replace: bool = False, **preset_keys) -> dict:
+    """A method preset as data: `register_method("smet_w50", optim={"regrow": {"warmup_steps": 50},
+    "lr_scaling": {"rule": "inverse"}})` (nested, or dotted keys through **{...}); `method=NAME` then
+    works on the command line and in sweeps like the built-in presets. Returns the dotted preset."""
+    from smet_lab.methods import METHODS
+
+    preset = {k: v for key, value in preset_keys.items() for k, v in _dotted(key, value).items()}
+    for dotted in preset:
+        node = RunConfig()
+        for part in dotted.split("."):
+            if not hasattr(node, part) or part == "method":
+                raise ValueError(f"method {name!r}: {dotted} is not a config key")
+            node = getattr(node, part)
+    _register(METHODS, "method", name, preset, replace)
+    return preset
+
+
+# ------------------------------------------------------------------------------------- loading
+def _import(entry: str):
+    if entry.endswith(".py"):
+        path = Path(entry).expanduser().resolve()
+        name = path.stem
+        if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+            return sys.modules[name]
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {path}")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return module
+    return importlib.import_module(entry)
+
+
+def resolve(entry: str) -> str:
+    """What a Ray worker (another working directory) can import: a .py path made absolute; a module
+    found as a plain file outside site-packages becomes its path; an installed module stays a name."""
+    if entry.endswith(".py"):
+        return str(Path(entry).expanduser().resolve())
+    spec = importlib.util.find_spec(entry)
+    origin = getattr(spec, "origin", None) or ""
+    if origin.endswith(".py") and "site-packages" not in origin and not origin.endswith("__init__.py"):
+        return origin
+    return entry
+
+
+def load_extensions(entries=()) -> list[str]:
+    """Import the extensions named in the config and those of installed packages' entry points;
+    returns the entries resolved for other processes. ConfigError (one line) when one fails."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            importlib.import_module(ep.value.split(":")[0])
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in is one line, not a traceback
+            raise ConfigError("extensions", f"entry point {ep.name}={ep.value}", f"it failed to import: "
+                              f"{type(exc).__name__}: {exc}") from None
+    resolved = []
+    for entry in entries or ():
+        try:
+            _import(str(entry))
+            resolved.append(resolve(str(entry)))
+        except Exception as exc:  # noqa: BLE001 - idem
+            raise ConfigError("extensions", str(entry), f"it failed to import ({type(exc).__name__}: {exc}); give "
+                              f"an importable module name or a .py file path") from None
+    return resolved
