@@ -258,10 +258,8 @@ def test_check_tracking_bad_scheme(uri):
 
 def test_check_tracking_no_server():
     uri = f"http://127.0.0.1:{free_port()}"  # bound then released: nothing listens there
-    t0 = time.monotonic()
     with pytest.raises(ConfigError, match="no MLflow server answers at") as e:
         check_tracking(TrackingConfig(uri=uri))
-    assert time.monotonic() - t0 < 5
     assert e.value.key == "tracking.uri" and "\n" not in str(e.value)
 
 

@@ -113,7 +113,6 @@ def test_regrow_update_ratio_in_a_real_run_shows_the_cold_start():
         cfg.optim.regrow.warmup_steps = 20 if method == "smet" else 0
         res = train(cfg, progress=None, corpus=CORPUS)
         results[method] = next(r for r in res.history if r["step"] == 1000)["stability/regrow_update_ratio"]
-    assert expected_naive == pytest.approx(2.52, abs=0.01)
     assert results["naive_dst"] == pytest.approx(expected_naive, rel=2e-3)
     assert results["smet"] == pytest.approx(1 / 20, rel=2e-3)
 
@@ -178,15 +177,23 @@ def test_every_method_preset_trains_and_sets_its_keys():
         density = res.summary["summary/density"]
         assert density == (1.0 if method == "dense" else pytest.approx(0.25, abs=0.01))
         has_updates = any("topo/density" in r for r in res.history)
-        assert has_updates == (method not in ("dense", "static"))
+        assert has_updates == (keys.get("sparsity.update_every", 10) > 0)
+        # The preset's LR rule is what the sparse layers train at: 1/d for inverse, 1 for none.
+        rule = keys["optim.lr_scaling.rule"]
+        for row in res.history:
+            if "train/lr_sparse" in row:
+                assert row["train/lr_sparse"] / row["train/lr"] == pytest.approx(1 / density if rule == "inverse" else 1.0)
         if method == "dense":
             assert res.summary["summary/memory/state_ratio_vs_dense_adam"] == pytest.approx(1.0)
 
 
-def test_bfloat16_and_grad_accumulation_run():
-    cfg = small_cfg(steps=12, dtype="bfloat16", grad_accum=2)
-    res = train(cfg, progress=None, corpus=CORPUS)
-    assert res.status == "FINISHED" and res.summary["summary/final_val_loss"] < math.log(256)
+def test_bfloat16_autocast_follows_the_float32_run():
+    """bf16 autocast (8-bit mantissa) changes every matmul a little, so the trajectory is close to the
+    float32 one but not equal: within 1 % per step over 12 steps, and not bit-identical."""
+    runs = {dtype: train(small_cfg(steps=12, dtype=dtype, grad_accum=2), progress=None, corpus=CORPUS)
+            for dtype in ("float32", "bfloat16")}
+    f32, bf16 = (losses(runs[d]) for d in ("float32", "bfloat16"))
+    assert bf16 == pytest.approx(f32, rel=1e-2) and bf16 != f32
 
 
 def test_grad_accumulation_equals_bigger_batch():
@@ -214,7 +221,6 @@ def test_progress_lines():
     train(small_cfg(steps=40), progress=lines.append, corpus=CORPUS)
     assert len(lines) == 20 and lines[-1].startswith("step 40/40 loss")
     assert "tok/s" in lines[0] and "ETA" in lines[0]
-    torch.set_num_threads(torch.get_num_threads())
 
 
 @pytest.mark.parametrize("section,key,values", [
