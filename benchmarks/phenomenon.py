@@ -17,8 +17,8 @@ import torch
 
 from smet_lab.config import RunConfig
 from smet_lab.data import load_corpus
-from smet_lab.optim import apply_method
-from smet_lab.train import train
+from smet_lab.methods import apply_method
+from smet_lab.train import QUIET, train
 
 
 def set_dotted(cfg, dotted: str, raw: str) -> None:
@@ -51,7 +51,7 @@ def main() -> None:
                 k, v = o.split("=", 1)
                 set_dotted(cfg, k, v)
             tic = time.time()
-            res = train(cfg, progress=None, corpus=corpus)
+            res = train(cfg, corpus=corpus, callbacks=QUIET)
             s = res.summary
             row = {"method": method, "seed": seed, "status": res.status,
                    "mean_probe_jump": s.get("summary/mean_probe_jump"),

@@ -33,7 +33,7 @@ def main() -> None:
     from smet_lab.config import run_config_from
     from smet_lab.data import load_corpus
     from smet_lab.sweep.runner import plan
-    from smet_lab.train import train
+    from smet_lab.train import QUIET, train
 
     _, trials, configs = plan(compose(overrides), method_composer(overrides))
     with tempfile.TemporaryDirectory(prefix="sweepbench_") as tmp:
@@ -55,7 +55,7 @@ def main() -> None:
         key = repr(cfg.data)
         if key not in corpora:
             corpora[key] = load_corpus(cfg.data)
-        train(cfg, progress=None, corpus=corpora[key])
+        train(cfg, corpus=corpora[key], callbacks=QUIET)
     plain = time.perf_counter() - tic
     print(f"\n{args.sweep}: {len(trials)} trials")
     print(f"  python -m smet_lab +sweep={args.sweep} (Ray Tune + MLflow, process start included): {swept:.1f} s")

@@ -112,7 +112,7 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     """One training run, tracked in MLflow. Returns the process exit code."""
     from smet_lab.data import load_corpus
     from smet_lab.tracking import write_run_artifacts
-    from smet_lab.train import train
+    from smet_lab.train import Callbacks, train
 
     run_cfg = to_run_config(cfg)
     tracking = OmegaConf.to_object(cfg.tracking)
@@ -128,8 +128,8 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
             "smet.output_dir": str(output_dir)}
     print(f"smet_lab: {name} on {corpus.name} ({len(corpus.train):,} train tokens), output in {output_dir}")
     with open_tracker(tracking, run_cfg.train.resume_from, name, container, tags, output_dir) as tracker:
-        result = train(run_cfg, output_dir=output_dir, log=tracker.log_metrics, corpus=corpus,
-                       should_stop=STOP.is_set)
+        result = train(run_cfg, output_dir=output_dir, corpus=corpus,
+                       callbacks=Callbacks(log=tracker.log_metrics, should_stop=STOP.is_set))
         paths = write_run_artifacts(result.history, container, output_dir, title=name)
         tracker.log_artifacts(paths)
         tracker.finish(result.status, result.error)

@@ -12,6 +12,9 @@
         free[taken] = False
         return free.nonzero().flatten()[:ctx.n]  # ctx.n distinct ids, inactive, not excluded
 
+`register_metric(name, label, definition=..., compute=fn)` adds a run-level metric (`fn(history_rows) ->
+float`, logged at the end of every run, shown in the report's tables and glossary).
+
 Registering a name that exists is an error unless `replace=True`. Extensions load from the top-level
 config key `extensions` (module names or .py paths; sweeps load them in every Ray trial too) and from
 installed packages' entry points in the group `smet_lab.extensions`.
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from smet_lab.config import ConfigError, RunConfig
+from smet_lab.metrics import DEFAULT_FMT, METRICS, Metric
 
 ENTRY_POINT_GROUP = "smet_lab.extensions"
 
@@ -69,7 +73,7 @@ def register_prune_schedule(name: str, replace: bool = False) -> Callable:
 
 def register_lr_scaling(name: str, replace: bool = False) -> Callable:
     """`fn(density, power) -> lr multiplier of the sparse layers` (optim.lr_scaling.rule=NAME)."""
-    from smet_lab.optim.smet_adam import LR_SCALING
+    from smet_lab.optim.options import LR_SCALING
 
     return _decorator(LR_SCALING, "LR-scaling rule", name, replace)
 
@@ -79,6 +83,18 @@ def register_distribution(name: str, replace: bool = False) -> Callable:
     from smet_lab.sparse.topology import DISTRIBUTIONS
 
     return _decorator(DISTRIBUTIONS, "distribution", name, replace)
+
+
+def register_metric(name: str, label: str, fmt: str = DEFAULT_FMT, better: str = "lower", definition: str = "",
+                    compute: Callable[[list], float] | None = None, replace: bool = False):
+    """A run-level metric (smet_lab.metrics): a column of the report's tables and a glossary entry
+    (`definition`, required). `compute(history_rows) -> float` (one dict per optimizer step, as in
+    RunResult.history) makes the trainer log it under `name` at the end of every run, and the report
+    recompute it for runs that logged no summary; without one, something else has to log it. better:
+    lower | higher | none. Returns the Metric."""
+    metric = Metric(name, label, fmt, better, definition, from_history=compute is not None, compute=compute)
+    _register(METRICS, "metric", name, metric, replace)
+    return metric
 
 
 def _dotted(prefix: str, value) -> dict:

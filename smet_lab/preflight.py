@@ -83,7 +83,7 @@ def _fields(cls) -> dict[str, Any]:
 def _schema_node(section: str | None):
     """The dataclass of a dotted section (None = the whole config), or None if it has none."""
     from smet_lab.schema import AppConfig
-    from smet_lab.sweep.grid import SweepConfig
+    from smet_lab.grid import SweepConfig
 
     cls = AppConfig
     for part in (section.split(".") if section else []):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from smet_lab.config import RunConfig
-from smet_lab.sweep.grid import SweepConfig
+from smet_lab.grid import SweepConfig
 from smet_lab.tracking import TrackingConfig
 
 

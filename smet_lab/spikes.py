@@ -1,6 +1,7 @@
 """Loss-spike metrics from a run's per-step history (design §6, research notes §4.2).
 
-Only pandas and numpy: the trainer and the report builders import this without Ray, MLflow or Hydra.
+Only pandas, numpy and the metric registry (smet_lab.metrics names the run-level keys): the trainer
+and the report builders import this without Ray, MLflow or Hydra.
 
 Inputs: a history (a DataFrame with a `step` column, as in metrics.parquet, or RunResult.history's list
 of per-step dicts) or a bare loss series (a Series keeps its index as the step; a list or array is
@@ -22,6 +23,10 @@ import math
 
 import numpy as np
 import pandas as pd
+
+from smet_lab.metrics import (MAX_PROBE_JUMP, MEAN_PROBE_JUMP, MEAN_RECOVERY_STEPS, MEAN_REGROW_UPDATE_RATIO,
+                              MEAN_SPIKE_PEAK_RATIO, SPIKE_EVENTS, SPIKE_EVENTS_NEAR_UPDATE, SPIKE_SCORE,
+                              UPDATE_SPIKE_RATE, UPDATE_SPIKE_THRESHOLD)
 
 LOSS, DENSITY, DIVERGED = "train/loss", "topo/density", "train/diverged"
 EVENT_COLUMNS = {"start_step": "int64", "peak_step": "int64", "end_step": "int64", "peak_loss": "float64",
@@ -150,7 +155,9 @@ def spike_events(loss, window: int = 50, k: float = 3.0, merge_gap: int = 5, bur
 
 
 # ----------------------------------------------------------------------------------------- summary
-UPDATE_SPIKE_THRESHOLD = 0.01  # a probe jump of >= 1 % of the probe loss before the update
+def _mean(values: list) -> float:
+    # Summed in step order (not numpy's pairwise sum), as the trainer always has: logged values stay bit-identical.
+    return sum(values) / len(values)
 
 
 def probe_summary(history, jump_threshold: float = UPDATE_SPIKE_THRESHOLD) -> dict:
@@ -164,18 +171,18 @@ def probe_summary(history, jump_threshold: float = UPDATE_SPIKE_THRESHOLD) -> di
     model, against jumps of about 1 %), while the fixed probe batch can."""
     df = _frame(history)
     out = {}
-    for key, col, fn in (("summary/mean_probe_jump", "stability/probe_jump", np.mean),
-                         ("summary/max_probe_jump", "stability/probe_jump", np.max),
-                         ("summary/mean_regrow_update_ratio", "stability/regrow_update_ratio", np.mean)):
+    for key, col, fn in ((MEAN_PROBE_JUMP, "stability/probe_jump", _mean),
+                         (MAX_PROBE_JUMP, "stability/probe_jump", max),
+                         (MEAN_REGROW_UPDATE_RATIO, "stability/regrow_update_ratio", _mean)):
         if col in df.columns:
-            values = df[col].dropna().to_numpy(float)
-            if len(values):
+            values = df[col].dropna().astype(float).tolist()
+            if values:
                 out[key] = float(fn(values))
     if {"stability/probe_jump", "stability/probe_loss"} <= set(df.columns):
         jump, before = df["stability/probe_jump"].to_numpy(float), df["stability/probe_loss"].to_numpy(float)
         ok = np.isfinite(jump) & np.isfinite(before) & (before > 0)
         if ok.any():
-            out["summary/update_spike_rate"] = float(np.mean(jump[ok] >= jump_threshold * before[ok]))
+            out[UPDATE_SPIKE_RATE] = float(np.mean(jump[ok] >= jump_threshold * before[ok]))
     return out
 
 
@@ -188,14 +195,13 @@ def run_spike_summary(history, window: int = 50, k: float = 3.0, update_window: 
     (uncensored events only) are omitted when there is nothing to average, like the probe keys."""
     df = _frame(history)  # convert a list of dicts once
     events = spike_events(df, window, k, merge_gap, burn_in, update_window=update_window)
-    out = {"summary/spike_score": spike_score(df, window, k, burn_in),
-           "summary/spike_events": float(len(events)),
-           "summary/spike_events_near_update": float(events["near_update"].sum())}
+    out = {SPIKE_SCORE: spike_score(df, window, k, burn_in), SPIKE_EVENTS: float(len(events)),
+           SPIKE_EVENTS_NEAR_UPDATE: float(events["near_update"].sum())}
     ratios = events["peak_ratio"][np.isfinite(events["peak_ratio"])]
     recovery = events.loc[~events["censored"], "recovery_steps"]
     if len(ratios):
-        out["summary/mean_spike_peak_ratio"] = float(ratios.mean())
+        out[MEAN_SPIKE_PEAK_RATIO] = float(ratios.mean())
     if len(recovery):
-        out["summary/mean_recovery_steps"] = float(recovery.mean())
+        out[MEAN_RECOVERY_STEPS] = float(recovery.mean())
     out.update(probe_summary(df))
     return out

@@ -14,7 +14,7 @@ from helpers import free_port, run_cli as cli, start_cli
 from smet_lab.cli import CONF_DIR, compose, to_run_config
 from smet_lab.config import ConfigError
 from smet_lab.model import PRESETS
-from smet_lab.optim import METHODS
+from smet_lab.methods import METHODS
 from smet_lab.train import check_config
 
 GROUPS = ["model", "data", "method", "sparsity", "optim", "train", "tracking", "ray"]

@@ -13,7 +13,7 @@ from helpers import run_cli as cli
 from smet_lab import extend
 from smet_lab.config import ConfigError, RunConfig
 from smet_lab.methods import METHODS, apply_method
-from smet_lab.optim.smet_adam import LR_SCALING
+from smet_lab.optim.options import LR_SCALING
 from smet_lab.sparse import DISTRIBUTIONS, GROWTH, PRUNE, SCHEDULES, DynamicSparsity, SparseTopology
 from smet_lab.sparse.criteria import RuleError
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
 
-from smet_lab.config import ConfigError, ModelConfig
+from smet_lab.config import ConfigError, LRScalingConfig, ModelConfig, OptimConfig, RegrowConfig
 from smet_lab.model import LLaMA
 from smet_lab.optim import SMETAdam
-from smet_lab.optim.smet_adam import bias_correction_saturation
+from smet_lab.optim.compact import bias_correction_saturation
+from smet_lab.optim.masked import MaskedState
 from smet_lab.sparse import DynamicSparsity, RegrowEvent, SparseTopology
 from smet_lab.train.memory import analytic_state_bytes, float32_floor, optimizer_layout_bytes
 
@@ -108,9 +110,11 @@ def test_entries_active_from_the_start_are_not_warmed():
 
 
 def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damping=False, betas=(B1, B2),
-                   released=False):
+                   released=False, weight_decay=0.0):
     """Independent dense, per-entry re-implementation of docs/design.md section 2. released=True: the
-    released code's counter (set to 1 at regrowth, +1 before use) damps m of every entry while < W."""
+    released code's counter (set to 1 at regrowth, +1 before use) damps m of every entry while < W.
+    weight_decay: decoupled, w -= lr * scale * warm * weight_decay * w along with the Adam step (the
+    linear_lr warm-up scales the decay too; the damping kinds damp m only)."""
     B1, B2 = betas
     w = weight.clone()
     m = torch.zeros_like(w)
@@ -131,7 +135,7 @@ def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damp
         if damping or released:
             m = m * warm
             warm = torch.ones_like(w)
-        u = (m / (1 - B1 ** t)) / (torch.sqrt(v / (1 - B2 ** t)) + 1e-8)
+        u = (m / (1 - B1 ** t)) / (torch.sqrt(v / (1 - B2 ** t)) + 1e-8) + weight_decay * w
         w = w - lr * scale * warm * u * mask
         if step in regrow_at:
             new_mask = masks[regrow_at.index(step) + 1]
@@ -146,22 +150,25 @@ def reference_smet(weight, G, masks, regrow_at, steps, lr, W, reset, scale, damp
     return w
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("method", ["smet", "naive", "no_reset", "damping", "released"])
 @pytest.mark.parametrize("layout", ["compact", "dense_masked"])
-def test_matches_dense_reference_through_topology_updates(method, layout):
+def test_matches_dense_reference_through_topology_updates(method, layout, weight_decay):
     reset = method in ("smet", "damping", "released")
     W = 0 if method == "naive" else 5
     kind = {"damping": "moment_damping", "released": "released"}.get(method, "linear_lr")
     kw = dict(lr=1e-2, reset_step=reset, warmup_steps=W, lr_scaling="inverse" if method != "naive" else "none",
-              warmup_kind=kind, state=layout)
+              warmup_kind=kind, state=layout, weight_decay=weight_decay)
     model, topo, opt = make(density=0.25, **kw)
     weight0 = model.weight.detach().clone()
     masks, regrow_at = run_with_updates(model, topo, opt, steps=30, update_every=7)
     scale = 4.0 if method != "naive" else 1.0  # inverse scaling at density 0.25
-    ref = reference_smet(weight0 * masks[0], model.G, masks, regrow_at, 30, 1e-2, W, reset, scale,
-                         damping=method == "damping", released=method == "released")
+    ref = partial(reference_smet, weight0 * masks[0], model.G, masks, regrow_at, 30, 1e-2, W, reset, scale,
+                  damping=method == "damping", released=method == "released")
     assert len(regrow_at) == 4
-    assert torch.allclose(model.weight.detach(), ref, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(model.weight.detach(), ref(weight_decay=weight_decay), atol=1e-6, rtol=1e-5)
+    if weight_decay:  # the decay is large enough that ignoring it would fail the comparison
+        assert not torch.allclose(model.weight.detach(), ref(), atol=1e-4, rtol=1e-3)
     # Invariant: inactive weights stay exactly zero.
     assert (model.weight.detach()[~masks[-1]] == 0).all()
 
@@ -303,15 +310,15 @@ def test_cohort_merge_is_exact_and_keeps_ids_few(one_thread):
         model, topo, opt = make(density=0.25, **kw)
         weight0 = model.weight.detach().clone()
         if not merge:
-            opt.merge_age = 2 ** 62
+            opt.sparse.merge_age = 2 ** 62
         masks, regrow_at = run_with_updates(model, topo, opt, steps=120, update_every=2, prune_rate=0.1)
         runs.append((model.weight.detach().clone(), opt))
     (merged_w, merged), (plain_w, plain) = runs
-    assert merged.merge_age == max(3, bias_correction_saturation(0.5), bias_correction_saturation(0.6)) < 60
+    assert merged.sparse.merge_age == max(3, bias_correction_saturation(0.5), bias_correction_saturation(0.6)) < 60
     assert torch.equal(merged_w, plain_w)
     live_age = lambda o: [o.global_step - b for c, b in enumerate(o.births.tolist()) if c > 0 and b >= 0]
-    assert max(live_age(plain)) >= merged.merge_age  # some cohorts did live long enough to be merged...
-    assert max(live_age(merged), default=0) < merged.merge_age  # ...and were, in the merging run
+    assert max(live_age(plain)) >= merged.sparse.merge_age  # some cohorts did live long enough to be merged...
+    assert max(live_age(merged), default=0) < merged.sparse.merge_age  # ...and were, in the merging run
     ref = reference_smet(weight0 * masks[0], model.G, masks, regrow_at, 120, 1e-2, 3, True, 1.0, betas=betas)
     assert torch.allclose(merged_w, ref, atol=1e-6, rtol=1e-5)
 
@@ -348,7 +355,7 @@ def test_cohort_ids_widen_when_more_than_255_are_alive(one_thread):
         regrow_at.append(step)
         mask[old], mask[new] = False, True
         masks.append(mask.view(64, 64).clone())
-    assert opt.cohort.dtype == torch.int16 and opt.births.numel() == 301
+    assert opt.sparse.cohort.dtype == torch.int16 and opt.births.numel() == 301
     assert opt.state_bytes("sparse") == 1024 * 12 + (1024 + 16 * 2) + 1024 * 2 + 301 * 8
     model.loss().backward()  # a last step, taken by the reference too
     opt.step()
@@ -363,7 +370,8 @@ def test_regrow_event_without_old_slots_gives_the_same_state():
         run_steps(model, opt, 5)
         regrow_some(topo, opt, with_source=with_source)
         run_steps(model, opt, 3)
-        results.append((model.weight.detach().clone(), opt.exp_avg.clone(), opt.exp_avg_sq.clone(), opt.cohort.clone()))
+        results.append((model.weight.detach().clone(), opt.exp_avg.clone(), opt.exp_avg_sq.clone(),
+                        opt.sparse.cohort.clone()))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -373,18 +381,18 @@ def test_regrow_event_without_old_slots_gives_the_same_state():
 def test_chunked_update_equals_one_chunk(monkeypatch, layout, kind):
     """The update is formed chunk by chunk (bounded temporaries): one chunk per layer gives exactly the
     same weights, state and regrow ratio as one chunk for all layers (weight decay and warm-up on)."""
-    import smet_lab.optim.smet_adam as smet_adam
+    import smet_lab.optim.sparse_state as sparse_state
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16)
     x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
     outcomes = []
     for chunk in (1 << 40, 1):
-        monkeypatch.setattr(smet_adam, "STEP_CHUNK", chunk)
+        monkeypatch.setattr(sparse_state, "STEP_CHUNK", chunk)
         torch.manual_seed(0)
         model = LLaMA(cfg)
         topo = SparseTopology.build(model, 0.25)
         opt = SMETAdam(model, topo, lr=1e-2, weight_decay=0.1, warmup_steps=5, warmup_kind=kind, state=layout)
-        assert len(opt._chunks) == (1 if chunk > 1 else len(topo.layers))
+        assert len(opt.sparse.chunks) == (1 if chunk > 1 else len(topo.layers))
         updater = DynamicSparsity(topo, total_steps=20, update_every=4, prune_rate=0.3, prune_schedule="constant")
         ratios = []
         for step in range(1, 11):
@@ -418,6 +426,75 @@ def test_dense_method_equals_torch_adam():
             opt.zero_grad()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_dense_group_is_bitwise_torch_adamw(weight_decay):
+    """The dense group runs torch.optim.AdamW, fused on CPU: with the lr changing every step, its
+    parameters equal those of a plain AdamW(fused=True) on copies fed the same gradients, bit for bit."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16)
+    torch.manual_seed(0)
+    model = LLaMA(cfg)
+    topo = SparseTopology.build(model, 0.25)
+    hp = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=weight_decay)
+    opt = SMETAdam(model, topo, **hp)
+    assert opt.dense.adam.defaults["fused"]
+    dense = [p for g in opt.param_groups if g["kind"] == "dense" for p in g["params"]]
+    assert len(dense) == 5  # embeddings, head, final norm, two block norms
+    copies = [p.detach().clone() for p in dense]
+    start = [c.clone() for c in copies]
+    ref = torch.optim.AdamW(copies, **hp, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 13):
+        factor = 0.5 + 0.1 * step
+        opt.set_lr_factor(factor)
+        ref.param_groups[0]["lr"] = 3e-3 * factor
+        x = torch.randint(0, 50, (4, 16), generator=gen)
+        model(x, x).backward()
+        for c, p in zip(copies, dense):
+            c.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+    assert all(torch.equal(p, c) for p, c in zip(dense, copies))
+    assert not any(torch.equal(c, c0) for c, c0 in zip(copies, start))
+
+
+def test_released_dense_group_follows_the_reference_with_weight_decay():
+    """warmup_kind="released" damps the dense moments for the first W global steps (its own foreach
+    path), then hands over to AdamW at the right step count; decay as for sparse weights."""
+    model = WithDense()
+    topo = SparseTopology.build(model, 0.25, dense_patterns=[])
+    opt = SMETAdam(model, topo, lr=1e-2, reset_step=True, warmup_steps=4, warmup_kind="released",
+                   lr_scaling="none", weight_decay=0.2)
+    bias0 = model.bias.detach().double()
+    run_steps(model, opt, 10)
+    # float64 reference: AdamW forms its bias corrections in double, the reference's float32 1 - b2^t
+    # would differ from them by ~1e-5 relative.
+    ones, Gb = torch.ones(16, dtype=torch.bool), model.Gb.double()
+    ref = reference_smet(bias0, Gb, [ones], [], 10, 1e-2, 4, True, 1.0, released=True, weight_decay=0.2)
+    assert torch.allclose(model.bias.detach().double(), ref, atol=1e-7, rtol=1e-6)
+    undamped = reference_smet(bias0, Gb, [ones], [], 10, 1e-2, 0, True, 1.0, weight_decay=0.2)
+    assert not torch.allclose(ref, undamped, atol=1e-5, rtol=1e-4)
+
+
+def test_from_config_takes_every_optimizer_option():
+    cfg = OptimConfig(lr=2e-3, betas=[0.8, 0.95], eps=1e-6, weight_decay=0.05, state="dense_masked",
+                      regrow=RegrowConfig(reset_step=False, warmup_steps=7, warmup_kind="moment_damping"),
+                      lr_scaling=LRScalingConfig(rule="power", power=0.5, scope="all"))
+    model = LLaMA(ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16))
+    topo = SparseTopology.build(model, 0.25)
+    opt = SMETAdam.from_config(model, topo, cfg)
+    lrs = {g["kind"]: g["lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({"dense": 4e-3, "sparse": 4e-3})  # 2e-3 * 0.25^-0.5, scope all
+    assert (opt.betas, opt.eps, opt.weight_decay) == ((0.8, 0.95), 1e-6, 0.05)
+    assert (opt.reset_step, opt.warmup_steps, opt.warmup_kind) == (False, 7, "moment_damping")
+    assert opt.layout == "dense_masked"
+    assert isinstance(opt.sparse, MaskedState) and opt.sparse.age is not None  # the warm-up needs an age
+    assert opt.dense.adam.defaults["betas"] == (0.8, 0.95) and opt.dense.adam.defaults["weight_decay"] == 0.05
+    opt.remove_hooks()
+    with pytest.raises(ConfigError, match=r"optim\.regrow\.warmup_kind"):
+        SMETAdam.from_config(model, topo, OptimConfig(regrow=RegrowConfig(warmup_kind="cosine")))
 
 
 def test_grad_clipping_covers_sparse_gradients():
@@ -475,7 +552,7 @@ def test_state_bytes_follow_the_cohorts():
 
 def test_naive_dst_needs_no_step_and_masked_layout_is_dense_size():
     _, topo, naive = make(density=0.25, lr=1e-3, reset_step=False, warmup_steps=0)
-    assert naive.cohort is None
+    assert naive.sparse.cohort is None
     assert naive.state_bytes() == 64 * 12 + (64 + 2)  # grad, m, v + the positions (offsets + one chunk count)
     assert naive.state_bytes() == analytic_state_bytes(topo, "compact", needs_step=False)
     _, topo, masked = make(density=0.25, lr=1e-3, reset_step=True, warmup_steps=10, state="dense_masked")

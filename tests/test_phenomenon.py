@@ -11,8 +11,8 @@ import pytest
 
 from smet_lab.config import RunConfig
 from smet_lab.data import load_corpus
-from smet_lab.optim import apply_method
-from smet_lab.train import train
+from smet_lab.methods import apply_method
+from smet_lab.train import QUIET, train
 
 SEEDS = (0, 1, 2)
 
@@ -25,7 +25,7 @@ def test_default_run_naive_dst_spikes_and_smet_does_not():
         for seed in SEEDS:
             cfg = apply_method(RunConfig(), method)
             cfg.train.seed = seed
-            res = train(cfg, progress=None, corpus=corpus)
+            res = train(cfg, corpus=corpus, callbacks=QUIET)
             assert res.status == "FINISHED"
             results[method, seed] = res.summary
     for seed in SEEDS:

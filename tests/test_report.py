@@ -22,11 +22,12 @@ from smet_lab.report import (SweepInfo, build_report, cell_stats, headline, load
 from smet_lab.report.__main__ import main as report_main
 from smet_lab.report.specs import SpecError, default_specs, merge_sweeps, write_spec_table
 from smet_lab.report.specs import _ordered
-from smet_lab.report.data import METRICS, positive_probe_jump, with_positive_jump
-from smet_lab.report.glossary import DEFINITIONS, glossary
+from smet_lab.metrics import METRICS, table_metrics
+from smet_lab.report.data import positive_probe_jump, with_positive_jump
+from smet_lab.report.glossary import glossary
 from smet_lab.report.plots import overlay_figure
 from smet_lab.report.tables import INDISTINCT, STABILITY_KEYS, pivot_numbers, ranked, trial_notes
-from smet_lab.sweep.grid import trial_key
+from smet_lab.grid import trial_key
 
 PPL, SPIKE, JUMP = "summary/final_val_ppl", "summary/spike_score", "summary/mean_probe_jump"
 RATE, POS = "summary/update_spike_rate", "summary/mean_positive_probe_jump"
@@ -259,7 +260,8 @@ def test_partial_note_for_running_interrupted_and_incomplete_sweeps():
     info, runs = hand_made()
     full = with_missing(runs, info)
     assert "11 of 12 trials have ended (1 missing)" in partial_note(info, full)
-    complete = runs[runs["trial"] != "nothing"].copy()
+    complete = full[full["status"] != "MISSING"]  # the trials that ran: a sweep of 11 that ended
+    assert len(complete) == len(full) - 1
     info.expected, info.n_trials = None, 11
     assert partial_note(info, complete) is None
     info.status = "RUNNING"
@@ -406,11 +408,15 @@ def test_overlay_draws_one_line_per_cell_with_the_mean_over_finished_seeds():
 
 
 def test_glossary_defines_every_metric_the_report_shows(tmp_path):
-    assert set(METRICS) <= set(DEFINITIONS)  # a new table column cannot ship without a definition
+    labels = [METRICS[k].label for k in table_metrics()]
+    assert labels == ["update spike rate", "mean positive probe jump", "mean probe jump", "max probe jump",
+                      "spike score", "spike events", "regrow update ratio", "final val loss", "final val ppl",
+                      "state memory / dense Adam", "tokens/s"]  # the report's columns, in this order
+    assert list(trial_table(hand_made()[1], KEYS).columns) == ["method", "sparsity.density", "seed", "status", *labels]
     terms = dict(glossary())
-    assert [t for t in terms if t in {label for label, _ in METRICS.values()}] == [lbl for lbl, _ in METRICS.values()]
+    assert [t for t in terms if t in labels] == labels
     assert {"probe jump", "mean ± std", INDISTINCT} <= set(terms) and "train loss" not in terms
-    assert "at least 1% of the probe loss" in terms["update spike rate"]  # spikes.UPDATE_SPIKE_THRESHOLD = 0.01
+    assert "at least 1% of the probe loss" in terms["update spike rate"]  # metrics.UPDATE_SPIKE_THRESHOLD = 0.01
     assert "A jump <= 0 means the loss kept falling: no spike." in terms["probe jump"]
     assert "mean of max(probe jump, 0)" in terms["mean positive probe jump"].lower()
     assert "previous 50 steps" in terms["spike score"] and "12 B" in terms["state memory / dense Adam"]
@@ -429,7 +435,7 @@ def test_glossary_defines_every_metric_the_report_shows(tmp_path):
     for term, text in shown:
         assert f"- **{term}**: {text}\n" in glossary_md
         assert f"<dt>{html_escape(term)}</dt><dd>{html_escape(text)}</dd>" in glossary_html
-    assert glossary_html.count("<dt>") == len(shown) == len(METRICS) + 6
+    assert glossary_html.count("<dt>") == len(shown) == len(labels) + 6
 
 
 def test_report_cli_usage_errors_are_one_line(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Spike metrics (smet_lab.spikes, re-exported by smet_lab.report) on synthetic losses with known injected spikes, and the trainer hook."""
+"""Spike metrics (smet_lab.spikes) on synthetic losses with known injected spikes, and the trainer hook."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from smet_lab.report import probe_summary, run_spike_summary, spike_events, spike_flags, spike_score
+from smet_lab.spikes import probe_summary, run_spike_summary, spike_events, spike_flags, spike_score
 
 W = 50  # the default window
 
@@ -219,6 +219,21 @@ def test_update_spike_rate_counts_updates_whose_probe_jump_crosses_the_threshold
     assert "summary/update_spike_rate" not in probe_summary([{"step": 1, "stability/probe_jump": 0.3}])
 
 
+def test_probe_means_are_step_order_sums_bit_for_bit():
+    # 30 updates: numpy's pairwise sum would round differently; the logged means must not depend on who
+    # computes them (trainer at the end of a run, report from the history), so both add in step order.
+    jumps = np.random.default_rng(8).normal(0.0, 0.01, 30).tolist()
+    rows = [{"step": 100 * (i + 1), "stability/probe_jump": j, "stability/regrow_update_ratio": abs(j)}
+            for i, j in enumerate(jumps)]
+    total, ratio_total = 0.0, 0.0
+    for j in jumps:
+        total, ratio_total = total + j, ratio_total + abs(j)
+    s = probe_summary(pd.DataFrame(rows))
+    assert float(np.mean(jumps)) != total / 30 and float(np.mean(np.abs(jumps))) != ratio_total / 30  # the case guarded
+    assert (s["summary/mean_probe_jump"], s["summary/max_probe_jump"]) == (total / 30, max(jumps))
+    assert s["summary/mean_regrow_update_ratio"] == ratio_total / 30
+
+
 def test_probe_summary_is_nan_safe_and_omits_absent_keys():
     rows = [{"step": 1, "stability/probe_jump": 0.2, "stability/regrow_update_ratio": 3.0},
             {"step": 2, "stability/probe_jump": math.nan},
@@ -247,8 +262,8 @@ SPIKE_KEYS = ["summary/spike_score", "summary/spike_events", "summary/spike_even
 def test_summarize_of_a_real_run_includes_the_spike_metrics():
     from smet_lab.config import DataConfig, ModelConfig, RunConfig
     from smet_lab.data import load_corpus
-    from smet_lab.optim import apply_method
-    from smet_lab.train import train
+    from smet_lab.methods import apply_method
+    from smet_lab.train import QUIET, train
 
     cfg = RunConfig()
     cfg.model = ModelConfig(name="test", dim=32, n_layers=1, n_heads=2, ffn_dim=64, seq_len=16)
@@ -257,7 +272,7 @@ def test_summarize_of_a_real_run_includes_the_spike_metrics():
     cfg.sparsity.update_every, cfg.optim.warmup_steps = 10, 10
     cfg = apply_method(cfg, "smet")
     cfg.optim.regrow.warmup_steps = 10
-    res = train(cfg, progress=None, corpus=load_corpus(DataConfig(name="synthetic", max_tokens=30_000)))
+    res = train(cfg, corpus=load_corpus(DataConfig(name="synthetic", max_tokens=30_000)), callbacks=QUIET)
     s = res.summary
     for key in SPIKE_KEYS + ["summary/mean_probe_jump", "summary/max_probe_jump", "summary/mean_regrow_update_ratio"]:
         assert key in s and math.isfinite(s[key]), key

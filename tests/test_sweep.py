@@ -14,7 +14,7 @@ import pytest
 from helpers import all_runs as runs_of, run_cli, start_cli
 from smet_lab.cli import CONF_DIR, compose, method_composer
 from smet_lab.config import ConfigError
-from smet_lab.sweep.grid import expand, trial_configs
+from smet_lab.grid import expand, trial_configs
 from smet_lab.sweep.runner import GRID_FILE, plan, sweep_config, write_grid
 
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))

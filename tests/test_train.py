@@ -9,8 +9,8 @@ import torch
 
 from smet_lab.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from smet_lab.data import load_corpus
-from smet_lab.optim import METHODS, apply_method
-from smet_lab.train import lr_factor, train
+from smet_lab.methods import METHODS, apply_method
+from smet_lab.train import QUIET, Callbacks, lr_factor, train
 from smet_lab.train.memory import DENSE_ADAM_BYTES_PER_PARAM
 
 CORPUS = load_corpus(DataConfig(name="synthetic", max_tokens=60_000))
@@ -52,7 +52,7 @@ def test_train_lr_is_the_base_rate_and_lr_sparse_the_scaled_one(method, scale):
     """train/lr = alpha_0 x schedule (the same for every method); train/lr_sparse = that x 1/d for smet's
     inverse rule at d = 0.25, x 1 for naive_dst, and absent where no layer is sparse."""
     cfg = small_cfg(method, steps=30)
-    res = train(cfg, progress=None, corpus=CORPUS)
+    res = train(cfg, corpus=CORPUS, callbacks=QUIET)
     for row in res.history:
         step = row["step"]
         # The schedule by hand: linear warm-up over 10 steps, then cosine from 1 to 0.1 over 20 steps.
@@ -66,7 +66,7 @@ def test_train_lr_is_the_base_rate_and_lr_sparse_the_scaled_one(method, scale):
 
 def test_run_logs_the_public_metrics_and_summary():
     logged = []
-    res = train(small_cfg(), log=lambda m, s: logged.append((s, dict(m))), progress=None, corpus=CORPUS)
+    res = train(small_cfg(), corpus=CORPUS, callbacks=Callbacks(log=lambda m, s: logged.append((s, dict(m))), progress=None))
     assert res.status == "FINISHED" and len(res.history) == 60
     names = set().union(*(m for _, m in logged))
     # Late metrics reach the sink at the step they belong to (the update step).
@@ -111,16 +111,16 @@ def test_regrow_update_ratio_in_a_real_run_shows_the_cold_start():
         cfg.train.eval_every = 0
         cfg.optim.eps = 1e-30
         cfg.optim.regrow.warmup_steps = 20 if method == "smet" else 0
-        res = train(cfg, progress=None, corpus=CORPUS)
+        res = train(cfg, corpus=CORPUS, callbacks=QUIET)
         results[method] = next(r for r in res.history if r["step"] == 1000)["stability/regrow_update_ratio"]
     assert results["naive_dst"] == pytest.approx(expected_naive, rel=2e-3)
     assert results["smet"] == pytest.approx(1 / 20, rel=2e-3)
 
 
 def test_same_seed_same_losses_other_seed_differs():
-    a = train(small_cfg(steps=25), progress=None, corpus=CORPUS)
-    b = train(small_cfg(steps=25), progress=None, corpus=CORPUS)
-    c = train(small_cfg(steps=25, seed=1), progress=None, corpus=CORPUS)
+    a = train(small_cfg(steps=25), corpus=CORPUS, callbacks=QUIET)
+    b = train(small_cfg(steps=25), corpus=CORPUS, callbacks=QUIET)
+    c = train(small_cfg(steps=25, seed=1), corpus=CORPUS, callbacks=QUIET)
     assert losses(a) == losses(b)
     assert losses(a) != losses(c)
 
@@ -130,16 +130,25 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, method, stat
     cfg = small_cfg(method, steps=50, checkpoint_every=23)  # checkpoint inside a probe window
     cfg.optim.state = state
     cfg.sparsity.growth = "gradient" if method == "smet" else "random"
-    full = train(cfg, progress=None, corpus=CORPUS)
+    full = train(cfg, corpus=CORPUS, callbacks=QUIET)
 
-    first = train(cfg, output_dir=tmp_path, progress=None, corpus=CORPUS, stop_after=30)
-    assert len(first.history) == 30
+    class Died(Exception):
+        pass
+
+    def die_after_30(steps=[0]):  # polled once per step: the process "dies" after step 30
+        steps[0] += 1
+        if steps[0] == 30:
+            raise Died
+        return False
+
+    with pytest.raises(Died):
+        train(cfg, output_dir=tmp_path, corpus=CORPUS, callbacks=Callbacks(progress=None, should_stop=die_after_30))
     ckpt = tmp_path / "checkpoints" / "step_23"
     assert (ckpt / "state.pt").is_file()
     cfg2 = small_cfg(method, steps=50, checkpoint_every=23, resume_from=str(ckpt))
     cfg2.optim.state = state
     cfg2.sparsity.growth = cfg.sparsity.growth
-    resumed = train(cfg2, output_dir=tmp_path / "b", progress=None, corpus=CORPUS)
+    resumed = train(cfg2, output_dir=tmp_path / "b", corpus=CORPUS, callbacks=QUIET)
     assert losses(resumed) == losses(full)  # exact float equality, every step
     assert resumed.summary["summary/final_val_loss"] == full.summary["summary/final_val_loss"]
     assert [r.get("stability/probe_jump") for r in resumed.history] == [r.get("stability/probe_jump") for r in full.history]
@@ -147,12 +156,12 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, method, stat
 
 def test_resume_refuses_missing_or_foreign_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="train.resume_from"):
-        train(small_cfg(resume_from=str(tmp_path / "nope")), progress=None, corpus=CORPUS)
-    train(small_cfg(steps=10), output_dir=tmp_path, progress=None, corpus=CORPUS)
+        train(small_cfg(resume_from=str(tmp_path / "nope")), corpus=CORPUS, callbacks=QUIET)
+    train(small_cfg(steps=10), output_dir=tmp_path, corpus=CORPUS, callbacks=QUIET)
     other = small_cfg(steps=20, resume_from=str(tmp_path / "checkpoints" / "step_10"))
     other.model.dim = 64
     with pytest.raises(ConfigError, match="model.dim"):
-        train(other, progress=None, corpus=CORPUS)
+        train(other, corpus=CORPUS, callbacks=QUIET)
 
 
 def test_divergence_stops_the_run_and_marks_it():
@@ -160,7 +169,7 @@ def test_divergence_stops_the_run_and_marks_it():
     cfg.optim.lr = 1e35  # weights overflow float32 within a few steps: a genuine NaN loss
     cfg.optim.grad_clip = 0.0
     cfg.optim.warmup_steps = 0
-    res = train(cfg, progress=None, corpus=CORPUS)
+    res = train(cfg, corpus=CORPUS, callbacks=QUIET)
     assert res.status == "DIVERGED"
     assert "diverged" in res.error and "step" in res.error
     assert res.summary["summary/diverged"] == 1.0
@@ -172,7 +181,7 @@ def test_divergence_stops_the_run_and_marks_it():
 def test_every_method_preset_trains_and_sets_its_keys():
     for method, keys in METHODS.items():
         cfg = small_cfg(method, steps=12)
-        res = train(cfg, progress=None, corpus=CORPUS)
+        res = train(cfg, corpus=CORPUS, callbacks=QUIET)
         assert res.status == "FINISHED"
         density = res.summary["summary/density"]
         assert density == (1.0 if method == "dense" else pytest.approx(0.25, abs=0.01))
@@ -190,7 +199,7 @@ def test_every_method_preset_trains_and_sets_its_keys():
 def test_bfloat16_autocast_follows_the_float32_run():
     """bf16 autocast (8-bit mantissa) changes every matmul a little, so the trajectory is close to the
     float32 one but not equal: within 1 % per step over 12 steps, and not bit-identical."""
-    runs = {dtype: train(small_cfg(steps=12, dtype=dtype, grad_accum=2), progress=None, corpus=CORPUS)
+    runs = {dtype: train(small_cfg(steps=12, dtype=dtype, grad_accum=2), corpus=CORPUS, callbacks=QUIET)
             for dtype in ("float32", "bfloat16")}
     f32, bf16 = (losses(runs[d]) for d in ("float32", "bfloat16"))
     assert bf16 == pytest.approx(f32, rel=1e-2) and bf16 != f32
@@ -213,12 +222,12 @@ def test_bad_train_values(key, value):
     cfg = small_cfg()
     setattr(cfg.train, key, value)
     with pytest.raises(ConfigError, match=f"train.{key}"):
-        train(cfg, progress=None, corpus=CORPUS)
+        train(cfg, corpus=CORPUS, callbacks=QUIET)
 
 
 def test_progress_lines():
     lines = []
-    train(small_cfg(steps=40), progress=lines.append, corpus=CORPUS)
+    train(small_cfg(steps=40), corpus=CORPUS, callbacks=Callbacks(progress=lines.append))
     assert len(lines) == 20 and lines[-1].startswith("step 40/40 loss")
     assert "tok/s" in lines[0] and "ETA" in lines[0]
 
@@ -240,7 +249,7 @@ def test_every_option_trains(section, key, values):
         node = {"sparsity": cfg.sparsity, "optim": cfg.optim, "regrow": cfg.optim.regrow,
                 "lr_scaling": cfg.optim.lr_scaling}[section]
         setattr(node, key, value)
-        res = train(cfg, progress=None, corpus=CORPUS)
+        res = train(cfg, corpus=CORPUS, callbacks=QUIET)
         assert res.status == "FINISHED", (key, value)
         assert res.summary["summary/density"] == pytest.approx(0.25, abs=0.01)
         assert math.isfinite(res.summary["summary/final_val_loss"])

@@ -1,6 +1,6 @@
-"""Optimizers: SMETAdam (compact or dense-masked state) and the method presets built on it."""
+"""SMETAdam: Adam with compact (or dense-masked) state for the sparse layers, SMET's regrowth handling
+and density-aware learning rates. Its option tables are in smet_lab.optim.options."""
 
-from smet_lab.methods import METHODS, apply_method  # re-exported: presets live outside optim (no torch)
-from smet_lab.optim.smet_adam import LR_SCALING, SMETAdam
+from smet_lab.optim.smet_adam import SMETAdam
 
-__all__ = ["LR_SCALING", "METHODS", "SMETAdam", "apply_method"]
+__all__ = ["SMETAdam"]

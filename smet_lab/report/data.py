@@ -8,8 +8,8 @@ The runs DataFrame has one row per trial run, with columns
   (FINISHED | DIVERGED | FAILED | KILLED | RUNNING | MISSING), `error`;
 - every config param under its dotted name, values parsed to int/float/bool where they look like one
   (`method`, `sparsity.density`, `train.seed`, ...);
-- the run-level metrics under their MLflow keys (`summary/final_val_ppl`, ... see METRICS); the report
-  adds POS_JUMP (with_positive_jump), the only one not logged by the run;
+- the run-level metrics under their MLflow keys (`summary/final_val_ppl`, ... see smet_lab.metrics); the
+  report adds POSITIVE_PROBE_JUMP (with_positive_jump), the only one not logged by the run;
 - `history`: the run's per-step history (metrics.parquet) as a DataFrame, or None.
 """
 
@@ -21,34 +21,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from smet_lab.grid import SweepConfig, expand, leaves
+from smet_lab.metrics import FINAL_VAL_LOSS, MEAN_PROBE_JUMP, POSITIVE_PROBE_JUMP
+
 SEED = "train.seed"
 FINISHED, DIVERGED, FAILED, KILLED, RUNNING, MISSING = "FINISHED", "DIVERGED", "FAILED", "KILLED", "RUNNING", "MISSING"
 ENDED = (FINISHED, DIVERGED, FAILED)  # a trial in one of these has nothing left to run
 EXCLUDED = (DIVERGED, FAILED)  # ended without a usable result: listed, never averaged in
 BASE_COLUMNS = ["run_id", "trial", "status", "error", "history"]
 
-JUMP, POS_JUMP = "summary/mean_probe_jump", "summary/mean_positive_probe_jump"
 PROBE_JUMP = "stability/probe_jump"  # the history column: one value per topology update
-
-# Run-level metrics shown in the tables: MLflow key -> (label, format of one value). The stability
-# ranking's two keys come first. POS_JUMP is computed here (positive_probe_jump), never logged.
-METRICS: dict[str, tuple[str, str]] = {
-    "summary/update_spike_rate": ("update spike rate", "{:.2f}"),
-    POS_JUMP: ("mean positive probe jump", "{:.4f}"),
-    JUMP: ("mean probe jump", "{:+.4f}"),
-    "summary/max_probe_jump": ("max probe jump", "{:+.4f}"),
-    "summary/spike_score": ("spike score", "{:.3f}"),
-    "summary/spike_events": ("spike events", "{:g}"),
-    "summary/mean_regrow_update_ratio": ("regrow update ratio", "{:.3g}"),
-    "summary/final_val_loss": ("final val loss", "{:.4f}"),
-    "summary/final_val_ppl": ("final val ppl", "{:.2f}"),
-    "summary/memory/state_ratio_vs_dense_adam": ("state memory / dense Adam", "{:.3f}"),
-    "summary/tokens_per_s": ("tokens/s", "{:,.0f}"),
-}
-# Filled from the run's history with smet_lab.spikes when the run did not log them (failed, killed or
-# still running trials log no summary).
-FROM_HISTORY = ("summary/spike_score", "summary/spike_events", "summary/mean_probe_jump",
-                "summary/max_probe_jump", "summary/mean_regrow_update_ratio", "summary/update_spike_rate")
 CONFIG_SECTIONS = ("method", "model.", "data.", "sparsity.", "optim.", "train.")
 
 
@@ -65,7 +47,7 @@ class SweepInfo:
     n_trials: int | None = None  # the grid size
     seeds: list | None = None  # the seeds asked for (sweep.seeds)
     swept: list = field(default_factory=list)  # dotted keys the sweep varies (method first; seed excluded)
-    metric: str = "summary/final_val_loss"
+    metric: str = FINAL_VAL_LOSS
     mode: str = "min"
     expected: list | None = None  # [(trial key, {dotted key: value})] of the whole grid, when known
 
@@ -104,15 +86,6 @@ def _yaml(text):
         return None
 
 
-def _leaves(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_leaves(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node} if prefix else {}
-
-
 def sweep_info_from_params(name: str, params: dict[str, str], **fields) -> SweepInfo:
     """SweepInfo from a parent run's params (`sweep.params.<dotted key>`, `sweep.extra_trials`,
     `sweep.seeds`, `sweep.metric`, `sweep.mode`, `n_trials`: the flattened sweep config)."""
@@ -128,18 +101,16 @@ def sweep_info_from_params(name: str, params: dict[str, str], **fields) -> Sweep
     extra = [e for e in extra if isinstance(e, dict)] if isinstance(extra, list) else []
     seeds = _yaml(params.get("sweep.seeds"))
     seeds = seeds if isinstance(seeds, list) and seeds else None
-    swept = list(_leaves(nested))
+    swept = list(leaves(nested))
     for e in extra:
-        swept += [k for k in _leaves(e) if k not in swept]
+        swept += [k for k in leaves(e) if k not in swept]
     swept = [k for k in swept if k != SEED]
     swept.sort(key=lambda k: k != "method")  # stable: method first, the rest as the sweep lists them
     n = parse_value(params.get("n_trials"))
     info = SweepInfo(name=name, n_trials=n if isinstance(n, int) else None, seeds=seeds, swept=swept,
-                     metric=params.get("sweep.metric", "summary/final_val_loss"), mode=params.get("sweep.mode", "min"),
+                     metric=params.get("sweep.metric", FINAL_VAL_LOSS), mode=params.get("sweep.mode", "min"),
                      **fields)
-    try:  # the grid itself, so missing trials can be named (smet_lab.sweep.grid needs no Ray)
-        from smet_lab.sweep.grid import SweepConfig, expand
-
+    try:  # the grid itself, so missing trials can be named
         trials = expand(SweepConfig(name=name, params=nested, extra_trials=extra, seeds=seeds or [0]))
         info.expected = [(t.key, dict(t.values)) for t in trials]
     except Exception:  # a truncated or odd param: the count (n_trials) still says what is missing
@@ -236,10 +207,10 @@ def positive_probe_jump(history, mean_jump=math.nan) -> float:
 
 
 def with_positive_jump(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs with the POS_JUMP column (from each run's history, else its logged mean jump)."""
-    jumps = runs[JUMP] if JUMP in runs else pd.Series(math.nan, index=runs.index)
+    """The runs with the POSITIVE_PROBE_JUMP column (from each run's history, else its logged mean jump)."""
+    jumps = runs[MEAN_PROBE_JUMP] if MEAN_PROBE_JUMP in runs else pd.Series(math.nan, index=runs.index)
     values = [positive_probe_jump(h, j) for h, j in zip(histories(runs), jumps)]
-    return runs.assign(**{POS_JUMP: pd.Series(values, index=runs.index, dtype="float64")})
+    return runs.assign(**{POSITIVE_PROBE_JUMP: pd.Series(values, index=runs.index, dtype="float64")})
 
 
 def histories(runs: pd.DataFrame) -> pd.Series:

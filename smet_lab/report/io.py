@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from smet_lab.report.data import (DIVERGED, FROM_HISTORY, RUNNING, SweepInfo, empty_runs, infer_swept,
-                                  parse_value, sweep_info_from_params)
+from smet_lab.metrics import METRICS, computed
+from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, empty_runs, infer_swept, parse_value,
+                                  sweep_info_from_params)
 
 MAX_RUNS = 50000  # MlflowClient.search_runs' largest page
 HISTORY_KEYS = ("train/loss", "val/loss", "topo/density", "stability/probe_loss", "stability/probe_jump")
@@ -152,10 +153,22 @@ def trial_status(run) -> str:
     return tags.get("smet.status") or run.info.status
 
 
-def runs_frame(client, runs, load_histories: bool = True) -> pd.DataFrame:
-    """One row per run (see smet_lab.report.data for the columns)."""
+def from_history(history: pd.DataFrame, logged: dict) -> dict:
+    """The metrics recomputable from the history that the run did not log (failed, killed or still
+    running trials log no summary): spike and probe metrics, and registered metrics with a compute."""
     from smet_lab.spikes import run_spike_summary
 
+    missing = [k for k, m in METRICS.items() if m.from_history and not math.isfinite(logged.get(k, math.nan))]
+    if not missing:
+        return {}
+    found = run_spike_summary(history) if "train/loss" in history else {}
+    if any(METRICS[k].compute for k in missing):  # compute() takes the trainer's rows: one dict per step, no NaN
+        found.update(computed([{k: v for k, v in row.items() if pd.notna(v)} for row in history.to_dict("records")]))
+    return {k: found[k] for k in missing if k in found}
+
+
+def runs_frame(client, runs, load_histories: bool = True) -> pd.DataFrame:
+    """One row per run (see smet_lab.report.data for the columns)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="smet_report_") as tmp:
         for i, run in enumerate(runs):
@@ -165,10 +178,7 @@ def runs_frame(client, runs, load_histories: bool = True) -> pd.DataFrame:
             where.mkdir()
             history = read_history(client, run, where) if load_histories else None
             if history is not None:
-                missing = [k for k in FROM_HISTORY if not math.isfinite(metrics.get(k, math.nan))]
-                if missing:
-                    computed = run_spike_summary(history) if "train/loss" in history else {}
-                    metrics.update({k: computed[k] for k in missing if k in computed})
+                metrics.update(from_history(history, metrics))
             tags = run.data.tags
             rows.append({**params, **metrics, "method": tags.get("smet.method", params.get("method")),
                          "run_id": run.info.run_id,

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from smet_lab.metrics import FINAL_VAL_PPL, MEAN_PROBE_JUMP, STATE_RATIO, label_and_format
 from smet_lab.report.data import (DIVERGED, FINISHED, SEED, SweepInfo, cell_label, fmt_value, histories, method_rank,
                                   sort_runs)
 from smet_lab.spikes import spike_events
@@ -232,7 +233,7 @@ def zoom_figure(runs: pd.DataFrame, info: SweepInfo):
 
 
 # ---------------------------------------------------------------------------- metric vs a swept key
-def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric: str, ylabel: str, title: str):
+def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric: str, title: str):
     """Mean ± std over seeds (FINISHED runs) of `metric` against the swept key `axis`, one line per
     combination of the other swept keys. None when `axis` is not swept or nothing finished has `metric`."""
     if axis not in info.swept or axis not in runs or metric not in runs:
@@ -265,7 +266,7 @@ def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric
             ax.set_xscale("symlog", linthresh=float(positive.min()))
         ax.set_xticks(xs, [fmt_value(float(x)) for x in xs])
     ax.set_xlabel(axis)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(label_and_format(metric)[0])
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -284,17 +285,13 @@ def report_figures(runs: pd.DataFrame, info: SweepInfo) -> list[tuple[str, str, 
         ("update_zoom.png", "Probe loss in the steps around topology updates, relative to just before the update.",
          lambda: zoom_figure(runs, info)),
         ("probe_jump_vs_warmup.png", "Mean probe jump vs the regrown weights' warm-up length W.",
-         lambda: metric_vs_axis_figure(runs, info, WARMUP_KEY, "summary/mean_probe_jump", "mean probe jump",
-                                       "Probe jump vs warm-up length W")),
+         lambda: metric_vs_axis_figure(runs, info, WARMUP_KEY, MEAN_PROBE_JUMP, "Probe jump vs warm-up length W")),
         ("probe_jump_vs_update_every.png", "Mean probe jump vs the topology update interval ΔT.",
-         lambda: metric_vs_axis_figure(runs, info, UPDATE_KEY, "summary/mean_probe_jump", "mean probe jump",
-                                       "Probe jump vs update interval ΔT")),
+         lambda: metric_vs_axis_figure(runs, info, UPDATE_KEY, MEAN_PROBE_JUMP, "Probe jump vs update interval ΔT")),
         ("val_ppl_vs_density.png", "Final validation perplexity vs density, per method.",
-         lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, "summary/final_val_ppl", "final val ppl",
-                                       "Validation perplexity vs density")),
+         lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, FINAL_VAL_PPL, "Validation perplexity vs density")),
         ("memory_vs_density.png", "Optimizer-state + gradient memory relative to dense Adam vs density.",
-         lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, "summary/memory/state_ratio_vs_dense_adam",
-                                       "state memory / dense Adam", "Training-state memory vs density")),
+         lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, STATE_RATIO, "Training-state memory vs density")),
     ]
     out = []
     for name, caption, build in specs:

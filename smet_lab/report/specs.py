@@ -8,8 +8,9 @@ A spec names the sweep(s) to read, the row key, the column key, the metric and i
     rows: method                   # any config key of the trials (dotted), e.g. optim.lr_scaling.rule
     columns: sparsity.density      # optional: without it the table has one value column
     metric: summary/final_val_ppl  # a run-level MLflow metric
-    format: "{:.2f}"               # Python format of one number
-    better: min                    # optional (min | max): the best cell of each column in bold
+    format: "{:.2f}"               # optional Python format of one number (default: the metric's, smet_lab.metrics)
+    better: min                    # optional (min | max): the best cell of each column in bold (default: the
+                                   # metric's direction; a metric with none, or an unregistered one: no bold)
     row_order: [dense, naive_dst, smet]      # optional; other values follow in their natural order
     row_labels: {naive_dst: Naive DST}       # optional display names (also column_order / column_labels)
     row_title: method                        # optional headers (default: the keys)
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from smet_lab.metrics import DEFAULT_FMT, METRICS
 from smet_lab.report.data import SEED, fmt_value
 from smet_lab.report.tables import FLAG, cell_stats, mean_std, to_latex, to_markdown
 
@@ -48,7 +50,7 @@ class TableSpec:
     rows: str
     metric: str
     columns: str | None = None
-    format: str = "{:.4g}"
+    format: str = DEFAULT_FMT
     better: str | None = None
     title: str = ""
     caption: str = ""
@@ -79,10 +81,14 @@ def load_spec(path) -> TableSpec:
         raise SpecError(f"table spec {path}: missing {', '.join(missing)}")
     data.setdefault("name", path.stem)
     data["sweep"] = [data["sweep"]] if isinstance(data["sweep"], str) else list(data["sweep"])
+    metric = METRICS.get(data["metric"])
+    if metric is not None:
+        data.setdefault("format", metric.fmt)
+        data.setdefault("better", {"lower": "min", "higher": "max"}.get(metric.better))
     if data.get("better") not in (None, "min", "max"):
         raise SpecError(f"table spec {path}: better={data['better']!r} is not allowed: one of min, max")
     try:
-        data.get("format", "{:.4g}").format(1.0)
+        data.get("format", DEFAULT_FMT).format(1.0)
     except (ValueError, IndexError, KeyError) as exc:
         raise SpecError(f"table spec {path}: format={data.get('format')!r} is not a Python format: {exc}") from None
     for k in ("row_labels", "column_labels"):

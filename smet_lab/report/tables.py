@@ -17,15 +17,16 @@ import math
 import numpy as np
 import pandas as pd
 
-from smet_lab.report.data import (DIVERGED, ENDED, FAILED, FINISHED, METRICS, MISSING, POS_JUMP, RUNNING, SEED,
-                                  SweepInfo, cell_label, fmt_value, sort_runs, with_positive_jump)
+from smet_lab.metrics import (DEFAULT_FMT, FINAL_VAL_LOSS, FINAL_VAL_PPL, POSITIVE_PROBE_JUMP, UPDATE_SPIKE_RATE,
+                              label_and_format, table_metrics)
+from smet_lab.report.data import (DIVERGED, ENDED, FAILED, FINISHED, MISSING, RUNNING, SEED, SweepInfo, cell_label,
+                                  fmt_value, sort_runs, with_positive_jump)
 
 FLAG = "*"  # marks a cell with fewer finished seeds than asked
-PPL = "summary/final_val_ppl"
 NOT_ENDED_LABEL = {MISSING: "missing", RUNNING: "running", "KILLED": "killed", "SCHEDULED": "scheduled"}
 
 
-def fmt(value, spec: str = "{:.4g}") -> str:
+def fmt(value, spec: str = DEFAULT_FMT) -> str:
     """A number with `spec`; missing (None, NaN) as an em dash, text as it is."""
     if isinstance(value, bool):
         return str(value)
@@ -50,7 +51,7 @@ def mean_std(mean, std, n: int, spec: str) -> str:
 
 
 def _metrics(metrics=None) -> list:
-    return list(metrics) if metrics is not None else list(METRICS)
+    return list(metrics) if metrics is not None else table_metrics()
 
 
 # ------------------------------------------------------------------------------------------ trials
@@ -74,7 +75,7 @@ def trial_table(runs: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame:
     out["seed"] = nums[SEED].map(fmt_value)
     out["status"] = nums["status"].fillna("—").astype(str)
     for m in metrics:
-        label, spec = METRICS.get(m, (m, "{:.4g}"))
+        label, spec = label_and_format(m)
         out[label] = nums[m].map(lambda v, s=spec: fmt(v, s))
     return out
 
@@ -96,11 +97,11 @@ def cell_stats(runs: pd.DataFrame, keys: list, metrics=None, seeds_asked: int | 
     (their seeds), `n_diverged`, `n_failed`, `n_unfinished` (killed, running, missing; `unfinished` says
     which, e.g. "1 missing"), `asked`, `flagged`
     (n < asked), and `<metric>:mean`, `<metric>:std` (ddof=1, NaN below two values) per metric.
-    `seeds_asked` defaults to the number of distinct seeds among the runs. POS_JUMP is derived from
-    the runs (data.with_positive_jump) when they lack it."""
+    `seeds_asked` defaults to the number of distinct seeds among the runs. POSITIVE_PROBE_JUMP is derived
+    from the runs (data.with_positive_jump) when they lack it."""
     metrics = _metrics(metrics)
     keys = list(keys)
-    df = with_positive_jump(runs) if POS_JUMP in metrics and POS_JUMP not in runs else runs.copy()
+    df = with_positive_jump(runs) if POSITIVE_PROBE_JUMP in metrics and POSITIVE_PROBE_JUMP not in runs else runs.copy()
     for c in [*keys, *metrics, SEED, "status"]:
         if c not in df:
             df[c] = np.nan
@@ -147,7 +148,7 @@ def pivot_table(stats: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame:
     out["seeds"] = [f"{r['n']}/{r['asked']}" + (FLAG if r["flagged"] else "") for _, r in stats.iterrows()]
     out["not averaged"] = [excluded_text(r) for _, r in stats.iterrows()]
     for m in metrics:
-        label, spec = METRICS.get(m, (m, "{:.4g}"))
+        label, spec = label_and_format(m)
         out[label] = [mean_std(r[f"{m}:mean"], r[f"{m}:std"], r[f"{m}:n"], spec) for _, r in stats.iterrows()]
     return out
 
@@ -163,7 +164,7 @@ def pivot_numbers(stats: pd.DataFrame, keys: list, metrics=None) -> pd.DataFrame
 
 
 # -------------------------------------------------------------------------------------------- text
-STABILITY_KEYS = ("summary/update_spike_rate", POS_JUMP)  # lower = more stable, compared in this order
+STABILITY_KEYS = (UPDATE_SPIKE_RATE, POSITIVE_PROBE_JUMP)  # lower = more stable, compared in this order
 INDISTINCT = "indistinguishable (within the seeds' spread)"
 
 
@@ -201,7 +202,7 @@ def compare(rows: pd.DataFrame, metrics, keys: list, what: str, runner_up: str, 
     key = next((m for m in metrics if pd.notna(first[f"{m}:mean"]) and pd.notna(second[f"{m}:mean"])
                 and first[f"{m}:mean"] != second[f"{m}:mean"]), None)
     if key is not None and separated(first, second, key):
-        text += f", ahead of {other} by more than the seeds' spread in {METRICS[key][0]}"
+        text += f", ahead of {other} by more than the seeds' spread in {label_and_format(key)[0]}"
     else:
         text += f" and {other} are {INDISTINCT}"
         if min(first["n"], second["n"]) < 2:
@@ -212,7 +213,7 @@ def compare(rows: pd.DataFrame, metrics, keys: list, what: str, runner_up: str, 
 
 
 def _mean_std(row, metric: str) -> str:
-    label, spec = METRICS[metric]
+    label, spec = label_and_format(metric)
     return f"{label} {mean_std(row[f'{metric}:mean'], row[f'{metric}:std'], row[f'{metric}:n'], spec)}"
 
 
@@ -226,7 +227,7 @@ def headline(stats: pd.DataFrame, keys: list, runs: pd.DataFrame | None = None) 
         counts = {s: int(v) for s, v in (runs["status"].value_counts().items() if runs is not None else [])}
         shown = ", ".join(f"{v} {s.lower()}" for s, v in counts.items()) or "no runs"
         return f"No configuration has a finished run yet ({shown}), so nothing can be ranked."
-    quality = PPL if stats[f"{PPL}:mean"].notna().any() else "summary/final_val_loss"
+    quality = FINAL_VAL_PPL if stats[f"{FINAL_VAL_PPL}:mean"].notna().any() else FINAL_VAL_LOSS
     stable, best = ranked(stats, STABILITY_KEYS), ranked(stats, [quality])
     parts = [compare(stable, STABILITY_KEYS, keys, "Most stable", "the runner-up",
                      lambda r: ", ".join(_mean_std(r, m) for m in STABILITY_KEYS if r[f"{m}:n"])) if len(stable)

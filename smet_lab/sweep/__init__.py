@@ -1,6 +1,5 @@
-"""Ray Tune sweeps over the core trainer (the only package that imports Ray, lazily)."""
-
-from smet_lab.sweep.grid import SweepConfig, Trial, expand, trial_configs
+"""Ray Tune sweeps over the core trainer (the only package that imports Ray, lazily). The grid itself
+(SweepConfig, expand, trial_configs) is smet_lab.grid: the report reads it too."""
 
 
 def run_sweep(cfg, output_dir, compose_for_method=None):
@@ -9,4 +8,4 @@ def run_sweep(cfg, output_dir, compose_for_method=None):
     return _run(cfg, output_dir, compose_for_method)
 
 
-__all__ = ["SweepConfig", "Trial", "expand", "run_sweep", "trial_configs"]
+__all__ = ["run_sweep"]

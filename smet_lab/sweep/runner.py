@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab.config import ConfigError
-from smet_lab.sweep.grid import SweepConfig, Trial, expand, trial_configs
+from smet_lab.grid import SweepConfig, Trial, expand, trial_configs
 
 EXIT_TRIAL_FAILED = 1
 EXIT_INTERRUPTED = 130

@@ -31,7 +31,7 @@ def run_trial(config: dict, configs: dict, cpus: int = 1) -> None:
     from smet_lab.data import load_corpus
     from smet_lab.extend import load_extensions
     from smet_lab.tracking import write_run_artifacts
-    from smet_lab.train import train
+    from smet_lab.train import Callbacks, train
 
     torch.set_num_threads(max(1, int(cpus)))  # a trial gets its CPUs' worth of threads, no more
     key = config["key"]
@@ -68,8 +68,8 @@ def run_trial(config: dict, configs: dict, cpus: int = 1) -> None:
                 raise InjectedFailure(f"injected failure ({INJECT_ENV}={inject})")
             return False
     try:
-        result = train(run_cfg, output_dir=work / "run", log=log, progress=None, corpus=corpus,
-                       on_checkpoint=on_checkpoint, should_stop=should_stop)
+        result = train(run_cfg, output_dir=work / "run", corpus=corpus, callbacks=Callbacks(
+            log=log, progress=None, on_checkpoint=on_checkpoint, should_stop=should_stop))
         artifacts = work / "artifacts"
         artifacts.mkdir()
         write_run_artifacts(result.history, cfg_dict, artifacts, title=key)

@@ -19,16 +19,35 @@ from smet_lab.config import ConfigError, RunConfig
 from smet_lab.data import Corpus, TokenBatcher, check_data, load_corpus
 from smet_lab.model import LLaMA, validate_model
 from smet_lab.methods import METHODS
+from smet_lab.metrics import FINAL_DENSITY, FINAL_VAL_LOSS, FINAL_VAL_PPL, STEPS, TOKENS_PER_S, computed
 from smet_lab.optim import SMETAdam
-from smet_lab.optim.smet_adam import validate_optimizer
+from smet_lab.optim.options import validate_optim_config
 from smet_lab.spikes import run_spike_summary
 from smet_lab.sparse import DynamicSparsity, SparseTopology
 from smet_lab.sparse.topology import validate_sparsity
 from smet_lab.sparse.updater import validate_dynamic
 from smet_lab.train import checkpoint as ckpt
+from smet_lab.train.probe import ProbeWindow
 from smet_lab.train.memory import memory_summary, peak_memory
 
 LogFn = Callable[[dict, int], None]
+
+
+@dataclass
+class Callbacks:
+    """How a run talks to the outside world, every part optional: `log(metrics, step)` is the metrics
+    sink (tracking plugs in here), `progress(line)` gets a progress line every 5 % of the steps,
+    `on_checkpoint(path, step)` follows each checkpoint written (a sweep hands it to Ray Tune), and
+    `should_stop()` is polled between steps (a Ctrl-C handler sets it): the run then checkpoints where
+    it is and returns status KILLED."""
+
+    log: Optional[LogFn] = None
+    progress: Optional[Callable[[str], None]] = print
+    on_checkpoint: Optional[Callable[[Path, int], None]] = None
+    should_stop: Optional[Callable[[], bool]] = None
+
+
+QUIET = Callbacks(progress=None)
 
 
 @dataclass
@@ -93,8 +112,7 @@ def check_config(cfg: RunConfig) -> int:
     s, o = cfg.sparsity, cfg.optim
     validate_sparsity(s.density, s.distribution, s.block_size)
     validate_dynamic(s.update_every, s.prune_rate, s.prune_schedule, s.prune, s.growth)
-    validate_optimizer(o.lr, o.betas, o.eps, o.weight_decay, o.regrow.warmup_steps, o.regrow.warmup_kind,
-                       o.lr_scaling.rule, o.lr_scaling.power, o.lr_scaling.scope, o.state)
+    validate_optim_config(o)
     tokenizer = check_data(cfg.data)
     if cfg.train.resume_from:
         probe = copy.deepcopy(cfg)
@@ -127,12 +145,7 @@ class Run:
                                              list(s.dense_patterns), seed=t.seed)
         self.updater = DynamicSparsity(self.topology, t.max_steps, s.update_every, s.prune_rate,
                                        s.prune_schedule, s.prune, s.growth, seed=t.seed)
-        self.optimizer = SMETAdam(
-            self.model, self.topology, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-            weight_decay=o.weight_decay, reset_step=o.regrow.reset_step,
-            warmup_steps=o.regrow.warmup_steps, warmup_kind=o.regrow.warmup_kind,
-            lr_scaling=o.lr_scaling.rule, lr_scaling_power=o.lr_scaling.power,
-            lr_scaling_scope=o.lr_scaling.scope, state=o.state)
+        self.optimizer = SMETAdam.from_config(self.model, self.topology, o)
         seq = cfg.model.seq_len
         self.batcher = TokenBatcher(self.corpus.train, t.batch_size, seq, seed=t.seed, device=self.device)
         self.eval_batches = TokenBatcher.fixed_batches(self.corpus.val, t.batch_size, seq, t.eval_batches, device=self.device)
@@ -141,8 +154,7 @@ class Run:
         self.step = 0
         self.history: list[dict] = []
         self._rows: dict[int, dict] = {}
-        self.late: list[tuple[dict, int]] = []
-        self.probe = {"update_step": None, "before": None, "max": None, "remaining": 0}
+        self.probe = ProbeWindow()
         self.train_time = 0.0
         self.tokens = 0
 
@@ -169,11 +181,6 @@ class Run:
             self.history.append(row)
         row.update(metrics)
 
-    def record_late(self, step: int, metrics: dict) -> None:
-        """Metrics that belong to an earlier step (known only some steps later); queued for the sink."""
-        self.record(step, metrics)
-        self.late.append((metrics, step))
-
     # ------------------------------------------------------------------------------ one step
     def train_step(self) -> tuple[float, float]:
         cfg = self.cfg
@@ -196,8 +203,10 @@ class Run:
         self.step = step
         return loss_sum, grad_norm
 
-    def after_step(self, loss: float, grad_norm: float) -> dict:
-        """Stability probes and topology update that follow optimizer step self.step."""
+    def after_step(self, loss: float, grad_norm: float, log: LogFn) -> dict:
+        """Stability probes and topology update that follow optimizer step self.step; returns this step's
+        metrics. Numbers that belong to the update step (known one or `probe_window` steps later) go
+        into its history row and to `log` at once, under that step."""
         step, opt = self.step, self.optimizer
         # train/lr is the schedule's base rate (alpha_0 x schedule); sparse layers train at lr x scale(d).
         metrics = {"train/loss": loss, "train/lr": self.cfg.optim.lr * lr_factor(step, self.cfg),
@@ -205,16 +214,19 @@ class Run:
         sparse = [g["lr"] for g in opt.param_groups if g["kind"] == "sparse"]
         if sparse:
             metrics["train/lr_sparse"] = sparse[0]
+        earlier = {}
         if opt.last_regrow_update_ratio is not None:
-            self.record_late(self.probe["update_step"], {"stability/regrow_update_ratio": opt.last_regrow_update_ratio})
+            earlier["stability/regrow_update_ratio"] = opt.last_regrow_update_ratio
             opt.last_regrow_update_ratio = None
-        if self.probe["remaining"] > 0:
+        if self.probe.is_open:
             value = self.loss_on([self.probe_batch])
             metrics["stability/probe_loss"] = value
-            self.probe["max"] = max(self.probe["max"], value)
-            self.probe["remaining"] -= 1
-            if self.probe["remaining"] == 0:
-                self.record_late(self.probe["update_step"], {"stability/probe_jump": self.probe["max"] - self.probe["before"]})
+            jump = self.probe.observe(value)
+            if jump is not None:
+                earlier["stability/probe_jump"] = jump
+        if earlier:
+            self.record(self.probe.update_step, earlier)
+            log(earlier, self.probe.update_step)
         if self.updater.is_update_step(step):
             before = self.loss_on([self.probe_batch])
             events = self.updater.update(step)
@@ -223,8 +235,7 @@ class Run:
             n_active = sum(layer.n_active for layer in self.topology.layers)
             metrics.update({"topo/regrown_fraction": regrown / max(1, n_active),
                             "topo/density": self.topology.density(), "stability/probe_loss": before})
-            window = self.cfg.train.probe_window
-            self.probe = {"update_step": step, "before": before, "max": -math.inf, "remaining": window}
+            self.probe.open(step, before, self.cfg.train.probe_window)
         return metrics
 
     def evaluate(self) -> dict:
@@ -240,7 +251,7 @@ class Run:
             "topology": self.topology.state_dict(),
             "updater": self.updater.state_dict(),
             "data": self.batcher.state_dict(),
-            "probe": dict(self.probe),
+            "probe": self.probe.state_dict(),
             "history": [dict(r) for r in self.history],
             "train_time": self.train_time,
             "tokens": self.tokens,
@@ -254,7 +265,7 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.updater.load_state_dict(state["updater"])
         self.batcher.load_state_dict(state["data"])
-        self.probe = dict(state["probe"])
+        self.probe = ProbeWindow.from_state(state["probe"])
         self.history = [dict(r) for r in state["history"]]
         self._rows = {r["step"]: r for r in self.history}
         self.step = state["step"]
@@ -268,22 +279,16 @@ class Run:
 def train(
     cfg: RunConfig,
     output_dir: str | Path | None = None,
-    log: LogFn | None = None,
-    progress: Callable[[str], None] | None = print,
     corpus: Corpus | None = None,
-    stop_after: int | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_checkpoint: Callable[[Path, int], None] | None = None,
+    callbacks: Callbacks | None = None,
 ) -> RunResult:
-    """Train one run. `should_stop` is polled between steps (a Ctrl-C handler sets it): the run then
-    checkpoints where it is and returns status KILLED. `stop_after` ends the run after that many steps
-    as if the process had died there (tests use it). `on_checkpoint(path, step)` is called after each
-    checkpoint is written (a sweep hands it to Ray Tune)."""
+    """Train one run; `callbacks` is how it talks to the outside world (see Callbacks)."""
     run = Run(cfg, corpus)
     cfg, t = run.cfg, run.cfg.train
     if t.resume_from:
         run.load_state_dict(ckpt.load(t.resume_from, cfg))
-    log = log or (lambda metrics, step: None)
+    cb = callbacks or Callbacks()
+    log, progress, should_stop = cb.log or (lambda metrics, step: None), cb.progress, cb.should_stop
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
     report_every = max(1, t.max_steps // 20)
     summary = {}
@@ -304,16 +309,13 @@ def train(
         window_time += dt
         window_tokens += tokens_per_step
         step = run.step
-        metrics = run.after_step(loss, grad_norm)
+        metrics = run.after_step(loss, grad_norm, log)
         if step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
             metrics.update(run.evaluate())
         if t.log_every and step % t.log_every == 0:
             metrics["train/tokens_per_s"] = window_tokens / max(window_time, 1e-9)
             window_time, window_tokens = 0.0, 0
         run.record(step, metrics)
-        for late_metrics, late_step in run.late:
-            log(late_metrics, late_step)
-        run.late.clear()
         if t.log_every and (step % t.log_every == 0 or "val/loss" in metrics or "topo/density" in metrics):
             log(metrics, step)
         if progress and (step % report_every == 0 or step == t.max_steps):
@@ -325,10 +327,8 @@ def train(
                      f"{run.tokens / max(run.train_time, 1e-9):,.0f} tok/s ETA {eta:.0f}s")
         if output_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
             saved = ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}")
-            if on_checkpoint:
-                on_checkpoint(saved, step)
-        if stop_after is not None and step >= stop_after:
-            break
+            if cb.on_checkpoint:
+                cb.on_checkpoint(saved, step)
         if should_stop is not None and should_stop():
             status, error = "KILLED", f"interrupted at step {step}"
             if output_dir:
@@ -347,22 +347,15 @@ def train(
 
 
 def summarize(run: Run) -> dict:
-    """Run-level numbers from the history, spike metrics included (defined in smet_lab.spikes)."""
+    """Run-level numbers (smet_lab.metrics): the trainer's own, the spike and probe metrics from the
+    history (smet_lab.spikes, default window and k), then every registered metric that has a compute."""
     hist = run.history
-    jumps = [r["stability/probe_jump"] for r in hist if "stability/probe_jump" in r]
-    ratios = [r["stability/regrow_update_ratio"] for r in hist if "stability/regrow_update_ratio" in r]
     vals = [r["val/loss"] for r in hist if "val/loss" in r]
-    out = {"summary/steps": float(run.step),
-           "summary/tokens_per_s": run.tokens / run.train_time if run.train_time else 0.0,
-           "summary/density": run.topology.density()}
+    out = {STEPS: float(run.step), TOKENS_PER_S: run.tokens / run.train_time if run.train_time else 0.0,
+           FINAL_DENSITY: run.topology.density()}
     if vals:
-        out["summary/final_val_loss"] = vals[-1]
-        out["summary/final_val_ppl"] = math.exp(min(vals[-1], 50.0))
-    if jumps:
-        out["summary/mean_probe_jump"] = sum(jumps) / len(jumps)
-        out["summary/max_probe_jump"] = max(jumps)
-    if ratios:
-        out["summary/mean_regrow_update_ratio"] = sum(ratios) / len(ratios)
-    for key, value in run_spike_summary(hist).items():  # default k/window; the probe keys above stay as they are
-        out.setdefault(key, value)
+        out[FINAL_VAL_LOSS] = vals[-1]
+        out[FINAL_VAL_PPL] = math.exp(min(vals[-1], 50.0))
+    out.update(run_spike_summary(hist))
+    out.update(computed(hist))
     return out

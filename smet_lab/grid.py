@@ -1,4 +1,5 @@
-"""Sweep grids: from a `sweep` config to the explicit, ordered list of trials (no Ray needed).
+"""Sweep grids: from a `sweep` config to the explicit, ordered list of trials. Shared by the sweep
+runner and the report (which names the trials a sweep has not run yet), so it needs no Ray, torch or pandas.
 
 `sweep.params` is a nested mapping whose leaves are lists (the grid axes, e.g.
 `{sparsity: {density: [0.1, 0.25]}, method: [naive_dst, smet]}`), `sweep.extra_trials` adds single
@@ -16,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from smet_lab.config import ConfigError
 from smet_lab.methods import METHODS
+from smet_lab.metrics import FINAL_VAL_LOSS
 
 
 @dataclass
@@ -24,7 +26,7 @@ class SweepConfig:
     params: Dict[str, Any] = field(default_factory=dict)
     extra_trials: List[Any] = field(default_factory=list)
     seeds: List[int] = field(default_factory=lambda: [0])
-    metric: str = "summary/final_val_loss"
+    metric: str = FINAL_VAL_LOSS
     mode: str = "min"
     resume: bool = True
     retry_failed: bool = False  # on resume, run FAILED trials again (from their last checkpoint)

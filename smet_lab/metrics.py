@@ -1,0 +1,144 @@
+"""Every run-level metric, declared once: its MLflow key, label, number format, which way is better,
+its definition, and where its value comes from.
+
+The trainer's summary and smet_lab.spikes write these keys; the report's trial and cell tables show
+the metrics with `table=True` in the order declared here, and its glossary prints their definitions.
+`smet_lab.extend.register_metric` adds one: a metric with a `compute(history_rows) -> float` is computed
+at the end of every run and recomputed by the report for runs that logged no summary. No torch, no
+pandas: the report and the trainer both import this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+BETTER = ("lower", "higher", "none")
+DEFAULT_FMT = "{:.4g}"
+UPDATE_SPIKE_THRESHOLD = 0.01  # a probe jump of >= 1 % of the probe loss before the update
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # the MLflow key
+    label: str  # the report's column header and glossary term
+    fmt: str = DEFAULT_FMT  # Python format of one value
+    better: str = "lower"  # lower | higher | none
+    definition: str = ""  # what the glossary says (one or two sentences)
+    from_history: bool = False  # the report recomputes it from a run's per-step history when it was not logged
+    table: bool = True  # a column of the report's trial and cell tables
+    compute: Optional[Callable[[list], float]] = None  # history rows (one dict per step) -> value
+
+    def __post_init__(self):
+        if self.better not in BETTER:
+            raise ValueError(f"metric {self.name!r}: better={self.better!r}, expected one of {', '.join(BETTER)}")
+        if not self.label or not self.definition:
+            raise ValueError(f"metric {self.name!r} needs a label and a definition (the report's glossary shows them)")
+        try:
+            self.fmt.format(1.0)
+        except (ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"metric {self.name!r}: fmt={self.fmt!r} does not format a number: {exc}") from None
+
+
+METRICS: dict[str, Metric] = {}  # the registry, in table order; smet_lab.extend.register_metric adds to it
+
+
+def _declare(name: str, label: str, fmt: str, definition: str, better: str = "lower", **kw) -> str:
+    METRICS[name] = Metric(name, label, fmt, better, definition, **kw)
+    return name
+
+
+def table_metrics() -> list[str]:
+    """The keys of the report tables' metric columns, in order (registered metrics last)."""
+    return [m.name for m in METRICS.values() if m.table]
+
+
+def label_and_format(name: str) -> tuple[str, str]:
+    """(label, fmt) of a metric; an unregistered key (a spec may name any logged metric) shows as itself."""
+    m = METRICS.get(name)
+    return (m.label, m.fmt) if m else (name, DEFAULT_FMT)
+
+
+def computed(history_rows: list) -> dict[str, float]:
+    """The values of the metrics that have a compute function, from a run's history rows."""
+    return {m.name: float(m.compute(history_rows)) for m in METRICS.values() if m.compute is not None}
+
+
+# ------------------------------------------------------------------------- the report's table columns
+# The stability ranking's two keys come first (smet_lab.report.tables.STABILITY_KEYS).
+UPDATE_SPIKE_RATE = _declare(
+    "summary/update_spike_rate", "update spike rate", "{:.2f}",
+    f"Fraction of the run's topology updates whose probe jump is at least {UPDATE_SPIKE_THRESHOLD:.0%} of the probe "
+    "loss just before the update. Lower is more stable; the report ranks stability by it first.", from_history=True)
+POSITIVE_PROBE_JUMP = _declare(  # never logged: the report computes it (report.data.positive_probe_jump)
+    "summary/mean_positive_probe_jump", "mean positive probe jump", "{:.4f}",
+    "Mean of max(probe jump, 0) over the run's topology updates, computed by the report from the run's history (a "
+    "run without one gets max(mean probe jump, 0), a lower bound). Lower is more stable; the report's second "
+    "stability key.")
+MEAN_PROBE_JUMP = _declare(
+    "summary/mean_probe_jump", "mean probe jump", "{:+.4f}",
+    "Mean probe jump over the run's topology updates, signed: negative jumps offset positive ones, so it is shown "
+    "but never used to rank stability.", from_history=True)
+MAX_PROBE_JUMP = _declare("summary/max_probe_jump", "max probe jump", "{:+.4f}", "Largest probe jump of the run.",
+                          from_history=True)
+SPIKE_SCORE = _declare(
+    "summary/spike_score", "spike score", "{:.3f}",
+    "Fraction of the logged train-loss steps after the first 50 that are flagged: a non-finite loss, or a log loss "
+    "at least 3 standard deviations above the mean of the previous 50 steps (current step excluded, upward only).",
+    from_history=True)
+SPIKE_EVENTS = _declare("summary/spike_events", "spike events", "{:g}",
+                        "Number of spike events: flagged steps at most 5 steps apart count as one event.",
+                        from_history=True)
+MEAN_REGROW_UPDATE_RATIO = _declare(
+    "summary/mean_regrow_update_ratio", "regrow update ratio", "{:.3g}",
+    "Mean over the run's topology updates of |Δθ| / lr of the weights regrown at the update, averaged over those "
+    "weights, on their first optimizer step after it (lr: the sparse layers' learning rate; the Adam update with "
+    "its warm-up factor and weight decay).", from_history=True)
+FINAL_VAL_LOSS = _declare(
+    "summary/final_val_loss", "final val loss", "{:.4f}",
+    "Mean cross-entropy (nats per token) over the train.eval_batches fixed held-out validation batches, at the "
+    "run's last evaluation (every train.eval_every steps and at the last step).")
+FINAL_VAL_PPL = _declare("summary/final_val_ppl", "final val ppl", "{:.2f}",
+                         "exp(final val loss), the exponent capped at 50.")
+STATE_RATIO = _declare(
+    "summary/memory/state_ratio_vs_dense_adam", "state memory / dense Adam", "{:.3f}",
+    "Bytes of all gradients and optimizer state (dense layers' gradient, m and v; sparse layers' compact gradient, "
+    "m and v buffers with their cohort ids, birth steps and position index) divided by dense Adam's 12 B "
+    "(float32 gradient, m and v) per model parameter.")
+TOKENS_PER_S = _declare(
+    "summary/tokens_per_s", "tokens/s", "{:,.0f}",
+    "Training tokens (batch_size × grad_accum × seq_len per step) divided by the time spent in the training steps "
+    "themselves (forward, backward, optimizer step); probes, topology updates and evaluations are not timed.",
+    better="higher")
+
+# ------------------------------------------------------------------ logged, not columns of the tables
+STEPS = _declare("summary/steps", "steps", "{:g}", "Optimizer steps the run has done.", better="none", table=False)
+FINAL_DENSITY = _declare("summary/density", "density", "{:.3f}",
+                         "Fraction of the sparse layers' weights that are active at the end of the run.",
+                         better="none", table=False)
+SPIKE_EVENTS_NEAR_UPDATE = _declare(
+    "summary/spike_events_near_update", "spike events near an update", "{:g}",
+    "Spike events that start at most 20 steps after a topology update.", from_history=True, table=False)
+MEAN_SPIKE_PEAK_RATIO = _declare(
+    "summary/mean_spike_peak_ratio", "mean spike peak ratio", "{:.3f}",
+    "Mean over the spike events with a finite peak of the peak loss divided by the mean loss of the 50 steps "
+    "before the event.", from_history=True, table=False)
+MEAN_RECOVERY_STEPS = _declare(
+    "summary/mean_recovery_steps", "mean recovery steps", "{:.1f}",
+    "Mean over the spike events that recover of the steps from the peak until the loss is back within one "
+    "standard deviation of the mean before the event.", from_history=True, table=False)
+DIVERGED = _declare("summary/diverged", "diverged", "{:g}", "1 when the run stopped on a non-finite loss.",
+                    table=False)
+STATE_BYTES = _declare("summary/memory/state_bytes", "state bytes", "{:,.0f}",
+                       "Bytes of all gradients and optimizer state.", table=False)
+WEIGHT_BYTES = _declare("summary/memory/weight_bytes", "weight bytes", "{:,.0f}", "Bytes of the model's weights.",
+                        table=False)
+SPARSE_STATE_BYTES = _declare("summary/memory/sparse_state_bytes", "sparse state bytes", "{:,.0f}",
+                              "Bytes of the sparse layers' gradients and optimizer state.", table=False)
+SPARSE_STATE_RATIO = _declare(
+    "summary/memory/sparse_state_ratio_vs_dense_adam", "sparse state memory / dense Adam", "{:.3f}",
+    "Sparse state bytes divided by dense Adam's 12 B per weight of the sparse layers.", table=False)
+PEAK_CUDA_BYTES = _declare("summary/peak_cuda_bytes", "peak CUDA bytes", "{:,.0f}",
+                           "Peak CUDA memory allocated by the run (torch.cuda.max_memory_allocated).", table=False)
+PEAK_RSS_BYTES = _declare("summary/peak_rss_bytes", "peak RSS bytes", "{:,.0f}",
+                          "Peak resident set size of the training process (CPU runs).", table=False)

@@ -1,0 +1,193 @@
+"""optim.state="compact": gradients and moments exist only for active blocks.
+
+All sparse layers share one flat buffer per quantity, shaped [active blocks, block_size] in slot order
+(layer after layer; within a layer, ascending block id):
+
+    grad, exp_avg, exp_avg_sq : float32 [K, B]
+    cohort                    : uint8   [K]   which topology update grew the block (0 = active since
+                                              the start); only when reset_step or a warm-up needs it
+    births                    : int64   [C]   the global step of each cohort's update (C <= 256)
+    positions                 : the topology's chunked position list (uint8 per active block + int16
+                                per 256 blocks; see smet_lab.sparse.topology), shared, not copied
+
+At block size 1 that is 12 + 1 + 1 (+ 2/256/d) bytes per active weight: 14.03 B at density 0.25,
+0.292 x dense Adam's 12 B per weight (the released SMET layout, int32 index + int16 step, is 18 B).
+
+The local step follows from the cohort: t_i = global_step - births[cohort_i] (= steps since regrowth,
+counting the current one; = the global step for blocks active from the start), and so does the
+warm-up min(1, t_i / W). Coefficients are computed once per cohort (a table of <= 256 float32 values)
+and gathered per block. Cohort ids are recycled at topology updates: a cohort with no members left is
+freed, and a cohort whose age reaches `merge_age` is merged into id 0. merge_age is max(W, T) with T
+the smallest t from which float32 1 - b1^t and 1 - b2^t are exactly 1 (17,321 for b2 = 0.999; only W
+without reset_step), so from then on the cohort's bias corrections and warm-up are exactly those of
+id 0 (1.0) and the merge changes no bit of any update. If more than 255 cohorts are ever alive at once
+(update_every * 255 < merge_age), the id tensor widens to int16 (then int32): still exact, 1 byte more.
+
+Gathers and scatters use the int32 block ids decoded from the position list in O(active) work, one
+index kernel per layer. A topology update moves surviving entries to their new slots with one
+O(active) gather per layer; no dense-size tensor is built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from smet_lab.optim.sparse_state import SparseState, nbytes
+from smet_lab.sparse.topology import SparseLayer, moved_from
+from smet_lab.sparse.updater import RegrowEvent
+
+COHORT_DTYPES = (torch.uint8, torch.int16, torch.int32)  # widened only when ids run out
+NEVER = 2 ** 62
+
+
+def _rows(blocks: torch.Tensor) -> torch.Tensor:
+    """A [n, B] block view as index_select/index_add_ run it fastest: 1-D when B = 1 (the 2-D form
+    with rows of one element is ~15x slower on CPU)."""
+    return blocks.view(-1) if blocks.shape[1] == 1 else blocks
+
+
+def bias_correction_saturation(beta: float) -> int:
+    """Smallest t such that the step's float32 `1 - beta ** t` is exactly 1.0 for every t' >= t
+    (evaluated with the same torch expression the step uses; NEVER if beyond 2^24 steps)."""
+    if beta == 0.0:
+        return 1
+    estimate = math.ceil(25 * math.log(2) / -math.log(beta))
+    hi = min(2 * estimate + 64, 2 ** 24)
+    t = torch.arange(1, hi + 1, dtype=torch.float32)
+    not_one = ((1 - beta ** t) != 1.0).nonzero()
+    if not_one.numel() and int(not_one[-1]) == hi - 1:
+        return NEVER
+    return int(not_one[-1]) + 2 if not_one.numel() else 1
+
+
+class CompactState(SparseState):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.cohort = torch.zeros(self.offsets[-1], dtype=torch.uint8, device=self.device) \
+            if self.needs_age else None
+        self.births = torch.zeros(1, dtype=torch.int64) if self.needs_age else None
+        self.merge_age = max(self.warmup_steps, *(map(bias_correction_saturation, self.betas)
+                                                  if self.reset_step else [0]))
+        self.table = None
+
+    def n_rows(self, layer: SparseLayer) -> int:
+        return layer.n_active
+
+    def gather(self, i: int, grad: torch.Tensor, fresh: bool) -> None:
+        idx = self.layers[i].block_idx
+        g, out = _rows(grad), _rows(self.grad[self.rows(i)])
+        if fresh:
+            torch.index_select(g, 0, idx, out=out)
+        else:
+            out.add_(g.index_select(0, idx))
+
+    def apply(self, layer: SparseLayer, update: torch.Tensor, lr: float) -> None:
+        _rows(layer.blocks()).index_add_(0, layer.block_idx, _rows(update), alpha=-lr)
+
+    def weights(self, first: int, last: int) -> torch.Tensor:
+        return torch.cat([layer.gather() for layer in self.layers[first:last]])
+
+    # ------------------------------------------------------------------------- local step
+    def begin_step(self, step: int, warming: bool) -> None:
+        self.step, self.warming = step, warming
+        self.table = self._cohort_table() if self.cohort is not None else None
+
+    def coefficients(self, sl: slice):
+        if self.table is None:  # neither a local step nor a warm-up
+            return (*self.global_bias_corrections(), None)
+        coef = self.table.index_select(0, self.cohort[sl].int())
+        bc1, bc2 = (coef[:, 0:1], coef[:, 1:2]) if self.reset_step else self.global_bias_corrections()
+        return bc1, bc2, coef[:, 2:3] if self.warming else None
+
+    def _cohort_table(self) -> torch.Tensor:
+        """[C, 3] per cohort: 1 - b1^t, 1 - b2^t and the warm-up factor min(1, t/W) (1 for id 0, i.e.
+        blocks active from the start or merged, and for free ids), t = local step.
+        warmup_kind="released": t is the released code's counter (local step + 1 for regrown cohorts,
+        ids > 0) and id 0 is warmed too. A merge stays exact: at age >= merge_age >= W and T both
+        counters give bias corrections and warm-up factors of exactly 1."""
+        b1, b2 = self.betas
+        t = (self.step - self.births).float()
+        released = self.warmup_kind == "released"
+        if released:
+            t = t + (torch.arange(t.numel()) > 0)
+        warm = torch.ones_like(t)
+        if self.warmup_steps > 0:
+            warming = t < self.warmup_steps
+            if not released:
+                warming &= self.births > 0
+            warm = torch.where(warming, t / self.warmup_steps, warm)
+        return torch.stack([1 - b1 ** t, 1 - b2 ** t, warm], 1).to(self.device)
+
+    # --------------------------------------------------------------------------- regrowth
+    def make_room(self, e: RegrowEvent) -> torch.Tensor:
+        """Permute one layer's state from the old slot order to the new one. O(k log n) with the event's
+        `old_slots` (the updater gives them), O(k log k) without; no dense-size tensor either way."""
+        layer = self.layers[e.layer]
+        slots = e.slots.to(self.device, torch.long)
+        if e.old_slots is not None:
+            source = moved_from(layer.n_active, e.old_slots, slots)
+        else:  # derive it: survivors keep their relative order
+            ids = layer.block_idx.long()  # the new order
+            is_new = torch.zeros(ids.numel(), dtype=torch.bool, device=self.device)
+            is_new[slots] = True
+            survivors = ids[~is_new]
+            old_ids = torch.cat([survivors, e.old_blocks.to(self.device, torch.long)]).sort().values
+            if old_ids.numel() != ids.numel() or not bool((ids[slots] == e.new_blocks.to(self.device)).all()):
+                raise ValueError(f"regrow event for layer {layer.name} does not match its topology")
+            source = torch.full((ids.numel(),), -1, dtype=torch.long, device=self.device)
+            source[~is_new] = torch.searchsorted(old_ids, survivors)
+        source.clamp_(min=0)  # regrown slots: any row, reset by the caller
+        sl = self.rows(e.layer)
+        for buf in (self.grad, self.exp_avg, self.exp_avg_sq, self.cohort):
+            if buf is not None:
+                buf[sl] = buf[sl].index_select(0, source)
+        return slots
+
+    def restart_clock(self, rows: torch.Tensor, step: int) -> None:
+        if self.cohort is not None:
+            self.cohort[rows] = 0  # counted in id 0 while ids are recycled, then given the new id
+            new_id = self._new_cohort(step)  # may re-map or widen self.cohort
+            self.cohort[rows] = new_id
+
+    def _new_cohort(self, step: int) -> int:
+        """A free cohort id for blocks grown at `step`. Recycles ids first: cohorts old enough to be
+        exact copies of id 0 are merged into it, and cohorts without members are freed."""
+        births = self.births
+        ids = torch.arange(births.numel())
+        merge = (ids > 0) & (births >= 0) & (step - births >= self.merge_age)
+        if merge.any():
+            remap = torch.where(merge, 0, ids).to(self.cohort.dtype).to(self.device)
+            self.cohort = remap.index_select(0, self.cohort.int())
+            births[merge] = -1
+        members = torch.bincount(self.cohort.int(), minlength=births.numel()).cpu()
+        births[(ids > 0) & (members == 0)] = -1
+        free = ((ids > 0) & (births < 0)).nonzero()
+        if free.numel():
+            new = int(free[0])
+        else:
+            new = births.numel()
+            if new > torch.iinfo(self.cohort.dtype).max:  # more live cohorts than ids: widen (exact)
+                self.cohort = self.cohort.to(COHORT_DTYPES[COHORT_DTYPES.index(self.cohort.dtype) + 1])
+            births = self.births = torch.cat([births, torch.full((1,), -1, dtype=torch.int64)])
+        births[new] = step
+        return new
+
+    # ------------------------------------------------------------------------- accounting
+    def bytes_by_role(self) -> dict[str, int]:
+        return {**super().bytes_by_role(), "sparse/cohort": nbytes(self.cohort),
+                "sparse/cohort_births": nbytes(self.births)}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "cohort": None if self.cohort is None else self.cohort.clone(),
+                "births": None if self.births is None else self.births.clone()}
+
+    def matches(self, state: dict) -> bool:
+        return super().matches(state) and (state["cohort"] is None) == (self.cohort is None)
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.cohort is not None:
+            self.cohort = state["cohort"].to(self.device).clone()  # its dtype may have widened
+            self.births = state["births"].cpu().clone()
