@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from smet_lab.config import ConfigError
+from smet_lab.config import ConfigError, SparsityConfig
 from smet_lab.sparse.criteria import GROWTH, PRUNE, GrowthContext, PruneContext, checked_growth, checked_prune
 from smet_lab.sparse.schedules import SCHEDULES, prune_rate_at
 from smet_lab.sparse.topology import SparseTopology
@@ -58,6 +58,12 @@ class DynamicSparsity:
         self._dense_grads: dict[int, torch.Tensor] = {}
         self._hooks = [layer.param.register_hook(self._capture(i)) for i, layer in enumerate(topology.layers)] \
             if self.needs_dense_grad else []
+
+    @classmethod
+    def from_config(cls, topology: SparseTopology, cfg: SparsityConfig, total_steps: int, seed: int) -> "DynamicSparsity":
+        """The updater a `sparsity` config section describes."""
+        return cls(topology, total_steps, cfg.update_every, cfg.prune_rate, cfg.prune_schedule, cfg.prune,
+                   cfg.growth, seed=seed)
 
     def _capture(self, i: int):
         def hook(grad: torch.Tensor) -> None:  # one call per micro-batch: accumulate

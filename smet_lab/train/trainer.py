@@ -143,8 +143,7 @@ class Run:
         self.model = LLaMA(cfg.model).to(self.device)
         self.topology = SparseTopology.build(self.model, s.density, s.distribution, s.block_size,
                                              list(s.dense_patterns), seed=t.seed)
-        self.updater = DynamicSparsity(self.topology, t.max_steps, s.update_every, s.prune_rate,
-                                       s.prune_schedule, s.prune, s.growth, seed=t.seed)
+        self.updater = DynamicSparsity.from_config(self.topology, s, t.max_steps, seed=t.seed)
         self.optimizer = SMETAdam.from_config(self.model, self.topology, o)
         seq = cfg.model.seq_len
         self.batcher = TokenBatcher(self.corpus.train, t.batch_size, seq, seed=t.seed, device=self.device)
