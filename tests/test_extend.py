@@ -53,7 +53,7 @@ def test_a_registered_growth_rule_drives_the_update():
     extend.register_growth("lowest_free")(lowest_free)
     topo = SparseTopology.build(Linear(), 0.25, dense_patterns=[])
     layer = topo.layers[0]
-    before = set(layer.block_idx.tolist())
+    before = set(layer.block_ids().tolist())
     upd = DynamicSparsity(topo, total_steps=1000, update_every=100, prune_rate=0.5, prune_schedule="constant",
                           growth="lowest_free")
     (event,) = upd.update(100)
@@ -61,7 +61,7 @@ def test_a_registered_growth_rule_drives_the_update():
     # By hand: the 32 lowest ids among the blocks that were neither active nor just pruned.
     expected = [i for i in range(256) if i not in before and i not in pruned][:32]
     assert sorted(event.new_blocks.tolist()) == expected
-    assert set(layer.block_idx.tolist()) == (before - pruned) | set(expected)
+    assert set(layer.block_ids().tolist()) == (before - pruned) | set(expected)
 
 
 def test_a_rule_that_needs_the_dense_gradient_gets_it_only_at_update_steps():
@@ -114,7 +114,7 @@ def test_prune_rules_and_schedules_register_too():
     extend.register_prune_schedule("half")(lambda p: 0.5)
     topo = SparseTopology.build(Linear(), 0.5, dense_patterns=[])
     layer = topo.layers[0]
-    values = dict(zip(layer.block_idx.tolist(), layer.gather().abs().flatten().tolist()))
+    values = dict(zip(layer.block_ids().tolist(), layer.gather().abs().flatten().tolist()))
     upd = DynamicSparsity(topo, total_steps=1000, update_every=100, prune_rate=0.5, prune_schedule="half",
                           prune="largest")
     (event,) = upd.update(100)

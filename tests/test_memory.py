@@ -31,14 +31,14 @@ class Odd(nn.Module):
 
 def test_position_store_round_trip_and_bytes():
     layer = SparseLayer("w", nn.Parameter(torch.zeros(10, 30)), 1, torch.tensor([299, 0, 256, 255], dtype=torch.int32))
-    assert layer.block_idx.tolist() == [0, 255, 256, 299] and layer.block_idx.dtype == torch.int32
+    assert layer.block_ids().tolist() == [0, 255, 256, 299] and layer.block_ids().dtype == torch.int32
     assert layer.offsets.tolist() == [0, 255, 0, 43] and layer.offsets.dtype == torch.uint8
     assert layer.counts.tolist() == [2, 2] and layer.counts.dtype == torch.int16
     assert layer.index_bytes() == 4 * 1 + 2 * 2  # a uint8 per active block + an int16 per chunk
-    layer.block_idx = torch.arange(256)  # a full chunk: its count, 256, needs the int16
-    assert layer.counts.tolist() == [256, 0] and torch.equal(layer.block_idx, torch.arange(256, dtype=torch.int32))
+    layer.set_block_ids(torch.arange(256))  # a full chunk: its count, 256, needs the int16
+    assert layer.counts.tolist() == [256, 0] and torch.equal(layer.block_ids(), torch.arange(256, dtype=torch.int32))
     slots, old_slots = layer.replace(torch.tensor([3, 7]), torch.tensor([280, 257]))
-    assert layer.block_idx[slots].tolist() == [280, 257] and old_slots.tolist() == [3, 7]
+    assert layer.block_ids()[slots].tolist() == [280, 257] and old_slots.tolist() == [3, 7]
     assert slots.dtype == old_slots.dtype == torch.int32
     # every survivor's new slot comes from its old one; -1 marks the two new blocks (slots 254, 255)
     assert moved_from(256, old_slots, slots).tolist() == list(range(3)) + list(range(4, 7)) + list(range(8, 256)) + [-1, -1]

@@ -55,13 +55,13 @@ def naive_first_step(s: int) -> float:
 def regrow_some(topo, opt, n=8, seed=1, with_source=True):
     """Replace the n lowest active blocks by n random inactive ones (returns the new block ids)."""
     layer = topo.layers[0]
-    old = layer.block_idx[:n].long()
+    old = layer.block_ids()[:n].long()
     inactive = (~layer.active_mask()).nonzero().squeeze(1)
     new = inactive[torch.randperm(inactive.numel(), generator=torch.Generator().manual_seed(seed))[:n]]
     with torch.no_grad():
         layer.blocks()[old] = 0.0
     slots, old_slots = layer.replace(old, new)
-    assert (layer.block_idx[slots].long() == new).all()
+    assert (layer.block_ids()[slots].long() == new).all()
     opt.regrow([RegrowEvent(0, slots, old, new, old_slots if with_source else None)])
     return new
 
@@ -101,7 +101,7 @@ def test_entries_active_from_the_start_are_not_warmed():
     run_steps(model, opt, 20)
     new = regrow_some(topo, opt)
     layer = topo.layers[0]
-    old_entries = layer.block_idx[~torch.isin(layer.block_idx.long(), new)].long()  # never regrown
+    old_entries = layer.block_ids()[~torch.isin(layer.block_ids().long(), new)].long()  # never regrown
     before = layer.blocks()[old_entries].clone()
     run_steps(model, opt, 1)
     # Steady gradient, so an entry that has never been regrown moves by exactly lr (bias-corrected).
@@ -246,7 +246,7 @@ def test_released_damps_dense_and_initial_weights_in_the_first_W_steps(layout, k
     assert [layer.name for layer in topo.layers] == ["weight"]
     opt = SMETAdam(model, topo, lr=1e-3, reset_step=True, warmup_steps=10, warmup_kind=kind,
                    lr_scaling="none", state=layout)
-    active = topo.layers[0].block_idx.long()
+    active = topo.layers[0].block_ids().long()
     assert 0.2 * (B1 * 0.1 * (1 - B1) + (1 - B1)) / (1 - B1 ** 2) == pytest.approx(0.114737, abs=1e-6)
     expected = {"released": [0.1, 0.114737], "moment_damping": [1.0, 1.0]}[kind]
     for step in range(2):
@@ -341,7 +341,7 @@ def test_cohort_ids_widen_when_more_than_255_are_alive(one_thread):
     weight0 = model.weight.detach().clone()
     mask = layer.active_mask()
     gen = torch.Generator().manual_seed(3)
-    olds = layer.block_idx.long()[torch.randperm(1024, generator=gen)[:300]]  # active since the start
+    olds = layer.block_ids().long()[torch.randperm(1024, generator=gen)[:300]]  # active since the start
     news = (~mask).nonzero().squeeze(1)[torch.randperm(3072, generator=gen)[:300]]  # never active before
     masks, regrow_at = [mask.view(64, 64).clone()], []
     for step in range(1, 301):  # one block regrown after every step: 300 cohorts, all alive

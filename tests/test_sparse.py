@@ -16,13 +16,13 @@ from smet_lab.sparse.topology import isin_sorted
 
 
 def prune_ctx(layer, n):
-    return PruneContext(layer.name, layer.n_blocks, layer.block_size, layer.block_idx.long(), layer.gather(), n,
+    return PruneContext(layer.name, layer.n_blocks, layer.block_size, layer.block_ids().long(), layer.gather(), n,
                         torch.Generator())
 
 
 def grow_ctx(layer, n, excluded, grad=None, gen=None):
     """The context a growth rule gets: the active blocks minus the `excluded` (just pruned) ones."""
-    active = layer.block_idx.long()
+    active = layer.block_ids().long()
     active = active[~isin_sorted(active, excluded.long().sort().values)]
     return GrowthContext(layer.name, layer.n_blocks, layer.block_size, active, excluded.long(), n,
                          gen or torch.Generator(), None if grad is None else layer.blocks(grad))
@@ -48,8 +48,8 @@ def test_uniform_init_has_exact_counts_and_zero_inactive_weights(block_size):
     topo = SparseTopology.build(tiny_llama(), 0.3, block_size=block_size)
     for layer in topo.layers:
         assert layer.n_active == round(0.3 * layer.param.numel() / block_size)
-        assert layer.block_idx.dtype == torch.int32
-        assert torch.unique(layer.block_idx).numel() == layer.n_active
+        assert layer.block_ids().dtype == torch.int32
+        assert torch.unique(layer.block_ids()).numel() == layer.n_active
         w = layer.param.detach().view(-1, block_size)
         inactive = ~layer.active_mask()
         assert (w[inactive] == 0).all()
@@ -90,7 +90,7 @@ def test_magnitude_prune_picks_smallest_blocks():
     topo = SparseTopology.build(One(w.clone()), 0.99, dense_patterns=[])  # round(0.99*8) = 8 active
     layer = topo.layers[0]
     slots = prune_magnitude(prune_ctx(layer, 3))
-    pruned = set(layer.block_idx[slots].tolist())
+    pruned = set(layer.block_ids()[slots].tolist())
     assert pruned == {2, 4, 7}  # |0.1|, |0.2|, |-0.05|
 
 
@@ -98,14 +98,14 @@ def test_block_magnitude_uses_l1_of_consecutive_weights():
     w = torch.tensor([[1.0, 1.0, -0.1, 0.1], [3.0, -3.0, 0.5, -0.6]])  # blocks of 2: L1 = 2, 0.2, 6, 1.1
     layer = SparseTopology.build(One(w), 0.99, block_size=2, dense_patterns=[]).layers[0]
     slots = prune_magnitude(prune_ctx(layer, 2))
-    assert set(layer.block_idx[slots].tolist()) == {1, 3}
+    assert set(layer.block_ids()[slots].tolist()) == {1, 3}
 
 
 def test_random_growth_never_regrows_just_pruned_and_is_uniform():
     gen = torch.Generator().manual_seed(0)
     layer = SparseTopology.build(One(torch.randn(20, 10)), 0.5, dense_patterns=[]).layers[0]
-    active = set(layer.block_idx.tolist())
-    excluded = layer.block_idx[:10].long()
+    active = set(layer.block_ids().tolist())
+    excluded = layer.block_ids()[:10].long()
     counts = torch.zeros(200)
     trials = 3000
     for _ in range(trials):
@@ -123,7 +123,7 @@ def test_random_growth_never_regrows_just_pruned_and_is_uniform():
 def test_gradient_growth_picks_largest_inactive_gradients():
     w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 3.0]])
     layer = SparseTopology.build(One(w), 0.5, dense_patterns=[]).layers[0]
-    layer.block_idx = torch.tensor([0, 2, 5], dtype=torch.int32)  # derived tensor: assign, not copy_
+    layer.set_block_ids(torch.tensor([0, 2, 5], dtype=torch.int32))  # derived tensor: assign, not copy_
     grad = torch.tensor([[9.0, 0.5, 9.0, -4.0, 2.0, 9.0]])
     excluded = torch.tensor([0])  # pretend block 0 was just pruned
     new = grow_gradient(grow_ctx(layer, 2, excluded, grad))
@@ -144,7 +144,7 @@ def test_update_keeps_density_exact_and_zeroes_pruned_and_regrown():
         assert not after[e.old_blocks].any()  # pruned blocks are gone
         w = layer.param.detach().view(-1)
         assert (w[~after] == 0).all() and (w[e.new_blocks] == 0).all()
-        assert (layer.block_idx[e.slots].long() == e.new_blocks).all()  # slots overwritten in place
+        assert (layer.block_ids()[e.slots].long() == e.new_blocks).all()  # slots overwritten in place
 
 
 def test_update_schedule_and_steps():

@@ -76,7 +76,7 @@ class CompactState(SparseState):
         return layer.n_active
 
     def gather(self, i: int, grad: torch.Tensor, fresh: bool) -> None:
-        idx = self.layers[i].block_idx
+        idx = self.layers[i].block_ids()
         g, out = _rows(grad), _rows(self.grad[self.rows(i)])
         if fresh:
             torch.index_select(g, 0, idx, out=out)
@@ -84,7 +84,7 @@ class CompactState(SparseState):
             out.add_(g.index_select(0, idx))
 
     def apply(self, layer: SparseLayer, update: torch.Tensor, lr: float) -> None:
-        _rows(layer.blocks()).index_add_(0, layer.block_idx, _rows(update), alpha=-lr)
+        _rows(layer.blocks()).index_add_(0, layer.block_ids(), _rows(update), alpha=-lr)
 
     def weights(self, first: int, last: int) -> torch.Tensor:
         return torch.cat([layer.gather() for layer in self.layers[first:last]])
@@ -129,7 +129,7 @@ class CompactState(SparseState):
         if e.old_slots is not None:
             source = moved_from(layer.n_active, e.old_slots, slots)
         else:  # derive it: survivors keep their relative order
-            ids = layer.block_idx.long()  # the new order
+            ids = layer.block_ids().long()  # the new order
             is_new = torch.zeros(ids.numel(), dtype=torch.bool, device=self.device)
             is_new[slots] = True
             survivors = ids[~is_new]

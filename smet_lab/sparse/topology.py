@@ -8,9 +8,9 @@ the row-major flattened weight each) are stored as a *chunked position list*:
     counts  : int16 [ceil(n/256)]  how many active blocks each chunk of 256 consecutive blocks holds
 
 i.e. 1 byte per active block + 2 bytes per 256 blocks (1.03 B per active block at density 0.25, B=1),
-instead of an int32 id per active block. `block_idx` (int32 ids, ascending) is *derived* from it on
-demand in O(active) work: repeat each chunk's index by its count, times 256, plus the offsets. It is a
-transient tensor: writing into it changes nothing; assign `layer.block_idx = ids` or call
+instead of an int32 id per active block. `block_ids()` (int32 ids, ascending) *derives* them on
+demand in O(active) work and allocates each time: repeat each chunk's index by its count, times 256,
+plus the offsets. Writing into that tensor changes nothing; call `set_block_ids(ids)` or
 `replace(old, new)` to change the topology.
 
 The slot order that the compact optimizer state follows is the ascending block-id order. A topology
@@ -60,12 +60,12 @@ def moved_from(k: int, old_slots: torch.Tensor, new_slots: torch.Tensor) -> torc
 class SparseLayer:
     """One sparse weight and its active blocks (chunked position list, see the module docstring)."""
 
-    def __init__(self, name: str, param: nn.Parameter, block_size: int, block_idx: torch.Tensor):
+    def __init__(self, name: str, param: nn.Parameter, block_size: int, block_ids: torch.Tensor):
         self.name = name
         self.param = param
         self.block_size = block_size
         self.n_chunks = -(-self.n_blocks // CHUNK)
-        self.block_idx = block_idx
+        self.set_block_ids(block_ids)
 
     def __repr__(self) -> str:
         return f"SparseLayer({self.name!r}, {tuple(self.param.shape)}, block_size={self.block_size}, n_active={self.n_active})"
@@ -83,14 +83,12 @@ class SparseLayer:
         return self.n_active / self.n_blocks
 
     # ------------------------------------------------------------------------ position store
-    @property
-    def block_idx(self) -> torch.Tensor:
-        """int32 [k]: the active block ids in ascending (= slot) order; derived, O(k)."""
+    def block_ids(self) -> torch.Tensor:
+        """int32 [k]: the active block ids in ascending (= slot) order; derived (a new tensor), O(k)."""
         chunk_of = torch.repeat_interleave(self.counts.int(), output_size=self.n_active)  # int32 chunk per block
         return chunk_of.mul_(CHUNK).add_(self.offsets)
 
-    @block_idx.setter
-    def block_idx(self, ids: torch.Tensor) -> None:
+    def set_block_ids(self, ids: torch.Tensor) -> None:
         """Set the active blocks (any order, distinct ids)."""
         ids = ids.to(device=self.param.device, dtype=torch.long).sort().values
         if ids.numel() and (ids[0] < 0 or ids[-1] >= self.n_blocks or (ids[1:] == ids[:-1]).any()):
@@ -108,13 +106,13 @@ class SparseLayer:
     @torch.no_grad()
     def replace(self, old_blocks: torch.Tensor, new_blocks: torch.Tensor,
                 old_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deactivate `old_blocks` (active; `old_slots` = their positions in block_idx, if known) and
+        """Deactivate `old_blocks` (active; `old_slots` = their positions in block_ids(), if known) and
         activate `new_blocks` (as many, inactive, distinct). Returns int32 (slots, old_slots): the
-        positions in the new block_idx that hold `new_blocks` (in their order), and the positions
+        positions in the new block_ids() that hold `new_blocks` (in their order), and the positions
         `old_blocks` held in the old one. Surviving blocks keep their relative order, so the two
         determine where every survivor moved (`moved_from`). One sort of the k active ids; no
         dense-size tensor."""
-        ids = self.block_idx.long()
+        ids = self.block_ids().long()
         device = ids.device
         old_blocks, new_blocks = old_blocks.to(device, torch.long), new_blocks.to(device, torch.long)
         if old_slots is None:
@@ -142,7 +140,7 @@ class SparseLayer:
         """[len(ids), B] values of the weight (or a same-shaped tensor) at blocks `ids` (default: the
         active blocks, in slot order)."""
         blocks = self.blocks(tensor)
-        ids = self.block_idx if ids is None else ids
+        ids = self.block_ids() if ids is None else ids
         if self.block_size == 1:  # 1-D index_select is ~2x faster than over rows of one element
             return blocks.view(-1).index_select(0, ids).unsqueeze(1)
         return blocks.index_select(0, ids)
@@ -155,7 +153,7 @@ class SparseLayer:
     def active_mask(self) -> torch.Tensor:
         """Dense bool mask [n_blocks] (transient; used by tests, masked baselines and reports)."""
         mask = torch.zeros(self.n_blocks, dtype=torch.bool, device=self.offsets.device)
-        mask[self.block_idx.long()] = True
+        mask[self.block_ids().long()] = True
         return mask
 
     @torch.no_grad()
@@ -260,7 +258,7 @@ class SparseTopology:
 
     def state_dict(self) -> dict:
         return {"target_density": self.target_density,
-                "layers": {layer.name: layer.block_idx.cpu() for layer in self.layers}}
+                "layers": {layer.name: layer.block_ids().cpu() for layer in self.layers}}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["layers"]
@@ -270,7 +268,7 @@ class SparseTopology:
             idx = saved[layer.name]
             if idx.numel() != layer.n_active:
                 raise ValueError(f"checkpoint topology of {layer.name} has {idx.numel()} active blocks, expected {layer.n_active}")
-            layer.block_idx = idx
+            layer.set_block_ids(idx)
             layer.apply_mask()
 
 

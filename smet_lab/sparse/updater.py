@@ -22,7 +22,7 @@ from smet_lab.sparse.topology import SparseTopology
 @dataclass
 class RegrowEvent:
     """One layer's change at one update: `old_blocks` were deactivated and `new_blocks` activated;
-    `slots` are the positions in the layer's new block_idx (ascending ids) that hold `new_blocks`, in
+    `slots` are the positions in the layer's new block_ids() (ascending ids) that hold `new_blocks`, in
     the same order. Surviving blocks keep their relative order, so their slots shift; with
     `old_slots` (where old_blocks were) the move is O(k) to apply (topology.moved_from)."""
 
@@ -30,7 +30,7 @@ class RegrowEvent:
     slots: torch.Tensor
     old_blocks: torch.Tensor
     new_blocks: torch.Tensor
-    old_slots: Optional[torch.Tensor] = None  # positions of old_blocks in the previous block_idx
+    old_slots: Optional[torch.Tensor] = None  # positions of old_blocks in the previous block_ids()
 
 
 class DynamicSparsity:
@@ -100,7 +100,7 @@ class DynamicSparsity:
             n = min(int(rate * layer.n_active), layer.n_blocks - layer.n_active)
             if n <= 0:
                 continue
-            active = layer.block_idx.long()
+            active = layer.block_ids().long()
             pruned = checked_prune(self.prune, PruneContext(layer.name, layer.n_blocks, layer.block_size, active,
                                                             layer.gather(), n, self.generator))
             old = active[pruned]
