@@ -127,6 +127,19 @@ MEAN_RECOVERY_STEPS = _declare(
     "summary/mean_recovery_steps", "mean recovery steps", "{:.1f}",
     "Mean over the spike events that recover of the steps from the peak until the loss is back within one "
     "standard deviation of the mean before the event.", from_history=True, table=False)
+SPIKE_SCORE_OLMO = _declare(
+    "summary/spike_score_olmo", "spike score (OLMo detector)", "{:.3f}",
+    "The spike score with OLMo-core's detector settings: a log train loss at least 6 standard deviations above the "
+    "mean of the previous 128 logged steps (first 128 steps not judged).", from_history=True, table=False)
+GRAD_SPIKE_EVENTS = _declare(
+    "summary/grad_spike_events", "gradient-norm spikes", "{:g}",
+    "Steps whose gradient norm (train/grad_norm, before clipping) has a z-score >= 2.5 against exponential moving "
+    "averages (alpha 0.97) of the norm and of its squared deviation, ZClip's detector; not judged in the first 25 "
+    "steps; a flagged norm enters the averages clipped to mean + 2.5 std.", from_history=True, table=False)
+CUMULATIVE_MASK_FLIPS = _declare(
+    "summary/cumulative_mask_flip_rate", "cumulative mask flip rate", "{:.3f}",
+    "Sum over the run's topology updates of stability/mask_flip_rate: the fraction of the sparse layers' blocks "
+    "that changed state (pruned or regrown) at the update.", better="none", from_history=True, table=False)
 DIVERGED = _declare("summary/diverged", "diverged", "{:g}", "1 when the run stopped on a non-finite loss.",
                     table=False)
 STATE_BYTES = _declare("summary/memory/state_bytes", "state bytes", "{:,.0f}",

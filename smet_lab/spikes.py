@@ -24,11 +24,13 @@ import math
 import numpy as np
 import pandas as pd
 
-from smet_lab.metrics import (MAX_PROBE_JUMP, MEAN_PROBE_JUMP, MEAN_RECOVERY_STEPS, MEAN_REGROW_UPDATE_RATIO,
-                              MEAN_SPIKE_PEAK_RATIO, SPIKE_EVENTS, SPIKE_EVENTS_NEAR_UPDATE, SPIKE_SCORE,
-                              UPDATE_SPIKE_RATE, UPDATE_SPIKE_THRESHOLD)
+from smet_lab.metrics import (CUMULATIVE_MASK_FLIPS, GRAD_SPIKE_EVENTS, MAX_PROBE_JUMP, MEAN_PROBE_JUMP,
+                              MEAN_RECOVERY_STEPS, MEAN_REGROW_UPDATE_RATIO, MEAN_SPIKE_PEAK_RATIO, SPIKE_EVENTS,
+                              SPIKE_EVENTS_NEAR_UPDATE, SPIKE_SCORE, SPIKE_SCORE_OLMO, UPDATE_SPIKE_RATE,
+                              UPDATE_SPIKE_THRESHOLD)
 
 LOSS, DENSITY, DIVERGED = "train/loss", "topo/density", "train/diverged"
+GRAD_NORM, MASK_FLIPS = "train/grad_norm", "stability/mask_flip_rate"
 EVENT_COLUMNS = {"start_step": "int64", "peak_step": "int64", "end_step": "int64", "peak_loss": "float64",
                  "baseline": "float64", "peak_ratio": "float64", "recovery_steps": "float64",
                  "censored": "bool", "near_update": "bool", "steps_after_update": "float64"}
@@ -204,4 +206,28 @@ def run_spike_summary(history, window: int = 50, k: float = 3.0, update_window: 
     if len(recovery):
         out[MEAN_RECOVERY_STEPS] = float(recovery.mean())
     out.update(probe_summary(df))
+    out[SPIKE_SCORE_OLMO] = spike_score(df, window=128, k=6.0)
+    if GRAD_NORM in df:
+        out[GRAD_SPIKE_EVENTS] = float(grad_spike_events(df[GRAD_NORM]))
+    if MASK_FLIPS in df:
+        out[CUMULATIVE_MASK_FLIPS] = float(df[MASK_FLIPS].dropna().sum())
     return out
+
+
+def grad_spike_events(grad_norm, alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> int:
+    """ZClip's online detector: steps whose norm g_t has (g_t - mu) / sigma >= z against exponential moving
+    averages mu (of the norm) and sigma^2 (of its squared deviation from the updated mean), both with factor
+    `alpha` and started at the first norm (sigma = 0). Steps before `warmup` and steps with sigma = 0 are not
+    judged; a flagged norm enters the averages clipped to mu + z sigma, so one spike does not hide the next."""
+    values = [float(x) for x in grad_norm if math.isfinite(float(x))]
+    if not values:
+        return 0
+    mu, var, count = values[0], 0.0, 0
+    for t, g in enumerate(values[1:], start=1):
+        sigma = math.sqrt(var)
+        if t >= warmup and sigma > 0 and (g - mu) / sigma >= z:
+            count += 1
+            g = mu + z * sigma
+        mu = alpha * mu + (1 - alpha) * g
+        var = alpha * var + (1 - alpha) * (g - mu) ** 2
+    return count

@@ -243,7 +243,8 @@ def test_probe_summary_is_nan_safe_and_omits_absent_keys():
     assert probe_summary([{"step": 1, "train/loss": 3.0}]) == {}
     assert probe_summary([]) == {}
     s = run_spike_summary([{"step": i, "train/loss": 3.0} for i in range(1, 101)])
-    assert s == {"summary/spike_score": 0.0, "summary/spike_events": 0.0, "summary/spike_events_near_update": 0.0}
+    assert s == {"summary/spike_score": 0.0, "summary/spike_events": 0.0, "summary/spike_events_near_update": 0.0,
+                 "summary/spike_score_olmo": 0.0}
 
 
 def test_window_and_k_are_configurable():
@@ -308,3 +309,53 @@ def test_report_import_pulls_in_no_ray_mlflow_or_hydra():
             "print(sorted(m for m in ('ray', 'mlflow', 'hydra', 'omegaconf', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------ second detectors and churn
+def test_grad_spike_events_by_hand():
+    """alpha 0.5, z 1, judged from step 1: mu/var by hand.
+    t1 g=3: sigma 0, not judged; mu = 2, var = 0.5 (3-2)^2 = 0.5.      t2 g=2: z = 0; mu = 2, var = 0.25.
+    t3 g=10: z = 8/0.5 = 16 -> flagged, enters as 2 + 0.5 = 2.5; mu = 2.25, var = 0.125 + 0.5 (0.25)^2 = 0.15625.
+    t4 g=3: z = 0.75 / 0.3953 = 1.90 -> flagged. Two spikes; with judging from step 4 on, t3 enters unclipped
+    (mu 6, var 8.125) and t4 (z < 0) is no spike."""
+    from smet_lab.spikes import grad_spike_events
+
+    norms = [1.0, 3.0, 2.0, 10.0, 3.0]
+    assert grad_spike_events(norms, alpha=0.5, z=1.0, warmup=1) == 2
+    assert grad_spike_events(norms, alpha=0.5, z=1.0, warmup=4) == 0
+    assert grad_spike_events([2.0] * 100) == 0  # no spread, nothing to judge
+    assert grad_spike_events([]) == 0
+
+
+def test_spike_score_olmo_uses_a_128_step_window_and_6_sigma():
+    x = curve(300, seed=3)
+    x[199] *= math.exp(0.5)  # one strong spike (log loss +0.5, far above 6 sigma of this noise)
+    x[249] *= math.exp(0.02)  # a weak one: below 6 sigma of this noise
+    summary = run_spike_summary(history(x))
+    olmo = reference_flags(x, window=128, k=6.0)
+    assert olmo == [200]  # computed by the plain loop: only the strong spike
+    assert summary["summary/spike_score_olmo"] == pytest.approx(len(olmo) / (300 - 128))
+    assert "summary/grad_spike_events" not in summary  # this history has no train/grad_norm column
+
+
+def test_mask_flip_rate_in_a_real_run():
+    from smet_lab.config import DataConfig, ModelConfig, RunConfig
+    from smet_lab.data import load_corpus
+    from smet_lab.train import QUIET, train
+
+    cfg = RunConfig()
+    cfg.model = ModelConfig(name="t", dim=32, n_layers=1, n_heads=2, ffn_dim=64, seq_len=16)
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.eval_every = 40, 4, 0
+    cfg.train.eval_batches, cfg.train.probe_window, cfg.train.probe_batch_size = 2, 3, 4
+    cfg.sparsity.update_every, cfg.optim.warmup_steps = 10, 5
+    res = train(cfg, corpus=load_corpus(DataConfig(name="synthetic", max_tokens=30_000)), callbacks=QUIET)
+    rows = [r for r in res.history if "topo/density" in r]
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    total = 0.0
+    for r in rows:  # pruned + regrown = 2 x regrown blocks; regrown_fraction is per active block
+        expected = 2 * r["topo/regrown_fraction"] * r["topo/density"]
+        total += expected
+        assert r["stability/mask_flip_rate"] == pytest.approx(expected, rel=1e-9)
+        assert r["stability/mask_flip_rate_cumulative"] == pytest.approx(total, rel=1e-9)
+    assert res.summary["summary/cumulative_mask_flip_rate"] == pytest.approx(total, rel=1e-9)
+    assert res.summary["summary/spike_score_olmo"] == 0.0  # 40 logged steps: none past the 128-step window

@@ -232,6 +232,10 @@ class Run:
             opt.regrow(events)
             regrown = sum(e.new_blocks.numel() for e in events)
             n_active = sum(layer.n_active for layer in self.topology.layers)
+            # Churn: pruned + regrown blocks, as a share of all sparse-layer blocks (and its running sum).
+            flips = 2 * regrown / sum(layer.n_blocks for layer in self.topology.layers)
+            total = flips + sum(r.get("stability/mask_flip_rate", 0.0) for r in self.history)
+            metrics.update({"stability/mask_flip_rate": flips, "stability/mask_flip_rate_cumulative": total})
             metrics.update({"topo/regrown_fraction": regrown / max(1, n_active),
                             "topo/density": self.topology.density(), "stability/probe_loss": before})
             self.probe.open(step, before, self.cfg.train.probe_window)
