@@ -72,6 +72,8 @@ def test_run_logs_the_public_metrics_and_summary():
     # Late metrics reach the sink at the step they belong to (the update step).
     assert sorted(s for s, m in logged if "stability/probe_jump" in m) == [10, 20, 30, 40, 50]
     assert sorted(s for s, m in logged if "stability/regrow_update_ratio" in m) == [10, 20, 30, 40, 50]
+    for key in ("stability/update_rms_regrown", "stability/update_rms_surviving", "stability/mask_flip_rate"):
+        assert sorted(s for s, m in logged if key in m) == [10, 20, 30, 40, 50], key
     for key in ["train/loss", "train/lr", "train/grad_norm", "val/loss", "val/ppl", "topo/regrown_fraction",
                 "topo/density", "train/tokens_per_s", "summary/final_val_loss", "summary/mean_probe_jump",
                 "summary/memory/state_bytes", "summary/memory/state_ratio_vs_dense_adam", "summary/tokens_per_s",
@@ -151,7 +153,8 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, method, stat
     resumed = train(cfg2, output_dir=tmp_path / "b", corpus=CORPUS, callbacks=QUIET)
     assert losses(resumed) == losses(full)  # exact float equality, every step
     assert resumed.summary["summary/final_val_loss"] == full.summary["summary/final_val_loss"]
-    assert [r.get("stability/probe_jump") for r in resumed.history] == [r.get("stability/probe_jump") for r in full.history]
+    for key in ("stability/probe_jump", "stability/update_rms_regrown", "stability/update_rms_surviving"):
+        assert [r.get(key) for r in resumed.history] == [r.get(key) for r in full.history], key
 
 
 def test_resume_refuses_missing_or_foreign_checkpoints(tmp_path):
@@ -265,3 +268,27 @@ def test_every_option_trains_and_takes_effect(section, key, values):
             assert trajectories[value] == pytest.approx(trajectories[twin], rel=1e-5), (key, value)
         else:
             assert trajectories[value] != trajectories[values[0]], (key, value)
+
+
+def test_update_rms_by_hand():
+    """Block 1 regrown, blocks 0, 2, 3 survived. Step 1 at lr 0.1 moves them by 0.3 | 0.1, 0.2, -0.2;
+    step 2 at lr 0.05 moves block 1 by -0.05 only. RMS of delta/lr: regrown sqrt((3^2 + 1^2) / 2) = sqrt(5),
+    surviving sqrt((1 + 4 + 4 + 0 + 0 + 0) / 6) = sqrt(1.5)."""
+    import torch.nn as nn
+
+    from smet_lab.sparse import RegrowEvent, SparseTopology
+    from smet_lab.train.probe import UpdateRMS
+
+    model = nn.Linear(4, 2, bias=False)
+    topo = SparseTopology.build(model, 0.5, dense_patterns=[])
+    topo.layers[0].set_block_ids(torch.tensor([0, 1, 2, 3]))
+    event = RegrowEvent(0, slots=torch.tensor([1]), old_blocks=torch.tensor([5]), new_blocks=torch.tensor([1]))
+    rms = UpdateRMS.start(topo, [event])
+    w = model.weight.detach().view(-1)
+    w[torch.tensor([1, 0, 2, 3])] += torch.tensor([0.3, 0.1, 0.2, -0.2])
+    rms.observe(topo, 0.1)
+    w[1] -= 0.05
+    rms.observe(topo, 0.05)
+    out = rms.result()
+    assert out["stability/update_rms_regrown"] == pytest.approx(math.sqrt(5), rel=1e-6)
+    assert out["stability/update_rms_surviving"] == pytest.approx(math.sqrt(1.5), rel=1e-6)

@@ -1,4 +1,5 @@
-"""The stability probe around a topology update, as a small state machine (checkpointed with the run)."""
+"""The stability probes around a topology update (checkpointed with the run): the probe-batch loss
+window, and how far regrown and surviving weights move in it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
+
+from smet_lab.sparse.topology import isin_sorted
 
 
 @dataclass
@@ -38,3 +43,62 @@ class ProbeWindow:
     @classmethod
     def from_state(cls, state: dict) -> "ProbeWindow":
         return cls(**{**state, "max": -math.inf if state.get("max") is None else state["max"]})
+
+
+SAMPLE = 1024  # blocks per layer and kind: plenty for an RMS, cheap to gather at every step of a window
+
+
+def _spread(ids: torch.Tensor, k: int = SAMPLE) -> torch.Tensor:
+    """At most k of the ascending `ids`, evenly spaced (deterministic, no random draw)."""
+    if ids.numel() <= k:
+        return ids
+    return ids[torch.linspace(0, ids.numel() - 1, k, device=ids.device).round().long()]
+
+
+@dataclass
+class UpdateRMS:
+    """How far weights move after a topology update: the RMS of |delta theta| / lr over the steps of the
+    probe window, for the regrown entries and for the entries that survived the update (a sample of up
+    to SAMPLE blocks of each kind per changed layer; lr: the sparse layers' rate at each step). Their
+    ratio is the cold-start signature, independent of the loss."""
+
+    samples: list = dataclasses.field(default_factory=list)  # [layer index, kind, block ids, last values]
+    sums: dict = dataclasses.field(default_factory=lambda: {"regrown": 0.0, "surviving": 0.0})
+    counts: dict = dataclasses.field(default_factory=lambda: {"regrown": 0, "surviving": 0})
+
+    @classmethod
+    def start(cls, topology, events) -> "UpdateRMS":
+        out = cls()
+        for e in events:
+            layer = topology.layers[e.layer]
+            new = e.new_blocks.to(torch.long).sort().values
+            active = layer.block_ids().long()
+            surviving = active[~isin_sorted(active, new.to(active.device))]
+            for kind, ids in (("regrown", _spread(new)), ("surviving", _spread(surviving))):
+                out.samples.append([e.layer, kind, ids, layer.gather(ids=ids.to(layer.param.device))])
+        return out
+
+    def observe(self, topology, lr: float) -> None:
+        """After one optimizer step at learning rate `lr`: add each sampled entry's (delta / lr)^2."""
+        for sample in self.samples:
+            index, kind, ids, last = sample
+            now = topology.layers[index].gather(ids=ids.to(last.device))
+            step = (now - last).double().div_(lr)
+            self.sums[kind] += float(step.square().sum())
+            self.counts[kind] += step.numel()
+            sample[3] = now
+
+    def result(self) -> dict:
+        return {f"stability/update_rms_{kind}": math.sqrt(self.sums[kind] / self.counts[kind])
+                for kind in self.sums if self.counts[kind]}
+
+    def state_dict(self) -> dict:
+        return {"samples": [[i, k, ids.cpu(), last.cpu()] for i, k, ids, last in self.samples],
+                "sums": dict(self.sums), "counts": dict(self.counts)}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device) -> Optional["UpdateRMS"]:
+        if state is None:
+            return None
+        return cls([[i, k, ids.to(device), last.to(device)] for i, k, ids, last in state["samples"]],
+                   dict(state["sums"]), dict(state["counts"]))

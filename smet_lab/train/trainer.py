@@ -27,7 +27,7 @@ from smet_lab.sparse import DynamicSparsity, SparseTopology
 from smet_lab.sparse.topology import validate_sparsity
 from smet_lab.sparse.updater import validate_dynamic
 from smet_lab.train import checkpoint as ckpt
-from smet_lab.train.probe import ProbeWindow
+from smet_lab.train.probe import ProbeWindow, UpdateRMS
 from smet_lab.train.memory import memory_summary, peak_memory
 
 LogFn = Callable[[dict, int], None]
@@ -154,6 +154,7 @@ class Run:
         self.history: list[dict] = []
         self._rows: dict[int, dict] = {}
         self.probe = ProbeWindow()
+        self.update_rms: UpdateRMS | None = None
         self.train_time = 0.0
         self.tokens = 0
 
@@ -220,9 +221,13 @@ class Run:
         if self.probe.is_open:
             value = self.loss_on([self.probe_batch])
             metrics["stability/probe_loss"] = value
+            if self.update_rms is not None:
+                self.update_rms.observe(self.topology, sparse[0])
             jump = self.probe.observe(value)
             if jump is not None:
                 earlier["stability/probe_jump"] = jump
+                earlier.update(self.update_rms.result() if self.update_rms is not None else {})
+                self.update_rms = None
         if earlier:
             self.record(self.probe.update_step, earlier)
             log(earlier, self.probe.update_step)
@@ -239,6 +244,7 @@ class Run:
             metrics.update({"topo/regrown_fraction": regrown / max(1, n_active),
                             "topo/density": self.topology.density(), "stability/probe_loss": before})
             self.probe.open(step, before, self.cfg.train.probe_window)
+            self.update_rms = UpdateRMS.start(self.topology, events) if self.probe.is_open else None
         return metrics
 
     def evaluate(self) -> dict:
@@ -255,6 +261,7 @@ class Run:
             "updater": self.updater.state_dict(),
             "data": self.batcher.state_dict(),
             "probe": self.probe.state_dict(),
+            "update_rms": None if self.update_rms is None else self.update_rms.state_dict(),
             "history": [dict(r) for r in self.history],
             "train_time": self.train_time,
             "tokens": self.tokens,
@@ -269,6 +276,7 @@ class Run:
         self.updater.load_state_dict(state["updater"])
         self.batcher.load_state_dict(state["data"])
         self.probe = ProbeWindow.from_state(state["probe"])
+        self.update_rms = UpdateRMS.from_state(state.get("update_rms"), self.device)
         self.history = [dict(r) for r in state["history"]]
         self._rows = {r["step"]: r for r in self.history}
         self.step = state["step"]
