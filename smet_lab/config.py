@@ -125,12 +125,13 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key, value in (data or {}).items():
         if key not in known:
             raise ConfigError(prefix + key, value, f"unknown key; known keys: {', '.join(known)}")
-        sub = _dataclass_type(known[key])
+        sub = dataclass_type(known[key])
         kwargs[key] = from_dict(sub, value, f"{prefix}{key}.") if sub and isinstance(value, dict) else value
     return cls(**kwargs)
 
 
-def _dataclass_type(f: dataclasses.Field):
+def dataclass_type(f: dataclasses.Field):
+    """The dataclass a field holds (a config section), or None for a leaf value."""
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     return type(default) if dataclasses.is_dataclass(default) else None
 

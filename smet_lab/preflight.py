@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from smet_lab.config import ConfigError
+from smet_lab.config import ConfigError, dataclass_type
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: found from any install
 
@@ -73,17 +73,13 @@ def did_you_mean(word: str, candidates) -> str:
 # ------------------------------------------------------------------------------- schema keys
 def _fields(cls) -> dict[str, Any]:
     """{name: the field's dataclass type, or None for a leaf}."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out[f.name] = type(default) if dataclasses.is_dataclass(default) else None
-    return out
+    return {f.name: dataclass_type(f) for f in dataclasses.fields(cls)}
 
 
 def _schema_node(section: str | None):
     """The dataclass of a dotted section (None = the whole config), or None if it has none."""
-    from smet_lab.schema import AppConfig
     from smet_lab.grid import SweepConfig
+    from smet_lab.schema import AppConfig
 
     cls = AppConfig
     for part in (section.split(".") if section else []):
