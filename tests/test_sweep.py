@@ -279,3 +279,15 @@ def test_a_sweep_interrupted_twice_resumes_to_exactly_the_grid(tmp_path):
         assert c.data.metrics["summary/steps"] == 40
     rows = list(csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv")))
     assert sorted(r["status"] for r in rows) == ["FINISHED"] * 4
+
+
+def test_a_retry_forgets_only_the_failed_statuses(tmp_path):
+    """Trials about to be retried have not ended, so a retry stopped early reads as interrupted."""
+    from smet_lab.sweep.callbacks import forget_failed, read_statuses, record_status
+
+    record_status(str(tmp_path), "a", "FINISHED", None)
+    record_status(str(tmp_path), "b", "FAILED", "boom")
+    record_status(str(tmp_path), "c", "DIVERGED", "nan")
+    forget_failed(str(tmp_path))
+    assert read_statuses(tmp_path) == {"a": {"status": "FINISHED", "error": None},
+                                       "c": {"status": "DIVERGED", "error": "nan"}}

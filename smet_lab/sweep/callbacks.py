@@ -120,15 +120,29 @@ def first_error_line(trial) -> str:
     return (lines[-1] if lines else "trial failed")[:500]
 
 
-def record_status(sweep_dir: str, key: str, status: str, error: str | None) -> None:
-    """A small file next to Tune's state: what each trial ended as, in our words (FINISHED,
-    DIVERGED, FAILED), for the report and for resumed runs."""
+def read_statuses(sweep_dir) -> dict:
     path = Path(sweep_dir) / STATUS_FILE
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = {"status": status, "error": error}
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_statuses(sweep_dir, data: dict) -> None:
+    path = Path(sweep_dir) / STATUS_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
+
+
+def record_status(sweep_dir: str, key: str, status: str, error: str | None) -> None:
+    """A small file next to Tune's state: what each trial ended as, in our words (FINISHED,
+    DIVERGED, FAILED), for the report and for resumed runs."""
+    data = read_statuses(sweep_dir)
+    data[key] = {"status": status, "error": error}
+    _write_statuses(sweep_dir, data)
+
+
+def forget_failed(sweep_dir: str) -> None:
+    """Trials about to be retried have not ended: an interrupted retry then reads as interrupted."""
+    _write_statuses(sweep_dir, {k: v for k, v in read_statuses(sweep_dir).items() if v["status"] != "FAILED"})
 
 
 class SweepProgress(tune.Callback):

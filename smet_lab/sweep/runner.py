@@ -137,7 +137,7 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
     import ray
     from ray import tune
 
-    from smet_lab.sweep.callbacks import STATUS_FILE, MlflowSweepLogger, SweepProgress
+    from smet_lab.sweep.callbacks import MlflowSweepLogger, SweepProgress, forget_failed, read_statuses
     from smet_lab.sweep.trainable import run_trial
     from smet_lab.tracking import TrackingConfig
 
@@ -164,6 +164,8 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
             legacy = not (sweep_dir / GRID_FILE).is_file()  # started by a smet_lab without grid.json
             print(f"[sweep {sweep.name}] resuming from {exp_dir}"
                   f"{' (retrying failed trials)' if sweep.retry_failed else ''}", flush=True)
+            if sweep.retry_failed:
+                forget_failed(str(sweep_dir))
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=sweep.retry_failed)
         else:
             write_grid(sweep_dir, trials, configs)  # what a later resume is checked against (check_resume)
@@ -193,7 +195,7 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
     finally:
         ray.shutdown()
 
-    statuses = json.loads((sweep_dir / STATUS_FILE).read_text()) if (sweep_dir / STATUS_FILE).is_file() else {}
+    statuses = read_statuses(sweep_dir)
     statuses = {t.key: statuses[t.key] for t in trials if t.key in statuses}
     failed = [k for k, v in statuses.items() if v["status"] == "FAILED"]
     missing = [t.key for t in trials if t.key not in statuses]

@@ -30,7 +30,7 @@ from smet_lab.train.memory import memory_summary, peak_memory
 LogFn = Callable[[dict, int], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Callbacks:
     """How a run talks to the outside world, every part optional: `log(metrics, step)` is the metrics
     sink (tracking plugs in here), `progress(line)` gets a progress line every 5 % of the steps,
