@@ -229,6 +229,10 @@ def _static(c):
     return _get(c, "sparsity.update_every") == 0 and f"sparsity.update_every=0 (method={c['method']}: a fixed topology)"
 
 
+def _untracked(c):
+    return not _get(c, "tracking.enabled") and "tracking.enabled=false (tracking=none)"
+
+
 def _dense(c):
     return _get(c, "sparsity.density") == 1.0 and f"sparsity.density=1.0 (method={c['method']}: every weight trains)"
 
@@ -251,8 +255,8 @@ IGNORED_WHEN = [
     ("sparsity.distribution", _dense),
     ("sparsity.block_size", _dense),
     ("sparsity.dense_patterns", _dense),
-    ("tracking.uri", lambda c: not _get(c, "tracking.enabled") and "tracking.enabled=false (tracking=none)"),
-    ("tracking.experiment", lambda c: not _get(c, "tracking.enabled") and "tracking.enabled=false (tracking=none)"),
+    ("tracking.uri", _untracked),
+    ("tracking.experiment", _untracked),
     ("ray.num_cpus", lambda c: _get(c, "ray.address") != "local" and "ray.address is a cluster (it owns its CPUs)"),
 ]
 SWEEP_ONLY = ("ray.",)
