@@ -54,6 +54,7 @@ class SparsityConfig:
     prune: str = "magnitude"
     growth: str = "random"  # random | gradient
     block_size: int = 1
+    weights: str = "dense"  # dense | compact (only the active values are stored; needs optim.state=compact)
     dense_patterns: List[str] = field(
         default_factory=lambda: ["tok_embeddings", "output", "norm"]
     )

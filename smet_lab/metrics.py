@@ -151,6 +151,39 @@ SPARSE_STATE_BYTES = _declare("summary/memory/sparse_state_bytes", "sparse state
 SPARSE_STATE_RATIO = _declare(
     "summary/memory/sparse_state_ratio_vs_dense_adam", "sparse state memory / dense Adam", "{:.3f}",
     "Sparse state bytes divided by dense Adam's 12 B per weight of the sparse layers.", table=False)
+TRAINING_BYTES = _declare(
+    "summary/memory/training_bytes", "training memory bytes", "{:,.0f}",
+    "Persistent training memory: the bytes of every weight, gradient and optimizer-state tensor (the sum of "
+    "summary/memory/bytes/*); activations and temporaries not included.", table=False)
+TRAINING_RATIO = _declare(
+    "summary/memory/training_ratio_vs_dense_adam", "training memory / dense Adam", "{:.3f}",
+    "Training memory bytes divided by dense Adam's 16 B (float32 weight, gradient, m and v) per parameter of the "
+    "dense model.", table=False)
+SPARSE_TRAINING_RATIO = _declare(
+    "summary/memory/sparse_training_ratio_vs_dense_adam", "sparse layers' training memory / dense Adam", "{:.3f}",
+    "The sparse layers' weights (dense tensors, or the active values with sparsity.weights=compact), gradients, "
+    "optimizer state and position index, divided by dense Adam's 16 B per weight of those layers.", table=False)
+ANALYTIC_MIN_BYTES = _declare(
+    "summary/memory/analytic_min_bytes", "analytic minimum bytes", "{:,.0f}",
+    "The least a float32 run of the method keeps: 16 B per dense-layer parameter and per active sparse weight, "
+    "plus the compact layout's index (1 B per active block + 2 B per 256 blocks, and with a local step 1 B cohort "
+    "id per active block + 8 B per cohort).", table=False)
+MEMORY_ROLES = {
+    "weights/dense": "the weights of the dense layers (embeddings, head, norms)",
+    "weights/sparse": "the sparse layers' weights: dense zero-filled tensors, or the active values with "
+                      "sparsity.weights=compact",
+    "dense/grad": "the dense layers' gradients", "dense/exp_avg": "the dense layers' Adam first moments",
+    "dense/exp_avg_sq": "the dense layers' Adam second moments",
+    "sparse/grad": "the sparse layers' gradient buffer (active entries only with optim.state=compact)",
+    "sparse/exp_avg": "the sparse layers' first moments", "sparse/exp_avg_sq": "the sparse layers' second moments",
+    "sparse/cohort": "the compact layout's cohort id per active block (local step and warm-up)",
+    "sparse/cohort_births": "the compact layout's birth step per cohort",
+    "sparse/mask": "the dense_masked layout's active mask per block",
+    "sparse/age": "the dense_masked layout's steps since regrowth per block",
+    "sparse/index": "the topology's position store (1 B per active block + 2 B per 256 blocks)",
+}
+for _role, _what in MEMORY_ROLES.items():
+    _declare(f"summary/memory/bytes/{_role}", f"{_role} bytes", "{:,.0f}", f"Bytes of {_what}.", table=False)
 PEAK_CUDA_BYTES = _declare("summary/peak_cuda_bytes", "peak CUDA bytes", "{:,.0f}",
                            "Peak CUDA memory allocated by the run (torch.cuda.max_memory_allocated).", table=False)
 PEAK_RSS_BYTES = _declare("summary/peak_rss_bytes", "peak RSS bytes", "{:,.0f}",

@@ -255,6 +255,7 @@ IGNORED_WHEN = [
     ("sparsity.distribution", _dense),
     ("sparsity.block_size", _dense),
     ("sparsity.dense_patterns", _dense),
+    ("sparsity.weights", _dense),
     ("tracking.uri", _untracked),
     ("tracking.experiment", _untracked),
     ("ray.num_cpus", lambda c: _get(c, "ray.address") != "local" and "ray.address is a cluster (it owns its CPUs)"),

@@ -157,6 +157,8 @@ BAD_INPUTS = [
     (["data.tokenizer=hf:t5-base"], "data.tokenizer"),
     (["train.resume_from=/nonexistent/step_5"], "train.resume_from"),
     (["method=dense", "sparsity.density=0.5"], "sparsity.density"),
+    (["sparsity.weights=sparse"], "sparsity.weights='sparse' is not allowed: one of dense, compact"),
+    (["sparsity.weights=compact", "optim.state=dense_masked"], "sparsity.weights='compact' is not allowed: needs optim.state=compact"),
     # Keys the schema does not know, at any level, with a "did you mean" for near misses.
     (["+notakey=1"], "notakey=1 is not allowed: unknown key"),
     (["+train.notakey=1"], "train.notakey=1 is not allowed: unknown key"),
@@ -169,6 +171,7 @@ BAD_INPUTS = [
     (["method=static", "sparsity.growth=gradient"], "sparsity.growth=gradient is not allowed: ignored with sparsity.update_every=0"),
     (["optim.lr_scaling.power=0.5"], "read only with optim.lr_scaling.rule=power"),
     (["method=naive_dst", "optim.regrow.warmup_kind=released"], "optim.regrow.warmup_kind=released is not allowed"),
+    (["method=dense", "sparsity.weights=compact"], "sparsity.weights=compact is not allowed: ignored with"),
     (["model.vocab_size=1000"], "model.vocab_size=1000 is not allowed: ignored with the tokenizer's vocabulary"),
     (["ray.cpus_per_trial=1"], "ray.* keys are read only by sweeps"),
     (["tracking=none", "tracking.experiment=x"], "tracking.experiment=x is not allowed: ignored with tracking.enabled=false"),

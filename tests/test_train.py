@@ -240,6 +240,7 @@ def test_progress_lines():
     ("sparsity", "growth", ["random", "gradient"]),
     ("sparsity", "prune_schedule", ["cosine", "constant", "linear", "wsd"]),
     ("sparsity", "block_size", [1, 16]),
+    ("sparsity", "weights", ["dense", "compact"]),
     ("optim", "state", ["compact", "dense_masked"]),
     ("optim", "schedule", ["cosine", "constant"]),
     ("regrow", "warmup_kind", ["linear_lr", "moment_damping", "released"]),
@@ -250,8 +251,10 @@ def test_every_option_trains_and_takes_effect(section, key, values):
     """Every option trains, and changes the run (13 steps, an update at step 10: a regrown weight first
     moves at step 11, which shows in the loss of step 12) against the first
     value (the default), except where it is the same math: dense_masked is the compact state's
-    arithmetic on masked dense tensors; rule=power with power 1 is the inverse rule."""
-    same_as = {("optim", "state", "dense_masked"): "compact", ("lr_scaling", "rule", "power"): "inverse"}
+    arithmetic on masked dense tensors; rule=power with power 1 is the inverse rule; compact weights
+    are the dense weights' values without the zeros."""
+    same_as = {("optim", "state", "dense_masked"): "compact", ("lr_scaling", "rule", "power"): "inverse",
+               ("sparsity", "weights", "compact"): "dense"}
     trajectories = {}
     for value in values:
         cfg = small_cfg(steps=13)

@@ -63,6 +63,8 @@ def bias_correction_saturation(beta: float) -> int:
 
 
 class CompactState(SparseState):
+    keeps_compact_weights = True
+
     def __init__(self, *args):
         super().__init__(*args)
         self.cohort = torch.zeros(self.offsets[-1], dtype=torch.uint8, device=self.device) \
@@ -76,15 +78,21 @@ class CompactState(SparseState):
         return layer.n_active
 
     def gather(self, i: int, grad: torch.Tensor, fresh: bool) -> None:
-        idx = self.layers[i].block_ids()
-        g, out = _rows(grad), _rows(self.grad[self.rows(i)])
+        layer, out = self.layers[i], self.grad[self.rows(i)]
+        if layer.compact:  # the gradient of the values: already [k, B] in slot order
+            out.copy_(grad) if fresh else out.add_(grad)
+            return
+        idx, g, out = layer.block_ids(), _rows(grad), _rows(out)
         if fresh:
             torch.index_select(g, 0, idx, out=out)
         else:
             out.add_(g.index_select(0, idx))
 
     def apply(self, layer: SparseLayer, update: torch.Tensor, lr: float) -> None:
-        _rows(layer.blocks()).index_add_(0, layer.block_ids(), _rows(update), alpha=-lr)
+        if layer.compact:
+            layer.param.detach().add_(update, alpha=-lr)
+        else:
+            _rows(layer.blocks()).index_add_(0, layer.block_ids(), _rows(update), alpha=-lr)
 
     def weights(self, first: int, last: int) -> torch.Tensor:
         return torch.cat([layer.gather() for layer in self.layers[first:last]])

@@ -27,6 +27,7 @@ class SparseState(ABC):
     """Base class: the flat buffers, their per-layer offsets and the chunks the update is formed in."""
 
     births: torch.Tensor | None = None  # int64 birth step per cohort (compact layout with a local step)
+    keeps_compact_weights = False  # whether the layout can train layers with sparsity.weights=compact
 
     def __init__(self, topology: SparseTopology, betas: tuple[float, float], reset_step: bool,
                  warmup_steps: int, warmup_kind: str):
@@ -35,6 +36,8 @@ class SparseState(ABC):
         self.warmup_steps, self.warmup_kind = warmup_steps, warmup_kind
         self.offsets = [0, *accumulate(self.n_rows(layer) for layer in self.layers)]
         self.device = self.layers[0].param.device if self.layers else torch.device("cpu")
+        if any(layer.compact for layer in self.layers) and not self.keeps_compact_weights:
+            raise ValueError(f"{type(self).__name__} needs dense weights (sparsity.weights=dense)")
         shape = (self.offsets[-1], topology.block_size)
         self.grad, self.exp_avg, self.exp_avg_sq = (torch.zeros(shape, dtype=torch.float32, device=self.device)
                                                     for _ in range(3))

@@ -1,8 +1,13 @@
 """Which weights are active: per-layer sets of active blocks, and how they are first laid out.
 
-A sparse layer's weight stays a dense tensor whose inactive entries are exactly zero (the forward is a
-plain dense matmul). What is sparse is the bookkeeping. The active blocks (B consecutive weights of
-the row-major flattened weight each) are stored as a *chunked position list*:
+A sparse layer's weight is kept in one of two ways (`sparsity.weights`):
+
+    dense    a dense tensor whose inactive entries are exactly zero (the forward is a plain matmul)
+    compact  only the active blocks' values, [k, B] in slot order; the dense weight exists only
+             inside one layer's forward and backward (smet_lab.sparse.compact_linear)
+
+The active blocks (B consecutive weights of the row-major flattened weight each) are stored as a
+*chunked position list*:
 
     offsets : uint8 [k]            id % 256 of every active block, in ascending id order
     counts  : int16 [ceil(n/256)]  how many active blocks each chunk of 256 consecutive blocks holds
@@ -21,11 +26,15 @@ and the optimizer re-orders its per-slot state with an O(active) gather (no dens
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 
+from torch.utils.hooks import RemovableHandle
+
 from smet_lab.config import ConfigError
+from smet_lab.sparse.compact_linear import make_compact
 
 CHUNK = 256  # blocks per chunk: an in-chunk offset fits in a uint8
 
@@ -58,21 +67,31 @@ def moved_from(k: int, old_slots: torch.Tensor, new_slots: torch.Tensor) -> torc
 
 
 class SparseLayer:
-    """One sparse weight and its active blocks (chunked position list, see the module docstring)."""
+    """One sparse weight and its active blocks (chunked position list, see the module docstring).
+
+    `param` is what the optimizer trains: the dense weight, or with compact weights the active values
+    [k, B] (then `compact` is True and `shape` is the dense weight's shape)."""
 
     def __init__(self, name: str, param: nn.Parameter, block_size: int, block_ids: torch.Tensor):
         self.name = name
         self.param = param
+        self.shape = param.shape
+        self.compact = False
         self.block_size = block_size
         self.n_chunks = -(-self.n_blocks // CHUNK)
         self.set_block_ids(block_ids)
+        self._dense_grad_hooks: OrderedDict = OrderedDict()  # RemovableHandle needs a weak-referenceable dict
 
     def __repr__(self) -> str:
-        return f"SparseLayer({self.name!r}, {tuple(self.param.shape)}, block_size={self.block_size}, n_active={self.n_active})"
+        return f"SparseLayer({self.name!r}, {tuple(self.shape)}, block_size={self.block_size}, n_active={self.n_active})"
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
 
     @property
     def n_blocks(self) -> int:
-        return self.param.numel() // self.block_size
+        return self.numel // self.block_size
 
     @property
     def n_active(self) -> int:
@@ -107,7 +126,8 @@ class SparseLayer:
     def replace(self, old_blocks: torch.Tensor, new_blocks: torch.Tensor,
                 old_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Deactivate `old_blocks` (active; `old_slots` = their positions in block_ids(), if known) and
-        activate `new_blocks` (as many, inactive, distinct). Returns int32 (slots, old_slots): the
+        activate `new_blocks` (as many, inactive, distinct); the pruned weights are removed and the
+        regrown ones start at zero (compact weights follow the new slot order). Returns int32 (slots, old_slots): the
         positions in the new block_ids() that hold `new_blocks` (in their order), and the positions
         `old_blocks` held in the old one. Surviving blocks keep their relative order, so the two
         determine where every survivor moved (`moved_from`). One sort of the k active ids; no
@@ -124,31 +144,82 @@ class SparseLayer:
         ids, order = ids.sort()      # ...then ascending order; order[j] = that position, for new slot j
         if new_blocks.numel() and bool((ids[1:] == ids[:-1]).any()):
             raise ValueError(f"{self.name}: new_blocks must be distinct and inactive")
+        if not self.compact:
+            self.zero_blocks(old_blocks)
+            self.zero_blocks(new_blocks)
         self._encode(ids)
         del ids
         where = torch.empty_like(order)
         where[order] = torch.arange(order.numel(), device=device)
-        return where[old_slots].int(), old_slots.int()
+        slots = where[old_slots]
+        if self.compact:
+            values = self.param.detach()
+            values.copy_(values.index_select(0, moved_from(self.n_active, old_slots, slots).clamp_(min=0)))
+            values.index_fill_(0, slots, 0.0)
+        return slots.int(), old_slots.int()
 
     @torch.no_grad()
     def zero_blocks(self, ids: torch.Tensor) -> None:
-        """Set the weights of blocks `ids` to zero."""
-        flat = self.param.detach().view(-1, self.block_size)
+        """Set the weights of blocks `ids` to zero (dense weights)."""
+        flat = self.blocks()
         (flat.view(-1) if self.block_size == 1 else flat).index_fill_(0, ids.to(flat.device, torch.long), 0.0)
 
     def gather(self, tensor: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """[len(ids), B] values of the weight (or a same-shaped tensor) at blocks `ids` (default: the
-        active blocks, in slot order)."""
+        """[len(ids), B] values of the weight (or a dense-shaped tensor) at blocks `ids` (default: the
+        active blocks, in slot order). Inactive blocks read as zero."""
+        if tensor is None and self.compact:
+            values = self.param.detach()
+            if ids is None:
+                return values
+            active = self.block_ids().long()
+            ids = ids.to(active.device, torch.long)
+            slots = torch.searchsorted(active, ids).clamp_(max=max(0, active.numel() - 1))
+            hit = (active[slots] == ids).unsqueeze(1) if active.numel() else torch.zeros(ids.numel(), 1, dtype=torch.bool)
+            return values.index_select(0, slots) * hit
         blocks = self.blocks(tensor)
         ids = self.block_ids() if ids is None else ids
         if self.block_size == 1:  # 1-D index_select is ~2x faster than over rows of one element
             return blocks.view(-1).index_select(0, ids).unsqueeze(1)
         return blocks.index_select(0, ids)
 
+    def materialize(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """A new dense weight tensor: `values` ([k, B], default the layer's own) at the active blocks,
+        zeros elsewhere."""
+        values = self.param.detach() if values is None else values
+        dense = values.new_zeros(self.n_blocks, self.block_size)
+        rows = (lambda t: t.view(-1)) if self.block_size == 1 else (lambda t: t)
+        rows(dense).index_copy_(0, self.block_ids().long(), rows(values))
+        return dense.view(self.shape)
+
     # --------------------------------------------------------------------------------- views
     def blocks(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """View of the weight (or a same-shaped tensor) as [n_blocks, block_size]."""
+        if tensor is None and self.compact:
+            raise RuntimeError(f"{self.name} keeps compact weights: there is no dense weight to view")
         return (self.param.detach() if tensor is None else tensor).view(-1, self.block_size)
+
+    # ------------------------------------------------------------------------ dense gradient
+    def register_dense_grad_hook(self, fn) -> RemovableHandle:
+        """Call fn(dense weight gradient) whenever backward forms it (once per micro-batch), dense or
+        compact weights alike; the hook may not modify it."""
+        if not self.compact:
+            return self.param.register_hook(fn)
+        handle = RemovableHandle(self._dense_grad_hooks)
+        self._dense_grad_hooks[handle.id] = fn
+        return handle
+
+    def dense_grad_formed(self, grad: torch.Tensor) -> None:
+        """Compact weights: backward formed this layer's dense weight gradient."""
+        for fn in self._dense_grad_hooks.values():
+            fn(grad)
+
+    def make_compact(self) -> nn.Parameter:
+        """Switch to compact weights: `param` becomes the active values (a new parameter, the dense
+        weight is no longer referenced here). Returns it."""
+        if not self.compact:
+            self.param = nn.Parameter(self.gather().clone())
+            self.compact = True
+        return self.param
 
     def active_mask(self) -> torch.Tensor:
         """Dense bool mask [n_blocks] (transient; used by tests, masked baselines and reports)."""
@@ -158,7 +229,9 @@ class SparseLayer:
 
     @torch.no_grad()
     def apply_mask(self) -> None:
-        """Zero every inactive entry (the invariant the optimizer relies on)."""
+        """Zero every inactive entry (the invariant the optimizer relies on); compact weights have none."""
+        if self.compact:
+            return
         keep = self.active_mask().unsqueeze(1)
         self.blocks().mul_(keep)
 
@@ -207,10 +280,12 @@ class SparseTopology:
         block_size: int = 1,
         dense_patterns: list[str] = ("tok_embeddings", "output", "norm"),
         seed: int = 0,
+        weights: str = "dense",
     ) -> "SparseTopology":
         """Pick the sparse layers and a random initial topology with exactly round(d_l * n_blocks)
-        active blocks per layer. Inactive weights are zeroed in place."""
-        validate_sparsity(density, distribution, block_size)
+        active blocks per layer. Inactive weights are zeroed in place; with weights="compact" each
+        sparse nn.Linear is then replaced by a CompactLinear holding only its active values."""
+        validate_sparsity(density, distribution, block_size, weights)
         named = [(n, p) for n, p in model.named_parameters() if not is_dense(n, p, list(dense_patterns))]
         if density >= 1.0 or not named:
             return cls([], 1.0)
@@ -227,6 +302,8 @@ class SparseTopology:
             idx = torch.randperm(n_blocks, generator=gen)[:k].sort().values.to(torch.int32).to(p.device)
             layer = SparseLayer(name, p, block_size, idx)
             layer.apply_mask()
+            if weights == "compact":
+                make_compact(model, layer)  # one layer at a time: its dense weight is freed here
             layers.append(layer)
         return cls(layers, density)
 
@@ -239,7 +316,7 @@ class SparseTopology:
 
     @property
     def numel(self) -> int:
-        return sum(layer.param.numel() for layer in self.layers)
+        return sum(layer.numel for layer in self.layers)
 
     def index_bytes(self) -> int:
         """Bytes of the persistent position store of all sparse layers."""
@@ -272,10 +349,15 @@ class SparseTopology:
             layer.apply_mask()
 
 
-def validate_sparsity(density, distribution: str, block_size) -> None:
+WEIGHT_STORAGE = ("dense", "compact")
+
+
+def validate_sparsity(density, distribution: str, block_size, weights: str = "dense") -> None:
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
         raise ConfigError("sparsity.density", density, "a number in (0, 1]")
     if distribution not in DISTRIBUTIONS:
         raise ConfigError("sparsity.distribution", distribution, "one of " + ", ".join(DISTRIBUTIONS))
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ConfigError("sparsity.block_size", block_size, "a positive integer (1 = unstructured)")
+    if weights not in WEIGHT_STORAGE:
+        raise ConfigError("sparsity.weights", weights, "one of " + ", ".join(WEIGHT_STORAGE))

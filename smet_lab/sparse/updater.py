@@ -2,9 +2,10 @@
 active blocks and regrow as many elsewhere (density stays constant).
 
 It owns the dense-gradient hand-off of growth rules that need it (RigL): `begin_step(step)` arms a
-gradient hook on the sparse weights for update steps only, `update(step)` hands the captured dense
-gradients to the rule and drops them. Tensor hooks run before any post-accumulate-grad hook (where
-the optimizer gathers and frees the dense gradient), whatever the order they were registered in."""
+dense-gradient hook on the sparse layers for update steps only, `update(step)` hands the captured
+dense gradients to the rule and drops them. With dense weights that is a tensor hook, which runs
+before any post-accumulate-grad hook (where the optimizer gathers and frees the dense gradient); with
+compact weights the layer's backward calls it (SparseLayer.register_dense_grad_hook)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class DynamicSparsity:
         self.generator = torch.Generator().manual_seed(seed + 7919)
         self._armed = False
         self._dense_grads: dict[int, torch.Tensor] = {}
-        self._hooks = [layer.param.register_hook(self._capture(i)) for i, layer in enumerate(topology.layers)] \
+        self._hooks = [layer.register_dense_grad_hook(self._capture(i)) for i, layer in enumerate(topology.layers)] \
             if self.needs_dense_grad else []
 
     @classmethod
@@ -111,9 +112,7 @@ class DynamicSparsity:
                 layer.name, layer.n_blocks, layer.block_size, active[keep], old, n, self.generator,
                 None if grad is None else layer.blocks(grad)))
             del grad
-            layer.zero_blocks(old)  # pruned weights are removed...
-            layer.zero_blocks(new)  # ...and regrown ones start at zero
-            slots, pruned = layer.replace(old, new, old_slots=pruned)
+            slots, pruned = layer.replace(old, new, old_slots=pruned)  # pruned weights go, regrown start at 0
             # int32: the events of all layers are alive together until the optimizer's regrow
             events.append(RegrowEvent(i, slots, old.int(), new.int(), pruned))
         return events

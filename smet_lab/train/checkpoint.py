@@ -42,10 +42,10 @@ def check(path: str | Path, cfg) -> Path:
     if config_file.is_file():
         saved = json.loads(config_file.read_text())
         for section, keys in (("model", ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "seq_len")),
-                              ("sparsity", ("density", "distribution", "block_size")),
+                              ("sparsity", ("density", "distribution", "block_size", "weights")),
                               ("optim", ("state",))):
             for key in keys:
-                mine, theirs = getattr(getattr(cfg, section), key), saved[section][key]
+                mine, theirs = getattr(getattr(cfg, section), key), saved[section].get(key, "dense")
                 if mine != theirs:
                     raise ConfigError("train.resume_from", str(path),
                                       f"checkpoint has {section}.{key}={theirs!r} but this run has {mine!r}")

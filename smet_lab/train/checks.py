@@ -57,7 +57,9 @@ def check_config(cfg: RunConfig) -> int:
     vocabulary size the run will have (the tokenizer's; model.vocab_size is replaced by it)."""
     validate_run(cfg)
     s, o = cfg.sparsity, cfg.optim
-    validate_sparsity(s.density, s.distribution, s.block_size)
+    validate_sparsity(s.density, s.distribution, s.block_size, s.weights)
+    if s.weights == "compact" and o.state != "compact" and s.density < 1.0:
+        raise ConfigError("sparsity.weights", s.weights, "needs optim.state=compact (dense_masked keeps dense-size state)")
     validate_dynamic(s.update_every, s.prune_rate, s.prune_schedule, s.prune, s.growth)
     validate_optim_config(o)
     tokenizer = check_data(cfg.data)

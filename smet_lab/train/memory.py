@@ -24,8 +24,10 @@ import torch
 from smet_lab.optim.smet_adam import SMETAdam
 from smet_lab.sparse.topology import CHUNK, SparseTopology
 
-# float32 gradient + exp_avg + exp_avg_sq: what dense Adam keeps per parameter.
+# float32 gradient + exp_avg + exp_avg_sq: what dense Adam keeps per parameter, besides the weight.
 DENSE_ADAM_BYTES_PER_PARAM = 12
+WEIGHT_BYTES_PER_PARAM = 4  # float32 master weights
+DENSE_ADAM_TRAINING_BYTES_PER_PARAM = DENSE_ADAM_BYTES_PER_PARAM + WEIGHT_BYTES_PER_PARAM
 RELEASED_SMET_INDEX_BYTES = 4 + 2  # int32 block index + int16 step per active block
 
 
@@ -73,19 +75,54 @@ def torch_adam_state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -
     return {"grad": sum(p.numel() * p.element_size() for p in params), "state": state}
 
 
+def training_bytes_by_role(model: torch.nn.Module, opt: SMETAdam) -> dict[str, int]:
+    """Persistent training memory by role (smet_lab.metrics.MEMORY_ROLES): the weights of the dense and
+    of the sparse layers (dense tensors, or the active values with compact weights), then every
+    gradient and optimizer-state tensor (SMETAdam.state_bytes_by_role)."""
+    sparse = {id(layer.param) for layer in opt.topology.layers}
+    weights = {"weights/dense": 0, "weights/sparse": 0}
+    for p in model.parameters():
+        weights["weights/sparse" if id(p) in sparse else "weights/dense"] += p.numel() * p.element_size()
+    return {**weights, **opt.state_bytes_by_role()}
+
+
+def analytic_training_bytes(model: torch.nn.Module, opt: SMETAdam) -> int:
+    """The least a float32 run of this method can keep: 16 B (weight, gradient, m, v) per dense-layer
+    parameter and per active sparse weight, plus the index the compact layout needs at least."""
+    topo = opt.topology
+    needs_step = opt.reset_step or opt.warmup_steps > 0
+    n_cohorts = opt.births.numel() if opt.births is not None else 1
+    sparse = {id(layer.param) for layer in topo.layers}
+    dense_numel = sum(p.numel() for p in model.parameters() if id(p) not in sparse)
+    out = (DENSE_ADAM_BYTES_PER_PARAM + WEIGHT_BYTES_PER_PARAM) * dense_numel
+    if topo.layers:
+        out += WEIGHT_BYTES_PER_PARAM * topo.n_active_weights + analytic_state_bytes(topo, "compact", needs_step, n_cohorts)
+    return out
+
+
 def memory_summary(model: torch.nn.Module, opt: SMETAdam) -> dict[str, float]:
-    n_params = sum(p.numel() for p in model.parameters())
-    sparse_numel = opt.topology.numel
+    """summary/memory/*: bytes by role, totals, and ratios to dense Adam and to the analytic minimum.
+    Ratios count the parameters of the dense model (a compact-weight layer counts its full size)."""
+    topo = opt.topology
+    roles = training_bytes_by_role(model, opt)
+    n_params = roles["weights/dense"] // WEIGHT_BYTES_PER_PARAM + topo.numel
     state = opt.state_bytes()
+    training = sum(roles.values())
     out = {
         "summary/memory/state_bytes": float(state),
         "summary/memory/state_ratio_vs_dense_adam": state / (DENSE_ADAM_BYTES_PER_PARAM * n_params),
-        "summary/memory/weight_bytes": float(sum(p.numel() * p.element_size() for p in model.parameters())),
+        "summary/memory/weight_bytes": float(roles["weights/dense"] + roles["weights/sparse"]),
+        "summary/memory/training_bytes": float(training),
+        "summary/memory/training_ratio_vs_dense_adam": training / (DENSE_ADAM_TRAINING_BYTES_PER_PARAM * n_params),
+        "summary/memory/analytic_min_bytes": float(analytic_training_bytes(model, opt)),
+        **{f"summary/memory/bytes/{role}": float(b) for role, b in roles.items()},
     }
-    if sparse_numel:
+    if topo.numel:
         sparse = opt.state_bytes("sparse")
         out["summary/memory/sparse_state_bytes"] = float(sparse)
-        out["summary/memory/sparse_state_ratio_vs_dense_adam"] = sparse / (DENSE_ADAM_BYTES_PER_PARAM * sparse_numel)
+        out["summary/memory/sparse_state_ratio_vs_dense_adam"] = sparse / (DENSE_ADAM_BYTES_PER_PARAM * topo.numel)
+        out["summary/memory/sparse_training_ratio_vs_dense_adam"] = (
+            (sparse + roles["weights/sparse"]) / (DENSE_ADAM_TRAINING_BYTES_PER_PARAM * topo.numel))
     return out
 
 

@@ -88,7 +88,7 @@ class Run:
         torch.manual_seed(t.seed)
         self.model = LLaMA(cfg.model).to(self.device)
         self.topology = SparseTopology.build(self.model, s.density, s.distribution, s.block_size,
-                                             list(s.dense_patterns), seed=t.seed)
+                                             list(s.dense_patterns), seed=t.seed, weights=s.weights)
         self.updater = DynamicSparsity.from_config(self.topology, s, t.max_steps, seed=t.seed)
         self.optimizer = SMETAdam.from_config(self.model, self.topology, o)
         seq = cfg.model.seq_len
