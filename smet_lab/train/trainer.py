@@ -67,6 +67,18 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches, bfloat16: bool = False) -> float:
+    """Mean over `batches` of the model's loss, in eval mode (how every val and probe loss is taken)."""
+    model.eval()
+    total = 0.0
+    with torch.autocast(batches[0][0].device.type, dtype=torch.bfloat16, enabled=bfloat16):
+        for x, y in batches:
+            total += model(x, y).item()
+    model.train()
+    return total / len(batches)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,15 +121,8 @@ class Run:
         enabled = self.cfg.train.dtype == "bfloat16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    @torch.no_grad()
     def loss_on(self, batches) -> float:
-        self.model.eval()
-        total = 0.0
-        with self._autocast():
-            for x, y in batches:
-                total += self.model(x, y).item()
-        self.model.train()
-        return total / len(batches)
+        return mean_loss(self.model, batches, self.cfg.train.dtype == "bfloat16")
 
     def record(self, step: int, metrics: dict) -> None:
         """Merge metrics into the history row of `step` (one row per optimizer step)."""

@@ -1,0 +1,180 @@
+"""`python -m smet_lab.export`: a trained model out of a training checkpoint, as safetensors.
+
+    python -m smet_lab.export CHECKPOINT --out DIR [--format dense|compact] [--eval]
+        CHECKPOINT: a run's checkpoints/step_<N> folder (or the state.pt inside it).
+        dense    model.safetensors with full weight matrices (zeros off the topology), loadable into a
+                 plain smet_lab.model.LLaMA: `model, manifest = load_export(DIR)`
+        compact  the sparse layers as `<name>.values` [active blocks, B] float32 and `<name>.block_ids`
+                 int32 (ascending, row-major blocks of B weights); dense layers as they are
+        Both write manifest.json: model preset and sizes, vocabulary, tokenizer, block size, density
+        per layer, method, step. --eval then loads the export back and prints its loss on the run's
+        validation batches (the run's own data and eval settings; equals the run's last val loss).
+
+Bad input (no checkpoint there, an unknown format): one line `smet_lab: error: ...` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from smet_lab.config import ConfigError, ModelConfig, RunConfig, from_dict
+from smet_lab.train import checkpoint as ckpt
+
+FORMATS = ("dense", "compact")
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+EXIT_BAD_INPUT = 2
+
+
+class ExportError(ValueError):
+    """A one-line user error."""
+
+
+def read_checkpoint(path: str | Path) -> tuple[RunConfig, dict, Path]:
+    """The run config and state of a checkpoint folder (or its state.pt)."""
+    path = Path(path)
+    state_file = path / ckpt.STATE_FILE if path.is_dir() else path
+    config_file = state_file.parent / ckpt.CONFIG_FILE
+    if not state_file.is_file() or not config_file.is_file():
+        raise ExportError(f"checkpoint={str(path)!r} is not allowed: expected a checkpoints/step_<N> folder "
+                          f"with {ckpt.STATE_FILE} and {ckpt.CONFIG_FILE}")
+    try:
+        cfg = from_dict(RunConfig, json.loads(config_file.read_text()))
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+    except (OSError, ValueError, RuntimeError, ConfigError) as exc:
+        raise ExportError(f"checkpoint={str(path)!r} is not allowed: unreadable ({str(exc).splitlines()[0]})") from None
+    return cfg, state, state_file.parent
+
+
+def sparse_tensors(cfg: RunConfig, state: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Size]]:
+    """name -> (values [k, B], int32 block ids, dense shape) for every sparse layer of the checkpoint,
+    whether it kept dense or compact weights."""
+    from smet_lab.model import LLaMA
+
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in LLaMA(cfg.model).named_parameters()}
+    B = cfg.sparsity.block_size
+    out = {}
+    for name, ids in state["topology"]["layers"].items():
+        ids = ids.to(torch.int32)
+        model = state["model"]
+        compact_key = name.removesuffix("weight") + "values"
+        values = model[compact_key] if compact_key in model else model[name].reshape(-1, B)[ids.long()]
+        out[name] = (values.float().contiguous(), ids, shapes[name])
+    return out
+
+
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "dense") -> Path:
+    """Write DIR/model.safetensors and DIR/manifest.json; returns DIR."""
+    from safetensors.torch import save_file
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format={fmt!r} is not allowed: one of {', '.join(FORMATS)}")
+    cfg, state, folder = read_checkpoint(checkpoint)
+    sparse = sparse_tensors(cfg, state)
+    tensors = {}
+    for name, tensor in state["model"].items():
+        if name.endswith(".values") or name in sparse:
+            continue
+        tensors[name] = tensor.contiguous()
+    for name, (values, ids, shape) in sparse.items():
+        if fmt == "dense":
+            dense = torch.zeros(shape.numel() // values.shape[1], values.shape[1])
+            dense[ids.long()] = values
+            tensors[name] = dense.view(shape)
+        else:
+            base = name.removesuffix("weight")
+            tensors[base + "values"], tensors[base + "block_ids"] = values, ids.contiguous()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": fmt,
+        "model": dataclasses.asdict(cfg.model),
+        "vocab_size": cfg.model.vocab_size,
+        "tokenizer": cfg.data.tokenizer,
+        "data": dataclasses.asdict(cfg.data),
+        "method": cfg.method,
+        "block_size": cfg.sparsity.block_size,
+        "density": state["topology"]["target_density"],
+        "layers": {name: {"shape": list(shape), "n_active_blocks": values.shape[0],
+                          "density": values.shape[0] * values.shape[1] / shape.numel()}
+                   for name, (values, _, shape) in sparse.items()},
+        "step": state["step"],
+        "checkpoint": str(folder.resolve()),
+    }
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": fmt})
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def load_export(path: str | Path):
+    """(LLaMA with the exported weights, manifest) from an export folder of either format."""
+    from safetensors.torch import load_file
+
+    from smet_lab.model import LLaMA
+
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    tensors = load_file(str(path / WEIGHTS))
+    B = manifest["block_size"]
+    for name, info in manifest["layers"].items():
+        base = name.removesuffix("weight")
+        if base + "values" in tensors:
+            values, ids = tensors.pop(base + "values"), tensors.pop(base + "block_ids")
+            dense = torch.zeros(torch.Size(info["shape"]).numel() // B, B)
+            dense[ids.long()] = values
+            tensors[name] = dense.view(info["shape"])
+    model = LLaMA(ModelConfig(**manifest["model"]))
+    model.load_state_dict(tensors)
+    return model, manifest
+
+
+def evaluate_export(path: str | Path) -> float:
+    """The export's mean loss on its run's validation batches, computed as the trainer does."""
+    from smet_lab.data import TokenBatcher, load_corpus
+    from smet_lab.train.trainer import mean_loss
+
+    model, manifest = load_export(path)
+    cfg, _, _ = read_checkpoint(manifest["checkpoint"])
+    corpus = load_corpus(cfg.data)
+    batches = TokenBatcher.fixed_batches(corpus.val, cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches)
+    return mean_loss(model, batches, cfg.train.dtype == "bfloat16")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like the main CLI, instead of usage + message
+        print(f"smet_lab: error: {message} (see python -m smet_lab.export --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="python -m smet_lab.export", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("checkpoint", help="a run's checkpoints/step_<N> folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default="dense", choices=FORMATS)
+    p.add_argument("--eval", action="store_true", help="print the export's loss on the run's validation batches")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, args.format)
+    except ExportError as exc:
+        print(f"smet_lab: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"smet_lab: exported {args.checkpoint} as {args.format} to {out} ({size / 2**20:,.2f} MiB)")
+    if args.eval:
+        cfg, state, _ = read_checkpoint(args.checkpoint)
+        logged = [r["val/loss"] for r in state["history"] if "val/loss" in r and r["step"] <= state["step"]]
+        run = f" (the run's last val loss: {logged[-1]:.6f})" if logged else ""
+        print(f"smet_lab: val loss of the export: {evaluate_export(out):.6f}{run}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""python -m smet_lab.export: sparse checkpoints out as safetensors, dense or compact, and back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smet_lab.config import DataConfig, ModelConfig, RunConfig
+from smet_lab.export import evaluate_export, export, load_export
+from smet_lab.methods import apply_method
+from smet_lab.train import QUIET, train
+
+
+@pytest.fixture(scope="module", params=["dense", "compact"])
+def finished(request, tmp_path_factory):
+    """A finished 30-step smet run (an update every 10 steps) with its final checkpoint."""
+    cfg = apply_method(RunConfig(), "smet")
+    cfg.model = ModelConfig(name="test", dim=32, n_layers=2, n_heads=2, ffn_dim=64, seq_len=16)
+    cfg.data = DataConfig(name="synthetic", max_tokens=40_000)
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.eval_every, cfg.train.eval_batches = 30, 4, 10, 3
+    cfg.train.probe_batch_size = 4
+    cfg.sparsity.update_every, cfg.sparsity.block_size, cfg.sparsity.weights = 10, 4, request.param
+    out = tmp_path_factory.mktemp(f"run_{request.param}")
+    result = train(cfg, output_dir=out, callbacks=QUIET)
+    assert result.status == "FINISHED"
+    return cfg, result, out / "checkpoints" / "step_30"
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compact"])
+def test_export_round_trip_gives_the_runs_val_loss(finished, fmt, tmp_path):
+    cfg, result, ckpt = finished
+    out = export(ckpt, tmp_path / "export", fmt)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == fmt and manifest["block_size"] == 4 and manifest["vocab_size"] == cfg.model.vocab_size
+    assert manifest["step"] == 30 and manifest["tokenizer"] == "byte"
+    tensors = load_file(str(out / "model.safetensors"))
+    name = "layers.0.attention.wq.weight"
+    assert manifest["layers"][name]["density"] == pytest.approx(0.25)
+    if fmt == "dense":
+        w = tensors[name]
+        assert w.shape == (32, 32)
+        assert (w.view(-1, 4).abs().sum(1) > 0).sum() <= 64  # at most the 64 active blocks of 4 are nonzero
+    else:
+        assert tensors["layers.0.attention.wq.values"].shape == (64, 4)
+        assert tensors["layers.0.attention.wq.block_ids"].dtype == torch.int32
+        assert name not in tensors
+    model, _ = load_export(out)
+    assert evaluate_export(out) == pytest.approx(result.summary["summary/final_val_loss"], abs=1e-6)
+
+
+def test_export_cli_and_bad_input(finished, tmp_path):
+    _, result, ckpt = finished
+    run = lambda *args: subprocess.run([sys.executable, "-m", "smet_lab.export", *map(str, args)],
+                                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    ok = run(ckpt, "--out", tmp_path / "e", "--eval")
+    assert ok.returncode == 0, ok.stderr
+    printed = float(ok.stdout.split("val loss of the export: ")[1].split()[0])
+    assert printed == pytest.approx(result.summary["summary/final_val_loss"], abs=1e-6)
+    for args, says in (([tmp_path / "nowhere", "--out", tmp_path / "x"], "expected a checkpoints/step_<N> folder"),
+                       ([ckpt, "--out", tmp_path / "x", "--format", "sparse"], "invalid choice: 'sparse'")):
+        bad = run(*args)
+        assert bad.returncode == 2
+        assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("smet_lab: error: ") and says in bad.stderr
+        assert not (tmp_path / "x").exists()
