@@ -5,6 +5,7 @@
     naive_dst  SMETAdam with state=dense_masked, global step, no warm-up, no LR scaling: dense-size
                gradient and moments + a mask, what mask-based DST libraries keep
     smet       SMETAdam with the compact state, local step reset, warm-up W=100, lr/d
+    smet_compact  smet with compact weights (sparsity.weights=compact): only the active values stored
 
 Sparse methods: uniform density over the attention and MLP projections (embeddings, head and norms
 dense), block size B, magnitude prune 0.3 + random regrowth when a topology update is timed.
@@ -21,7 +22,7 @@ from smet_lab.model import LLaMA, model_preset
 from smet_lab.optim import SMETAdam
 from smet_lab.sparse import DynamicSparsity, SparseTopology
 
-METHODS = ("dense", "naive_dst", "smet")
+METHODS = ("dense", "naive_dst", "smet", "smet_compact")
 
 
 @dataclass
@@ -51,10 +52,11 @@ def build(method: str, model_name: str, vocab: int, density: float, block_size: 
     if method == "dense":
         opt, kind = dense_adam(model.parameters(), lr, torch.device(device))
         return Setup(method, model, opt, dense_adam=kind)
-    topo = SparseTopology.build(model, density, block_size=block_size, seed=seed)
+    weights = "compact" if method == "smet_compact" else "dense"
+    topo = SparseTopology.build(model, density, block_size=block_size, seed=seed, weights=weights)
     if method == "naive_dst":
         opt = SMETAdam(model, topo, lr=lr, reset_step=False, warmup_steps=0, lr_scaling="none", state="dense_masked")
-    elif method == "smet":
+    elif method in ("smet", "smet_compact"):
         opt = SMETAdam(model, topo, lr=lr, reset_step=True, warmup_steps=100, lr_scaling="inverse", state="compact")
     else:
         raise ValueError(method)

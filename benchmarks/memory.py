@@ -1,11 +1,13 @@
-"""Memory of dense Adam vs naive DST (dense-masked state) vs SMET (compact state), per model preset,
-density and block size: (a) exact bytes of weights, gradients and optimizer state counted from the
-tensors, (b) peak process memory, (c) the analytic minimum for float32 states.
+"""Memory of dense Adam vs naive DST (dense-masked state) vs SMET (compact state) with dense weights
+vs SMET with compact weights, per model preset, density and block size: (a) exact bytes of weights,
+gradients and optimizer state counted from the tensors, (b) peak process memory, (c) the analytic
+minimum for float32 states.
 
     python benchmarks/memory.py [--models tiny llama_20m llama_60m llama_130m]
         [--densities 0.1 0.25 0.5 1.0] [--block-sizes 1 16 128] [--vocab 32000] [--batch 1]
         [--seq-len 256] [--steps 3] [--threads 1] [--json benchmarks/results/memory.json] [--resume]
-        [--plot benchmarks/results/state_memory.png]
+        [--plot benchmarks/results/state_memory.png] [--peak-plot benchmarks/results/peak_memory.png]
+        [--allocator default|release]
 
 Every configuration runs in a fresh subprocess (so that peak memories do not mix): build the model
 and optimizer, train `--steps` steps on random tokens (a topology update after step 1 for the sparse
@@ -22,6 +24,11 @@ methods, so the measured state includes a regrown cohort), then report:
   1 B cohort id per active block + 8 B per cohort when it needs a local step).
 
 Ratios are to dense Adam (12 B per parameter for gradient + moments) and to the analytic minimum.
+"persistent x dense Adam" counts the weights too (16 B per parameter). "peak saving % of persistent"
+is (dense Adam's peak RSS - the method's) / (dense Adam's persistent bytes - the method's): how much of
+the saving in live tensors survives at the peak. --allocator release measures every method as the
+trainer runs with train.release_memory=true (glibc returns freed blocks >= 128 KiB to the OS at once);
+--allocator default (the default, and the trainer's default) leaves glibc's adaptive threshold.
 """
 
 from __future__ import annotations
@@ -50,10 +57,15 @@ def measure_one(cfg: dict) -> dict:
     sys.path.insert(0, HERE)
     from common import batch, build, topology_update
 
+    from smet_lab.model import count_parameters
     from smet_lab.optim import SMETAdam
     from smet_lab.train.memory import DENSE_ADAM_BYTES_PER_PARAM, analytic_state_bytes, torch_adam_state_bytes
 
     device = cfg.get("device", "cpu")
+    if cfg.get("allocator", "default") == "release":
+        from smet_lab.train.memory import release_freed_memory
+
+        release_freed_memory()
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     rss0 = rss_now()
@@ -75,7 +87,7 @@ def measure_one(cfg: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         if step == 1 and s.updater is not None:
             topology_update(s, 100)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model.cfg)  # of the dense model (compact weights store fewer)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     topo = s.topology
     sparse_numel = topo.numel if topo is not None else 0
@@ -87,7 +99,7 @@ def measure_one(cfg: dict) -> dict:
     else:
         state = torch_adam_state_bytes(model, opt)["state"]
         sparse_state, cohorts = None, 0
-    needs_step = cfg["method"] == "smet"
+    needs_step = cfg["method"] in ("smet", "smet_compact")
     dense_numel = n_params - sparse_numel
     analytic = DENSE_ADAM_BYTES_PER_PARAM * dense_numel
     if sparse_numel:
@@ -98,7 +110,9 @@ def measure_one(cfg: dict) -> dict:
            "sparse_dense_adam": DENSE_ADAM_BYTES_PER_PARAM * sparse_numel,
            "sparse_released": analytic_state_bytes(topo, "released", needs_step) if sparse_numel else None,
            "sparse_floor": DENSE_ADAM_BYTES_PER_PARAM * topo.n_active_weights if sparse_numel else None,
-           "rss_after_import": rss0}
+           "rss_after_import": rss0,
+           "persistent": weights + grad_peak + state,
+           "dense_adam_persistent": (DENSE_ADAM_BYTES_PER_PARAM + 4) * n_params}
     if device == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
@@ -111,17 +125,23 @@ def configs(args) -> list[dict]:
     for model in args.models:
         vocab = args.tiny_vocab if model == "tiny" else args.vocab
         base = {"model": model, "vocab": vocab, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-                "device": args.device, "threads": args.threads}
+                "device": args.device, "threads": args.threads, "allocator": args.allocator}
         out.append({**base, "method": "dense", "density": 1.0, "block_size": 1})
         for d in args.densities:
-            for method in ("naive_dst", "smet"):
+            for method in args.methods:
                 for b in (args.block_sizes if d < 1.0 else [1]):
                     out.append({**base, "method": method, "density": d, "block_size": b})
     return out
 
 
 # What identifies one measurement (a re-run skips the configurations already measured).
-CFG_KEYS = ("batch", "block_size", "density", "device", "method", "model", "seq_len", "steps", "vocab")
+CFG_KEYS = ("allocator", "batch", "block_size", "density", "device", "method", "model", "seq_len", "steps", "vocab")
+LABELS = {"dense": "dense Adam", "naive_dst": "naive_dst (dense_masked)", "smet": "smet (compact state)",
+          "smet_compact": "smet (compact state + weights)"}
+
+
+def cfg_key(c: dict) -> str:
+    return json.dumps({k: c.get(k, "default" if k == "allocator" else None) for k in CFG_KEYS})  # older results: default
 
 
 def mib(x) -> str:
@@ -129,21 +149,24 @@ def mib(x) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | params | B | density | method | weights MiB | grads MiB | opt state MiB | grad+state x dense Adam "
-             "| sparse layers x dense Adam | x analytic min | peak RSS MiB (+ over dense Adam) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    dense = {r["model"]: r for r in results if r["method"] == "dense"}
+    lines = ["| model | batch | params | B | density | method | weights MiB | grads MiB | opt state MiB | grad+state x dense Adam "
+             "| sparse layers x dense Adam | x analytic min | persistent x dense Adam | peak RSS MiB (+ over dense Adam) "
+             "| peak saving % of persistent |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = {(r["model"], r["batch"]): r for r in results if r["method"] == "dense"}
     for r in results:
         gs = r["grads"] + r["state"]
-        d = dense.get(r["model"])
+        d = dense.get((r["model"], r["batch"]))
         sparse = f"{r['sparse_state'] / r['sparse_dense_adam']:.3f}" if r.get("sparse_state") is not None and r["sparse_dense_adam"] else "-"
-        peak = f"{r['peak_bytes'] / 2**20:,.0f}"
+        peak, kept = f"{r['peak_bytes'] / 2**20:,.0f}", "-"
         if d is not None and r is not d:
             peak += f" ({(r['peak_bytes'] - d['peak_bytes']) / 2**20:+,.0f})"
-        label = {"dense": "dense Adam", "naive_dst": "naive_dst (dense_masked)", "smet": "smet (compact)"}[r["method"]]
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['block_size'] if r['density'] < 1 else '-'} | "
-                     f"{r['density']} | {label} | {mib(r['weights'])} | {mib(r['grads'])} | {mib(r['state'])} | "
-                     f"{gs / r['dense_adam']:.3f} | {sparse} | {gs / r['analytic_min']:.3f} | {peak} |")
+            saved = d["persistent"] - r["persistent"]
+            kept = f"{100 * (d['peak_bytes'] - r['peak_bytes']) / saved:.0f} %" if saved > 0 else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['params'] / 1e6:.1f}M | {r['block_size'] if r['density'] < 1 else '-'} | "
+                     f"{r['density']} | {LABELS[r['method']]} | {mib(r['weights'])} | {mib(r['grads'])} | {mib(r['state'])} | "
+                     f"{gs / r['dense_adam']:.3f} | {sparse} | {gs / r['analytic_min']:.3f} | "
+                     f"{r['persistent'] / r['dense_adam_persistent']:.3f} | {peak} | {kept} |")
     return "\n".join(lines)
 
 
@@ -182,6 +205,34 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def peak_plot(results: list[dict], path: str) -> None:
+    """Peak RSS vs density, one line per method (B = 1), one panel per (model, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r["batch"]) for r in results if r["method"] == "dense"})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    colors = {"naive_dst": "tab:red", "smet": "tab:blue", "smet_compact": "tab:green"}
+    for ax, (model, batch) in zip(axes[0], panels):
+        rows = [r for r in results if r["model"] == model and r["batch"] == batch]
+        dense = next(r for r in rows if r["method"] == "dense")
+        ax.axhline(dense["peak_bytes"] / 2**20, color="k", label="dense Adam")
+        for method, color in colors.items():
+            pts = sorted((r["density"], r["peak_bytes"] / 2**20) for r in rows
+                         if r["method"] == method and r["block_size"] == 1 and r["density"] < 1)
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=color, label=LABELS[method])
+        ax.set_title(f"{model}, batch {batch}, B = 1")
+        ax.set_xlabel("density of the sparse layers")
+        ax.set_ylabel("peak RSS of the process, MiB")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["tiny", "llama_20m", "llama_60m", "llama_130m"])
@@ -199,6 +250,9 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a JSON config: run it here, print JSON
     ap.add_argument("--from-json", default=None, help="only print the table/plot of an earlier --json")
     ap.add_argument("--resume", action="store_true", help="keep the configurations already in --json")
+    ap.add_argument("--methods", nargs="+", default=["naive_dst", "smet", "smet_compact"])
+    ap.add_argument("--allocator", choices=["default", "release"], default="default")
+    ap.add_argument("--peak-plot", default=None)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_one(json.loads(args.one))))
@@ -211,9 +265,9 @@ def main() -> None:
             results = json.load(open(args.json))["results"]  # configurations measured already are kept
         print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()}, {os.cpu_count()} CPUs, device {args.device}; "
               f"batch {args.batch}, seq {args.seq_len or 'preset'}, {args.steps} steps per configuration", flush=True)
-        done = {json.dumps({k: r[k] for k in CFG_KEYS}) for r in results}
+        done = {cfg_key(r) for r in results}
         for cfg in configs(args):
-            if json.dumps({k: cfg[k] for k in CFG_KEYS}) in done:
+            if cfg_key(cfg) in done:
                 continue
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)],
                                   capture_output=True, text=True)
@@ -227,13 +281,15 @@ def main() -> None:
                 with open(args.json, "w") as f:
                     json.dump({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "args": vars(args),
                                "results": results}, f, indent=1)
-    key = lambda c: json.dumps({k: c[k] for k in CFG_KEYS})
+    key = cfg_key
     order = {key(c): i for i, c in enumerate(configs(args if not args.from_json else argparse.Namespace(
         **json.load(open(args.from_json))["args"])))}
     results.sort(key=lambda r: order.get(key(r), len(order)))  # configuration order, resumed ones included
     print(table(results))
     if args.plot:
         plot(results, args.plot)
+    if args.peak_plot:
+        peak_plot(results, args.peak_plot)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16
     threads: int = 0  # 0 = leave torch's default
+    release_memory: bool = False  # glibc: freed blocks >= 128 KiB go back to the OS at once (lower peak RSS, slower)
 
 
 @dataclass

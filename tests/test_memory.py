@@ -129,21 +129,24 @@ def load_benchmark():
     return module
 
 
-@pytest.mark.parametrize("method", ["dense", "naive_dst", "smet"])
+@pytest.mark.parametrize("method", ["dense", "naive_dst", "smet", "smet_compact"])
 def test_memory_benchmark_measures_one_configuration(method):
     bench = load_benchmark()
     cfg = {"model": "tiny", "method": method, "density": 0.25 if method != "dense" else 1.0, "block_size": 1,
            "vocab": 256, "batch": 2, "seq_len": 16, "steps": 2, "device": "cpu", "threads": 0}
     r = bench.measure_one(cfg)
     n = r["params"]
-    assert r["weights"] == 4 * n and r["dense_adam"] == 12 * n
+    assert n == 2 * (4 * 64 * 64 + 3 * 64 * 176 + 2 * 64) + 2 * 256 * 64 + 64  # the dense model's count
+    sparse_weights = r["sparse_params"] // 4 if method == "smet_compact" else r["sparse_params"]
+    assert r["weights"] == 4 * (n - r["sparse_params"] + sparse_weights) and r["dense_adam"] == 12 * n
+    assert r["persistent"] == r["weights"] + r["grads"] + r["state"] and r["dense_adam_persistent"] == 16 * n
     if method == "dense":
         assert r["grads"] == 4 * n and r["analytic_min"] == 12 * n
         assert r["state"] == 8 * n + 4 * len(list(LLaMA(ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=176,
                                                                           vocab_size=256, seq_len=16)).parameters()))
     else:
         assert r["sparse_params"] > 0
-        if method == "smet":  # the update after step 1 added a cohort; the state is exactly the formula
+        if method.startswith("smet"):  # the update after step 1 added a cohort; the state is exactly the formula
             assert r["cohorts"] == 2 and r["sparse_state"] <= 0.30 * r["sparse_dense_adam"]
             assert r["grads"] == 4 * (n - r["sparse_params"]) + 4 * r["sparse_params"] // 4  # compact sparse grads
             assert r["grads"] + r["state"] == r["analytic_min"]
@@ -155,9 +158,51 @@ def test_memory_benchmark_measures_one_configuration(method):
     cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | ")))
     gs = r["grads"] + r["state"]
     assert cells["method"] == {"dense": "dense Adam", "naive_dst": "naive_dst (dense_masked)",
-                               "smet": "smet (compact)"}[method]
-    assert cells["weights MiB"] == f"{4 * n / 2**20:,.1f}"
+                               "smet": "smet (compact state)", "smet_compact": "smet (compact state + weights)"}[method]
+    assert cells["weights MiB"] == f"{r['weights'] / 2**20:,.1f}"
     assert cells["grad+state x dense Adam"] == f"{gs / (12 * n):.3f}"
-    assert cells["x analytic min"] == ("1.000" if method == "smet" else f"{gs / r['analytic_min']:.3f}")
+    assert cells["x analytic min"] == ("1.000" if method.startswith("smet") else f"{gs / r['analytic_min']:.3f}")
+    assert cells["persistent x dense Adam"] == f"{(r['weights'] + gs) / (16 * n):.3f}"
     if method == "dense":
         assert cells["sparse layers x dense Adam"] == "-"
+
+
+def test_every_memory_role_is_a_declared_metric():
+    """summary/memory/bytes/<role> for every role either layout reports is in the metric registry."""
+    from smet_lab.metrics import METRICS
+    from smet_lab.train.memory import training_bytes_by_role
+
+    for state, weights in (("compact", "compact"), ("dense_masked", "dense")):
+        model = LLaMA(ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, vocab_size=64, seq_len=8))
+        topo = SparseTopology.build(model, 0.5, weights=weights)
+        roles = training_bytes_by_role(model, SMETAdam(model, topo, warmup_steps=5, state=state))
+        assert all(f"summary/memory/bytes/{role}" in METRICS for role in roles), roles
+        assert roles["weights/sparse"] == 4 * topo.n_active_weights if weights == "compact" else 4 * topo.numel
+
+
+RELEASED_RUN = """
+import json, platform
+from smet_lab.config import ModelConfig, RunConfig, DataConfig
+from smet_lab.train import QUIET, train
+from smet_lab.train.memory import release_freed_memory
+cfg = RunConfig()
+cfg.model = ModelConfig(name="t", dim=32, n_layers=1, n_heads=2, ffn_dim=64, seq_len=16)
+cfg.data = DataConfig(name="synthetic", max_tokens=20_000)
+cfg.train.max_steps, cfg.train.batch_size, cfg.sparsity.update_every = 25, 4, 10
+cfg.train.eval_every, cfg.train.probe_batch_size, cfg.train.release_memory = 0, 4, {release}
+r = train(cfg, callbacks=QUIET)
+print(json.dumps({{"losses": [h["train/loss"] for h in r.history], "applies": release_freed_memory(),
+                   "glibc": platform.libc_ver()[0] == "glibc"}}))
+"""
+
+
+def test_release_memory_changes_no_number():
+    """train.release_memory only changes where freed memory goes (in fresh processes: it is process-wide)."""
+    import json
+    import subprocess
+    import sys
+
+    out = [json.loads(subprocess.run([sys.executable, "-c", RELEASED_RUN.format(release=flag)], capture_output=True,
+                                     text=True, check=True, timeout=300).stdout.splitlines()[-1]) for flag in (True, False)]
+    assert len(out[0]["losses"]) == 25 and out[0]["losses"] == out[1]["losses"]
+    assert out[0]["applies"] == out[0]["glibc"]  # mallopt exists exactly on glibc

@@ -9,7 +9,7 @@ A post-accumulate-grad hook hands each sparse weight's dense gradient to the lay
 autograd produces it and drops the dense tensor, so a dense weight gradient lives only during its own
 layer's backward. The moments are updated in place over the flat buffers of all sparse layers at
 once; the bias-corrected update is formed over chunks of consecutive layers of >= STEP_CHUNK entries
-(one chunk for llama_20m, five for llama_130m at density 0.25), which bounds its temporaries.
+(one chunk for llama_20m, about twenty for llama_130m at density 0.25), which bounds its temporaries.
 
 SMET semantics (docs/design.md section 2), per active entry i:
     regrow(i): m_i = v_i = 0, t_i = 0       (theta_i = 0 is the topology updater's job)

@@ -16,7 +16,7 @@ import torch
 from smet_lab.sparse.topology import SparseLayer, SparseTopology
 from smet_lab.sparse.updater import RegrowEvent
 
-STEP_CHUNK = 1 << 22  # state entries per chunk of the update's temporaries (16 MiB per float32 temp)
+STEP_CHUNK = 1 << 20  # state entries per chunk of the update's temporaries (4 MiB per float32 temp)
 
 
 def nbytes(t: torch.Tensor | None) -> int:

@@ -30,7 +30,6 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-
 from torch.utils.hooks import RemovableHandle
 
 from smet_lab.config import ConfigError
@@ -171,11 +170,10 @@ class SparseLayer:
             values = self.param.detach()
             if ids is None:
                 return values
-            active = self.block_ids().long()
+            active = self.block_ids().long()  # never empty: a layer keeps >= 1 active block
             ids = ids.to(active.device, torch.long)
-            slots = torch.searchsorted(active, ids).clamp_(max=max(0, active.numel() - 1))
-            hit = (active[slots] == ids).unsqueeze(1) if active.numel() else torch.zeros(ids.numel(), 1, dtype=torch.bool)
-            return values.index_select(0, slots) * hit
+            slots = torch.searchsorted(active, ids).clamp_(max=active.numel() - 1)
+            return values.index_select(0, slots) * (active[slots] == ids).unsqueeze(1)
         blocks = self.blocks(tensor)
         ids = self.block_ids() if ids is None else ids
         if self.block_size == 1:  # 1-D index_select is ~2x faster than over rows of one element
@@ -187,8 +185,11 @@ class SparseLayer:
         zeros elsewhere."""
         values = self.param.detach() if values is None else values
         dense = values.new_zeros(self.n_blocks, self.block_size)
-        rows = (lambda t: t.view(-1)) if self.block_size == 1 else (lambda t: t)
-        rows(dense).index_copy_(0, self.block_ids().long(), rows(values))
+        ids = self.block_ids().long()
+        if self.block_size == 1:  # 1-D index_copy_ is faster than over rows of one element
+            dense.view(-1).index_copy_(0, ids, values.view(-1))
+        else:
+            dense.index_copy_(0, ids, values)
         return dense.view(self.shape)
 
     # --------------------------------------------------------------------------------- views
@@ -303,7 +304,7 @@ class SparseTopology:
             layer = SparseLayer(name, p, block_size, idx)
             layer.apply_mask()
             if weights == "compact":
-                make_compact(model, layer)  # one layer at a time: its dense weight is freed here
+                make_compact(model, layer)  # the model no longer holds its dense weight
             layers.append(layer)
         return cls(layers, density)
 

@@ -16,6 +16,8 @@ weight in all of them):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 
@@ -124,6 +126,25 @@ def memory_summary(model: torch.nn.Module, opt: SMETAdam) -> dict[str, float]:
         out["summary/memory/sparse_training_ratio_vs_dense_adam"] = (
             (sparse + roles["weights/sparse"]) / (DENSE_ADAM_TRAINING_BYTES_PER_PARAM * topo.numel))
     return out
+
+
+MMAP_THRESHOLD = 128 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def release_freed_memory() -> bool:
+    """Make glibc malloc serve every block of >= 128 KiB with its own mapping, returned to the OS when
+    freed. By default the threshold adapts upwards (to 32 MiB) after the first large free, so freed
+    activations, dense weight gradients and step temporaries stay in the heap, fragmented, and count
+    in the RSS: on llama_130m, batch 1, that is ~400 MiB of SMET's peak (benchmarks/results/memory.md).
+    Process-wide and idempotent; False where the C library has no mallopt (not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

@@ -25,7 +25,7 @@ from smet_lab.sparse import DynamicSparsity, SparseTopology
 from smet_lab.train import checkpoint as ckpt
 from smet_lab.train.checks import validate_run
 from smet_lab.train.probe import ProbeWindow, UpdateRMS
-from smet_lab.train.memory import memory_summary, peak_memory
+from smet_lab.train.memory import memory_summary, peak_memory, release_freed_memory
 
 LogFn = Callable[[dict, int], None]
 
@@ -94,6 +94,8 @@ class Run:
         t, s, o = cfg.train, cfg.sparsity, cfg.optim
         if t.threads > 0:
             torch.set_num_threads(t.threads)
+        if t.release_memory:
+            release_freed_memory()
         self.device = resolve_device(t.device)
         self.corpus = corpus if corpus is not None else load_corpus(cfg.data)
         cfg.model.vocab_size = self.corpus.vocab_size
