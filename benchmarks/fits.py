@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +38,6 @@ def train_one(cfg: dict) -> None:
     release_freed_memory()
     torch.set_num_threads(cfg["threads"])
     s = build(cfg["method"], cfg["model"], cfg["vocab"], cfg["density"], 1)
-    print(json.dumps({"built": True, "params": sum(p.numel() for p in s.model.parameters())}), flush=True)
     seq = s.model.cfg.seq_len
     for step in range(1, cfg["steps"] + 1):
         x, y = batch(step, 1, seq, cfg["vocab"], "cpu")
@@ -59,26 +59,29 @@ def status_mib(pid: int, key: str) -> float | None:
 
 
 def run_capped(cfg: dict, budget_mib: float) -> dict:
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    os.set_blocking(proc.stdout.fileno(), False)
-    lines, buf, peak, killed, started = [], "", 0.0, False, time.time()
-    while proc.poll() is None:
-        rss = status_mib(proc.pid, "VmRSS")
-        peak = max(peak, status_mib(proc.pid, "VmHWM") or 0.0)
-        if rss is not None and rss > budget_mib:
-            proc.kill()
-            killed = True
-            break
-        buf += proc.stdout.read() or ""
-        time.sleep(0.01)
-    proc.wait()
-    buf += proc.stdout.read() or ""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)],
+                                stdout=out, stderr=err, text=True)
+        peak, killed, started = 0.0, False, time.time()
+        while proc.poll() is None:
+            rss = status_mib(proc.pid, "VmRSS")
+            peak = max(peak, status_mib(proc.pid, "VmHWM") or 0.0)
+            if rss is not None and rss > budget_mib:
+                proc.kill()
+                killed = True
+                break
+            time.sleep(0.01)
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        buf, stderr = out.read(), err.read()
     lines = [json.loads(line) for line in buf.splitlines() if line.startswith("{")]
     steps = [r for r in lines if "step" in r]
-    params = next((r["params"] for r in lines if "params" in r), None)
+    from smet_lab.model import count_parameters, model_preset
+
+    params = count_parameters(model_preset(cfg["model"], vocab_size=cfg["vocab"]))  # of the dense model
     if not killed and proc.returncode:
-        sys.exit(f"{cfg['method']} failed (exit {proc.returncode}): {proc.stderr.read()[-2000:]}")
+        sys.exit(f"{cfg['method']} failed (exit {proc.returncode}): {stderr[-2000:]}")
     out = {**cfg, "budget_mib": budget_mib, "steps_done": len(steps), "peak_mib": round(peak, 1),
            "killed_over_budget": killed, "fits": not killed and len(steps) == cfg["steps"],
            "params": params, "seconds": round(time.time() - started, 1),
@@ -89,12 +92,12 @@ def run_capped(cfg: dict, budget_mib: float) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | params (dense) | method | density | budget MiB | steps done | peak RSS MiB | fits |",
+    lines = ["| model | params | method | density | budget MiB | steps done | peak RSS MiB | fits |",
              "|---|---|---|---|---|---|---|---|"]
     label = {"dense": "dense Adam", "naive_dst": "naive_dst", "smet": "smet (dense weights)",
              "smet_compact": "smet (compact weights)"}
     for r in results:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:,.0f}M{'' if r['method'] != 'smet_compact' else ' (stored: compact)'} | "
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:,.0f}M | "
                      f"{label[r['method']]} | {r['density'] if r['method'] != 'dense' else 1.0} | {r['budget_mib']:,.0f} | "
                      f"{r['steps_done']}/{r['steps']} | {r['peak_mib']:,.0f}{' (killed)' if r['killed_over_budget'] else ''} | "
                      f"{'yes' if r['fits'] else 'no'} |")

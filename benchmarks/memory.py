@@ -153,20 +153,21 @@ def table(results: list[dict]) -> str:
              "| sparse layers x dense Adam | x analytic min | persistent x dense Adam | peak RSS MiB (+ over dense Adam) "
              "| peak saving % of persistent |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    dense = {(r["model"], r["batch"]): r for r in results if r["method"] == "dense"}
+    dense = {(r["model"], r["batch"], r.get("allocator")): r for r in results if r["method"] == "dense"}
+    persistent = lambda r: r.get("persistent", r["weights"] + r["grads"] + r["state"])  # older results lack it
     for r in results:
         gs = r["grads"] + r["state"]
-        d = dense.get((r["model"], r["batch"]))
+        d = dense.get((r["model"], r["batch"], r.get("allocator")))
         sparse = f"{r['sparse_state'] / r['sparse_dense_adam']:.3f}" if r.get("sparse_state") is not None and r["sparse_dense_adam"] else "-"
         peak, kept = f"{r['peak_bytes'] / 2**20:,.0f}", "-"
         if d is not None and r is not d:
             peak += f" ({(r['peak_bytes'] - d['peak_bytes']) / 2**20:+,.0f})"
-            saved = d["persistent"] - r["persistent"]
+            saved = persistent(d) - persistent(r)
             kept = f"{100 * (d['peak_bytes'] - r['peak_bytes']) / saved:.0f} %" if saved > 0 else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['params'] / 1e6:.1f}M | {r['block_size'] if r['density'] < 1 else '-'} | "
                      f"{r['density']} | {LABELS[r['method']]} | {mib(r['weights'])} | {mib(r['grads'])} | {mib(r['state'])} | "
                      f"{gs / r['dense_adam']:.3f} | {sparse} | {gs / r['analytic_min']:.3f} | "
-                     f"{r['persistent'] / r['dense_adam_persistent']:.3f} | {peak} | {kept} |")
+                     f"{persistent(r) / r.get('dense_adam_persistent', 16 * r['params']):.3f} | {peak} | {kept} |")
     return "\n".join(lines)
 
 
@@ -212,11 +213,15 @@ def peak_plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["model"], r["batch"]) for r in results if r["method"] == "dense"})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    panels = sorted({(r["model"], r["batch"], r.get("allocator", "default")) for r in results if r["method"] == "dense"})
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     colors = {"naive_dst": "tab:red", "smet": "tab:blue", "smet_compact": "tab:green"}
-    for ax, (model, batch) in zip(axes[0], panels):
-        rows = [r for r in results if r["model"] == model and r["batch"] == batch]
+    for ax, (model, batch, allocator) in zip(axes.flat, panels):
+        rows = [r for r in results if (r["model"], r["batch"], r.get("allocator", "default")) == (model, batch, allocator)]
         dense = next(r for r in rows if r["method"] == "dense")
         ax.axhline(dense["peak_bytes"] / 2**20, color="k", label="dense Adam")
         for method, color in colors.items():
@@ -224,11 +229,12 @@ def peak_plot(results: list[dict], path: str) -> None:
                          if r["method"] == method and r["block_size"] == 1 and r["density"] < 1)
             if pts:
                 ax.plot(*zip(*pts), "o-", color=color, label=LABELS[method])
-        ax.set_title(f"{model}, batch {batch}, B = 1")
+        ax.set_title(f"{model}, batch {batch}, B = 1\n{'train.release_memory=true' if allocator == 'release' else 'default allocator'}",
+                     fontsize=10)
         ax.set_xlabel("density of the sparse layers")
         ax.set_ylabel("peak RSS of the process, MiB")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -248,7 +254,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a JSON config: run it here, print JSON
-    ap.add_argument("--from-json", default=None, help="only print the table/plot of an earlier --json")
+    ap.add_argument("--from-json", nargs="+", default=None, help="only print the table/plots of earlier --json files")
     ap.add_argument("--resume", action="store_true", help="keep the configurations already in --json")
     ap.add_argument("--methods", nargs="+", default=["naive_dst", "smet", "smet_compact"])
     ap.add_argument("--allocator", choices=["default", "release"], default="default")
@@ -258,7 +264,7 @@ def main() -> None:
         print(json.dumps(measure_one(json.loads(args.one))))
         return
     if args.from_json:
-        results = json.load(open(args.from_json))["results"]
+        results = [r for path in args.from_json for r in json.load(open(path))["results"]]
     else:
         results = []
         if args.resume and args.json and os.path.exists(args.json):
@@ -282,8 +288,10 @@ def main() -> None:
                     json.dump({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "args": vars(args),
                                "results": results}, f, indent=1)
     key = cfg_key
-    order = {key(c): i for i, c in enumerate(configs(args if not args.from_json else argparse.Namespace(
-        **json.load(open(args.from_json))["args"])))}
+    order = {key(c): i for i, c in enumerate(
+        [c for path in args.from_json for c in configs(argparse.Namespace(**{"methods": ["naive_dst", "smet"], "allocator": "default",
+                                                                             **json.load(open(path))["args"]}))]
+        if args.from_json else configs(args))}
     results.sort(key=lambda r: order.get(key(r), len(order)))  # configuration order, resumed ones included
     print(table(results))
     if args.plot:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "dense") -> Path:
         "checkpoint": str(folder.resolve()),
     }
     save_file(tensors, str(out / WEIGHTS), metadata={"format": fmt})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / WEIGHTS, 0o666 & ~umask)  # safetensors writes 0600; make it as readable as manifest.json
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
 

@@ -37,3 +37,20 @@ def all_runs(db: Path):
 
     client = MlflowClient(f"sqlite:///{db}")
     return client, [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+class Died(Exception):
+    """Raised by a die_after callback: the training process "dies" between two steps."""
+
+
+def die_after(steps: int):
+    """A Callbacks.should_stop that raises Died when polled the `steps`-th time (after that step)."""
+    polls = [0]
+
+    def poll() -> bool:
+        polls[0] += 1
+        if polls[0] == steps:
+            raise Died
+        return False
+
+    return poll

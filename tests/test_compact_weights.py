@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import Died, die_after
 from smet_lab.config import DataConfig, ModelConfig, RunConfig
 from smet_lab.data import load_corpus
 from smet_lab.methods import apply_method
@@ -84,7 +85,7 @@ def test_replace_moves_compact_values_with_their_blocks():
     layer = SparseLayer("w", lin.weight, 1, torch.tensor([1, 4, 6], dtype=torch.int32))
     layer.apply_mask()
     values = layer.make_compact()
-    before = {1: float(values[0]), 4: float(values[1]), 6: float(values[2])}
+    before = dict(zip([1, 4, 6], values.detach().squeeze(1).tolist()))
     layer.replace(torch.tensor([4]), torch.tensor([0]))  # prune block 4, regrow block 0
     assert layer.block_ids().tolist() == [0, 1, 6]
     assert values.squeeze(1).tolist() == [0.0, before[1], before[6]]  # same tensor, re-ordered in place
@@ -125,18 +126,8 @@ def test_compact_run_resumes_bitwise_and_its_checkpoint_is_compact(tmp_path):
     cfg = run_cfg("smet", "compact", 40, 10, growth="gradient")
     cfg.train.checkpoint_every = 17
     full = train(cfg, corpus=CORPUS, callbacks=QUIET)
-
-    class Died(Exception):
-        pass
-
-    def die_after_20(n=[0]):
-        n[0] += 1
-        if n[0] == 20:
-            raise Died
-        return False
-
     with pytest.raises(Died):
-        train(cfg, output_dir=tmp_path, corpus=CORPUS, callbacks=Callbacks(progress=None, should_stop=die_after_20))
+        train(cfg, output_dir=tmp_path, corpus=CORPUS, callbacks=Callbacks(progress=None, should_stop=die_after(20)))
     ckpt = tmp_path / "checkpoints" / "step_17"
     cfg.train.resume_from = str(ckpt)
     resumed = train(cfg, output_dir=tmp_path / "b", corpus=CORPUS, callbacks=QUIET)
@@ -171,3 +162,26 @@ def test_memory_of_compact_weights_by_role():
     # the dense model's parameter count, not the compact one's
     n_dense_model = sparse_numel + 2 * 256 * 64 + 5 * 64
     assert s["summary/memory/training_ratio_vs_dense_adam"] == pytest.approx(s["summary/memory/training_bytes"] / (16 * n_dense_model))
+
+
+@pytest.mark.parametrize("method,key,value", [
+    ("smet", "optim.regrow.warmup_kind", "moment_damping"),
+    ("smet", "optim.regrow.warmup_kind", "released"),
+    ("smet_no_warmup", None, None), ("smet_no_reset", None, None), ("smet_no_scaling", None, None),
+    ("smet", "sparsity.block_size", 128),
+    ("smet", "sparsity.distribution", "erk"),
+    ("naive_dst", "sparsity.growth", "gradient"),
+])
+def test_every_ablation_and_option_trains_alike_with_compact_weights(method, key, value):
+    """60 steps, an update every 10: compact and dense weights give the same losses (to 1e-5)."""
+    runs = []
+    for weights in ("dense", "compact"):
+        cfg = run_cfg(method, weights, 60, 10)
+        if key:
+            section, leaf = key.rsplit(".", 1)
+            node = cfg
+            for part in section.split("."):
+                node = getattr(node, part)
+            setattr(node, leaf, value)
+        runs.append(losses(train(cfg, corpus=CORPUS, callbacks=QUIET)))
+    assert len(runs[0]) == 60 and np.abs(runs[0] - runs[1]).max() <= 1e-5

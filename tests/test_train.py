@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import Died, die_after
 from smet_lab.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from smet_lab.data import load_corpus
 from smet_lab.methods import METHODS, apply_method
@@ -133,18 +134,8 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, method, stat
     cfg.optim.state = state
     cfg.sparsity.growth = "gradient" if method == "smet" else "random"
     full = train(cfg, corpus=CORPUS, callbacks=QUIET)
-
-    class Died(Exception):
-        pass
-
-    def die_after_30(steps=[0]):  # polled once per step: the process "dies" after step 30
-        steps[0] += 1
-        if steps[0] == 30:
-            raise Died
-        return False
-
-    with pytest.raises(Died):
-        train(cfg, output_dir=tmp_path, corpus=CORPUS, callbacks=Callbacks(progress=None, should_stop=die_after_30))
+    with pytest.raises(Died):  # the process "dies" after step 30
+        train(cfg, output_dir=tmp_path, corpus=CORPUS, callbacks=Callbacks(progress=None, should_stop=die_after(30)))
     ckpt = tmp_path / "checkpoints" / "step_23"
     assert (ckpt / "state.pt").is_file()
     cfg2 = small_cfg(method, steps=50, checkpoint_every=23, resume_from=str(ckpt))
