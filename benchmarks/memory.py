@@ -7,7 +7,7 @@ minimum for float32 states.
         [--densities 0.1 0.25 0.5 1.0] [--block-sizes 1 16 128] [--vocab 32000] [--batch 1]
         [--seq-len 256] [--steps 3] [--threads 1] [--json benchmarks/results/memory.json] [--resume]
         [--plot benchmarks/results/state_memory.png] [--peak-plot benchmarks/results/peak_memory.png]
-        [--allocator default|release]
+        [--allocator default|release] [--activation-checkpointing]
 
 Every configuration runs in a fresh subprocess (so that peak memories do not mix): build the model
 and optimizer, train `--steps` steps on random tokens (a topology update after step 1 for the sparse
@@ -71,6 +71,7 @@ def measure_one(cfg: dict) -> dict:
     rss0 = rss_now()
     s = build(cfg["method"], cfg["model"], cfg["vocab"], cfg["density"], cfg["block_size"], cfg["seq_len"], device)
     model, opt = s.model, s.opt
+    model.checkpoint_blocks = cfg.get("checkpointing", False)  # train.activation_checkpointing
     seq = model.cfg.seq_len
     grad_peak = 0
     for step in range(1, cfg["steps"] + 1):
@@ -125,7 +126,8 @@ def configs(args) -> list[dict]:
     for model in args.models:
         vocab = args.tiny_vocab if model == "tiny" else args.vocab
         base = {"model": model, "vocab": vocab, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-                "device": args.device, "threads": args.threads, "allocator": args.allocator}
+                "device": args.device, "threads": args.threads, "allocator": args.allocator,
+                "checkpointing": args.activation_checkpointing}
         out.append({**base, "method": "dense", "density": 1.0, "block_size": 1})
         for d in args.densities:
             for method in args.methods:
@@ -135,13 +137,15 @@ def configs(args) -> list[dict]:
 
 
 # What identifies one measurement (a re-run skips the configurations already measured).
-CFG_KEYS = ("allocator", "batch", "block_size", "density", "device", "method", "model", "seq_len", "steps", "vocab")
+CFG_KEYS = ("allocator", "batch", "block_size", "checkpointing", "density", "device", "method", "model", "seq_len",
+            "steps", "vocab")
+KEY_DEFAULTS = {"allocator": "default", "checkpointing": False}  # what results without the key were measured with
 LABELS = {"dense": "dense Adam", "naive_dst": "naive_dst (dense_masked)", "smet": "smet (compact state)",
           "smet_compact": "smet (compact state + weights)"}
 
 
 def cfg_key(c: dict) -> str:
-    return json.dumps({k: c.get(k, "default" if k == "allocator" else None) for k in CFG_KEYS})  # older results: default
+    return json.dumps({k: c.get(k, KEY_DEFAULTS.get(k)) for k in CFG_KEYS})
 
 
 def mib(x) -> str:
@@ -153,11 +157,12 @@ def table(results: list[dict]) -> str:
              "| sparse layers x dense Adam | x analytic min | persistent x dense Adam | peak RSS MiB (+ over dense Adam) "
              "| peak saving % of persistent |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    dense = {(r["model"], r["batch"], r.get("allocator")): r for r in results if r["method"] == "dense"}
+    setting = lambda r: (r["model"], r["batch"], r.get("allocator"), r.get("checkpointing", False))
+    dense = {setting(r): r for r in results if r["method"] == "dense"}
     persistent = lambda r: r.get("persistent", r["weights"] + r["grads"] + r["state"])  # older results lack it
     for r in results:
         gs = r["grads"] + r["state"]
-        d = dense.get((r["model"], r["batch"], r.get("allocator")))
+        d = dense.get(setting(r))
         sparse = f"{r['sparse_state'] / r['sparse_dense_adam']:.3f}" if r.get("sparse_state") is not None and r["sparse_dense_adam"] else "-"
         peak, kept = f"{r['peak_bytes'] / 2**20:,.0f}", "-"
         if d is not None and r is not d:
@@ -259,6 +264,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["naive_dst", "smet", "smet_compact"])
     ap.add_argument("--allocator", choices=["default", "release"], default="default")
     ap.add_argument("--peak-plot", default=None)
+    ap.add_argument("--activation-checkpointing", action="store_true", help="as train.activation_checkpointing=true")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_one(json.loads(args.one))))
@@ -289,8 +295,9 @@ def main() -> None:
                                "results": results}, f, indent=1)
     key = cfg_key
     order = {key(c): i for i, c in enumerate(
-        [c for path in args.from_json for c in configs(argparse.Namespace(**{"methods": ["naive_dst", "smet"], "allocator": "default",
-                                                                             **json.load(open(path))["args"]}))]
+        [c for path in args.from_json for c in configs(argparse.Namespace(**{
+            "methods": ["naive_dst", "smet"], "allocator": "default", "activation_checkpointing": False,
+            **json.load(open(path))["args"]}))]
         if args.from_json else configs(args))}
     results.sort(key=lambda r: order.get(key(r), len(order)))  # configuration order, resumed ones included
     print(table(results))

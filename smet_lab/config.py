@@ -106,6 +106,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16
     threads: int = 0  # 0 = leave torch's default
     release_memory: bool = False  # glibc: freed blocks >= 128 KiB go back to the OS at once (lower peak RSS, slower)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 
 
 @dataclass

@@ -286,3 +286,16 @@ def test_update_rms_by_hand():
     out = rms.result()
     assert out["stability/update_rms_regrown"] == pytest.approx(math.sqrt(5), rel=1e-6)
     assert out["stability/update_rms_surviving"] == pytest.approx(math.sqrt(1.5), rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", ["dense", "compact"])
+def test_activation_checkpointing_changes_no_number(weights):
+    """Recomputing each block in backward gives the same gradients, so the same losses bit for bit (RigL's
+    dense gradient included); the eval path (no grad) is unaffected."""
+    runs = []
+    for on in (False, True):
+        cfg = small_cfg("smet", steps=25, activation_checkpointing=on)
+        cfg.sparsity.weights, cfg.sparsity.growth = weights, "gradient"
+        result = train(cfg, corpus=CORPUS, callbacks=QUIET)
+        runs.append((losses(result), result.summary["summary/final_val_loss"]))
+    assert len(runs[0][0]) == 25 and runs[0] == runs[1]

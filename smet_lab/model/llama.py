@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from smet_lab.config import ModelConfig
 
@@ -92,6 +93,7 @@ class LLaMA(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_blocks = False  # train.activation_checkpointing
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -107,7 +109,10 @@ class LLaMA(nn.Module):
         x = self.tok_embeddings(idx)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.checkpoint_blocks and torch.is_grad_enabled():  # keep x only; recompute the block in backward
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         logits = self.output(self.norm(x))
         if targets is None:
             return logits

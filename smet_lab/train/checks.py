@@ -37,8 +37,9 @@ def validate_run(cfg: RunConfig) -> None:
         raise ConfigError("train.device", t.device, "one of auto, cpu, cuda")
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device", t.device, "CUDA is not available on this machine; use auto or cpu")
-    if not isinstance(t.release_memory, bool):
-        raise ConfigError("train.release_memory", t.release_memory, "true or false")
+    for key in ("release_memory", "activation_checkpointing"):
+        if not isinstance(getattr(t, key), bool):
+            raise ConfigError(f"train.{key}", getattr(t, key), "true or false")
     if t.dtype not in ("float32", "bfloat16"):
         raise ConfigError("train.dtype", t.dtype, "one of float32, bfloat16")
     o = cfg.optim

@@ -101,6 +101,7 @@ class Run:
         cfg.model.vocab_size = self.corpus.vocab_size
         torch.manual_seed(t.seed)
         self.model = LLaMA(cfg.model).to(self.device)
+        self.model.checkpoint_blocks = t.activation_checkpointing
         self.topology = SparseTopology.build(self.model, s.density, s.distribution, s.block_size,
                                              list(s.dense_patterns), seed=t.seed, weights=s.weights)
         self.updater = DynamicSparsity.from_config(self.topology, s, t.max_steps, seed=t.seed)
