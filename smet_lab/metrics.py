@@ -136,6 +136,13 @@ GRAD_SPIKE_EVENTS = _declare(
     "Steps whose gradient norm (train/grad_norm, before clipping) has a z-score >= 2.5 against exponential moving "
     "averages (alpha 0.97) of the norm and of its squared deviation, ZClip's detector; not judged in the first 25 "
     "steps; a flagged norm enters the averages clipped to mean + 2.5 std.", from_history=True, table=False)
+MEAN_ADAM_OUTLIER_FRAC = _declare(
+    "summary/mean_adam_outlier_frac_regrown", "Adam outlier share of regrown weights", "{:.3f}",
+    "Mean over the run's topology updates of stability/adam_outlier_frac_regrown: the share of the regrown "
+    "weights' first 5 Adam updates (entry x step) whose preconditioned step |m_hat| / (sqrt(v_hat) + eps) exceeds 3, "
+    "m_hat and v_hat bias-corrected with the step the method uses (a steady gradient gives 1; moments restarted "
+    "from zero under the global step give 3.2 on the first update: Adam's preconditioner not yet tracking g^2).",
+    from_history=True, table=False)
 CUMULATIVE_MASK_FLIPS = _declare(
     "summary/cumulative_mask_flip_rate", "cumulative mask flip rate", "{:.3f}",
     "Sum over the run's topology updates of stability/mask_flip_rate: the fraction of the sparse layers' blocks "

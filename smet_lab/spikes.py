@@ -24,8 +24,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from smet_lab.metrics import (CUMULATIVE_MASK_FLIPS, GRAD_SPIKE_EVENTS, MAX_PROBE_JUMP, MEAN_PROBE_JUMP,
-                              MEAN_RECOVERY_STEPS, MEAN_REGROW_UPDATE_RATIO, MEAN_SPIKE_PEAK_RATIO, SPIKE_EVENTS,
+from smet_lab.metrics import (CUMULATIVE_MASK_FLIPS, GRAD_SPIKE_EVENTS, MAX_PROBE_JUMP, MEAN_ADAM_OUTLIER_FRAC,
+                              MEAN_PROBE_JUMP, MEAN_RECOVERY_STEPS, MEAN_REGROW_UPDATE_RATIO, MEAN_SPIKE_PEAK_RATIO,
+                              SPIKE_EVENTS,
                               SPIKE_EVENTS_NEAR_UPDATE, SPIKE_SCORE, SPIKE_SCORE_OLMO, UPDATE_SPIKE_RATE,
                               UPDATE_SPIKE_THRESHOLD)
 
@@ -163,7 +164,8 @@ def _mean(values: list) -> float:
 
 
 def probe_summary(history, jump_threshold: float = UPDATE_SPIKE_THRESHOLD) -> dict:
-    """summary/mean_probe_jump, summary/max_probe_jump, summary/mean_regrow_update_ratio from the
+    """summary/mean_probe_jump, summary/max_probe_jump, summary/mean_regrow_update_ratio and
+    summary/mean_adam_outlier_frac_regrown from the
     stability/* columns, NaN values ignored; a key whose column is absent (or all NaN) is omitted.
 
     summary/update_spike_rate: the fraction of topology updates whose probe jump is at least
@@ -175,7 +177,8 @@ def probe_summary(history, jump_threshold: float = UPDATE_SPIKE_THRESHOLD) -> di
     out = {}
     for key, col, fn in ((MEAN_PROBE_JUMP, "stability/probe_jump", _mean),
                          (MAX_PROBE_JUMP, "stability/probe_jump", max),
-                         (MEAN_REGROW_UPDATE_RATIO, "stability/regrow_update_ratio", _mean)):
+                         (MEAN_REGROW_UPDATE_RATIO, "stability/regrow_update_ratio", _mean),
+                         (MEAN_ADAM_OUTLIER_FRAC, "stability/adam_outlier_frac_regrown", _mean)):
         if col in df.columns:
             values = df[col].dropna().astype(float).tolist()
             if values:

@@ -600,3 +600,30 @@ def test_lr_scaling_rules_and_scope():
         opt.remove_hooks()
     opt = SMETAdam(model, topo, lr=1e-3, lr_scaling="power", lr_scaling_power=1.5, lr_scaling_scope="all")
     assert {g["kind"]: g["lr"] for g in opt.param_groups} == pytest.approx({"dense": 8e-3, "sparse": 8e-3})
+
+
+def preconditioned_step(j: int, t: int) -> float:
+    """|m_hat| / sqrt(v_hat) after j steps of a steady gradient from zeroed moments, bias-corrected
+    with step t (eps negligible: |G| ~ 1)."""
+    return ((1 - B1 ** j) / (1 - B1 ** t)) / math.sqrt((1 - B2 ** j) / (1 - B2 ** t))
+
+
+@pytest.mark.parametrize("state", ["compact", "dense_masked"])
+@pytest.mark.parametrize("reset,after", [(True, 3000), (False, 20), (False, 3000)])
+def test_adam_outlier_share_of_regrown_entries_by_hand(reset, after, state):
+    """stability/adam_outlier_frac_regrown against the closed form: with a local step the preconditioned
+    step of a steady gradient is exactly 1; under the global step it starts at ~3.2 (s = 3000: outliers on
+    every one of the first 5 updates), while at s = 20 the global bias correction still compensates."""
+    from smet_lab.optim.smet_adam import OUTLIER_RATIO, OUTLIER_STEPS
+
+    model, topo, opt = make(lr=1e-3, reset_step=reset, warmup_steps=0, lr_scaling="none", state=state)
+    run_steps(model, opt, after)
+    regrow_some(topo, opt)
+    run_steps(model, opt, OUTLIER_STEPS - 1)
+    assert opt.last_regrow_outlier_frac is None  # measured over the first OUTLIER_STEPS updates
+    run_steps(model, opt, 1)
+    steps = [preconditioned_step(j, j if reset else after + j) for j in range(1, OUTLIER_STEPS + 1)]
+    expected = sum(r > OUTLIER_RATIO for r in steps) / OUTLIER_STEPS
+    assert all(abs(r - OUTLIER_RATIO) > 0.05 for r in steps)  # no entry is a float-rounding tie
+    assert opt.last_regrow_outlier_frac == expected
+    assert expected == {(True, 3000): 0.0, (False, 20): 0.0, (False, 3000): 1.0}[(reset, after)]

@@ -41,6 +41,9 @@ __all__ = ["SMETAdam"]
 
 # The layout's keys in a checkpoint; those of the other layout are saved as None (format 2).
 LAYOUT_KEYS = ("cohort", "births", "age", "active")
+# stability/adam_outlier_frac_regrown: share of the regrown entries' first OUTLIER_STEPS updates whose
+# preconditioned step |m_hat| / (sqrt(v_hat) + eps) exceeds OUTLIER_RATIO (a steady gradient gives 1).
+OUTLIER_STEPS, OUTLIER_RATIO = 5, 3.0
 
 
 class SMETAdam(torch.optim.Optimizer):
@@ -73,7 +76,9 @@ class SMETAdam(torch.optim.Optimizer):
         self.global_step = 0
         self.last_regrow_step: int | None = None
         self.last_regrow_update_ratio: float | None = None
+        self.last_regrow_outlier_frac: float | None = None
         self._probe_slots: torch.Tensor | None = None
+        self._outliers: dict | None = None  # {"slots", "steps_left", "over", "seen"} while it is measured
 
         self.lr_scale = LR_SCALING[lr_scaling](topology.density(), lr_scaling_power)
         sparse_ids = {id(layer.param) for layer in topology.layers}
@@ -189,6 +194,7 @@ class SMETAdam(torch.optim.Optimizer):
         s.begin_step(self.global_step, warming)
         damping = warming and self.warmup_kind != "linear_lr"
         probe, probe_sum = self._probe_slots, None
+        outliers = self._outliers
         for first, last in s.chunks:
             sl = s.span(first, last)
             m_c, v_c = m[sl], v[sl]
@@ -196,6 +202,11 @@ class SMETAdam(torch.optim.Optimizer):
             if damping:
                 m_c.mul_(warm)
             upd = (m_c / bc1).div_((v_c / bc2).sqrt_().add_(self.eps))
+            if outliers is not None:
+                rows = outliers["slots"]
+                inside = rows[(rows >= sl.start) & (rows < sl.stop)] - sl.start
+                outliers["over"] += int((upd[inside].abs() > OUTLIER_RATIO).sum())
+                outliers["seen"] += upd[inside].numel()
             if self.weight_decay:
                 upd.add_(s.weights(first, last), alpha=self.weight_decay)
             if warm is not None and not damping:
@@ -209,6 +220,11 @@ class SMETAdam(torch.optim.Optimizer):
         if probe is not None:
             self.last_regrow_update_ratio = (probe_sum / (probe.numel() * self.topology.block_size)).item()
             self._probe_slots = None
+        if outliers is not None:
+            outliers["steps_left"] -= 1
+            if outliers["steps_left"] == 0:
+                self.last_regrow_outlier_frac = outliers["over"] / max(1, outliers["seen"])
+                self._outliers = None
 
     # ---------------------------------------------------------------------------------- regrowth
     @torch.no_grad()
@@ -221,6 +237,7 @@ class SMETAdam(torch.optim.Optimizer):
         if fresh is not None:
             self.last_regrow_step = self.global_step
             self._probe_slots = fresh
+            self._outliers = {"slots": fresh, "steps_left": OUTLIER_STEPS, "over": 0, "seen": 0}
 
     # -------------------------------------------------------------------------------- accounting
     def state_bytes_by_role(self) -> dict[str, int]:
@@ -257,6 +274,7 @@ class SMETAdam(torch.optim.Optimizer):
             **self.sparse.state_dict(),
             "lr": [g["lr"] for g in self.param_groups],
             "probe_slots": None if self._probe_slots is None else self._probe_slots.clone(),
+            "outliers": None if self._outliers is None else {**self._outliers, "slots": self._outliers["slots"].clone()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -272,3 +290,5 @@ class SMETAdam(torch.optim.Optimizer):
             g["lr"] = lr
         slots = state.get("probe_slots")
         self._probe_slots = None if slots is None else slots.to(self.sparse.device)
+        out = state.get("outliers")
+        self._outliers = None if out is None else {**out, "slots": out["slots"].to(self.sparse.device)}

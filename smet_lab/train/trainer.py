@@ -172,6 +172,9 @@ class Run:
         if opt.last_regrow_update_ratio is not None:
             earlier["stability/regrow_update_ratio"] = opt.last_regrow_update_ratio
             opt.last_regrow_update_ratio = None
+        if opt.last_regrow_outlier_frac is not None:
+            earlier["stability/adam_outlier_frac_regrown"] = opt.last_regrow_outlier_frac
+            opt.last_regrow_outlier_frac = None
         if self.probe.is_open:
             value = self.loss_on([self.probe_batch])
             metrics["stability/probe_loss"] = value
