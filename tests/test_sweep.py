@@ -39,20 +39,23 @@ def expected_trials(name: str) -> int:
 
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_sweep_composes_and_expands(name):
-    count = expected_trials(name)
+    from omegaconf import OmegaConf
+
+    seeds = OmegaConf.load(CONF_DIR / "sweep" / f"{name}.yaml").sweep.get("seeds", [0])
+    count = expected_trials(name) * len(seeds)
     overrides = [f"+sweep={name}"]
     cfg = compose(overrides)
     sweep, trials, configs = plan(cfg, method_composer(overrides))
     assert sweep.name == name and len(trials) == count == len(configs)
     assert len({t.key for t in trials}) == count
     three = plan(compose([*overrides, "sweep.seeds=[0,1,2]"]), method_composer([*overrides, "sweep.seeds=[0,1,2]"]))[1]
-    assert len(three) == 3 * count
+    assert len(three) == 3 * count // len(seeds)
     assert sorted({t.values["train.seed"] for t in three}) == [0, 1, 2]
 
 
 def test_the_trial_counts_of_the_documented_sweeps():
     assert {n: expected_trials(n) for n in SWEEPS if n != "grid"} == {
-        "density": 7, "warmup": 8, "lr_scaling": 9, "update_every": 8, "ablation": 6, "smoke": 2}
+        "density": 7, "warmup": 8, "lr_scaling": 9, "update_every": 8, "ablation": 6, "smoke": 2, "lr_transfer": 28}
 
 
 def test_density_sweep_grid_and_dense_reference():

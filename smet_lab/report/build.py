@@ -24,7 +24,7 @@ from smet_lab.report.tables import (FLAG, cell_stats, headline, partial_note, pi
 
 OUTPUTS = ("report.md", "report.html", "trials.csv", "trials.md", "trials.tex", "pivot.csv", "pivot.md", "pivot.tex")
 FIGURE_FILES = ("loss_curves.png", "loss_overlay.png", "update_zoom.png", "probe_jump_vs_warmup.png",
-                "probe_jump_vs_update_every.png", "val_ppl_vs_density.png", "memory_vs_density.png")
+                "probe_jump_vs_update_every.png", "val_ppl_vs_density.png", "memory_vs_density.png", "lr_transfer.png")
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
        padding: 0 1em; color: #222; }
