@@ -141,7 +141,8 @@ MEAN_ADAM_OUTLIER_FRAC = _declare(
     "Mean over the run's topology updates of stability/adam_outlier_frac_regrown: the share of the regrown "
     "weights' first 5 Adam updates (entry x step) whose preconditioned step |m_hat| / (sqrt(v_hat) + eps) exceeds 3, "
     "m_hat and v_hat bias-corrected with the step the method uses (a steady gradient gives 1; moments restarted "
-    "from zero under the global step give 3.2 on the first update: Adam's preconditioner not yet tracking g^2).",
+    "from zero under a large global step give up to 3.16 on the first update and more on the next ones: Adam's "
+    "preconditioner not yet tracking g^2).",
     from_history=True, table=False)
 CUMULATIVE_MASK_FLIPS = _declare(
     "summary/cumulative_mask_flip_rate", "cumulative mask flip rate", "{:.3f}",

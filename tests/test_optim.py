@@ -612,7 +612,7 @@ def preconditioned_step(j: int, t: int) -> float:
 @pytest.mark.parametrize("reset,after", [(True, 3000), (False, 20), (False, 3000)])
 def test_adam_outlier_share_of_regrown_entries_by_hand(reset, after, state):
     """stability/adam_outlier_frac_regrown against the closed form: with a local step the preconditioned
-    step of a steady gradient is exactly 1; under the global step it starts at ~3.2 (s = 3000: outliers on
+    step of a steady gradient is exactly 1; under the global step it starts at 3.08 (s = 3000: outliers on
     every one of the first 5 updates), while at s = 20 the global bias correction still compensates."""
     from smet_lab.optim.smet_adam import OUTLIER_RATIO, OUTLIER_STEPS
 

@@ -46,6 +46,11 @@ LAYOUT_KEYS = ("cohort", "births", "age", "active")
 OUTLIER_STEPS, OUTLIER_RATIO = 5, 3.0
 
 
+def _rows_within(rows: torch.Tensor, sl: slice) -> torch.Tensor:
+    """The rows that fall in the chunk `sl`, relative to its start."""
+    return rows[(rows >= sl.start) & (rows < sl.stop)] - sl.start
+
+
 class SMETAdam(torch.optim.Optimizer):
     def __init__(
         self,
@@ -203,8 +208,7 @@ class SMETAdam(torch.optim.Optimizer):
                 m_c.mul_(warm)
             upd = (m_c / bc1).div_((v_c / bc2).sqrt_().add_(self.eps))
             if outliers is not None:
-                rows = outliers["slots"]
-                inside = rows[(rows >= sl.start) & (rows < sl.stop)] - sl.start
+                inside = _rows_within(outliers["slots"], sl)
                 outliers["over"] += int((upd[inside].abs() > OUTLIER_RATIO).sum())
                 outliers["seen"] += upd[inside].numel()
             if self.weight_decay:
@@ -213,8 +217,7 @@ class SMETAdam(torch.optim.Optimizer):
                 upd.mul_(warm)
             if probe is not None:
                 # |delta theta| / lr of the entries regrown at the last update, on their first step.
-                inside = probe[(probe >= sl.start) & (probe < sl.stop)] - sl.start
-                part = upd[inside].abs().sum()
+                part = upd[_rows_within(probe, sl)].abs().sum()
                 probe_sum = part if probe_sum is None else probe_sum + part
             s.descend(first, last, upd, lr)
         if probe is not None:
