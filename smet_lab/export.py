@@ -71,13 +71,21 @@ def sparse_tensors(cfg: RunConfig, state: dict) -> dict[str, tuple[torch.Tensor,
     return out
 
 
-def export(checkpoint: str | Path, out: str | Path, fmt: str = "dense") -> Path:
-    """Write DIR/model.safetensors and DIR/manifest.json; returns DIR."""
+def densify(values: torch.Tensor, ids: torch.Tensor, shape) -> torch.Tensor:
+    """The dense weight of `shape` with the [k, B] `values` at blocks `ids`, zeros elsewhere."""
+    dense = torch.zeros(torch.Size(shape).numel() // values.shape[1], values.shape[1])
+    dense[ids.long()] = values
+    return dense.view(shape)
+
+
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "dense", read=None) -> Path:
+    """Write DIR/model.safetensors and DIR/manifest.json; returns DIR. `read`: read_checkpoint's result
+    for `checkpoint`, if the caller has it already."""
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r} is not allowed: one of {', '.join(FORMATS)}")
-    cfg, state, folder = read_checkpoint(checkpoint)
+    cfg, state, folder = read or read_checkpoint(checkpoint)
     sparse = sparse_tensors(cfg, state)
     tensors = {}
     for name, tensor in state["model"].items():
@@ -86,9 +94,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "dense") -> Path:
         tensors[name] = tensor.contiguous()
     for name, (values, ids, shape) in sparse.items():
         if fmt == "dense":
-            dense = torch.zeros(shape.numel() // values.shape[1], values.shape[1])
-            dense[ids.long()] = values
-            tensors[name] = dense.view(shape)
+            tensors[name] = densify(values, ids, shape)
         else:
             base = name.removesuffix("weight")
             tensors[base + "values"], tensors[base + "block_ids"] = values, ids.contiguous()
@@ -126,26 +132,24 @@ def load_export(path: str | Path):
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
     tensors = load_file(str(path / WEIGHTS))
-    B = manifest["block_size"]
     for name, info in manifest["layers"].items():
         base = name.removesuffix("weight")
         if base + "values" in tensors:
-            values, ids = tensors.pop(base + "values"), tensors.pop(base + "block_ids")
-            dense = torch.zeros(torch.Size(info["shape"]).numel() // B, B)
-            dense[ids.long()] = values
-            tensors[name] = dense.view(info["shape"])
+            tensors[name] = densify(tensors.pop(base + "values"), tensors.pop(base + "block_ids"), info["shape"])
     model = LLaMA(ModelConfig(**manifest["model"]))
     model.load_state_dict(tensors)
     return model, manifest
 
 
-def evaluate_export(path: str | Path) -> float:
-    """The export's mean loss on its run's validation batches, computed as the trainer does."""
+def evaluate_export(path: str | Path, cfg: RunConfig | None = None) -> float:
+    """The export's mean loss on its run's validation batches (`cfg`: the run's config, read from the
+    manifest's checkpoint if not given), computed as the trainer does."""
     from smet_lab.data import TokenBatcher, load_corpus
     from smet_lab.train.trainer import mean_loss
 
     model, manifest = load_export(path)
-    cfg, _, _ = read_checkpoint(manifest["checkpoint"])
+    if cfg is None:
+        cfg = read_checkpoint(manifest["checkpoint"])[0]
     corpus = load_corpus(cfg.data)
     batches = TokenBatcher.fixed_batches(corpus.val, cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches)
     return mean_loss(model, batches, cfg.train.dtype == "bfloat16")
@@ -166,17 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", action="store_true", help="print the export's loss on the run's validation batches")
     args = p.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, args.format)
+        read = read_checkpoint(args.checkpoint)
+        out = export(args.checkpoint, args.out, args.format, read=read)
     except ExportError as exc:
         print(f"smet_lab: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"smet_lab: exported {args.checkpoint} as {args.format} to {out} ({size / 2**20:,.2f} MiB)")
     if args.eval:
-        cfg, state, _ = read_checkpoint(args.checkpoint)
+        cfg, state, _ = read
         logged = [r["val/loss"] for r in state["history"] if "val/loss" in r and r["step"] <= state["step"]]
         run = f" (the run's last val loss: {logged[-1]:.6f})" if logged else ""
-        print(f"smet_lab: val loss of the export: {evaluate_export(out):.6f}{run}")
+        print(f"smet_lab: val loss of the export: {evaluate_export(out, cfg):.6f}{run}")
     return 0
 
 

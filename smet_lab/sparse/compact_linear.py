@@ -34,15 +34,16 @@ class MaterializedLinear(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, values = ctx.saved_tensors
         layer: SparseLayer = ctx.layer
+        ids = layer.block_ids().long()  # decoded once for the scatter and the gather below
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = torch.matmul(grad_out, layer.materialize(values)).to(x.dtype)
+                grad_x = torch.matmul(grad_out, layer.materialize(values, ids)).to(x.dtype)
             grad_w = torch.mm(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
         grad_w = grad_w.to(values.dtype)
         layer.dense_grad_formed(grad_w)
-        return grad_x, layer.gather(grad_w), None
+        return grad_x, layer.gather(grad_w, ids), None
 
 
 class CompactLinear(nn.Module):

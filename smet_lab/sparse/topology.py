@@ -180,12 +180,12 @@ class SparseLayer:
             return blocks.view(-1).index_select(0, ids).unsqueeze(1)
         return blocks.index_select(0, ids)
 
-    def materialize(self, values: torch.Tensor | None = None) -> torch.Tensor:
-        """A new dense weight tensor: `values` ([k, B], default the layer's own) at the active blocks,
-        zeros elsewhere."""
+    def materialize(self, values: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """A new dense weight tensor: `values` ([k, B], default the layer's own) at the active blocks
+        (`ids`: block_ids() as int64, if the caller has them), zeros elsewhere."""
         values = self.param.detach() if values is None else values
         dense = values.new_zeros(self.n_blocks, self.block_size)
-        ids = self.block_ids().long()
+        ids = self.block_ids().long() if ids is None else ids
         if self.block_size == 1:  # 1-D index_copy_ is faster than over rows of one element
             dense.view(-1).index_copy_(0, ids, values.view(-1))
         else:

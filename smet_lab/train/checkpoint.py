@@ -45,7 +45,9 @@ def check(path: str | Path, cfg) -> Path:
                               ("sparsity", ("density", "distribution", "block_size", "weights")),
                               ("optim", ("state",))):
             for key in keys:
-                mine, theirs = getattr(getattr(cfg, section), key), saved[section].get(key, "dense")
+                node = getattr(cfg, section)
+                # a checkpoint written before a key existed (sparsity.weights) used its default
+                mine, theirs = getattr(node, key), saved[section].get(key, getattr(type(node)(), key))
                 if mine != theirs:
                     raise ConfigError("train.resume_from", str(path),
                                       f"checkpoint has {section}.{key}={theirs!r} but this run has {mine!r}")
