@@ -6,6 +6,7 @@ import math
 
 from smet_lab.config import ConfigError
 from smet_lab.optim.compact import CompactState
+from smet_lab.optim.fused import KERNELS
 from smet_lab.optim.masked import AGE_MAX, MaskedState
 
 # Density-aware LR rules: scale(d, power). A new rule = one entry here.
@@ -21,7 +22,7 @@ STATE_LAYOUTS = {"compact": CompactState, "dense_masked": MaskedState}
 
 
 def validate_optimizer(lr, betas, eps, weight_decay, warmup_steps, warmup_kind, lr_scaling,
-                       lr_scaling_power, lr_scaling_scope, state) -> None:
+                       lr_scaling_power, lr_scaling_scope, state, kernel="eager") -> None:
     def number(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -45,6 +46,10 @@ def validate_optimizer(lr, betas, eps, weight_decay, warmup_steps, warmup_kind, 
         raise ConfigError("optim.lr_scaling.scope", lr_scaling_scope, "one of sparse, all")
     if state not in STATE_LAYOUTS:
         raise ConfigError("optim.state", state, "one of " + ", ".join(STATE_LAYOUTS))
+    if kernel not in KERNELS:
+        raise ConfigError("optim.kernel", kernel, "one of " + ", ".join(KERNELS))
+    if kernel == "compiled" and state != "compact":
+        raise ConfigError("optim.kernel", kernel, "needs optim.state=compact (the fused step is the compact layout's)")
 
 
 def optimizer_kwargs(cfg) -> dict:
@@ -54,7 +59,7 @@ def optimizer_kwargs(cfg) -> dict:
     return dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                 reset_step=regrow.reset_step, warmup_steps=regrow.warmup_steps, warmup_kind=regrow.warmup_kind,
                 lr_scaling=scaling.rule, lr_scaling_power=scaling.power, lr_scaling_scope=scaling.scope,
-                state=cfg.state)
+                state=cfg.state, kernel=cfg.kernel)
 
 
 def validate_optim_config(cfg) -> None:

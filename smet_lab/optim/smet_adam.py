@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from smet_lab.config import OptimConfig
 from smet_lab.optim.dense import DenseAdam
+from smet_lab.optim.fused import FusedStep, resolve_kernel
 from smet_lab.optim.options import LR_SCALING, STATE_LAYOUTS, optimizer_kwargs, validate_optimizer
 from smet_lab.optim.sparse_state import SparseState
 from smet_lab.sparse.topology import SparseTopology
@@ -67,9 +68,10 @@ class SMETAdam(torch.optim.Optimizer):
         lr_scaling_power: float = 1.0,
         lr_scaling_scope: str = "sparse",
         state: str = "compact",
+        kernel: str = "eager",
     ):
         validate_optimizer(lr, betas, eps, weight_decay, warmup_steps, warmup_kind, lr_scaling,
-                           lr_scaling_power, lr_scaling_scope, state)
+                           lr_scaling_power, lr_scaling_scope, state, kernel)
         self.topology = topology
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = eps
@@ -103,6 +105,10 @@ class SMETAdam(torch.optim.Optimizer):
             self.dense = DenseAdam(dense, self.betas, eps, weight_decay, warmup_steps if released else 0)
             self.state.update(self.dense.state)  # the same per-parameter dicts, as torch optimizers show them
         self.sparse: SparseState = STATE_LAYOUTS[state](topology, self.betas, reset_step, warmup_steps, warmup_kind)
+        # The sparse step's kernel (smet_lab.optim.fused); only the compact layout has a fused one.
+        entries = self.sparse.grad.numel()
+        self.kernel = resolve_kernel(kernel, entries, self.sparse.device) if state == "compact" and entries else "eager"
+        self._fused = FusedStep() if self.kernel == "compiled" else None
         self._fresh = [True] * len(topology.layers)
         self._hooks = [layer.param.register_post_accumulate_grad_hook(self._make_hook(i))
                        for i, layer in enumerate(topology.layers)]
@@ -190,6 +196,8 @@ class SMETAdam(torch.optim.Optimizer):
     def _sparse_step(self, lr: float) -> None:
         """Adam on the layout's buffers, then the update into the weights, chunk by chunk."""
         self._settle_sparse_grads()
+        if self._fused is not None and self._probe_slots is None and self._outliers is None and self._fused_step(lr):
+            return
         b1, b2 = self.betas
         s = self.sparse
         g, m, v = s.grad, s.exp_avg, s.exp_avg_sq
@@ -228,6 +236,27 @@ class SMETAdam(torch.optim.Optimizer):
             if outliers["steps_left"] == 0:
                 self.last_regrow_outlier_frac = outliers["over"] / max(1, outliers["seen"])
                 self._outliers = None
+
+    def _fused_step(self, lr: float) -> bool:
+        """The sparse step as one compiled pass per chunk (one over all rows with compact weights);
+        False if the kernel could not be built (nothing changed, the caller runs the eager step)."""
+        s = self.sparse
+        s.begin_step(self.global_step, self._warming_now())
+        table, lr_t = s.fused_table(), torch.tensor(lr, dtype=torch.float32, device=s.device)
+        compact = s.values is not None
+        damping = self.warmup_kind != "linear_lr"
+        for first, last in [(0, len(s.layers))] if compact else s.chunks:
+            sl = s.span(first, last)
+            theta = s.weights(first, last) if compact or self.weight_decay else None
+            cohort = None if s.cohort is None else s.cohort[sl]
+            ok, upd = self._fused(s.grad[sl], s.exp_avg[sl], s.exp_avg_sq[sl], theta, cohort, table, lr_t,
+                                  *self.betas, self.eps, self.weight_decay, damping, compact)
+            if not ok:
+                self._fused, self.kernel = None, "eager"
+                return False
+            if not compact:
+                s.descend(first, last, upd, lr)
+        return True
 
     # ---------------------------------------------------------------------------------- regrowth
     @torch.no_grad()
