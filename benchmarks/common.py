@@ -6,6 +6,8 @@
                gradient and moments + a mask, what mask-based DST libraries keep
     smet       SMETAdam with the compact state, local step reset, warm-up W=100, lr/d
     smet_compact  smet with compact weights (sparsity.weights=compact): only the active values stored
+SMET's step runs the kernel `kernel` (optim.kernel: auto = compiled for >= 2^19 state entries when a
+compiler is present, as a run with the default config would).
 
 Sparse methods: uniform density over the attention and MLP projections (embeddings, head and norms
 dense), block size B, magnitude prune 0.3 + random regrowth when a topology update is timed.
@@ -43,7 +45,7 @@ def dense_adam(params, lr: float, device: torch.device) -> tuple[torch.optim.Ada
 
 
 def build(method: str, model_name: str, vocab: int, density: float, block_size: int, seq_len: int | None = None,
-          device: str = "cpu", seed: int = 0, lr: float = 1e-3, total_steps: int = 10_000) -> Setup:
+          device: str = "cpu", seed: int = 0, lr: float = 1e-3, total_steps: int = 10_000, kernel: str = "auto") -> Setup:
     overrides = {"vocab_size": vocab}
     if seq_len:
         overrides["seq_len"] = seq_len
@@ -57,7 +59,8 @@ def build(method: str, model_name: str, vocab: int, density: float, block_size: 
     if method == "naive_dst":
         opt = SMETAdam(model, topo, lr=lr, reset_step=False, warmup_steps=0, lr_scaling="none", state="dense_masked")
     elif method in ("smet", "smet_compact"):
-        opt = SMETAdam(model, topo, lr=lr, reset_step=True, warmup_steps=100, lr_scaling="inverse", state="compact")
+        opt = SMETAdam(model, topo, lr=lr, reset_step=True, warmup_steps=100, lr_scaling="inverse", state="compact",
+                       kernel=kernel)
     else:
         raise ValueError(method)
     updater = DynamicSparsity(topo, total_steps, update_every=100, prune_rate=0.3, prune_schedule="constant", seed=seed)

@@ -73,6 +73,9 @@ class CompactState(SparseState):
         self.merge_age = max(self.warmup_steps, *(map(bias_correction_saturation, self.betas)
                                                   if self.reset_step else [0]))
         self.table = None
+        # Dense weights: a layer's ids decoded for its gradient gather, kept for its descent in the same
+        # step (int32, transient: 4 B per active weight from the layer's backward to the step).
+        self._step_ids: dict[int, torch.Tensor] = {}
         self.values = self._pack_values() if self.layers and all(layer.compact for layer in self.layers) else None
 
     def _pack_values(self) -> torch.Tensor:
@@ -93,17 +96,21 @@ class CompactState(SparseState):
         if layer.compact:  # the gradient of the values: already [k, B] in slot order
             out.copy_(grad) if fresh else out.add_(grad)
             return
-        idx, g, out = layer.block_ids(), _rows(grad), _rows(out)
+        idx, g, out = self._step_ids.setdefault(i, layer.block_ids()) if fresh else self._step_ids.get(i), _rows(grad), _rows(out)
+        if idx is None:
+            idx = layer.block_ids()
         if fresh:
             torch.index_select(g, 0, idx, out=out)
         else:
             out.add_(g.index_select(0, idx))
 
-    def apply(self, layer: SparseLayer, update: torch.Tensor, lr: float) -> None:
+    def apply(self, i: int, update: torch.Tensor, lr: float) -> None:
+        layer = self.layers[i]
         if layer.compact:
             layer.param.detach().add_(update, alpha=-lr)
         else:
-            _rows(layer.blocks()).index_add_(0, layer.block_ids(), _rows(update), alpha=-lr)
+            ids = self._step_ids.pop(i, None)
+            _rows(layer.blocks()).index_add_(0, layer.block_ids() if ids is None else ids, _rows(update), alpha=-lr)
 
     def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:
         if self.values is None:
@@ -175,6 +182,7 @@ class CompactState(SparseState):
         """Permute one layer's state from the old slot order to the new one. O(k log n) with the event's
         `old_slots` (the updater gives them), O(k log k) without; no dense-size tensor either way."""
         layer = self.layers[e.layer]
+        self._step_ids.pop(e.layer, None)  # stale once the topology moves
         slots = e.slots.to(self.device, torch.long)
         if e.old_slots is not None:
             source = moved_from(layer.n_active, e.old_slots, slots)

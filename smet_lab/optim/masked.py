@@ -33,8 +33,8 @@ class MaskedState(SparseState):
         buf, mask = self.grad[self.rows(i)], self.active[self.rows(i)]
         buf.copy_(grad * mask) if fresh else buf.addcmul_(grad, mask)
 
-    def apply(self, layer: SparseLayer, update: torch.Tensor, lr: float) -> None:
-        layer.blocks().add_(update, alpha=-lr)
+    def apply(self, i: int, update: torch.Tensor, lr: float) -> None:
+        self.layers[i].blocks().add_(update, alpha=-lr)
 
     def weights(self, first: int, last: int) -> torch.Tensor:
         return torch.cat([layer.blocks() for layer in self.layers[first:last]])

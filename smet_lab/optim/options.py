@@ -22,7 +22,7 @@ STATE_LAYOUTS = {"compact": CompactState, "dense_masked": MaskedState}
 
 
 def validate_optimizer(lr, betas, eps, weight_decay, warmup_steps, warmup_kind, lr_scaling,
-                       lr_scaling_power, lr_scaling_scope, state, kernel="eager") -> None:
+                       lr_scaling_power, lr_scaling_scope, state, kernel="auto") -> None:
     def number(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

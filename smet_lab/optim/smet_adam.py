@@ -68,7 +68,7 @@ class SMETAdam(torch.optim.Optimizer):
         lr_scaling_power: float = 1.0,
         lr_scaling_scope: str = "sparse",
         state: str = "compact",
-        kernel: str = "eager",
+        kernel: str = "auto",
     ):
         validate_optimizer(lr, betas, eps, weight_decay, warmup_steps, warmup_kind, lr_scaling,
                            lr_scaling_power, lr_scaling_scope, state, kernel)

@@ -64,7 +64,7 @@ class SparseState(ABC):
         """theta -= lr * update for layers first..last-1; `update` holds the rows span(first, last)."""
         start = self.offsets[first]
         for i in range(first, last):
-            self.apply(self.layers[i], update[self.offsets[i] - start:self.offsets[i + 1] - start], lr)
+            self.apply(i, update[self.offsets[i] - start:self.offsets[i + 1] - start], lr)
 
     def regrow(self, events: list[RegrowEvent], step: int) -> torch.Tensor | None:
         """Make room for the regrown blocks of `events` (at most one per layer) and start them with
@@ -105,8 +105,8 @@ class SparseState(ABC):
         """Layer i's dense [n_blocks, B] gradient into grad[rows(i)]: copied if fresh, else added."""
 
     @abstractmethod
-    def apply(self, layer: SparseLayer, update: torch.Tensor, lr: float) -> None:
-        """theta -= lr * update for one layer's rows."""
+    def apply(self, i: int, update: torch.Tensor, lr: float) -> None:
+        """theta -= lr * update for layer i's rows."""
 
     @abstractmethod
     def weights(self, first: int, last: int) -> torch.Tensor:
