@@ -144,7 +144,8 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
         print(f"smet_lab: done: final val loss {s.get('summary/final_val_loss', float('nan')):.4f}, "
               f"mean probe jump {'n/a (no topology update)' if jump is None else f'{jump:.4f}'}, "
               f"state memory {s['summary/memory/state_ratio_vs_dense_adam']:.3f} x dense Adam "
-              f"(with the weights {s['summary/memory/training_ratio_vs_dense_adam']:.3f} x)")
+              f"(with the weights {s['summary/memory/training_ratio_vs_dense_adam']:.3f} x), "
+              f"optimizer kernel {'compiled' if s.get('summary/optimizer_kernel_compiled') else 'eager'}")
     print(f"smet_lab: results in {output_dir}")
     if tracking.enabled:
         print(f"smet_lab: MLflow run {tracker.run_id} in experiment '{tracking.experiment}' at {tracking.uri}; "

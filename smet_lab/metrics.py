@@ -113,6 +113,9 @@ TOKENS_PER_S = _declare(
 
 # ------------------------------------------------------------------ logged, not columns of the tables
 STEPS = _declare("summary/steps", "steps", "{:g}", "Optimizer steps the run has done.", better="none", table=False)
+KERNEL_COMPILED = _declare("summary/optimizer_kernel_compiled", "compiled optimizer kernel", "{:g}",
+                           "1 when the sparse layers' Adam step ran as the fused torch.compile kernel (optim.kernel), "
+                           "0 for the eager step.", better="none", table=False)
 FINAL_DENSITY = _declare("summary/density", "density", "{:.3f}",
                          "Fraction of the sparse layers' weights that are active at the end of the run.",
                          better="none", table=False)

@@ -140,3 +140,31 @@ def test_auto_picks_compiled_only_for_large_states_with_a_compiler(monkeypatch):
     monkeypatch.setattr(fused, "compiler_present", lambda device: False)
     assert resolve_kernel("auto", 10 * AUTO_MIN_ENTRIES, cpu) == "eager"
     assert resolve_kernel("compiled", 1, cpu) == "compiled"  # asked for: tried, and falls back if it fails
+
+
+@needs_compiler
+def test_a_compiled_run_resumes_bitwise(tmp_path):
+    """The trainer with optim.kernel=compiled and compact weights: a checkpoint inside the regrow
+    measurement window resumes to the same per-step losses (the kernel is deterministic)."""
+    from helpers import Died, die_after
+    from smet_lab.config import RunConfig
+    from smet_lab.methods import apply_method
+    from smet_lab.train import QUIET, Callbacks
+    from smet_lab.train import train as train_run
+
+    cfg = apply_method(RunConfig(), "smet")
+    cfg.model = MODEL
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.eval_every, cfg.train.eval_batches = 40, 4, 100, 2
+    cfg.train.probe_batch_size, cfg.train.checkpoint_every = 8, 13
+    cfg.optim.kernel, cfg.sparsity.weights, cfg.sparsity.update_every = "compiled", "compact", 10
+    corpus = load_corpus(DataConfig(name="synthetic", max_tokens=60_000))
+    torch.compiler.reset()
+    full = train_run(cfg, corpus=corpus, callbacks=QUIET)
+    assert full.summary["summary/optimizer_kernel_compiled"] == 1.0
+    with pytest.raises(Died):
+        train_run(cfg, output_dir=tmp_path, corpus=corpus, callbacks=Callbacks(progress=None, should_stop=die_after(20)))
+    cfg.train.resume_from = str(tmp_path / "checkpoints" / "step_13")
+    resumed = train_run(cfg, output_dir=tmp_path / "b", corpus=corpus, callbacks=QUIET)
+    loss = [r["train/loss"] for r in full.history if "train/loss" in r]
+    assert [r["train/loss"] for r in resumed.history if "train/loss" in r] == loss
+    assert len(loss) == 40

@@ -17,7 +17,8 @@ import torch
 
 from smet_lab.config import RunConfig
 from smet_lab.data import Corpus, TokenBatcher, load_corpus
-from smet_lab.metrics import FINAL_DENSITY, FINAL_VAL_LOSS, FINAL_VAL_PPL, STEPS, TOKENS_PER_S, computed
+from smet_lab.metrics import (FINAL_DENSITY, FINAL_VAL_LOSS, FINAL_VAL_PPL, KERNEL_COMPILED, STEPS, TOKENS_PER_S,
+                             computed)
 from smet_lab.model import LLaMA
 from smet_lab.optim import SMETAdam
 from smet_lab.spikes import run_spike_summary
@@ -320,7 +321,7 @@ def summarize(run: Run) -> dict:
     hist = run.history
     vals = [r["val/loss"] for r in hist if "val/loss" in r]
     out = {STEPS: float(run.step), TOKENS_PER_S: run.tokens / run.train_time if run.train_time else 0.0,
-           FINAL_DENSITY: run.topology.density()}
+           FINAL_DENSITY: run.topology.density(), KERNEL_COMPILED: float(run.optimizer.kernel == "compiled")}
     if vals:
         out[FINAL_VAL_LOSS] = vals[-1]
         out[FINAL_VAL_PPL] = math.exp(min(vals[-1], 50.0))
