@@ -113,6 +113,9 @@ TOKENS_PER_S = _declare(
 
 # ------------------------------------------------------------------ logged, not columns of the tables
 STEPS = _declare("summary/steps", "steps", "{:g}", "Optimizer steps the run has done.", better="none", table=False)
+# Per topology update, one per sparse layer: its share of the regrown entries' squared update norm over
+# the probe window (smet_lab.train.probe.UpdateRMS; the report's heat map).
+REGROWN_UPDATE_SHARE_PREFIX = "stability/regrown_update_share/"
 KERNEL_COMPILED = _declare("summary/optimizer_kernel_compiled", "compiled optimizer kernel", "{:g}",
                            "1 when the sparse layers' Adam step ran as the fused torch.compile kernel (optim.kernel), "
                            "0 for the eager step.", better="none", table=False)

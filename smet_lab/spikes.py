@@ -217,20 +217,54 @@ def run_spike_summary(history, window: int = 50, k: float = 3.0, update_window: 
     return out
 
 
-def grad_spike_events(grad_norm, alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> int:
-    """ZClip's online detector: steps whose norm g_t has (g_t - mu) / sigma >= z against exponential moving
-    averages mu (of the norm) and sigma^2 (of its squared deviation from the updated mean), both with factor
-    `alpha` and started at the first norm (sigma = 0). Steps before `warmup` and steps with sigma = 0 are not
-    judged; a flagged norm enters the averages clipped to mu + z sigma, so one spike does not hide the next."""
-    values = [float(x) for x in grad_norm if math.isfinite(float(x))]
+def grad_spike_steps(grad_norm) -> list:
+    """ZClip's online detector: the steps whose norm g_t has (g_t - mu) / sigma >= z against exponential
+    moving averages mu (of the norm) and sigma^2 (of its squared deviation from the updated mean), both
+    with factor `alpha` = 0.97 and started at the first norm (sigma = 0), z = 2.5. Steps before the 25th
+    finite norm and steps with sigma = 0 are not judged; a flagged norm enters the averages clipped to
+    mu + z sigma, so one spike does not hide the next. `grad_norm`: a Series indexed by step (or any
+    iterable: positions are the steps); non-finite norms are skipped."""
+    return _zclip(grad_norm)
+
+
+def _zclip(grad_norm, alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> list:
+    pairs = grad_norm.items() if isinstance(grad_norm, pd.Series) else enumerate(grad_norm)
+    values = [(step, float(x)) for step, x in pairs if math.isfinite(float(x))]
     if not values:
-        return 0
-    mu, var, count = values[0], 0.0, 0
-    for t, g in enumerate(values[1:], start=1):
+        return []
+    mu, var, flagged = values[0][1], 0.0, []
+    for t, (step, g) in enumerate(values[1:], start=1):
         sigma = math.sqrt(var)
         if t >= warmup and sigma > 0 and (g - mu) / sigma >= z:
-            count += 1
+            flagged.append(step)
             g = mu + z * sigma
         mu = alpha * mu + (1 - alpha) * g
         var = alpha * var + (1 - alpha) * (g - mu) ** 2
-    return count
+    return flagged
+
+
+def grad_spike_events(grad_norm, alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> int:
+    """How many steps ZClip's detector flags (grad_spike_steps; the parameters are its defaults)."""
+    return len(_zclip(grad_norm, alpha, z, warmup))
+
+
+# The detectors the report compares (summary/spike_events, summary/spike_score_olmo, summary/grad_spike_events).
+DETECTORS = ("loss spike event (k=3, window 50)", "OLMo spike score row (6 sigma, window 128)",
+             "gradient-norm z-score (ZClip)")
+
+
+def detector_steps(history) -> pd.DataFrame:
+    """Every detection of the three detectors in a history: detector, step (a loss event at its peak),
+    and since_update = step - the last topology update at or before it (NaN before the first)."""
+    df = _frame(history)
+    found = {DETECTORS[0]: list(spike_events(df)["peak_step"]),
+             DETECTORS[1]: [int(s) for s, f in spike_flags(df, window=128, k=6.0).items() if f],
+             DETECTORS[2]: grad_spike_steps(df.set_index("step")[GRAD_NORM].dropna()) if GRAD_NORM in df else []}
+    updates = np.array(sorted(_update_steps(df)), dtype=float)
+    rows = []
+    for name, steps in found.items():
+        for step in steps:
+            before = updates[updates <= step]
+            rows.append({"detector": name, "step": int(step),
+                         "since_update": float(step - before[-1]) if len(before) else float("nan")})
+    return pd.DataFrame(rows, columns=["detector", "step", "since_update"])

@@ -643,3 +643,25 @@ def test_the_report_names_the_rules_that_ran():
                          "extensions": ["[]"] * 3})
     assert _rules(runs) == "sparsity.growth=lowest_free | random, sparsity.prune=magnitude"
     assert _rules(pd.DataFrame({"method": ["smet"]})) == "—"
+
+
+def test_regrown_update_share_heat_map_means_over_a_methods_runs():
+    """Two smet runs with shares at updates 100 and 200 and one naive run: the heat map's table for smet
+    is the mean per (layer, update), rows in model order; runs without the metric are skipped."""
+    from smet_lab.report import attribution
+
+    def hist(a100, a200):
+        return pd.DataFrame({"step": [100, 150, 200],
+                             "stability/regrown_update_share/l0.weight": [a100, None, a200],
+                             "stability/regrown_update_share/l1.weight": [1 - a100, None, 1 - a200]})
+
+    runs = pd.DataFrame({"method": ["smet", "smet", "naive_dst", "static"],
+                         "status": ["FINISHED", "DIVERGED", "FINISHED", "FINISHED"],
+                         "history": [hist(0.2, 0.5), hist(0.4, 0.7), hist(0.9, 0.9), pd.DataFrame({"step": [1]})]})
+    tables = attribution.shares(runs)
+    assert set(tables) == {"naive_dst", "smet"}
+    smet = tables["smet"]
+    assert list(smet.index) == ["l0.weight", "l1.weight"] and list(smet.columns) == [100, 200]
+    np.testing.assert_allclose(smet.to_numpy(), [[0.3, 0.6], [0.7, 0.4]])
+    assert attribution.figure(runs) is not None
+    assert attribution.figure(runs.iloc[3:]) is None

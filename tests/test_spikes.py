@@ -294,7 +294,7 @@ def test_summarize_on_a_long_history():
     for r in rows[99::100]:
         r.update({"stability/probe_jump": 0.1, "stability/regrow_update_ratio": 0.2, "val/loss": 3.0})
     run = SimpleNamespace(history=rows, step=3000, tokens=1, train_time=1.0,
-                          topology=SimpleNamespace(density=lambda: 0.25))
+                          topology=SimpleNamespace(density=lambda: 0.25), optimizer=SimpleNamespace(kernel="eager"))
     s = summarize(run)
     assert s["summary/spike_events"] == 12.0 and s["summary/mean_recovery_steps"] == 8.0
     assert s["summary/spike_events_near_update"] == 0.0  # spikes 50 or 100 steps after the last update
@@ -359,3 +359,30 @@ def test_mask_flip_rate_in_a_real_run():
         assert r["stability/mask_flip_rate_cumulative"] == pytest.approx(total, rel=1e-9)
     assert res.summary["summary/cumulative_mask_flip_rate"] == pytest.approx(total, rel=1e-9)
     assert res.summary["summary/spike_score_olmo"] == 0.0  # 40 logged steps: none past the 128-step window
+
+
+def test_detector_steps_and_their_lag_after_updates_by_hand():
+    """A flat loss 2.0 with one jump to 8.0 at step 160, topology updates at 100 and 200, and a gradient
+    norm flat at 1.0 (+ tiny alternation so sigma > 0) with a jump to 50 at step 205: the loss detectors
+    fire at 160 (60 steps after update 100), ZClip at 205 (5 after update 200)."""
+    from smet_lab.report.detectors import lag_table
+    from smet_lab.spikes import DETECTORS, detector_steps
+
+    steps = np.arange(1, 301)
+    loss = np.full(300, 2.0) + 1e-4 * (steps % 2)
+    loss[159] = 8.0
+    grad = np.full(300, 1.0) + 1e-3 * (steps % 2)
+    grad[204] = 50.0
+    hist = pd.DataFrame({"step": steps, "train/loss": loss, "train/grad_norm": grad,
+                         "topo/density": [0.25 if s in (100, 200) else np.nan for s in steps]})
+    d = detector_steps(hist)
+    assert list(d.loc[d["detector"] == DETECTORS[0], "step"]) == [160]
+    assert list(d.loc[d["detector"] == DETECTORS[2], "step"]) == [205]
+    assert list(d.loc[d["detector"] == DETECTORS[2], "since_update"]) == [5.0]
+    assert list(d.loc[d["detector"] == DETECTORS[0], "since_update"]) == [60.0]
+    assert 160 in list(d.loc[d["detector"] == DETECTORS[1], "step"])
+    runs = pd.DataFrame({"method": ["smet"], "status": ["FINISHED"], "history": [hist], "train.probe_window": [20]})
+    table = lag_table(runs).set_index("detector")
+    assert table.loc[DETECTORS[0], "within the probe window after an update"] == "0/1"
+    assert table.loc[DETECTORS[2], "within the probe window after an update"] == "1/1"
+    assert table.loc[DETECTORS[2], "median steps since the last update"] == "5"

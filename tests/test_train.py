@@ -285,9 +285,40 @@ def test_update_rms_by_hand():
     rms.observe(topo, 0.1)
     w[1] -= 0.05
     rms.observe(topo, 0.05)
-    out = rms.result()
+    out = rms.result(topo)
     assert out["stability/update_rms_regrown"] == pytest.approx(math.sqrt(5), rel=1e-6)
     assert out["stability/update_rms_surviving"] == pytest.approx(math.sqrt(1.5), rel=1e-6)
+    assert out["stability/regrown_update_share/weight"] == pytest.approx(1.0)  # the only changed layer
+
+
+def test_regrown_update_share_per_layer_by_hand(monkeypatch):
+    """Two layers, a sample of 1 block per layer and kind (the first). Layer a regrows blocks 0 and 1;
+    block 0 moves by 0.2 at lr 0.1: (0.2/0.1)^2 = 4, scaled by 2 regrown / 1 sampled = 8. Layer b
+    regrows blocks 0, 1, 2; block 0 moves by 0.1: 1, scaled by 3 / 1 = 3. Shares 8/11 and 3/11 (the
+    unsampled blocks' moves do not count)."""
+    import torch.nn as nn
+
+    from smet_lab.sparse import RegrowEvent, SparseTopology
+    from smet_lab.train import probe
+
+    model = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(4, 2, bias=False))
+    topo = SparseTopology.build(model, 0.5, dense_patterns=[])
+    for layer in topo.layers:
+        layer.set_block_ids(torch.tensor([0, 1, 2, 3]))
+    events = [RegrowEvent(0, slots=torch.tensor([0, 1]), old_blocks=torch.tensor([6, 7]), new_blocks=torch.tensor([1, 0])),
+              RegrowEvent(1, slots=torch.tensor([0, 1, 2]), old_blocks=torch.tensor([5, 6, 7]),
+                          new_blocks=torch.tensor([2, 0, 1]))]
+    monkeypatch.setattr(probe._spread, "__defaults__", (1,))
+    rms = probe.UpdateRMS.start(topo, events)
+    model[0].weight.detach().view(-1)[:2] += torch.tensor([0.2, 0.7])
+    model[1].weight.detach().view(-1)[:3] += torch.tensor([0.1, 0.5, 0.5])
+    rms.observe(topo, 0.1)
+    out = rms.result(topo)
+    assert out["stability/regrown_update_share/0.weight"] == pytest.approx(8 / 11, rel=1e-6)
+    assert out["stability/regrown_update_share/1.weight"] == pytest.approx(3 / 11, rel=1e-6)
+    # resumed from a checkpoint mid-window: the same shares
+    again = probe.UpdateRMS.from_state(rms.state_dict(), "cpu")
+    assert again.result(topo) == out
 
 
 @pytest.mark.parametrize("weights", ["dense", "compact"])

@@ -18,6 +18,7 @@ import pandas as pd
 
 from smet_lab.report.data import SEED, SweepInfo, fmt_value, with_missing, with_positive_jump
 from smet_lab.report.glossary import glossary
+from smet_lab.report.detectors import lag_table
 from smet_lab.report.plots import png_bytes, report_figures
 from smet_lab.report.tables import (FLAG, cell_stats, headline, partial_note, pivot_numbers, pivot_table, to_html,
                                     to_latex, to_markdown, trial_notes, trial_numbers, trial_table)
@@ -80,6 +81,7 @@ def build_report(info: SweepInfo, runs: pd.DataFrame, out_dir, now: dt.datetime 
                        f"runs are never averaged in (column 'not averaged'; they are listed in the trial table). "
                        f"{FLAG} marks a cell with fewer finished seeds than the {asked} asked for."),
         "meta": _meta(info, runs, now),
+        "detectors": lag_table(runs),
     }
     trial_numbers(runs, keys).to_csv(out / "trials.csv", index=False)
     (out / "trials.md").write_text(to_markdown(sections["trials"]))
@@ -99,6 +101,11 @@ def build_report(info: SweepInfo, runs: pd.DataFrame, out_dir, now: dt.datetime 
     (out / "report.md").write_text(render_markdown(info, sections, figures))
     (out / "report.html").write_text(render_html(info, sections, figures))
     return out
+
+
+DETECTORS_NOTE = ("Every detection of the three detectors in the ended runs (loss events counted at their peak), "
+                  "and when it came: within train.probe_window steps after a topology update, and the median "
+                  "number of steps since the last update (— before the first update or without detections).")
 
 
 def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
@@ -142,6 +149,8 @@ def render_markdown(info: SweepInfo, s: dict, figures) -> str:
     if s["notes"]:
         lines += ["Not finished:", ""] + [f"- {n}" for n in s["notes"]] + [""]
     lines += ["## Mean ± std over seeds", "", to_markdown(s["pivot"]), s["pivot_note"], ""]
+    if len(s["detectors"]):
+        lines += ["## Spike detectors and topology updates", "", to_markdown(s["detectors"]), DETECTORS_NOTE, ""]
     lines += ["## Plots", ""]
     if not figures:
         lines += ["No plot: no run has a history yet.", ""]
@@ -166,7 +175,11 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
     if s["notes"]:
         parts.append("<p>Not finished:</p><ul>" + "".join(f"<li>{e(n)}</li>" for n in s["notes"]) + "</ul>")
     parts += ["<h2>Mean ± std over seeds</h2>", f'<div class="scroll">{to_html(s["pivot"], s["pivot_classes"])}</div>',
-              f'<p class="meta">{e(s["pivot_note"])}</p>', "<h2>Plots</h2>"]
+              f'<p class="meta">{e(s["pivot_note"])}</p>']
+    if len(s["detectors"]):
+        parts += ["<h2>Spike detectors and topology updates</h2>", f'<div class="scroll">{to_html(s["detectors"])}</div>',
+                  f'<p class="meta">{e(DETECTORS_NOTE)}</p>']
+    parts += ["<h2>Plots</h2>"]
     if not figures:
         parts.append("<p>No plot: no run has a history yet.</p>")
     for name, caption, data in figures:

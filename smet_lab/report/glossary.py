@@ -26,6 +26,11 @@ TERMS: dict[str, tuple[str, str]] = {
     "stability/probe_loss": ("probe loss", "Loss on the fixed probe batch just before a topology update and at each "
                                            "of the train.probe_window steps after it; the update-zoom plot shows it "
                                            "minus the value just before the update."),
+    "stability/regrown_update_share": ("regrown update share", (
+        "Per topology update and sparse layer: the layer's share of sum (delta theta / lr)^2 over the regrown "
+        "entries and the train.probe_window steps after the update, estimated from up to 1024 sampled regrown "
+        "blocks per layer (scaled by regrown / sampled) and normalised to 1 over the changed layers. It says "
+        "which layers' regrown weights move the most, i.e. carry the cold start.")),
     "mean_std": ("mean ± std", "Mean ± sample std (ddof=1) over a cell's FINISHED seeds; a single seed is shown alone "
                                "(no spread). The seeds column reads finished/asked."),
     "indistinguishable": (INDISTINCT, (
@@ -35,7 +40,8 @@ TERMS: dict[str, tuple[str, str]] = {
 }
 # Which plot shows which curve: its terms are listed only when the plot is in the report.
 FIGURE_TERMS = {"loss_curves.png": ("train/loss", "val/loss"), "loss_overlay.png": ("train/loss",),
-                "update_zoom.png": ("stability/probe_loss",)}
+                "update_zoom.png": ("stability/probe_loss",),
+                "regrown_update_share.png": ("stability/regrown_update_share",)}
 
 
 def glossary(figure_names=(), metrics=None) -> list[tuple[str, str]]:

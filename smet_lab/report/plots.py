@@ -14,7 +14,7 @@ import pandas as pd
 from smet_lab.metrics import FINAL_VAL_PPL, MEAN_PROBE_JUMP, STATE_RATIO, label_and_format
 from smet_lab.report.data import (DIVERGED, FINISHED, SEED, SweepInfo, cell_label, fmt_value, histories, method_rank,
                                   sort_runs)
-from smet_lab.report import lr_transfer
+from smet_lab.report import attribution, lr_transfer
 from smet_lab.spikes import spike_events
 
 PROBE = "stability/probe_loss"
@@ -293,6 +293,9 @@ def report_figures(runs: pd.DataFrame, info: SweepInfo) -> list[tuple[str, str, 
          lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, FINAL_VAL_PPL, "Validation perplexity vs density")),
         ("memory_vs_density.png", "Optimizer-state + gradient memory relative to dense Adam vs density.",
          lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, STATE_RATIO, "Training-state memory vs density")),
+        ("regrown_update_share.png", "Per-layer attribution of the topology updates: each sparse layer's share of the "
+         "regrown weights' squared update norm over the probe window (mean over a method's runs).",
+         lambda: attribution.figure(runs)),
         ("lr_transfer.png", "The density-aware LR claim: final val loss vs base lr per density, and the best lr vs "
          "density with the fitted exponent p (lr* ∝ d^-p; SMET's rule is p = 1).",
          lambda: lr_transfer.figure(runs, lr_transfer.fit(runs))),

@@ -109,8 +109,12 @@ def checked_prune(name: str, ctx: PruneContext) -> torch.Tensor:
 def checked_growth(name: str, ctx: GrowthContext) -> torch.Tensor:
     rule = f"sparsity.growth={name} (layer {ctx.layer_name})"
     out = _ids(GROWTH[name].fn(ctx), rule, "block ids", ctx.n, ctx.n_blocks)
-    if blocks_taken(ctx.n_blocks, ctx.active)[out.to(ctx.active.device)].any():
+    state = torch.zeros(ctx.n_blocks, dtype=torch.uint8, device=ctx.active.device)  # 1 active, 2 excluded
+    state[ctx.active] = 1
+    state[ctx.excluded.to(state.device, torch.long)] = 2
+    hit = state[out.to(state.device)]
+    if bool((hit == 1).any()):
         raise RuleError(f"{rule} returned block ids that are already active")
-    if blocks_taken(ctx.n_blocks, ctx.excluded)[out.to(ctx.excluded.device)].any():
+    if bool((hit == 2).any()):
         raise RuleError(f"{rule} returned block ids that this update pruned (ctx.excluded)")
     return out

@@ -52,7 +52,7 @@ def blocks_taken(n_blocks: int, *id_sets: torch.Tensor) -> torch.Tensor:
     backward materialise anyway); ~20x faster than binary searches in the sorted id lists."""
     taken = torch.zeros(n_blocks, dtype=torch.bool, device=id_sets[0].device if id_sets else None)
     for ids in id_sets:
-        taken[ids.to(taken.device, torch.long)] = True
+        taken[ids if ids.device == taken.device else ids.to(taken.device)] = True
     return taken
 
 
@@ -153,8 +153,7 @@ class SparseLayer:
             raise ValueError(f"{self.name}: new_blocks must be distinct and inactive")
         del ids
         if not self.compact:
-            self.zero_blocks(old_blocks)
-            self.zero_blocks(new_blocks)
+            self.zero_blocks(torch.cat([old_blocks, new_blocks]))
         self._encode(taken.nonzero().view(-1))  # the new active ids, ascending
         slots = taken.cumsum(0, dtype=torch.int32)[new_blocks].long() - 1  # rank of each new block
         del taken

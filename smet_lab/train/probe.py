@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from smet_lab.metrics import REGROWN_UPDATE_SHARE_PREFIX
 from smet_lab.sparse.topology import isin_sorted
 
 
@@ -55,14 +56,22 @@ def _spread(ids: torch.Tensor, k: int = SAMPLE) -> torch.Tensor:
     return ids[torch.linspace(0, ids.numel() - 1, k, device=ids.device).round().long()]
 
 
+SHARE_PREFIX = REGROWN_UPDATE_SHARE_PREFIX  # + the layer's parameter name
+
+
 @dataclass
 class UpdateRMS:
     """How far weights move after a topology update: the RMS of |delta theta| / lr over the steps of the
     probe window, for the regrown entries and for the entries that survived the update (a sample of up
     to SAMPLE blocks of each kind per changed layer; lr: the sparse layers' rate at each step). Their
-    ratio is the cold-start signature, independent of the loss."""
+    ratio is the cold-start signature, independent of the loss.
 
-    samples: list = dataclasses.field(default_factory=list)  # [layer index, kind, block ids, last values]
+    Per-layer attribution of the update's disturbance: each layer's share of the regrown entries'
+    squared update norm over the window, sum (delta theta / lr)^2, estimated from its sample (scaled by
+    regrown / sampled blocks) and normalised over the changed layers (`SHARE_PREFIX` + layer name)."""
+
+    # [layer index, kind, block ids, last values, sum of (delta / lr)^2 so far, blocks of that kind]
+    samples: list = dataclasses.field(default_factory=list)
     sums: dict = dataclasses.field(default_factory=lambda: {"regrown": 0.0, "surviving": 0.0})
     counts: dict = dataclasses.field(default_factory=lambda: {"regrown": 0, "surviving": 0})
 
@@ -74,31 +83,43 @@ class UpdateRMS:
             new = e.new_blocks.to(torch.long).sort().values
             active = layer.block_ids().long()
             surviving = active[~isin_sorted(active, new.to(active.device))]
-            for kind, ids in (("regrown", _spread(new)), ("surviving", _spread(surviving))):
-                out.samples.append([e.layer, kind, ids, layer.gather(ids=ids.to(layer.param.device))])
+            for kind, ids in (("regrown", new), ("surviving", surviving)):
+                sample = _spread(ids)
+                out.samples.append([e.layer, kind, sample, layer.gather(ids=sample.to(layer.param.device)), 0.0,
+                                    ids.numel()])
         return out
 
     def observe(self, topology, lr: float) -> None:
         """After one optimizer step at learning rate `lr`: add each sampled entry's (delta / lr)^2."""
         for sample in self.samples:
-            index, kind, ids, last = sample
+            index, kind, ids, last = sample[:4]
             now = topology.layers[index].gather(ids=ids.to(last.device))
-            step = (now - last).double().div_(lr)
-            self.sums[kind] += float(step.square().sum())
-            self.counts[kind] += step.numel()
+            squares = float((now - last).double().div_(lr).square().sum())
+            self.sums[kind] += squares
+            self.counts[kind] += now.numel()
             sample[3] = now
+            sample[4] += squares
 
-    def result(self) -> dict:
-        return {f"stability/update_rms_{kind}": math.sqrt(self.sums[kind] / self.counts[kind])
-                for kind in self.sums if self.counts[kind]}
+    def layer_shares(self, topology) -> dict:
+        """{SHARE_PREFIX + layer name: share} of the regrown entries' squared update norm (sums to 1)."""
+        est = {topology.layers[i].name: total * n / ids.numel()
+               for i, kind, ids, _, total, n in self.samples if kind == "regrown" and ids.numel()}
+        norm = sum(est.values())
+        return {SHARE_PREFIX + name: value / norm for name, value in est.items()} if norm > 0 else {}
+
+    def result(self, topology) -> dict:
+        return {**{f"stability/update_rms_{kind}": math.sqrt(self.sums[kind] / self.counts[kind])
+                   for kind in self.sums if self.counts[kind]}, **self.layer_shares(topology)}
 
     def state_dict(self) -> dict:
-        return {"samples": [[i, k, ids.cpu(), last.cpu()] for i, k, ids, last in self.samples],
+        return {"samples": [[i, k, ids.cpu(), last.cpu(), *rest] for i, k, ids, last, *rest in self.samples],
                 "sums": dict(self.sums), "counts": dict(self.counts)}
 
     @classmethod
     def from_state(cls, state: dict | None, device) -> Optional["UpdateRMS"]:
         if state is None:
             return None
-        return cls([[i, k, ids.to(device), last.to(device)] for i, k, ids, last in state["samples"]],
+        # A checkpoint from before the per-layer shares has 4-element samples: no sums, counts = sampled.
+        return cls([[i, k, ids.to(device), last.to(device), *(rest or [0.0, ids.numel()])]
+                    for i, k, ids, last, *rest in state["samples"]],
                    dict(state["sums"]), dict(state["counts"]))

@@ -184,7 +184,7 @@ class Run:
             jump = self.probe.observe(value)
             if jump is not None:
                 earlier["stability/probe_jump"] = jump
-                earlier.update(self.update_rms.result() if self.update_rms is not None else {})
+                earlier.update(self.update_rms.result(self.topology) if self.update_rms is not None else {})
                 self.update_rms = None
         if earlier:
             self.record(self.probe.update_step, earlier)
