@@ -55,3 +55,22 @@ def test_optima_at_the_grid_edge_are_flagged_and_sweeps_without_both_axes_are_no
     one_density = runs_with({0: 1.0}, densities=(0.25,))
     assert fit(one_density) is None and figure(one_density, None) is None
     assert fit(runs_with({0: 1.0}).drop(columns=[LR])) is None
+
+
+def test_each_sparse_method_gets_its_own_fit_with_the_dense_runs_as_density_1():
+    """smet_no_scaling with p = 1 and naive_dst with p = 0.5 at d < 1, one set of dense runs (d = 1, lr* = c):
+    fits() recovers each exponent from its own runs plus the shared dense points."""
+    from smet_lab.report.lr_transfer import fits
+
+    a = runs_with({0: 1.0, 1: 1.0}, densities=(0.1, 0.25, 0.5))
+    b = runs_with({0: 0.5, 1: 0.5}, densities=(0.1, 0.25, 0.5))
+    dense = runs_with({0: 0.0, 1: 0.0}, densities=(1.0,))
+    runs = pd.concat([a.assign(method="smet_no_scaling"), b.assign(method="naive_dst"), dense.assign(method="dense")],
+                     ignore_index=True)
+    out = fits(runs)
+    assert set(out) == {"smet_no_scaling", "naive_dst"}
+    assert out["smet_no_scaling"].p == pytest.approx(1.0, abs=1e-9)
+    assert out["naive_dst"].p == pytest.approx(0.5, abs=1e-9)
+    assert sorted(out["naive_dst"].optima["density"].unique()) == [0.1, 0.25, 0.5, 1.0]
+    fig = figure(runs, out)
+    assert len(fig.axes) == 4 and fig.axes[3].get_title() == out["naive_dst"].line()

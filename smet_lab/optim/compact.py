@@ -96,9 +96,9 @@ class CompactState(SparseState):
         if layer.compact:  # the gradient of the values: already [k, B] in slot order
             out.copy_(grad) if fresh else out.add_(grad)
             return
-        idx, g, out = self._step_ids.setdefault(i, layer.block_ids()) if fresh else self._step_ids.get(i), _rows(grad), _rows(out)
+        idx, g, out = self._step_ids.get(i), _rows(grad), _rows(out)
         if idx is None:
-            idx = layer.block_ids()
+            idx = self._step_ids[i] = layer.block_ids()
         if fresh:
             torch.index_select(g, 0, idx, out=out)
         else:

@@ -252,6 +252,9 @@ class SMETAdam(torch.optim.Optimizer):
             ok, upd = self._fused(s.grad[sl], s.exp_avg[sl], s.exp_avg_sq[sl], theta, cohort, table, lr_t,
                                   *self.betas, self.eps, self.weight_decay, damping, compact)
             if not ok:
+                if first:  # earlier chunks are updated: an eager rerun would update them twice
+                    raise RuntimeError("optim.kernel=compiled: the fused kernel failed to build in the middle of a "
+                                       "step; run with optim.kernel=eager")
                 self._fused, self.kernel = None, "eager"
                 return False
             if not compact:

@@ -56,11 +56,27 @@ def _slope(optima: pd.DataFrame) -> tuple[float, float]:
     return float(-slope), float(intercept)
 
 
-def fit(runs: pd.DataFrame, metric: str = FINAL_VAL_LOSS) -> Transfer | None:
-    """The fit over a sweep's finished runs; None unless they vary both density (>= 2 values) and the
-    learning rate (>= 3 values per density and seed)."""
+def _of_method(runs: pd.DataFrame, method) -> pd.DataFrame:
+    """A sparse method's runs and the dense runs (its density-1 points); all runs for method None."""
+    if method is None or "method" not in runs:
+        return runs
+    return runs[runs["method"].isin([method, "dense"])]
+
+
+def fits(runs: pd.DataFrame, metric: str = FINAL_VAL_LOSS) -> dict:
+    """{sparse method: Transfer} for every method of the sweep that has a fit (the dense runs count as
+    density 1 for each); {None: Transfer} for runs without a method column."""
+    methods = [m for m in runs["method"].dropna().unique() if m != "dense"] if "method" in runs else [None]
+    out = {m: fit(runs, metric, m) for m in methods}
+    return {m: t for m, t in out.items() if t is not None}
+
+
+def fit(runs: pd.DataFrame, metric: str = FINAL_VAL_LOSS, method=None) -> Transfer | None:
+    """The fit over a sweep's finished runs (of `method` and dense, if given); None unless they vary
+    both density (>= 2 values) and the learning rate (>= 3 values per density and seed)."""
     if not {DENSITY, LR, metric} <= set(runs.columns):
         return None
+    runs = _of_method(runs, method)
     ok = runs[runs["status"] == FINISHED].copy()
     for col in (DENSITY, LR, metric):
         ok[col] = pd.to_numeric(ok[col], errors="coerce")
@@ -81,18 +97,30 @@ def fit(runs: pd.DataFrame, metric: str = FINAL_VAL_LOSS) -> Transfer | None:
     return Transfer(optima, p, p_std, log_c)
 
 
-def figure(runs: pd.DataFrame, transfer: Transfer | None, metric: str = FINAL_VAL_LOSS):
-    """Left: the metric vs lr per density (mean over seeds), optima marked; right: lr* vs density on
-    log-log axes with the fit and the rules' slopes. None without a fit."""
+def figure(runs: pd.DataFrame, transfers, metric: str = FINAL_VAL_LOSS):
+    """Per sparse method (`transfers`: a Transfer or {method: Transfer}), left: the metric vs lr per
+    density (mean over seeds); right: lr* vs density on log-log axes with the fit and the rules' slopes.
+    None without a fit."""
     from matplotlib.figure import Figure
 
-    if transfer is None:
+    if isinstance(transfers, Transfer):
+        transfers = {None: transfers}
+    if not transfers:
         return None
+    fig = Figure(figsize=(11.0, 4.2 * len(transfers)), dpi=100)
+    for row, (method, transfer) in zip(fig.subplots(len(transfers), 2, squeeze=False), transfers.items()):
+        _panels(row, _of_method(runs, method), transfer, metric, method)
+    fig.tight_layout()
+    return fig
+
+
+def _panels(axes, runs: pd.DataFrame, transfer: Transfer, metric: str, method) -> None:
+    left, right = axes
     ok = runs[runs["status"] == FINISHED].copy()
     for col in (DENSITY, LR, metric):
         ok[col] = pd.to_numeric(ok[col], errors="coerce")
-    fig = Figure(figsize=(11.0, 4.2), dpi=100)
-    left, right = fig.subplots(1, 2)
+    if method is not None:
+        left.set_title(f"{method} (d = 1: dense)", fontsize=9)
     for d, g in ok.groupby(DENSITY):
         mean = g.groupby(LR)[metric].mean()
         left.plot(mean.index, mean.to_numpy(), "o-", ms=4, label=f"d = {d:g}")
@@ -114,5 +142,3 @@ def figure(runs: pd.DataFrame, transfer: Transfer | None, metric: str = FINAL_VA
     right.set_ylabel("best learning rate lr*")
     right.set_title(transfer.line(), fontsize=8, wrap=True)
     right.legend(fontsize=7)
-    fig.tight_layout()
-    return fig

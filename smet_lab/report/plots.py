@@ -296,9 +296,9 @@ def report_figures(runs: pd.DataFrame, info: SweepInfo) -> list[tuple[str, str, 
         ("regrown_update_share.png", "Per-layer attribution of the topology updates: each sparse layer's share of the "
          "regrown weights' squared update norm over the probe window (mean over a method's runs).",
          lambda: attribution.figure(runs)),
-        ("lr_transfer.png", "The density-aware LR claim: final val loss vs base lr per density, and the best lr vs "
-         "density with the fitted exponent p (lr* ∝ d^-p; SMET's rule is p = 1).",
-         lambda: lr_transfer.figure(runs, lr_transfer.fit(runs))),
+        ("lr_transfer.png", "The density-aware LR claim, per sparse method: final val loss vs base lr per density, "
+         "and the best lr vs density with the fitted exponent p (lr* ∝ d^-p; SMET's rule is p = 1).",
+         lambda: lr_transfer.figure(runs, lr_transfer.fits(runs))),
     ]
     out = []
     for name, caption, build in specs:
