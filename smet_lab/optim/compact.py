@@ -179,7 +179,7 @@ class CompactState(SparseState):
 
     # --------------------------------------------------------------------------- regrowth
     def make_room(self, e: RegrowEvent) -> torch.Tensor:
-        """Permute one layer's state from the old slot order to the new one. O(k log n) with the event's
+        """Permute one layer's state from the old slot order to the new one. O(k) with the event's
         `old_slots` (the updater gives them), O(k log k) without; no dense-size tensor either way."""
         layer = self.layers[e.layer]
         self._step_ids.pop(e.layer, None)  # stale once the topology moves

@@ -18,7 +18,7 @@ is a choice (`optim.kernel`), logged with the run:
               itself), eager otherwise: the CPU-sized default run stays eager and bit-exact
 
 Steps that measure the regrown entries' update (the first steps after a topology update, see
-stability/update_ratio and stability/adam_outlier_frac_regrown) run eagerly: they read per-entry
+stability/regrow_update_ratio and stability/adam_outlier_frac_regrown) run eagerly: they read per-entry
 quantities the fused kernel never materialises.
 """
 

@@ -19,13 +19,12 @@ import pandas as pd
 from smet_lab.report.data import SEED, SweepInfo, fmt_value, with_missing, with_positive_jump
 from smet_lab.report.glossary import glossary
 from smet_lab.report.detectors import lag_table
-from smet_lab.report.plots import png_bytes, report_figures
+from smet_lab.report.plots import FIGURES, png_bytes, report_figures
 from smet_lab.report.tables import (FLAG, cell_stats, headline, partial_note, pivot_numbers, pivot_table, to_html,
                                     to_latex, to_markdown, trial_notes, trial_numbers, trial_table)
 
 OUTPUTS = ("report.md", "report.html", "trials.csv", "trials.md", "trials.tex", "pivot.csv", "pivot.md", "pivot.tex")
-FIGURE_FILES = ("loss_curves.png", "loss_overlay.png", "update_zoom.png", "probe_jump_vs_warmup.png",
-                "probe_jump_vs_update_every.png", "val_ppl_vs_density.png", "memory_vs_density.png", "lr_transfer.png")
+FIGURE_FILES = tuple(name for name, _, _ in FIGURES)
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
        padding: 0 1em; color: #222; }

@@ -275,34 +275,36 @@ def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric
     return fig
 
 
+# Every plot of the report: (file name, caption, builder(runs, info) -> Figure or None).
+FIGURES = [
+    ("loss_curves.png", "Loss curves per method, topology updates and spike events marked.", loss_curves_figure),
+    ("loss_overlay.png", "Train loss of every cell overlaid on one axis: mean over its finished seeds "
+     "(dashed: a cell with no finished run, from its other runs).", overlay_figure),
+    ("update_zoom.png", "Probe loss in the steps around topology updates, relative to just before the update.",
+     zoom_figure),
+    ("probe_jump_vs_warmup.png", "Mean probe jump vs the regrown weights' warm-up length W.",
+     lambda runs, info: metric_vs_axis_figure(runs, info, WARMUP_KEY, MEAN_PROBE_JUMP, "Probe jump vs warm-up length W")),
+    ("probe_jump_vs_update_every.png", "Mean probe jump vs the topology update interval ΔT.",
+     lambda runs, info: metric_vs_axis_figure(runs, info, UPDATE_KEY, MEAN_PROBE_JUMP,
+                                              "Probe jump vs update interval ΔT")),
+    ("val_ppl_vs_density.png", "Final validation perplexity vs density, per method.",
+     lambda runs, info: metric_vs_axis_figure(runs, info, DENSITY_KEY, FINAL_VAL_PPL, "Validation perplexity vs density")),
+    ("memory_vs_density.png", "Optimizer-state + gradient memory relative to dense Adam vs density.",
+     lambda runs, info: metric_vs_axis_figure(runs, info, DENSITY_KEY, STATE_RATIO, "Training-state memory vs density")),
+    ("regrown_update_share.png", "Per-layer attribution of the topology updates: each sparse layer's share of the "
+     "regrown weights' squared update norm over the probe window (mean over a method's runs).",
+     lambda runs, info: attribution.figure(runs)),
+    ("lr_transfer.png", "The density-aware LR claim, per sparse method: final val loss vs base lr per density, "
+     "and the best lr vs density with the fitted exponent p (lr* ∝ d^-p; SMET's rule is p = 1).",
+     lambda runs, info: lr_transfer.figure(runs, lr_transfer.fits(runs))),
+]
+
+
 def report_figures(runs: pd.DataFrame, info: SweepInfo) -> list[tuple[str, str, object]]:
     """[(file name, caption, Figure)] of every plot this sweep has data and axes for."""
-    specs = [
-        ("loss_curves.png", "Loss curves per method, topology updates and spike events marked.",
-         lambda: loss_curves_figure(runs, info)),
-        ("loss_overlay.png", "Train loss of every cell overlaid on one axis: mean over its finished seeds "
-         "(dashed: a cell with no finished run, from its other runs).",
-         lambda: overlay_figure(runs, info)),
-        ("update_zoom.png", "Probe loss in the steps around topology updates, relative to just before the update.",
-         lambda: zoom_figure(runs, info)),
-        ("probe_jump_vs_warmup.png", "Mean probe jump vs the regrown weights' warm-up length W.",
-         lambda: metric_vs_axis_figure(runs, info, WARMUP_KEY, MEAN_PROBE_JUMP, "Probe jump vs warm-up length W")),
-        ("probe_jump_vs_update_every.png", "Mean probe jump vs the topology update interval ΔT.",
-         lambda: metric_vs_axis_figure(runs, info, UPDATE_KEY, MEAN_PROBE_JUMP, "Probe jump vs update interval ΔT")),
-        ("val_ppl_vs_density.png", "Final validation perplexity vs density, per method.",
-         lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, FINAL_VAL_PPL, "Validation perplexity vs density")),
-        ("memory_vs_density.png", "Optimizer-state + gradient memory relative to dense Adam vs density.",
-         lambda: metric_vs_axis_figure(runs, info, DENSITY_KEY, STATE_RATIO, "Training-state memory vs density")),
-        ("regrown_update_share.png", "Per-layer attribution of the topology updates: each sparse layer's share of the "
-         "regrown weights' squared update norm over the probe window (mean over a method's runs).",
-         lambda: attribution.figure(runs)),
-        ("lr_transfer.png", "The density-aware LR claim, per sparse method: final val loss vs base lr per density, "
-         "and the best lr vs density with the fitted exponent p (lr* ∝ d^-p; SMET's rule is p = 1).",
-         lambda: lr_transfer.figure(runs, lr_transfer.fits(runs))),
-    ]
     out = []
-    for name, caption, build in specs:
-        fig = build()
+    for name, caption, build in FIGURES:
+        fig = build(runs, info)
         if fig is not None:
             out.append((name, caption, fig))
     return out

@@ -47,9 +47,9 @@ def isin_sorted(values: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
 
 
 def blocks_taken(n_blocks: int, *id_sets: torch.Tensor) -> torch.Tensor:
-    """bool [n_blocks], True at the given block ids: O(1) membership for an update's rules. Transient,
-    one layer at a time, 1 byte per block (less than the layer's dense weight that its own forward and
-    backward materialise anyway); ~20x faster than binary searches in the sorted id lists."""
+    """bool [n_blocks], True at the given block ids: O(1) membership for an update's rules, ~20x faster
+    than binary searches in the sorted id lists. Transient, one layer at a time, 1 byte per block (a
+    quarter of the layer's dense weight, which its forward and backward materialise anyway)."""
     taken = torch.zeros(n_blocks, dtype=torch.bool, device=id_sets[0].device if id_sets else None)
     for ids in id_sets:
         taken[ids if ids.device == taken.device else ids.to(taken.device)] = True
@@ -137,8 +137,9 @@ class SparseLayer:
         regrown ones start at zero (compact weights follow the new slot order). Returns int32 (slots, old_slots): the
         positions in the new block_ids() that hold `new_blocks` (in their order), and the positions
         `old_blocks` held in the old one. Surviving blocks keep their relative order, so the two
-        determine where every survivor moved (`moved_from`). O(k + n_blocks) through a transient
-        1-byte-per-block map and its int32 running count (no sort)."""
+        determine where every survivor moved (`moved_from`). O(k + n_blocks), no sort: through a
+        transient 1-byte-per-block map and its int32 running count (4 B per block, as large as the
+        layer's dense weight at B = 1, one layer at a time)."""
         ids = self.block_ids().long()
         device = ids.device
         old_blocks, new_blocks = old_blocks.to(device, torch.long), new_blocks.to(device, torch.long)
