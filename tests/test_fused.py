@@ -1,9 +1,11 @@
 """optim.kernel: the fused (compiled) compact step computes what the eager step computes.
 
 The compiler evaluates lerp/addcmul without eager's fused multiply-adds, so the two agree to float32
-rounding, not bit for bit: per-step losses to 1e-5 and the final weights and moments to 1e-5 relative
-over 40 steps with 3 topology updates (measured: ~1e-7). `adam_rows` run uncompiled exercises the same
-path (tables, packed values, chunks) in every configuration without paying for a compile each.
+rounding, not bit for bit. Over 40 steps with 3 topology updates (weight decay 0.1) the tests ask:
+per-step losses to 1e-5 (measured <= 4.8e-7), weights to 1e-4 absolute (measured <= 9.4e-6), m to
+1e-5 absolute (<= 1.4e-7) and v to 1e-3 relative (<= 1.3e-4: tiny v of rarely-updated entries).
+`adam_rows` run uncompiled exercises the same path (tables, packed values, chunks) in every
+configuration without paying for a compile each.
 """
 
 from __future__ import annotations
