@@ -217,17 +217,13 @@ def run_spike_summary(history, window: int = 50, k: float = 3.0, update_window: 
     return out
 
 
-def grad_spike_steps(grad_norm) -> list:
+def grad_spike_steps(grad_norm, alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> list:
     """ZClip's online detector: the steps whose norm g_t has (g_t - mu) / sigma >= z against exponential
     moving averages mu (of the norm) and sigma^2 (of its squared deviation from the updated mean), both
-    with factor `alpha` = 0.97 and started at the first norm (sigma = 0), z = 2.5. Steps before the 25th
-    finite norm and steps with sigma = 0 are not judged; a flagged norm enters the averages clipped to
+    with factor `alpha` and started at the first norm (sigma = 0). Steps before the `warmup`-th finite
+    norm and steps with sigma = 0 are not judged; a flagged norm enters the averages clipped to
     mu + z sigma, so one spike does not hide the next. `grad_norm`: a Series indexed by step (or any
     iterable: positions are the steps); non-finite norms are skipped."""
-    return _zclip(grad_norm)
-
-
-def _zclip(grad_norm, alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> list:
     pairs = grad_norm.items() if isinstance(grad_norm, pd.Series) else enumerate(grad_norm)
     values = [(step, float(x)) for step, x in pairs if math.isfinite(float(x))]
     if not values:
@@ -244,8 +240,8 @@ def _zclip(grad_norm, alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> 
 
 
 def grad_spike_events(grad_norm, alpha: float = 0.97, z: float = 2.5, warmup: int = 25) -> int:
-    """How many steps ZClip's detector flags (grad_spike_steps; the parameters are its defaults)."""
-    return len(_zclip(grad_norm, alpha, z, warmup))
+    """How many steps grad_spike_steps flags."""
+    return len(grad_spike_steps(grad_norm, alpha, z, warmup))
 
 
 # The detectors the report compares (summary/spike_events, summary/spike_score_olmo, summary/grad_spike_events).

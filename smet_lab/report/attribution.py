@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from smet_lab.metrics import REGROWN_UPDATE_SHARE_PREFIX as SHARE_PREFIX
+from smet_lab.metrics import REGROWN_UPDATE_SHARE_PREFIX
 from smet_lab.report.data import DIVERGED, FINISHED, histories, method_rank
 
 
@@ -20,13 +20,13 @@ def shares(runs: pd.DataFrame) -> dict:
         frames = []
         for idx in ended.index[ended["method"] == method]:
             h = hist[idx]
-            cols = [c for c in h.columns if c.startswith(SHARE_PREFIX)]
+            cols = [c for c in h.columns if c.startswith(REGROWN_UPDATE_SHARE_PREFIX)]
             rows = h.loc[h[cols].notna().any(axis=1), ["step", *cols]] if cols else None
             if rows is not None and len(rows):
                 frames.append(rows.set_index("step"))
         if frames:
             table = pd.concat(frames).groupby(level=0).mean().T
-            table.index = [c.removeprefix(SHARE_PREFIX) for c in table.index]
+            table.index = [c.removeprefix(REGROWN_UPDATE_SHARE_PREFIX) for c in table.index]
             out[method] = table
     return out
 

@@ -56,9 +56,6 @@ def _spread(ids: torch.Tensor, k: int = SAMPLE) -> torch.Tensor:
     return ids[torch.linspace(0, ids.numel() - 1, k, device=ids.device).round().long()]
 
 
-SHARE_PREFIX = REGROWN_UPDATE_SHARE_PREFIX  # + the layer's parameter name
-
-
 @dataclass
 class UpdateRMS:
     """How far weights move after a topology update: the RMS of |delta theta| / lr over the steps of the
@@ -68,7 +65,7 @@ class UpdateRMS:
 
     Per-layer attribution of the update's disturbance: each layer's share of the regrown entries'
     squared update norm over the window, sum (delta theta / lr)^2, estimated from its sample (scaled by
-    regrown / sampled blocks) and normalised over the changed layers (`SHARE_PREFIX` + layer name)."""
+    regrown / sampled blocks) and normalised over the changed layers (`REGROWN_UPDATE_SHARE_PREFIX` + layer name)."""
 
     # [layer index, kind, block ids, last values, sum of (delta / lr)^2 so far, blocks of that kind]
     samples: list = dataclasses.field(default_factory=list)
@@ -101,11 +98,11 @@ class UpdateRMS:
             sample[4] += squares
 
     def layer_shares(self, topology) -> dict:
-        """{SHARE_PREFIX + layer name: share} of the regrown entries' squared update norm (sums to 1)."""
+        """{REGROWN_UPDATE_SHARE_PREFIX + layer name: share} of the regrown entries' squared update norm (sums to 1)."""
         est = {topology.layers[i].name: total * n / ids.numel()
                for i, kind, ids, _, total, n in self.samples if kind == "regrown" and ids.numel()}
         norm = sum(est.values())
-        return {SHARE_PREFIX + name: value / norm for name, value in est.items()} if norm > 0 else {}
+        return {REGROWN_UPDATE_SHARE_PREFIX + name: value / norm for name, value in est.items()} if norm > 0 else {}
 
     def result(self, topology) -> dict:
         return {**{f"stability/update_rms_{kind}": math.sqrt(self.sums[kind] / self.counts[kind])
