@@ -9,6 +9,7 @@ only when work starts, so `--help` and `--cfg job` answer fast.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -35,7 +36,8 @@ class BadInput(Exception):
 
 
 def fail(message: str) -> None:
-    print(f"smet_lab: error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the first process speaks for all
+        print(f"smet_lab: error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
 
@@ -89,13 +91,22 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
         from smet_lab.tracking import check_tracking
         from smet_lab.train import check_config
 
+        from smet_lab.train.distributed import check_world, launched_world_size
+
         if cfg.get("sweep") is not None:
             from smet_lab.sweep.runner import plan
 
             configs = list(plan(cfg, method_composer(overrides))[2].values())
+            workers, origin = cfg.ray.workers_per_trial, "ray.workers_per_trial"
+            if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+                raise ConfigError(origin, workers, "a positive integer (processes per trial; 1 = the trial's own process)")
         else:
             check_config(to_run_config(cfg))
             configs = [container]
+            workers, origin = launched_world_size(), "the launcher's WORLD_SIZE"
+        for c in configs:
+            t = c["train"]
+            check_world(t["batch_size"], workers, t["dist_backend"], t["device"], origin)
         ignored = ignored_setting(overrides, configs, is_sweep=cfg.get("sweep") is not None)
         if ignored:
             raise BadInput(ignored)
@@ -297,17 +308,53 @@ def main(argv: list[str] | None = None) -> None:
     if found:  # absolute paths, so Ray trials (other working directories) import the same files
         fixed = f"{found.split('=', 1)[0]}=[{','.join(map(quote, resolved))}]"
         argv, overrides = [fixed if a == found else a for a in argv], [fixed if o == found else o for o in overrides]
+    distributed = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # torchrun started this process
+    if distributed and any(o.split("=", 1)[0].lstrip("+~") == "sweep" for o in overrides):
+        fail("+sweep cannot run under torchrun (a sweep launches its own processes: use ray.workers_per_trial=N)")
+    cfg = None
     if not hydra_alone:
         try:
-            preflight(overrides, compose_only=cfg_only)
+            cfg = preflight(overrides, compose_only=cfg_only)
         except BadInput as exc:
             fail(str(exc))
     sys.argv = [sys.argv[0], *argv]
+    if distributed and cfg is not None and not cfg_only:
+        sys.exit(run_distributed(cfg))
     try:
         hydra_main()
     except KeyboardInterrupt:
         print("smet_lab: interrupted (the MLflow run is marked KILLED)", file=sys.stderr)
         sys.exit(130)
+
+
+def run_distributed(cfg: DictConfig) -> int:
+    """One run trained by the processes torchrun started: all join the process group; the first runs
+    the Hydra job (output folder, MLflow, progress, checkpoints) and the others train silently beside it."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from smet_lab.train.distributed import init_from_env
+
+    @record  # torchrun's error summary then names the failing process and its exception
+    def job() -> int:
+        world = init_from_env(cfg.train.dist_backend)
+        if world.is_main:
+            try:
+                hydra_main()
+            except SystemExit as exc:
+                return exc.code or 0
+            return 0
+        from smet_lab.train import Callbacks, train
+
+        result = train(to_run_config(cfg), callbacks=Callbacks(progress=None, should_stop=STOP.is_set))
+        return {"FINISHED": 0, "KILLED": 130}.get(result.status, 1)
+
+    try:
+        return job()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

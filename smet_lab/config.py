@@ -106,6 +106,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16
     threads: int = 0  # 0 = leave torch's default
+    dist_backend: str = "auto"  # several processes (torchrun, ray.workers_per_trial): auto | gloo | nccl
     release_memory: bool = False  # glibc: freed blocks >= 128 KiB go back to the OS at once (lower peak RSS, slower)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 

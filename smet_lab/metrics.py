@@ -119,6 +119,13 @@ REGROWN_UPDATE_SHARE_PREFIX = "stability/regrown_update_share/"
 KERNEL_COMPILED = _declare("summary/optimizer_kernel_compiled", "compiled optimizer kernel", "{:g}",
                            "1 when the sparse layers' Adam step ran as the fused torch.compile kernel (optim.kernel), "
                            "0 for the eager step.", better="none", table=False)
+WORLD_SIZE = _declare("summary/world_size", "processes", "{:g}",
+                      "How many processes trained the run together (data parallel; 1 = one process).",
+                      better="none", table=False)
+COMM_BYTES = _declare("summary/comm_bytes_per_step", "all-reduced bytes per step", "{:,.0f}",
+                      "Bytes each process all-reduces per optimizer step (the sparse layers' gradient buffer, "
+                      "active entries only with the compact layout, plus the dense parameters' gradients); "
+                      "0 for one process.", better="none", table=False)
 FINAL_DENSITY = _declare("summary/density", "density", "{:.3f}",
                          "Fraction of the sparse layers' weights that are active at the end of the run.",
                          better="none", table=False)

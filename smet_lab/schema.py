@@ -21,6 +21,7 @@ class RayConfig:
     num_cpus: int = 0  # local only; 0 = all cores
     cpus_per_trial: int = 2
     gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1  # > 1: each trial is a Ray Train TorchTrainer with this many processes
     max_concurrent: int = 0  # 0 = as many as the resources allow
     storage: Optional[str] = None  # sweep storage root (shared path or URI on a cluster)
 

@@ -5,6 +5,9 @@ window's last token is the next window's first). Epoch e visits the windows in a
 from a generator seeded by (seed, e); batches are consecutive slices of the endless sequence
 perm_0 ++ perm_1 ++ ..., so a batch may straddle an epoch boundary and every epoch covers every
 window exactly once. The position is just (epoch, cursor), which makes resuming exact.
+
+With several processes (`rank`, `world`), every process walks the same global sequence and keeps its
+equal share of each batch's rows, so the position, and a checkpoint, do not depend on the world size.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def _split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TokenBatcher:
-    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, device="cpu"):
+    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, device="cpu",
+                 rank: int = 0, world: int = 1):
         self.windows = _windows(tokens, seq_len, device)
         self.n_windows = len(self.windows)
         if not 1 <= batch_size <= self.n_windows:
@@ -38,6 +42,8 @@ class TokenBatcher:
                               f"between 1 and {self.n_windows} (the number of seq_len+1={seq_len + 1} token windows)")
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.epoch, self.cursor = 0, 0
+        share = batch_size // world
+        self.rows = slice(rank * share, (rank + 1) * share) if world > 1 else None
         self._perm_epoch, self._perm = None, None
 
     def _order(self) -> torch.Tensor:
@@ -48,7 +54,8 @@ class TokenBatcher:
         return self._perm
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) LongTensors [batch_size, seq_len] on the device; y is x shifted by one token."""
+        """(x, y) LongTensors [batch_size, seq_len] on the device (this process's rows of them when
+        several share the batch); y is x shifted by one token."""
         idx, need = [], self.batch_size
         while need:
             take = self._order()[self.cursor : self.cursor + need]
@@ -57,7 +64,8 @@ class TokenBatcher:
             self.cursor += len(take)
             if self.cursor == self.n_windows:
                 self.epoch, self.cursor = self.epoch + 1, 0
-        return _split(self.windows[torch.cat(idx)])
+        idx = torch.cat(idx)
+        return _split(self.windows[idx if self.rows is None else idx[self.rows]])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}

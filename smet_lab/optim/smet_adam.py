@@ -155,6 +155,13 @@ class SMETAdam(torch.optim.Optimizer):
                 self.sparse.grad[self.sparse.rows(i)].zero_()
                 self._fresh[i] = False
 
+    def gradients(self) -> list[torch.Tensor]:
+        """Every gradient this step's update reads, as tensors to reduce in place across processes:
+        the sparse layers' buffer (active entries only with the compact layout), then the dense
+        parameters' gradients (every process has the same graph, so the same list)."""
+        self._settle_sparse_grads()
+        return [self.sparse.grad] + [p.grad for p in self._dense_params() if p.grad is not None]
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm over dense AND sparse gradients; scales both if max_norm > 0."""

@@ -57,6 +57,8 @@ class DynamicSparsity:
         self.generator = torch.Generator().manual_seed(seed + 7919)
         self._armed = False
         self._dense_grads: dict[int, torch.Tensor] = {}
+        # Several processes: averages the captured dense gradients in place (World.average).
+        self.reduce_grads = None
         self._hooks = [layer.register_dense_grad_hook(self._capture(i)) for i, layer in enumerate(topology.layers)] \
             if self.needs_dense_grad else []
 
@@ -95,6 +97,8 @@ class DynamicSparsity:
         if self.needs_dense_grad and len(grads) < len(self.topology.layers):
             raise RuntimeError(f"sparsity.growth={self.growth} needs the dense gradients of step {step}: "
                                f"call begin_step({step}) before its backward pass")
+        if grads and self.reduce_grads is not None:
+            self.reduce_grads([grads[i] for i in sorted(grads)])
         rate = self.rate_at(step)
         events = []
         for i, layer in enumerate(self.topology.layers):

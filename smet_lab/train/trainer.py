@@ -17,7 +17,7 @@ import torch
 
 from smet_lab.config import RunConfig
 from smet_lab.data import Corpus, TokenBatcher, load_corpus
-from smet_lab.metrics import (FINAL_DENSITY, FINAL_VAL_LOSS, FINAL_VAL_PPL, KERNEL_COMPILED, STEPS, TOKENS_PER_S,
+from smet_lab.metrics import (COMM_BYTES, WORLD_SIZE, FINAL_DENSITY, FINAL_VAL_LOSS, FINAL_VAL_PPL, KERNEL_COMPILED, STEPS, TOKENS_PER_S,
                              computed)
 from smet_lab.model import LLaMA
 from smet_lab.optim import SMETAdam
@@ -25,6 +25,7 @@ from smet_lab.spikes import run_spike_summary
 from smet_lab.sparse import DynamicSparsity, SparseTopology
 from smet_lab.train import checkpoint as ckpt
 from smet_lab.train.checks import validate_run
+from smet_lab.train.distributed import World, check_world, topology_checksum
 from smet_lab.train.probe import ProbeWindow, UpdateRMS
 from smet_lab.train.memory import memory_summary, peak_memory, release_freed_memory
 
@@ -35,7 +36,8 @@ LogFn = Callable[[dict, int], None]
 class Callbacks:
     """How a run talks to the outside world, every part optional: `log(metrics, step)` is the metrics
     sink (tracking plugs in here), `progress(line)` gets a progress line every 5 % of the steps,
-    `on_checkpoint(path, step)` follows each checkpoint written (a sweep hands it to Ray Tune), and
+    `on_checkpoint(path, step)` follows each checkpoint written (a sweep hands it to Ray Tune; with
+    several processes every process gets the call, the first with the path and the others None), and
     `should_stop()` is polled between steps (a Ctrl-C handler sets it): the run then checkpoints where
     it is and returns status KILLED."""
 
@@ -69,13 +71,17 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches, bfloat16: bool = False) -> float:
-    """Mean over `batches` of the model's loss, in eval mode (how every val and probe loss is taken)."""
+def mean_loss(model: torch.nn.Module, batches, bfloat16: bool = False, world: World = World()) -> float:
+    """Mean over `batches` of the model's loss, in eval mode (how every val and probe loss is taken);
+    with several processes each takes its rows of every batch and all get the same number."""
     model.eval()
     total = 0.0
     with torch.autocast(batches[0][0].device.type, dtype=torch.bfloat16, enabled=bfloat16):
-        for x, y in batches:
-            total += model(x, y).item()
+        if world.size > 1:
+            total = world.sum_loss(batches, lambda x, y: model(x, y).item())
+        else:
+            for x, y in batches:
+                total += model(x, y).item()
     model.train()
     return total / len(batches)
 
@@ -93,6 +99,8 @@ class Run:
         validate_run(cfg)
         cfg = self.cfg = copy.deepcopy(cfg)  # vocab_size is filled in below; the caller's stays as given
         t, s, o = cfg.train, cfg.sparsity, cfg.optim
+        self.world = world = World.current()  # several processes: smet_lab.train.distributed
+        check_world(t.batch_size, world.size, t.dist_backend, t.device)
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         if t.release_memory:
@@ -107,8 +115,11 @@ class Run:
                                              list(s.dense_patterns), seed=t.seed, weights=s.weights)
         self.updater = DynamicSparsity.from_config(self.topology, s, t.max_steps, seed=t.seed)
         self.optimizer = SMETAdam.from_config(self.model, self.topology, o)
+        if world.size > 1:
+            self.updater.reduce_grads = world.average
         seq = cfg.model.seq_len
-        self.batcher = TokenBatcher(self.corpus.train, t.batch_size, seq, seed=t.seed, device=self.device)
+        self.batcher = TokenBatcher(self.corpus.train, t.batch_size, seq, seed=t.seed, device=self.device,
+                                    rank=world.rank, world=world.size)
         self.eval_batches = TokenBatcher.fixed_batches(self.corpus.val, t.batch_size, seq, t.eval_batches, device=self.device)
         # The probe: one fixed held-out batch, evaluated around topology updates (noise-free spikes).
         self.probe_batch = TokenBatcher.fixed_batches(self.corpus.val, t.probe_batch_size, seq, 1, device=self.device)[0]
@@ -119,6 +130,7 @@ class Run:
         self.update_rms: UpdateRMS | None = None
         self.train_time = 0.0
         self.tokens = 0
+        self.comm_bytes = 0  # all-reduced per optimizer step (several processes)
 
     # -------------------------------------------------------------------------------- helpers
     def _autocast(self):
@@ -126,7 +138,7 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def loss_on(self, batches) -> float:
-        return mean_loss(self.model, batches, self.cfg.train.dtype == "bfloat16")
+        return mean_loss(self.model, batches, self.cfg.train.dtype == "bfloat16", self.world)
 
     def record(self, step: int, metrics: dict) -> None:
         """Merge metrics into the history row of `step` (one row per optimizer step)."""
@@ -149,6 +161,10 @@ class Run:
                 loss = self.model(x, y) / cfg.train.grad_accum
             loss.backward()
             loss_sum += loss.item()
+        if self.world.size > 1:  # one fused all-reduce: every process then takes the same step
+            mean = torch.tensor([loss_sum], dtype=torch.float32, device=self.device)
+            self.comm_bytes = self.world.average(self.optimizer.gradients() + [mean])
+            loss_sum = mean.item()
         grad_norm = self.optimizer.clip_grad_norm_(cfg.optim.grad_clip).item()
         if not math.isfinite(loss_sum):
             self.optimizer.zero_grad()
@@ -192,6 +208,8 @@ class Run:
         if self.updater.is_update_step(step):
             before = self.loss_on([self.probe_batch])
             events = self.updater.update(step)
+            if self.world.size > 1:
+                self.world.check_same(f"the topology after the update at step {step}", topology_checksum(self.topology))
             opt.regrow(events)
             regrown = sum(e.new_blocks.numel() for e in events)
             n_active = sum(layer.n_active for layer in self.topology.layers)
@@ -260,6 +278,11 @@ def train(
     log, progress, should_stop = cb.log or (lambda metrics, step: None), cb.progress, cb.should_stop
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
     report_every = max(1, t.max_steps // 20)
+
+    def save(step: int) -> Path | None:
+        """The checkpoint of `step`; with several processes the first writes it (the state is the same
+        on all) and the others get None."""
+        return ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}") if run.world.is_main else None
     summary = {}
     window_time, window_tokens, started, first_step = 0.0, 0, time.perf_counter(), run.step
     status, error = "FINISHED", None
@@ -295,22 +318,23 @@ def train(
             progress(f"step {step}/{t.max_steps} loss {loss:.4f}{val} base lr {metrics['train/lr']:.2e}{sparse_lr} "
                      f"{run.tokens / max(run.train_time, 1e-9):,.0f} tok/s ETA {eta:.0f}s")
         if output_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-            saved = ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}")
+            saved = save(step)
             if cb.on_checkpoint:
                 cb.on_checkpoint(saved, step)
-        if should_stop is not None and should_stop():
+        if run.world.any(should_stop is not None and should_stop()):  # every process asks: they stop together
             status, error = "KILLED", f"interrupted at step {step}"
             if output_dir:
-                ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}")
+                save(step)
             break
 
     summary.update(summarize(run))
     summary.update(memory_summary(run.model, run.optimizer))
     summary.update(peak_memory(run.device))
+    summary.update({WORLD_SIZE: float(run.world.size), COMM_BYTES: float(run.comm_bytes)})
     if status == "DIVERGED":
         summary["summary/diverged"] = 1.0
     if output_dir and status == "FINISHED" and run.step == t.max_steps:
-        ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{run.step}")
+        save(run.step)
     log(summary, run.step)
     return RunResult(status, summary, run.history, error, str(output_dir) if output_dir else None)
 
