@@ -100,6 +100,11 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
             workers, origin = cfg.ray.workers_per_trial, "ray.workers_per_trial"
             if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
                 raise ConfigError(origin, workers, "a positive integer (processes per trial; 1 = the trial's own process)")
+            cores = cfg.ray.num_cpus or os.cpu_count()
+            if cfg.ray.address == "local" and workers * cfg.ray.cpus_per_trial > cores:
+                raise ConfigError(origin, workers, f"at most {cores // cfg.ray.cpus_per_trial}: {workers} processes x "
+                                  f"ray.cpus_per_trial={cfg.ray.cpus_per_trial} CPUs do not fit in this machine's "
+                                  f"{cores} (lower ray.cpus_per_trial)")
         else:
             check_config(to_run_config(cfg))
             configs = [container]

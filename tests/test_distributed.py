@@ -229,3 +229,51 @@ def test_bad_distributed_input_one_line_exit_2(tmp_path, args, env, message):
     assert len(lines) == 1 and lines[0].startswith("smet_lab: error: ") and message in lines[0], proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "sweeps").exists()
+
+
+# ------------------------------------------------------------------- Ray Train in sweeps
+@pytest.mark.e2e
+def test_a_sweep_of_two_process_trials_matches_one_process_and_resumes_after_ctrl_c(tmp_path):
+    """+sweep=smoke ray.workers_per_trial=2: each trial a Ray Train run of 2 gloo processes. Ctrl-C
+    once the second trial has a checkpoint; the same command resumes it from there. Every trial ends
+    with the losses of the same config trained here in one process (to 1e-5)."""
+    import signal
+    import time
+
+    from helpers import all_runs, start_cli
+    from smet_lab.cli import method_composer
+    from smet_lab.config import run_config_from
+    from smet_lab.sweep.runner import plan
+
+    args = ["+sweep=smoke", "ray.workers_per_trial=2", "ray.cpus_per_trial=1", "train.max_steps=300",
+            "train.checkpoint_every=50", f"ray.storage={tmp_path}/sw", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    proc = start_cli(args, tmp_path, stderr=subprocess.STDOUT)
+    second = tmp_path / "sw" / "smoke" / "train"
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(second.glob("*_00001/checkpoint_*")) and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "interrupted: run the same command again" in out, out[-3000:]
+    again = run_cli(args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2/2 trials ended (2 finished" in again.stdout
+
+    client, runs = all_runs(tmp_path / "mlflow.db")
+    children = {r.data.tags["smet.method"]: r for r in runs if r.data.tags.get("smet.kind") == "trial"}
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert int(children["smet"].data.tags["smet.resumed_from_step"]) >= 50  # from its checkpoint, not step 0
+    cfg = compose(args)
+    configs = plan(cfg, method_composer(args))[2]
+    for key, config in configs.items():
+        run = children[config["method"]]
+        assert run.data.metrics["summary/world_size"] == 2 and run.data.metrics["summary/steps"] == 300
+        assert run.data.metrics["summary/comm_bytes_per_step"] > 0
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+        assert sorted(logged) == list(range(5, 301, 5))
+        config["train"]["threads"] = 1
+        result = train(run_config_from(config), callbacks=QUIET)
+        ref = {r["step"]: r["train/loss"] for r in result.history}
+        assert max(abs(logged[s] - ref[s]) for s in logged) <= TOL
+        assert abs(run.data.metrics["summary/final_val_loss"] - result.summary["summary/final_val_loss"]) <= TOL
+    assert (tmp_path / "sw" / "smoke" / "report" / "report.html").is_file()

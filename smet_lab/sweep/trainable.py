@@ -3,6 +3,7 @@
 It reports metrics with `ray.tune.report` and checkpoints with `ray.tune.Checkpoint`; it never
 writes to MLflow (SQLite takes one writer: the driver logs what trials report). Its last report
 carries a checkpoint holding the run's artifacts (config.yaml, metrics.parquet, loss_curve.png).
+With ray.workers_per_trial > 1 the same body runs in each Ray Train worker (smet_lab.sweep.train_workers).
 """
 
 from __future__ import annotations
@@ -24,38 +25,58 @@ class InjectedFailure(RuntimeError):
 
 
 def run_trial(config: dict, configs: dict, cpus: int = 1) -> None:
-    import torch
+    """One trial in this Ray Tune worker process (ray.workers_per_trial=1)."""
     from ray import tune
+
+    def report(metrics: dict, checkpoint_dir: Path | None = None, step: int | None = None) -> None:
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
+            if step is not None:
+                checkpoint.set_metadata({"step": step})
+        tune.report(metrics, checkpoint=checkpoint)
+
+    final = train_and_report(configs[config["key"]], config["key"], cpus, report, tune.get_checkpoint())
+    try:
+        report(final["metrics"], final["artifacts"])
+    finally:
+        shutil.rmtree(final["artifacts"], ignore_errors=True)
+
+
+def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> dict:
+    """Train the trial's run, sending every logged metric and checkpoint to `report(metrics,
+    checkpoint_dir=None, step=None)`; resumes from `restored` (a Ray checkpoint) if given. Returns the
+    final {"metrics", "artifacts"} (a new folder: config.yaml, metrics.parquet, loss_curve.png,
+    summary.json, written by the first process only, None in the others) for the caller to report and
+    then remove."""
+    import torch
 
     from smet_lab.config import run_config_from
     from smet_lab.data import load_corpus
     from smet_lab.extend import load_extensions
     from smet_lab.tracking import write_run_artifacts
     from smet_lab.train import Callbacks, train
+    from smet_lab.train.distributed import World
 
-    torch.set_num_threads(max(1, int(cpus)))  # a trial gets its CPUs' worth of threads, no more
-    key = config["key"]
-    cfg_dict = configs[key]
+    torch.set_num_threads(max(1, int(cpus)))  # a trial (or each of its processes) gets its CPUs' worth of threads
     load_extensions(cfg_dict.get("extensions") or [])  # the same rules as the driver, in this worker
     run_cfg = run_config_from(cfg_dict)
     corpus = load_corpus(run_cfg.data)
     # Strings ride along in every report: the driver tags the trial's MLflow run with them.
     ident = {"trial_key": key, "smet_data_sha256": corpus.sha256}
     work = Path(tempfile.mkdtemp(prefix="smet_trial_"))
-    restored, restored_step = tune.get_checkpoint(), 0
+    restored_step = 0
     if restored is not None:
         local = restored.to_directory(str(work / "restored"))
         restored_step = restored.get_metadata().get("step", 0)
         run_cfg.train.resume_from = local
 
     def log(metrics: dict, step: int) -> None:
-        # Several log calls can concern one step; each becomes one tune.report (a training iteration).
-        tune.report({**metrics, "step": step, **ident})
+        # Several log calls can concern one step; each becomes one report (a training iteration).
+        report({**metrics, "step": step, **ident})
 
-    def on_checkpoint(path: Path, step: int) -> None:
-        checkpoint = tune.Checkpoint.from_directory(str(path))
-        checkpoint.set_metadata({"step": step})
-        tune.report({"step": step, **ident, "checkpoint_step": step}, checkpoint=checkpoint)
+    def on_checkpoint(path: Path | None, step: int) -> None:
+        report({"step": step, **ident, "checkpoint_step": step}, path, step)
 
     inject = os.environ.get(INJECT_ENV)
     should_stop = None
@@ -70,14 +91,15 @@ def run_trial(config: dict, configs: dict, cpus: int = 1) -> None:
     try:
         result = train(run_cfg, output_dir=work / "run", corpus=corpus, callbacks=Callbacks(
             log=log, progress=None, on_checkpoint=on_checkpoint, should_stop=should_stop))
-        artifacts = work / "artifacts"
-        artifacts.mkdir()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    artifacts = None
+    if World.current().is_main:
+        artifacts = Path(tempfile.mkdtemp(prefix="smet_artifacts_"))
         write_run_artifacts(result.history, cfg_dict, artifacts, title=key)
         (artifacts / "summary.json").write_text(json.dumps(
             {"status": result.status, "error": result.error, "summary": result.summary}, default=float))
-        tune.report({**result.summary, "step": int(result.summary.get("summary/steps", 0)), **ident,
-                     "smet_status": result.status, "smet_error": result.error or "", "final": 1,
-                     "smet_resumed_from_step": int(restored_step)},
-                    checkpoint=tune.Checkpoint.from_directory(str(artifacts)))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    metrics = {**result.summary, "step": int(result.summary.get("summary/steps", 0)), **ident,
+               "smet_status": result.status, "smet_error": result.error or "", "final": 1,
+               "smet_resumed_from_step": int(restored_step)}
+    return {"metrics": metrics, "artifacts": artifacts}
