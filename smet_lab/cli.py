@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -90,7 +91,6 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
     try:
         from smet_lab.tracking import check_tracking
         from smet_lab.train import check_config
-
         from smet_lab.train.distributed import check_world, launched_world_size
 
         if cfg.get("sweep") is not None:
@@ -103,8 +103,8 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
             cores = cfg.ray.num_cpus or os.cpu_count()
             if cfg.ray.address == "local" and workers * cfg.ray.cpus_per_trial > cores:
                 raise ConfigError(origin, workers, f"at most {cores // cfg.ray.cpus_per_trial}: {workers} processes x "
-                                  f"ray.cpus_per_trial={cfg.ray.cpus_per_trial} CPUs do not fit in this machine's "
-                                  f"{cores} (lower ray.cpus_per_trial)")
+                                  f"ray.cpus_per_trial={cfg.ray.cpus_per_trial} CPUs do not fit in the {cores} "
+                                  "CPUs Ray has here (ray.num_cpus; lower ray.cpus_per_trial)")
         else:
             check_config(to_run_config(cfg))
             configs = [container]
@@ -230,16 +230,20 @@ def hydra_main(cfg: DictConfig) -> None:
 class StopRequest:
     """Ctrl-C or SIGTERM asks the run to stop at the next step boundary (never in the middle of a
     database write, which could leave the MLflow store locked or a run RUNNING); a second signal
-    stops at once."""
+    stops at once, unless it follows the first within a second: torchrun passes the terminal's Ctrl-C
+    on as SIGTERM to processes that got it already."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.at = False, 0.0
 
     def __call__(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self.at < 1.0:
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        print("smet_lab: stopping after this step (signal again to stop at once)", file=sys.stderr)
+        self.requested, self.at = True, time.monotonic()
+        if os.environ.get("RANK", "0") == "0":
+            print("smet_lab: stopping after this step (signal again to stop at once)", file=sys.stderr)
 
     def is_set(self) -> bool:
         return self.requested

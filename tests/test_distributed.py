@@ -30,9 +30,9 @@ def torchrun(args: list[str], cwd, nproc: int = 2, timeout: float = 300, env_ext
 
 
 def overrides(method: str = "smet", growth: str | None = None) -> list[str]:
-    """200 steps, a topology update every 50, checkpoints at 100 and 200, one thread per process."""
+    """200 steps, a topology update and a checkpoint every 50, one thread per process."""
     return ["tracking=none", f"method={method}", "train.max_steps=200", "sparsity.update_every=50",
-            "train.checkpoint_every=100", "train.threads=1"] + ([f"sparsity.growth={growth}"] if growth else [])
+            "train.checkpoint_every=50", "train.threads=1"] + ([f"sparsity.growth={growth}"] if growth else [])
 
 
 def reference(args: list[str], out: Path, resume_from: Path | None = None) -> dict:
@@ -115,8 +115,9 @@ def test_topology_checksum_sees_one_moved_block():
 
 # --------------------------------------------------------------------- 2 processes vs 1
 def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
-    """smet, 200 steps, an update every 50: 2 processes == 1 process to 1e-5, the same topology at the
-    checkpoints (steps 100 and 200), and a checkpoint of either resumes on the other world size."""
+    """smet, 200 steps, an update every 50: 2 processes == 1 process to 1e-5, the same topology after
+    every update (the checkpoints at steps 50, 100 and 150 follow one; 200 is the end), and a checkpoint
+    of either resumes on the other world size."""
     args = overrides("smet")
     ref = reference(args, tmp_path / "one")
     proc = torchrun(args + [f"hydra.run.dir={tmp_path}/two"], tmp_path)
@@ -125,7 +126,7 @@ def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
     two = curves(tmp_path / "two" / "metrics.parquet")
     assert_close(two, ref)
     assert len(two["train/loss"]) == 200
-    for step in (100, 200):
+    for step in (50, 100, 150, 200):
         assert_same_topology(topology(tmp_path / "two" / "checkpoints" / f"step_{step}"),
                              topology(tmp_path / "one" / "checkpoints" / f"step_{step}"))
     # 2 -> 1: the 2-process checkpoint at step 100, continued here in one process
@@ -146,7 +147,7 @@ def test_two_processes_equal_one_for_naive_dst_and_gradient_growth(tmp_path, met
     proc = torchrun(args + [f"hydra.run.dir={tmp_path}/two"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_close(curves(tmp_path / "two" / "metrics.parquet"), ref)
-    for step in (100, 200):
+    for step in (50, 100, 150, 200):
         assert_same_topology(topology(tmp_path / "two" / "checkpoints" / f"step_{step}"),
                              topology(tmp_path / "one" / "checkpoints" / f"step_{step}"))
 
@@ -212,8 +213,10 @@ BAD = [
     (["+sweep=smoke"], {"WORLD_SIZE": "2"}, "+sweep cannot run under torchrun"),
     (["train.dist_backend=mpi"], {}, "train.dist_backend"),
     (["+sweep=smoke", "ray.workers_per_trial=0"], {}, "ray.workers_per_trial=0 is not allowed: a positive integer"),
-    (["+sweep=smoke", "ray.workers_per_trial=2", "train.batch_size=7"], {},
+    (["+sweep=smoke", "ray.workers_per_trial=2", "ray.cpus_per_trial=1", "train.batch_size=7"], {},
      "train.batch_size=7 is not allowed: a multiple of 2, the number of processes (ray.workers_per_trial)"),
+    (["+sweep=smoke", "ray.workers_per_trial=3", "ray.cpus_per_trial=1", "ray.num_cpus=2"], {},
+     "ray.workers_per_trial=3 is not allowed: at most 2: 3 processes x ray.cpus_per_trial=1 CPUs do not fit"),
 ]
 if not torch.cuda.is_available():
     BAD.append((["train.dist_backend=nccl"], {"WORLD_SIZE": "2"}, "NCCL needs CUDA"))
@@ -252,9 +255,14 @@ def test_a_sweep_of_two_process_trials_matches_one_process_and_resumes_after_ctr
     deadline = time.time() + 400
     while time.time() < deadline and not list(second.glob("*_00001/checkpoint_*")) and proc.poll() is None:
         time.sleep(0.2)
+    time.sleep(1)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "interrupted: run the same command again" in out, out[-3000:]
+    _, runs = all_runs(tmp_path / "mlflow.db")
+    stopped = [r.data.tags["smet.method"] for r in runs
+               if r.data.tags.get("smet.kind") == "trial" and r.info.status != "FINISHED"]
+    assert len(stopped) == 1, out[-3000:]
     again = run_cli(args, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "2/2 trials ended (2 finished" in again.stdout
@@ -262,7 +270,7 @@ def test_a_sweep_of_two_process_trials_matches_one_process_and_resumes_after_ctr
     client, runs = all_runs(tmp_path / "mlflow.db")
     children = {r.data.tags["smet.method"]: r for r in runs if r.data.tags.get("smet.kind") == "trial"}
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
-    assert int(children["smet"].data.tags["smet.resumed_from_step"]) >= 50  # from its checkpoint, not step 0
+    assert int(children[stopped[0]].data.tags["smet.resumed_from_step"]) >= 50  # from its checkpoint, not step 0
     cfg = compose(args)
     configs = plan(cfg, method_composer(args))[2]
     for key, config in configs.items():

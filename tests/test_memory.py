@@ -152,8 +152,9 @@ def test_memory_benchmark_measures_one_configuration(method):
             assert r["grads"] + r["state"] == r["analytic_min"]
         else:  # dense-size sparse gradients and moments + mask
             assert r["grads"] == 4 * n and r["sparse_state"] > r["sparse_dense_adam"]
-    # Peak RSS cannot be below the RSS /proc/self/statm gave at the start of the same measurement.
-    assert r["peak_bytes"] >= r["rss_after_import"]
+    # Peak RSS cannot be below the RSS /proc/self/statm gave at the start of the same measurement, up
+    # to the kernel's RSS counters, which are per-CPU and approximate (188 KiB apart seen in a test run).
+    assert r["peak_bytes"] >= r["rss_after_import"] - 2**20
     header, _, row = bench.table([r]).splitlines()
     cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | ")))
     gs = r["grads"] + r["state"]

@@ -17,8 +17,8 @@ import torch
 
 from smet_lab.config import RunConfig
 from smet_lab.data import Corpus, TokenBatcher, load_corpus
-from smet_lab.metrics import (COMM_BYTES, WORLD_SIZE, FINAL_DENSITY, FINAL_VAL_LOSS, FINAL_VAL_PPL, KERNEL_COMPILED, STEPS, TOKENS_PER_S,
-                             computed)
+from smet_lab.metrics import (COMM_BYTES, FINAL_DENSITY, FINAL_VAL_LOSS, FINAL_VAL_PPL, KERNEL_COMPILED, STEPS,
+                             TOKENS_PER_S, WORLD_SIZE, computed)
 from smet_lab.model import LLaMA
 from smet_lab.optim import SMETAdam
 from smet_lab.spikes import run_spike_summary
@@ -283,6 +283,7 @@ def train(
         """The checkpoint of `step`; with several processes the first writes it (the state is the same
         on all) and the others get None."""
         return ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}") if run.world.is_main else None
+
     summary = {}
     window_time, window_tokens, started, first_step = 0.0, 0, time.perf_counter(), run.step
     status, error = "FINISHED", None
