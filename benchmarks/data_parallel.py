@@ -74,6 +74,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(text: str, meta: dict, rows: list[dict], json_path: Path | None, md_path: Path | None) -> None:
+    """Print the Markdown table; write it and the raw rows where asked."""
+    print(text)
+    if json_path:
+        json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if md_path:
+        md_path.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "llama_20m"])
@@ -91,12 +100,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/data_parallel.py " + " ".join(sys.argv[1:])}
-    text = markdown(rows, meta)
-    print(text)
-    if a.json:
-        a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if a.md:
-        a.md.write_text(text)
+    write_results(markdown(rows, meta), meta, rows, a.json, a.md)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from data_parallel import run_smet_lab
+from data_parallel import run_smet_lab, write_results
 
 CASES = {"dense": ["method=dense"], "smet": ["method=smet"],
          "smet, compact weights": ["method=smet", "sparsity.weights=compact"]}
@@ -65,12 +65,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['case']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s'] / dense['tokens_per_s']:.3f} | {peak} | {r['comm_bytes_per_step'] / 1e6:.2f} | "
                      f"{r['kernel']} | {r['last_train_loss']:.4f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.json:
-        a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if a.md:
-        a.md.write_text(text)
+    write_results("\n".join(lines) + "\n", meta, rows, a.json, a.md)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
 from smet_lab.config import ConfigError, RunConfig, run_config_from
-from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, config_groups, explain_hydra_error, extension_entries,
-                                group_options, ignored_setting, multirun_overrides, split_args, unknown_key)
+from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
+                                ignored_setting, multirun_overrides, split_args, unknown_key)
 from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
@@ -161,7 +161,9 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
               f"mean probe jump {'n/a (no topology update)' if jump is None else f'{jump:.4f}'}, "
               f"state memory {s['summary/memory/state_ratio_vs_dense_adam']:.3f} x dense Adam "
               f"(with the weights {s['summary/memory/training_ratio_vs_dense_adam']:.3f} x), "
-              f"optimizer kernel {'compiled' if s.get('summary/optimizer_kernel_compiled') else 'eager'}")
+              f"optimizer kernel {'compiled' if s.get('summary/optimizer_kernel_compiled') else 'eager'}"
+              + (f", {s['summary/world_size']:.0f} processes all-reducing {s['summary/comm_bytes_per_step'] / 1e6:.2f} MB "
+                 "per step" if s.get("summary/world_size", 1) > 1 else ""))
     print(f"smet_lab: results in {output_dir}")
     if tracking.enabled:
         print(f"smet_lab: MLflow run {tracker.run_id} in experiment '{tracking.experiment}' at {tracking.uri}; "
@@ -252,42 +254,9 @@ class StopRequest:
 STOP = StopRequest()
 
 
-HELP = """smet_lab: dynamic sparse training (DST) of LLaMA-style language models with SMET (local Adam
-step reset + warm-up for regrown weights, density-scaled learning rate, compact optimizer state), with
-Ray Tune sweeps, MLflow tracking and stability reports.
-
-Usage: python -m smet_lab [KEY=VALUE ...] [GROUP=OPTION ...] [+sweep=NAME | -m KEY=A,B ...]
-
-Main commands:
-  python -m smet_lab                                       one run: tiny model, embedded corpus, smet at density 0.25
-  python -m smet_lab method=naive_dst sparsity.density=0.1 train.max_steps=500
-  python -m smet_lab data=text_files data.path=/data/my.txt  train on your own text (.txt/.jsonl/.json.gz)
-  python -m smet_lab +sweep=density                        a Ray Tune sweep: MLflow parent + child runs + report
-  python -m smet_lab -m sparsity.density=0.1,0.25 method=smet,naive_dst   the same grid as a Hydra multirun
-  python -m smet_lab +sweep=smoke sweep.retry_failed=true  resume a sweep, re-running its failed trials
-  python -m smet_lab train.resume_from=outputs/.../checkpoints/step_N   resume a run (same MLflow run)
-  python -m smet_lab.report SWEEP                          rebuild a sweep's stability report
-  python -m smet_lab --cfg job                             print the composed config (every key and value)
-  mlflow ui --backend-store-uri sqlite:///mlflow.db         the dashboards
-
-Config groups (GROUP=OPTION):
-{groups}
-
-Hydra's own flags: python -m smet_lab --hydra-help
-"""
-
-
 def quote(value: str) -> str:
     """A string as a Hydra override value (quoted unless plainly safe)."""
     return value if re.fullmatch(r"[\w./-]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def help_text() -> str:
-    lines = []
-    for group in config_groups():
-        name = f"+{group}" if group == "sweep" else group  # sweep is optional: it needs its plus
-        lines.append(f"  {name + ':':<12} {', '.join(group_options(group))}")
-    return HELP.format(groups="\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:

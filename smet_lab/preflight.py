@@ -6,12 +6,14 @@ a "did you mean" where it helps). Imports no torch, Ray or MLflow.
     explain_hydra_error(e, ov)  -> Hydra's multi-line composition error as one line
     unknown_key(container)      -> the first key of a composed config that the schema does not know
     ignored_setting(ov, cfgs)   -> a command-line value that no run would read (e.g. data.path with data=pysource)
+    help_text()                 -> `python -m smet_lab --help` (the main commands and every config group's options)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -258,6 +260,9 @@ IGNORED_WHEN = [
     ("sparsity.weights", _dense),
     ("tracking.uri", _untracked),
     ("tracking.experiment", _untracked),
+    ("train.dist_backend", lambda c: int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
+     and _get(c, "ray.workers_per_trial") <= 1
+     and "one process (read only under torchrun or with ray.workers_per_trial > 1)"),
     ("ray.num_cpus", lambda c: _get(c, "ray.address") != "local" and "ray.address is a cluster (it owns its CPUs)"),
 ]
 SWEEP_ONLY = ("ray.",)
@@ -278,3 +283,38 @@ def ignored_setting(overrides: list[str], configs: list[dict], is_sweep: bool) -
                 if reasons and all(reasons):
                     return f"{key}={value} is not allowed: ignored with {reasons[0]}"
     return None
+
+
+HELP = """smet_lab: dynamic sparse training (DST) of LLaMA-style language models with SMET (local Adam
+step reset + warm-up for regrown weights, density-scaled learning rate, compact optimizer state), with
+Ray Tune sweeps, MLflow tracking and stability reports.
+
+Usage: python -m smet_lab [KEY=VALUE ...] [GROUP=OPTION ...] [+sweep=NAME | -m KEY=A,B ...]
+
+Main commands:
+  python -m smet_lab                                       one run: tiny model, embedded corpus, smet at density 0.25
+  python -m smet_lab method=naive_dst sparsity.density=0.1 train.max_steps=500
+  python -m smet_lab data=text_files data.path=/data/my.txt  train on your own text (.txt/.jsonl/.json.gz)
+  python -m smet_lab +sweep=density                        a Ray Tune sweep: MLflow parent + child runs + report
+  python -m smet_lab -m sparsity.density=0.1,0.25 method=smet,naive_dst   the same grid as a Hydra multirun
+  python -m smet_lab +sweep=smoke sweep.retry_failed=true  resume a sweep, re-running its failed trials
+  python -m smet_lab train.resume_from=outputs/.../checkpoints/step_N   resume a run (same MLflow run)
+  torchrun --standalone --nproc_per_node=4 -m smet_lab train=gpu   one run, data parallel on 4 GPUs (or CPU processes)
+  python -m smet_lab +sweep=density ray.workers_per_trial=4   every trial data parallel (Ray Train, 4 processes)
+  python -m smet_lab.report SWEEP                          rebuild a sweep's stability report
+  python -m smet_lab --cfg job                             print the composed config (every key and value)
+  mlflow ui --backend-store-uri sqlite:///mlflow.db         the dashboards
+
+Config groups (GROUP=OPTION):
+{groups}
+
+Hydra's own flags: python -m smet_lab --hydra-help
+"""
+
+
+def help_text() -> str:
+    lines = []
+    for group in config_groups():
+        name = f"+{group}" if group == "sweep" else group  # sweep is optional: it needs its plus
+        lines.append(f"  {name + ':':<12} {', '.join(group_options(group))}")
+    return HELP.format(groups="\n".join(lines))

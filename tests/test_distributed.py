@@ -29,17 +29,21 @@ def torchrun(args: list[str], cwd, nproc: int = 2, timeout: float = 300, env_ext
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env(env_extra))
 
 
-def overrides(method: str = "smet", growth: str | None = None) -> list[str]:
+def overrides(method: str = "smet") -> list[str]:
     """200 steps, a topology update and a checkpoint every 50, one thread per process."""
     return ["tracking=none", f"method={method}", "train.max_steps=200", "sparsity.update_every=50",
-            "train.checkpoint_every=50", "train.threads=1"] + ([f"sparsity.growth={growth}"] if growth else [])
+            "train.checkpoint_every=50", "train.threads=1"]
 
 
 def reference(args: list[str], out: Path, resume_from: Path | None = None) -> dict:
     """The same config as the command line composes, trained here in one process."""
     cfg = to_run_config(compose(args))
     cfg.train.resume_from = str(resume_from) if resume_from else None
-    result = train(cfg, output_dir=out, callbacks=QUIET)
+    threads = torch.get_num_threads()
+    try:
+        result = train(cfg, output_dir=out, callbacks=QUIET)
+    finally:
+        torch.set_num_threads(threads)  # train.threads=1 must not slow the tests that follow
     assert result.status == "FINISHED"
     return curves(result.history)
 
@@ -140,9 +144,10 @@ def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,growth", [("naive_dst", None), ("smet", "gradient")])
-def test_two_processes_equal_one_for_naive_dst_and_gradient_growth(tmp_path, method, growth):
-    args = overrides(method, growth)
+@pytest.mark.parametrize("method,extra", [("naive_dst", []), ("smet", ["sparsity.growth=gradient"]),
+                                          ("smet", ["sparsity.weights=compact"])])
+def test_two_processes_equal_one_for_naive_dst_gradient_growth_and_compact_weights(tmp_path, method, extra):
+    args = overrides(method) + extra
     ref = reference(args, tmp_path / "one")
     proc = torchrun(args + [f"hydra.run.dir={tmp_path}/two"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -218,6 +223,7 @@ BAD = [
     (["+sweep=smoke", "ray.workers_per_trial=3", "ray.cpus_per_trial=1", "ray.num_cpus=2"], {},
      "ray.workers_per_trial=3 is not allowed: at most 2: 3 processes x ray.cpus_per_trial=1 CPUs do not fit"),
 ]
+BAD.append((["train.dist_backend=gloo"], {}, "train.dist_backend=gloo is not allowed: ignored with one process"))
 if not torch.cuda.is_available():
     BAD.append((["train.dist_backend=nccl"], {"WORLD_SIZE": "2"}, "NCCL needs CUDA"))
 
@@ -279,9 +285,28 @@ def test_a_sweep_of_two_process_trials_matches_one_process_and_resumes_after_ctr
         assert run.data.metrics["summary/comm_bytes_per_step"] > 0
         logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
         assert sorted(logged) == list(range(5, 301, 5))
-        config["train"]["threads"] = 1
         result = train(run_config_from(config), callbacks=QUIET)
         ref = {r["step"]: r["train/loss"] for r in result.history}
         assert max(abs(logged[s] - ref[s]) for s in logged) <= TOL
         assert abs(run.data.metrics["summary/final_val_loss"] - result.summary["summary/final_val_loss"]) <= TOL
     assert (tmp_path / "sw" / "smoke" / "report" / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_a_failing_two_process_trial_does_not_take_the_others_and_is_retried(tmp_path):
+    from helpers import all_runs
+
+    args = ["+sweep=smoke", "ray.workers_per_trial=2", "ray.cpus_per_trial=1", f"ray.storage={tmp_path}/sw",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    proc = run_cli(args, cwd=tmp_path, timeout=600,
+                   env_extra={"SMET_LAB_INJECT_FAILURE": "naive_dst", "SMET_LAB_INJECT_AT_STEP": "25"})
+    assert proc.returncode == 1 and "injected failure" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, runs = all_runs(tmp_path / "mlflow.db")
+    status = {r.data.tags["smet.method"]: r.info.status for r in runs if r.data.tags.get("smet.kind") == "trial"}
+    assert status == {"naive_dst": "FAILED", "smet": "FINISHED"}
+    retry = run_cli([*args, "sweep.retry_failed=true"], cwd=tmp_path, timeout=600)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    _, runs = all_runs(tmp_path / "mlflow.db")
+    naive = next(r for r in runs if r.data.tags.get("smet.method") == "naive_dst")
+    assert naive.info.status == "FINISHED" and naive.data.tags["smet.resumed_from_step"] == "20"
+    assert naive.data.metrics["summary/steps"] == 60 and naive.data.metrics["summary/world_size"] == 2
