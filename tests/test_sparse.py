@@ -12,7 +12,7 @@ from smet_lab.config import ConfigError, ModelConfig
 from smet_lab.model import LLaMA
 from smet_lab.sparse import DynamicSparsity, SparseTopology, erk_densities, prune_rate_at
 from smet_lab.sparse.criteria import GrowthContext, PruneContext, grow_gradient, grow_random, prune_magnitude
-from smet_lab.sparse.topology import isin_sorted
+from smet_lab.sparse.ids import isin_sorted
 
 
 def prune_ctx(layer, n):

@@ -35,7 +35,8 @@ import math
 import torch
 
 from smet_lab.optim.sparse_state import SparseState, nbytes
-from smet_lab.sparse.topology import SparseLayer, moved_from
+from smet_lab.sparse.ids import moved_from
+from smet_lab.sparse.topology import SparseLayer
 from smet_lab.sparse.updater import RegrowEvent
 
 COHORT_DTYPES = (torch.uint8, torch.int16, torch.int32)  # widened only when ids run out

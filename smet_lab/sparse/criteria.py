@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from smet_lab.sparse.topology import blocks_taken
+from smet_lab.sparse.ids import blocks_taken
 
 
 class RuleError(RuntimeError):

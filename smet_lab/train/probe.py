@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from smet_lab.metrics import REGROWN_UPDATE_SHARE_PREFIX
-from smet_lab.sparse.topology import isin_sorted
+from smet_lab.sparse.ids import isin_sorted
 
 
 @dataclass
