@@ -97,17 +97,11 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, rows: torch.Tensor) -> torch.Tensor:
-        """This rank's share of a batch's rows (equal shares: the batch size divides the world size)."""
-        if self.size == 1:
-            return rows
-        n = rows.shape[0] // self.size
-        return rows[self.rank * n:(self.rank + 1) * n]
-
     def average(self, tensors: list[torch.Tensor]) -> int:
         """Average `tensors` in place over the ranks: consecutive tensors are packed into flat buffers of
-        at most BUCKET_ENTRIES (one collective each; one for every model here up to llama_130m at
-        density 0.25). Returns the bytes sent per rank."""
+        at most BUCKET_ENTRIES, one collective each (llama_20m with the byte tokenizer: one; llama_130m
+        with T5's 32k vocabulary at density 0.25: five, the embeddings being most of it). Returns the
+        bytes sent per rank."""
         tensors = [t for t in tensors if t.numel()]
         if self.size == 1 or not tensors:
             return 0
@@ -172,7 +166,7 @@ def _buckets(tensors: list[torch.Tensor]):
 
 
 def topology_checksum(topology) -> torch.Tensor:
-    """Per sparse layer: number of active blocks, sum of their ids and of their squares mod a prime
+    """Per sparse layer: number of active blocks, sum of their ids and of (id^2 mod a prime)
     (int64, exact): equal topologies give equal sums, a changed block changes them."""
     out = []
     for layer in topology.layers:
