@@ -1,15 +1,17 @@
 """optim.kernel: the fused (compiled) compact step computes what the eager step computes.
 
 The compiler evaluates lerp/addcmul without eager's fused multiply-adds, so the two agree to float32
-rounding, not bit for bit. Over 40 steps with 3 topology updates (weight decay 0.1) the tests ask:
-per-step losses to 1e-5 (measured <= 4.8e-7), weights to 1e-4 absolute (measured <= 9.4e-6), m to
-1e-5 absolute (<= 1.4e-7) and v to 1e-3 relative (<= 1.3e-4: tiny v of rarely-updated entries).
+rounding, not bit for bit. Over 40 steps with 3 topology updates (weight decay 0.1; every step fused,
+the ones right after an update included) the tests ask: per-step losses to 1e-5 (measured <= 2.4e-6),
+weights to 3e-4 absolute (measured <= 1.0e-4, a regrown entry whose first steps amplify one rounding),
+m to 1e-5 absolute (<= 1.5e-6) and v to 3e-3 relative (<= 1.05e-3: tiny v of rarely-updated entries).
 `adam_rows` run uncompiled exercises the same path (tables, packed values, chunks) in every
 configuration without paying for a compile each.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -22,6 +24,7 @@ from smet_lab.optim import SMETAdam
 from smet_lab.optim import fused
 from smet_lab.optim.fused import AUTO_MIN_ENTRIES, FusedStep, adam_rows, compiler_present, resolve_kernel
 from smet_lab.sparse import DynamicSparsity, SparseTopology
+from smet_lab.train.probe import RegrownSteps
 
 MODEL = ModelConfig(name="test", dim=32, n_layers=2, n_heads=2, ffn_dim=64, seq_len=16, vocab_size=256)
 TOKENS = load_corpus(DataConfig(name="synthetic", max_tokens=20_000)).train
@@ -36,8 +39,10 @@ OPTIONS = {
 }
 
 
-def train(kernel: str, block_size: int, weights: str, option: str, weight_decay: float = 0.0, steps: int = 40):
-    """`steps` optimizer steps of a small LLaMA at density 0.3, a topology update every 10 steps."""
+def train(kernel: str, block_size: int, weights: str, option: str, weight_decay: float = 0.0, steps: int = 40,
+          probed: dict | None = None):
+    """`steps` optimizer steps of a small LLaMA at density 0.3, a topology update every 10 steps;
+    `probed` collects the trainer's probes of the regrown entries ({(update step, metric): value})."""
     reset_step, warmup, kind = OPTIONS[option]
     torch.manual_seed(0)
     model = LLaMA(MODEL)
@@ -46,7 +51,7 @@ def train(kernel: str, block_size: int, weights: str, option: str, weight_decay:
                    weight_decay=weight_decay, kernel=kernel)
     updater = DynamicSparsity(topo, 1000, update_every=10, prune_rate=0.3, prune_schedule="constant", seed=0)
     gen = torch.Generator().manual_seed(1)
-    losses = []
+    losses, probe = [], None
     for step in range(1, steps + 1):
         starts = torch.randint(len(TOKENS) - 17, (4,), generator=gen)
         chunk = torch.stack([torch.as_tensor(TOKENS[s:s + 17], dtype=torch.long) for s in starts.tolist()])
@@ -56,8 +61,12 @@ def train(kernel: str, block_size: int, weights: str, option: str, weight_decay:
         opt.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad()
+        if probe is not None and probed is not None:
+            lr = next(g["lr"] for g in opt.param_groups if g["kind"] == "sparse")
+            probed.update({(probe.update_step, k): v for k, v in probe.observe(topo, opt, lr).items()})
         if step % 10 == 0:
-            opt.regrow(updater.update(step))
+            events = updater.update(step)
+            probe = RegrownSteps.start(step, topo, events, opt.regrow(events))
     weights_now = torch.cat([layer.gather().reshape(-1) for layer in topo.layers])
     return torch.tensor(losses), weights_now, opt
 
@@ -65,9 +74,9 @@ def train(kernel: str, block_size: int, weights: str, option: str, weight_decay:
 def assert_same_training(a, b):
     (la, wa, oa), (lb, wb, ob) = a, b
     assert (la - lb).abs().max() <= 1e-5
-    torch.testing.assert_close(wb, wa, rtol=0, atol=1e-4)
+    torch.testing.assert_close(wb, wa, rtol=0, atol=3e-4)
     torch.testing.assert_close(ob.exp_avg, oa.exp_avg, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ob.exp_avg_sq, oa.exp_avg_sq, rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(ob.exp_avg_sq, oa.exp_avg_sq, rtol=3e-3, atol=1e-9)
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
@@ -108,14 +117,25 @@ def test_compiled_step_equals_the_eager_step_everywhere(block_size, weights, opt
                          compiled_run(block_size, weights, option, weight_decay=0.1))
 
 
-def test_regrow_measurements_run_eagerly_and_agree(monkeypatch):
-    """The steps right after an update (update ratio, Adam outlier share) take the eager path, so the
-    stability metrics are those of the eager step."""
+@pytest.mark.parametrize("option", ["cohorts-linear_lr", "no_cohorts"])
+def test_regrow_probes_agree_under_the_fused_step(monkeypatch, option):
+    """The probes of the regrown entries (update ratio, Adam outlier share) read weights and the
+    optimizer's state from outside, so the fused step serves the steps right after an update too and
+    the metrics agree with the eager step's (the moments to one float32 ulp: the outlier counts exactly)."""
     monkeypatch.setattr(FusedStep, "_compiled", adam_rows)
-    _, _, eager = train("eager", 1, "compact", "cohorts-linear_lr", steps=31)
-    _, _, fused_opt = train("compiled", 1, "compact", "cohorts-linear_lr", steps=31)
-    assert eager.last_regrow_update_ratio is not None and eager._outliers is not None
-    assert fused_opt.last_regrow_update_ratio == pytest.approx(eager.last_regrow_update_ratio, rel=1e-5)
+    eager, fused_run = {}, {}
+    train("eager", 1, "compact", option, steps=36, probed=eager)
+    train("compiled", 1, "compact", option, steps=36, probed=fused_run)
+    keys = {(u, k) for u in (10, 20, 30) for k in ("stability/regrow_update_ratio", "stability/adam_outlier_frac_regrown")}
+    assert set(eager) == set(fused_run) == keys
+    for u in (10, 20, 30):
+        # A regrown entry's first step from zeroed moments is (1-b1)g/(1-b1^t) / sqrt((1-b2)g^2/(1-b2^t)) x
+        # warm-up, for any g >> eps: t = 1 and warm-up 1/5 with cohorts, t = u + 1 and none without.
+        t, warm = (1, 1 / 5) if option == "cohorts-linear_lr" else (u + 1, 1.0)
+        expected = warm * (0.1 / (1 - 0.9 ** t)) / math.sqrt(0.001 / (1 - 0.999 ** t))
+        assert eager[u, "stability/regrow_update_ratio"] == pytest.approx(expected, rel=2e-3)
+    for k in keys:
+        assert fused_run[k] == pytest.approx(eager[k], rel=1e-5)
 
 
 def test_a_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):

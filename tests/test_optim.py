@@ -16,6 +16,7 @@ from smet_lab.optim.compact import bias_correction_saturation
 from smet_lab.optim.masked import MaskedState
 from smet_lab.sparse import DynamicSparsity, RegrowEvent, SparseTopology
 from smet_lab.train.memory import analytic_state_bytes, float32_floor, optimizer_layout_bytes
+from smet_lab.train.probe import OUTLIER_RATIO, OUTLIER_STEPS, RegrownSteps
 
 B1, B2 = 0.9, 0.999
 
@@ -52,8 +53,9 @@ def naive_first_step(s: int) -> float:
     return ((1 - B1) / (1 - B1 ** s)) / math.sqrt((1 - B2) / (1 - B2 ** s))
 
 
-def regrow_some(topo, opt, n=8, seed=1, with_source=True):
-    """Replace the n lowest active blocks by n random inactive ones (returns the new block ids)."""
+def regrow_some(topo, opt, n=8, seed=1, with_source=True, probe=False):
+    """Replace the n lowest active blocks by n random inactive ones. Returns the new block ids, and with
+    probe=True also the trainer's probe of their first steps (smet_lab.train.probe.RegrownSteps)."""
     layer = topo.layers[0]
     old = layer.block_ids()[:n].long()
     inactive = (~layer.active_mask()).nonzero().squeeze(1)
@@ -62,8 +64,18 @@ def regrow_some(topo, opt, n=8, seed=1, with_source=True):
         layer.blocks()[old] = 0.0
     slots, old_slots = layer.replace(old, new)
     assert (layer.block_ids()[slots].long() == new).all()
-    opt.regrow([RegrowEvent(0, slots, old, new, old_slots if with_source else None)])
-    return new
+    events = [RegrowEvent(0, slots, old, new, old_slots if with_source else None)]
+    rows = opt.regrow(events)
+    return (new, RegrownSteps.start(opt.global_step, topo, events, rows)) if probe else new
+
+
+def probed_steps(model, opt, probe, n, lr):
+    """n steps, each followed by the probe's observation; returns the metrics it reported."""
+    found = {}
+    for _ in range(n):
+        run_steps(model, opt, 1)
+        found.update(probe.observe(opt.topology, opt, lr))
+    return found
 
 
 @pytest.mark.parametrize("s", [1000, 5000])
@@ -71,13 +83,13 @@ def test_naive_dst_cold_start_matches_formula(s):
     assert naive_first_step(1000) == pytest.approx(2.514, abs=1e-3)  # the issue's "2.5x at s = 1000"
     model, topo, opt = make(lr=1e-3, reset_step=False, warmup_steps=0, lr_scaling="none")
     run_steps(model, opt, s - 1)  # the update happens after global step s-1; first regrown step is s
-    new = regrow_some(topo, opt)
+    new, probe = regrow_some(topo, opt, probe=True)
     before = topo.layers[0].blocks()[new].clone()
-    run_steps(model, opt, 1)
+    found = probed_steps(model, opt, probe, 1, 1e-3)
     delta = (topo.layers[0].blocks()[new] - before).abs() / 1e-3
     expected = naive_first_step(s)
     assert torch.allclose(delta, torch.full_like(delta, expected), rtol=1e-4)
-    assert opt.last_regrow_update_ratio == pytest.approx(expected, rel=1e-4)
+    assert found["stability/regrow_update_ratio"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("W", [1, 10, 100])
@@ -211,12 +223,12 @@ def test_first_regrown_update_released_vs_moment_damping(layout, kind, W, expect
     model, topo, opt = make(lr=1e-3, reset_step=True, warmup_steps=W, warmup_kind=kind, lr_scaling="none",
                             state=layout)
     run_steps(model, opt, 30)  # past W: the entries active from the start are no longer damped
-    new = regrow_some(topo, opt)
+    new, probe = regrow_some(topo, opt, probe=True)
     before = topo.layers[0].blocks()[new].clone()
-    run_steps(model, opt, 1)
+    found = probed_steps(model, opt, probe, 1, 1e-3)
     delta = (topo.layers[0].blocks()[new] - before).abs() / 1e-3
     assert torch.allclose(delta, torch.full_like(delta, expected), rtol=2e-4)
-    assert opt.last_regrow_update_ratio == pytest.approx(expected, rel=2e-4)
+    assert found["stability/regrow_update_ratio"] == pytest.approx(expected, rel=2e-4)
 
 
 class WithDense(LinearLoss):
@@ -380,7 +392,7 @@ def test_regrow_event_without_old_slots_gives_the_same_state():
                                          ("dense_masked", "linear_lr"), ("compact", "released")])
 def test_chunked_update_equals_one_chunk(monkeypatch, layout, kind):
     """The update is formed chunk by chunk (bounded temporaries): one chunk per layer gives exactly the
-    same weights, state and regrow ratio as one chunk for all layers (weight decay and warm-up on)."""
+    same weights and state as one chunk for all layers (weight decay and warm-up on)."""
     import smet_lab.optim.sparse_state as sparse_state
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16)
@@ -394,19 +406,15 @@ def test_chunked_update_equals_one_chunk(monkeypatch, layout, kind):
         opt = SMETAdam(model, topo, lr=1e-2, weight_decay=0.1, warmup_steps=5, warmup_kind=kind, state=layout)
         assert len(opt.sparse.chunks) == (1 if chunk > 1 else len(topo.layers))
         updater = DynamicSparsity(topo, total_steps=20, update_every=4, prune_rate=0.3, prune_schedule="constant")
-        ratios = []
         for step in range(1, 11):
             model(x, x).backward()
             opt.step()
             opt.zero_grad()
-            ratios.append(opt.last_regrow_update_ratio)
             if updater.is_update_step(step):
                 opt.regrow(updater.update(step))
-        outcomes.append(([p.detach().clone() for p in model.parameters()], opt.exp_avg.clone(), ratios))
-    (w1, m1, r1), (w2, m2, r2) = outcomes
+        outcomes.append(([p.detach().clone() for p in model.parameters()], opt.exp_avg.clone()))
+    (w1, m1), (w2, m2) = outcomes
     assert all(torch.equal(a, b) for a, b in zip(w1, w2)) and torch.equal(m1, m2)
-    assert r1[:4] == r2[:4] == [None] * 4 and None not in r1[4:] + r2[4:]  # set by the steps after updates
-    assert r1[4:] == pytest.approx(r2[4:], rel=1e-6)
 
 
 def test_dense_method_equals_torch_adam():
@@ -614,16 +622,14 @@ def test_adam_outlier_share_of_regrown_entries_by_hand(reset, after, state):
     """stability/adam_outlier_frac_regrown against the closed form: with a local step the preconditioned
     step of a steady gradient is exactly 1; under the global step it starts at 3.08 (s = 3000: outliers on
     every one of the first 5 updates), while at s = 20 the global bias correction still compensates."""
-    from smet_lab.optim.smet_adam import OUTLIER_RATIO, OUTLIER_STEPS
-
     model, topo, opt = make(lr=1e-3, reset_step=reset, warmup_steps=0, lr_scaling="none", state=state)
     run_steps(model, opt, after)
-    regrow_some(topo, opt)
-    run_steps(model, opt, OUTLIER_STEPS - 1)
-    assert opt.last_regrow_outlier_frac is None  # measured over the first OUTLIER_STEPS updates
-    run_steps(model, opt, 1)
+    _, probe = regrow_some(topo, opt, probe=True)
+    found = probed_steps(model, opt, probe, OUTLIER_STEPS - 1, 1e-3)
+    assert "stability/adam_outlier_frac_regrown" not in found  # measured over the first OUTLIER_STEPS updates
+    found = probed_steps(model, opt, probe, 1, 1e-3)
     steps = [preconditioned_step(j, j if reset else after + j) for j in range(1, OUTLIER_STEPS + 1)]
     expected = sum(r > OUTLIER_RATIO for r in steps) / OUTLIER_STEPS
     assert all(abs(r - OUTLIER_RATIO) > 0.05 for r in steps)  # no entry is a float-rounding tie
-    assert opt.last_regrow_outlier_frac == expected
+    assert found["stability/adam_outlier_frac_regrown"] == expected and probe.done
     assert expected == {(True, 3000): 0.0, (False, 20): 0.0, (False, 3000): 1.0}[(reset, after)]

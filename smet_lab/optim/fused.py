@@ -16,10 +16,6 @@ is a choice (`optim.kernel`), logged with the run:
     auto      compiled when the sparse state holds >= AUTO_MIN_ENTRIES (2^19) entries and a compiler is
               present (the one-off compile, ~20 s on a 2-core CPU and cached on disk, then pays for
               itself), eager otherwise: the CPU-sized default run stays eager and bit-exact
-
-Steps that measure the regrown entries' update (the first steps after a topology update, see
-stability/regrow_update_ratio and stability/adam_outlier_frac_regrown) run eagerly: they read per-entry
-quantities the fused kernel never materialises.
 """
 
 from __future__ import annotations

@@ -42,14 +42,6 @@ __all__ = ["SMETAdam"]
 
 # The layout's keys in a checkpoint; those of the other layout are saved as None (format 2).
 LAYOUT_KEYS = ("cohort", "births", "age", "active")
-# stability/adam_outlier_frac_regrown: share of the regrown entries' first OUTLIER_STEPS updates whose
-# preconditioned step |m_hat| / (sqrt(v_hat) + eps) exceeds OUTLIER_RATIO (a steady gradient gives 1).
-OUTLIER_STEPS, OUTLIER_RATIO = 5, 3.0
-
-
-def _rows_within(rows: torch.Tensor, sl: slice) -> torch.Tensor:
-    """The rows that fall in the chunk `sl`, relative to its start."""
-    return rows[(rows >= sl.start) & (rows < sl.stop)] - sl.start
 
 
 class SMETAdam(torch.optim.Optimizer):
@@ -82,10 +74,6 @@ class SMETAdam(torch.optim.Optimizer):
         self.layout = state
         self.global_step = 0
         self.last_regrow_step: int | None = None
-        self.last_regrow_update_ratio: float | None = None
-        self.last_regrow_outlier_frac: float | None = None
-        self._probe_slots: torch.Tensor | None = None
-        self._outliers: dict | None = None  # {"slots", "steps_left", "over", "seen"} while it is measured
 
         self.lr_scale = LR_SCALING[lr_scaling](topology.density(), lr_scaling_power)
         sparse_ids = {id(layer.param) for layer in topology.layers}
@@ -203,7 +191,7 @@ class SMETAdam(torch.optim.Optimizer):
     def _sparse_step(self, lr: float) -> None:
         """Adam on the layout's buffers, then the update into the weights, chunk by chunk."""
         self._settle_sparse_grads()
-        if self._fused is not None and self._probe_slots is None and self._outliers is None and self._fused_step(lr):
+        if self._fused is not None and self._fused_step(lr):
             return
         b1, b2 = self.betas
         s = self.sparse
@@ -213,8 +201,6 @@ class SMETAdam(torch.optim.Optimizer):
         warming = self._warming_now()
         s.begin_step(self.global_step, warming)
         damping = warming and self.warmup_kind != "linear_lr"
-        probe, probe_sum = self._probe_slots, None
-        outliers = self._outliers
         for first, last in s.chunks:
             sl = s.span(first, last)
             m_c, v_c = m[sl], v[sl]
@@ -222,27 +208,21 @@ class SMETAdam(torch.optim.Optimizer):
             if damping:
                 m_c.mul_(warm)
             upd = (m_c / bc1).div_((v_c / bc2).sqrt_().add_(self.eps))
-            if outliers is not None:
-                inside = _rows_within(outliers["slots"], sl)
-                outliers["over"] += int((upd[inside].abs() > OUTLIER_RATIO).sum())
-                outliers["seen"] += upd[inside].numel()
             if self.weight_decay:
                 upd.add_(s.weights(first, last), alpha=self.weight_decay)
             if warm is not None and not damping:
                 upd.mul_(warm)
-            if probe is not None:
-                # |delta theta| / lr of the entries regrown at the last update, on their first step.
-                part = upd[_rows_within(probe, sl)].abs().sum()
-                probe_sum = part if probe_sum is None else probe_sum + part
             s.descend(first, last, upd, lr)
-        if probe is not None:
-            self.last_regrow_update_ratio = (probe_sum / (probe.numel() * self.topology.block_size)).item()
-            self._probe_slots = None
-        if outliers is not None:
-            outliers["steps_left"] -= 1
-            if outliers["steps_left"] == 0:
-                self.last_regrow_outlier_frac = outliers["over"] / max(1, outliers["seen"])
-                self._outliers = None
+
+    @torch.no_grad()
+    def preconditioned(self, rows: torch.Tensor) -> torch.Tensor:
+        """|m_hat| / (sqrt(v_hat) + eps) of the sparse state's `rows` [n, B] as the last step formed it
+        (before the warm-up factor, weight decay and lr): Adam's preconditioned step, 1 for a steady
+        gradient. For the stability probes (smet_lab.train.probe)."""
+        s, rows = self.sparse, rows.to(self.sparse.device, torch.long)
+        bc1, bc2, _ = s.coefficients(rows)
+        m, v = s.exp_avg[rows], s.exp_avg_sq[rows]
+        return (m / bc1).div_((v / bc2).sqrt_().add_(self.eps)).abs_()
 
     def _fused_step(self, lr: float) -> bool:
         """The sparse step as one compiled pass per chunk (one over all rows with compact weights);
@@ -270,16 +250,16 @@ class SMETAdam(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------------------------- regrowth
     @torch.no_grad()
-    def regrow(self, events: list[RegrowEvent]) -> None:
-        """Reset the state of entries regrown by a topology update (see the module docstring).
+    def regrow(self, events: list[RegrowEvent]) -> torch.Tensor | None:
+        """Reset the state of entries regrown by a topology update (see the module docstring); returns
+        their rows in the sparse state (int32; None without events).
 
         Call it after the topology has changed (DynamicSparsity.update), with at most one event per
         layer. The regrown entries start with m = v = 0 and a local step that starts now."""
         fresh = self.sparse.regrow(events, self.global_step)
         if fresh is not None:
             self.last_regrow_step = self.global_step
-            self._probe_slots = fresh
-            self._outliers = {"slots": fresh, "steps_left": OUTLIER_STEPS, "over": 0, "seen": 0}
+        return fresh
 
     # -------------------------------------------------------------------------------- accounting
     def state_bytes_by_role(self) -> dict[str, int]:
@@ -315,8 +295,6 @@ class SMETAdam(torch.optim.Optimizer):
             **dict.fromkeys(LAYOUT_KEYS),
             **self.sparse.state_dict(),
             "lr": [g["lr"] for g in self.param_groups],
-            "probe_slots": None if self._probe_slots is None else self._probe_slots.clone(),
-            "outliers": None if self._outliers is None else {**self._outliers, "slots": self._outliers["slots"].clone()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -330,7 +308,3 @@ class SMETAdam(torch.optim.Optimizer):
         self.sparse.load_state_dict(state)
         for g, lr in zip(self.param_groups, state["lr"]):
             g["lr"] = lr
-        slots = state.get("probe_slots")
-        self._probe_slots = None if slots is None else slots.to(self.sparse.device)
-        out = state.get("outliers")
-        self._outliers = None if out is None else {**out, "slots": out["slots"].to(self.sparse.device)}

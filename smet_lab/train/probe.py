@@ -1,5 +1,6 @@
 """The stability probes around a topology update (checkpointed with the run): the probe-batch loss
-window, and how far regrown and surviving weights move in it."""
+window, how far regrown and surviving weights move in it, and the regrown weights' first Adam steps.
+All measured from outside the optimizer: a probe reads weights and the optimizer's public state."""
 
 from __future__ import annotations
 
@@ -120,3 +121,64 @@ class UpdateRMS:
         return cls([[i, k, ids.to(device), last.to(device), *(rest or [0.0, ids.numel()])]
                     for i, k, ids, last, *rest in state["samples"]],
                    dict(state["sums"]), dict(state["counts"]))
+
+
+# stability/adam_outlier_frac_regrown: share of the regrown entries' first OUTLIER_STEPS updates whose
+# preconditioned step |m_hat| / (sqrt(v_hat) + eps) exceeds OUTLIER_RATIO (a steady gradient gives 1).
+OUTLIER_STEPS, OUTLIER_RATIO = 5, 3.0
+
+
+@dataclass
+class RegrownSteps:
+    """The first steps of the entries regrown at one topology update: `stability/regrow_update_ratio`,
+    their mean |delta theta| / lr over the first step (lr: the sparse layers' rate), and
+    `stability/adam_outlier_frac_regrown` over the first OUTLIER_STEPS steps (smet_lab.metrics)."""
+
+    update_step: int
+    rows: torch.Tensor  # the regrown entries' rows in the optimizer's sparse state
+    blocks: list  # [layer index, regrown block ids, their weights at the update]; [] once the first step is seen
+    steps_left: int = OUTLIER_STEPS
+    over: int = 0
+    seen: int = 0
+
+    @classmethod
+    def start(cls, step: int, topology, events, rows: torch.Tensor) -> "RegrownSteps":
+        blocks = []
+        for e in events:
+            layer = topology.layers[e.layer]
+            ids = e.new_blocks.to(layer.param.device, torch.long)
+            blocks.append([e.layer, ids, layer.gather(ids=ids)])
+        return cls(step, rows, blocks)
+
+    def observe(self, topology, optimizer, lr: float) -> dict:
+        """After one optimizer step at learning rate `lr`: the metrics that became known (maybe none)."""
+        out = {}
+        if self.blocks:
+            moved = sum(float((topology.layers[i].gather(ids=ids) - before).double().abs().sum())
+                        for i, ids, before in self.blocks)
+            if lr > 0:
+                out["stability/regrow_update_ratio"] = moved / lr / sum(b.numel() for *_, b in self.blocks)
+            self.blocks = []
+        step = optimizer.preconditioned(self.rows)
+        self.over += int((step > OUTLIER_RATIO).sum())
+        self.seen += step.numel()
+        self.steps_left -= 1
+        if self.steps_left == 0:
+            out["stability/adam_outlier_frac_regrown"] = self.over / max(1, self.seen)
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self.steps_left == 0
+
+    def state_dict(self) -> dict:
+        return {"update_step": self.update_step, "rows": self.rows.cpu(),
+                "blocks": [[i, ids.cpu(), before.cpu()] for i, ids, before in self.blocks],
+                "steps_left": self.steps_left, "over": self.over, "seen": self.seen}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device) -> Optional["RegrownSteps"]:
+        if state is None:
+            return None
+        blocks = [[i, ids.to(device), before.to(device)] for i, ids, before in state["blocks"]]
+        return cls(**{**state, "rows": state["rows"].to(device), "blocks": blocks})

@@ -26,7 +26,7 @@ from smet_lab.sparse import DynamicSparsity, SparseTopology
 from smet_lab.train import checkpoint as ckpt
 from smet_lab.train.checks import validate_run
 from smet_lab.train.distributed import World, check_world, topology_checksum
-from smet_lab.train.probe import ProbeWindow, UpdateRMS
+from smet_lab.train.probe import ProbeWindow, RegrownSteps, UpdateRMS
 from smet_lab.train.memory import memory_summary, peak_memory, release_freed_memory
 
 LogFn = Callable[[dict, int], None]
@@ -128,6 +128,7 @@ class Run:
         self._rows: dict[int, dict] = {}
         self.probe = ProbeWindow()
         self.update_rms: UpdateRMS | None = None
+        self.regrown: RegrownSteps | None = None
         self.train_time = 0.0
         self.tokens = 0
         self.comm_bytes = 0  # all-reduced per optimizer step (several processes)
@@ -185,13 +186,14 @@ class Run:
         sparse = [g["lr"] for g in opt.param_groups if g["kind"] == "sparse"]
         if sparse:
             metrics["train/lr_sparse"] = sparse[0]
+        if self.regrown is not None:
+            found = self.regrown.observe(self.topology, opt, sparse[0])
+            if found:
+                self.record(self.regrown.update_step, found)
+                log(found, self.regrown.update_step)
+            if self.regrown.done:
+                self.regrown = None
         earlier = {}
-        if opt.last_regrow_update_ratio is not None:
-            earlier["stability/regrow_update_ratio"] = opt.last_regrow_update_ratio
-            opt.last_regrow_update_ratio = None
-        if opt.last_regrow_outlier_frac is not None:
-            earlier["stability/adam_outlier_frac_regrown"] = opt.last_regrow_outlier_frac
-            opt.last_regrow_outlier_frac = None
         if self.probe.is_open:
             value = self.loss_on([self.probe_batch])
             metrics["stability/probe_loss"] = value
@@ -210,7 +212,8 @@ class Run:
             events = self.updater.update(step)
             if self.world.size > 1:
                 self.world.check_same(f"the topology after the update at step {step}", topology_checksum(self.topology))
-            opt.regrow(events)
+            rows = opt.regrow(events)
+            self.regrown = None if rows is None else RegrownSteps.start(step, self.topology, events, rows)
             regrown = sum(e.new_blocks.numel() for e in events)
             n_active = sum(layer.n_active for layer in self.topology.layers)
             # Churn: pruned + regrown blocks, as a share of all sparse-layer blocks (and its running sum).
@@ -238,6 +241,7 @@ class Run:
             "data": self.batcher.state_dict(),
             "probe": self.probe.state_dict(),
             "update_rms": None if self.update_rms is None else self.update_rms.state_dict(),
+            "regrown": None if self.regrown is None else self.regrown.state_dict(),
             "history": [dict(r) for r in self.history],
             "train_time": self.train_time,
             "tokens": self.tokens,
@@ -253,6 +257,7 @@ class Run:
         self.batcher.load_state_dict(state["data"])
         self.probe = ProbeWindow.from_state(state["probe"])
         self.update_rms = UpdateRMS.from_state(state.get("update_rms"), self.device)
+        self.regrown = RegrownSteps.from_state(state.get("regrown"), self.device)
         self.history = [dict(r) for r in state["history"]]
         self._rows = {r["step"]: r for r in self.history}
         self.step = state["step"]
