@@ -633,3 +633,37 @@ def test_adam_outlier_share_of_regrown_entries_by_hand(reset, after, state):
     assert all(abs(r - OUTLIER_RATIO) > 0.05 for r in steps)  # no entry is a float-rounding tie
     assert found["stability/adam_outlier_frac_regrown"] == expected and probe.done
     assert expected == {(True, 3000): 0.0, (False, 20): 0.0, (False, 3000): 1.0}[(reset, after)]
+
+
+@pytest.mark.parametrize("weights", ["dense", "compact"])
+def test_a_skipped_step_and_a_second_micro_batch_change_nothing_but_the_gradient(weights):
+    """The compact state's per-step index (dense weights: decoded in each layer's gradient hook, turned
+    into rows of the one flat weight buffer) survives a step that is skipped (zero_grad after a
+    non-finite loss) and serves a second micro-batch: the weights end exactly as a reference that
+    sees one backward of twice the loss, at two layers whose flat-buffer rows do not start at 0."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16)
+    x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    outcomes = []
+    for skipped in (False, True):
+        torch.manual_seed(0)
+        model = LLaMA(cfg)
+        topo = SparseTopology.build(model, 0.25, weights=weights)
+        opt = SMETAdam(model, topo, lr=1e-2, warmup_steps=0)
+        if weights == "dense":
+            flat = opt.sparse.dense
+            assert all(layer.param.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+                       for layer in topo.layers)
+        for _ in range(3):
+            if skipped:
+                model(x, x).backward()
+                opt.zero_grad()  # the step that never happened
+                model(x, x).backward()  # two micro-batches of the same loss
+                model(x, x).backward()
+            else:
+                (2 * model(x, x)).backward()
+            grads = opt.gradients()[0].clone()  # Adam is scale-free: compare what it is fed
+            opt.step()
+            opt.zero_grad()
+        outcomes.append([grads] + [layer.gather().clone() for layer in topo.layers])
+    for a, b in zip(*outcomes):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -23,14 +23,19 @@ without reset_step), so from then on the cohort's bias corrections and warm-up a
 id 0 (1.0) and the merge changes no bit of any update. If more than 255 cohorts are ever alive at once
 (update_every * 255 < merge_age), the id tensor widens to int16 (then int32): still exact, 1 byte more.
 
-Gathers and scatters use the int32 block ids decoded from the position list in O(active) work, one
-index kernel per layer. A topology update moves surviving entries to their new slots with one
-O(active) gather per layer; no dense-size tensor is built.
+The sparse layers' weights live in one flat buffer, each parameter a view of its rows: the active
+values [K, B] in slot order (compact weights), or the dense weights' blocks layer after layer (dense
+weights), so the descent is one op over all layers. With dense weights a layer's gradient gather
+decodes its int32 block ids from the position list (O(active)) into the step's index, which then
+holds global rows of the flat buffer for the step's single index_add_ (transient: 4 B per active
+weight from the layer's backward to the step). A topology update moves surviving entries to their new
+slots with one O(active) gather per layer; no dense-size tensor is built.
 """
 
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import torch
 
@@ -74,54 +79,78 @@ class CompactState(SparseState):
         self.merge_age = max(self.warmup_steps, *(map(bias_correction_saturation, self.betas)
                                                   if self.reset_step else [0]))
         self.table = None
-        # Dense weights: a layer's ids decoded for its gradient gather, kept for its descent in the same
-        # step (int32, transient: 4 B per active weight from the layer's backward to the step).
-        self._step_ids: dict[int, torch.Tensor] = {}
-        self.values = self._pack_values() if self.layers and all(layer.compact for layer in self.layers) else None
+        compact = [layer.compact for layer in self.layers]
+        if any(compact) and not all(compact):
+            raise ValueError("CompactState: every sparse layer keeps compact weights, or none does")
+        self.values = self.dense = None  # the flat weights: compact values [K, B] or dense blocks [N, B]
+        # Dense weights: the row of the flat buffer where each layer's blocks start, and the step's index.
+        self.block_base = [0, *accumulate(layer.n_blocks for layer in self.layers)]
+        self._index: torch.Tensor | None = None  # int32 [K], decoded layer by layer during the step
+        self._indexed: list[bool] = [False] * len(self.layers)
+        self._grad_rows = [self.grad[self.rows(i)] for i in range(len(self.layers))]  # views, made once
+        if self.layers and all(compact):
+            self.values = self._pack(self.offsets)
+        elif self.layers:
+            self.dense = self._pack(self.block_base)
 
-    def _pack_values(self) -> torch.Tensor:
-        """Compact weights: move every layer's values into one flat [K, B] buffer in row order (each
-        layer's parameter becomes a view of its rows), so that one op or one fused kernel descends
-        over all sparse layers at once. Same bytes as before."""
-        flat = torch.empty_like(self.grad)
+    def _pack(self, starts: list[int]) -> torch.Tensor:
+        """Move every layer's weight into one flat [rows, B] buffer (layer i at rows starts[i]..starts[i+1],
+        its parameter becomes a view of them) so that one op descends over all sparse layers. Same bytes."""
+        flat = torch.empty(starts[-1], self.grad.shape[1], dtype=self.layers[0].param.dtype, device=self.device)
         for i, layer in enumerate(self.layers):
-            flat[self.rows(i)] = layer.param.detach()
-            layer.param.data = flat[self.rows(i)]
+            rows = flat[starts[i]:starts[i + 1]]
+            rows.copy_(layer.param.detach().view(rows.shape))
+            layer.param.data = rows.view(layer.param.shape)
         return flat
 
     def n_rows(self, layer: SparseLayer) -> int:
         return layer.n_active
 
     def gather(self, i: int, grad: torch.Tensor, fresh: bool) -> None:
-        layer, out = self.layers[i], self.grad[self.rows(i)]
-        if layer.compact:  # the gradient of the values: already [k, B] in slot order
+        out = self._grad_rows[i]
+        if self.values is not None:  # the gradient of the values: already [k, B] in slot order
             out.copy_(grad) if fresh else out.add_(grad)
             return
-        idx, g, out = self._step_ids.get(i), _rows(grad), _rows(out)
-        if idx is None:
-            idx = self._step_ids[i] = layer.block_ids()
-        if fresh:
-            torch.index_select(g, 0, idx, out=out)
-        else:
-            out.add_(g.index_select(0, idx))
+        g, out = _rows(grad), _rows(out)
+        if not self._indexed[i]:
+            ids = self._index_layer(i, local=True)
+            torch.index_select(g, 0, ids, out=out) if fresh else out.add_(g.index_select(0, ids))
+            if self.block_base[i]:
+                ids.add_(self.block_base[i])  # from now on the step's global rows
+        else:  # a further micro-batch (or a step whose index outlived a skipped step: still valid)
+            ids = self._index[self.rows(i)] - self.block_base[i]
+            torch.index_select(g, 0, ids, out=out) if fresh else out.add_(g.index_select(0, ids))
 
-    def apply(self, i: int, update: torch.Tensor, lr: float) -> None:
-        layer = self.layers[i]
-        if layer.compact:
-            layer.param.detach().add_(update, alpha=-lr)
-        else:
-            ids = self._step_ids.pop(i, None)
-            _rows(layer.blocks()).index_add_(0, layer.block_ids() if ids is None else ids, _rows(update), alpha=-lr)
+    def _index_layer(self, i: int, local: bool = False) -> torch.Tensor:
+        """Decode layer i's active block ids into its part of the step's index (as local ids, or as
+        global rows of the flat dense weights)."""
+        if self._index is None:
+            self._index = torch.empty(self.offsets[-1], dtype=torch.int32, device=self.device)
+        ids = self.layers[i].block_ids(out=self._index[self.rows(i)])
+        if not local and self.block_base[i]:
+            ids.add_(self.block_base[i])
+        self._indexed[i] = True
+        return ids
+
+    def step_index(self, first: int, last: int) -> torch.Tensor:
+        """The global rows of the flat dense weights that hold the active blocks of layers first..last-1."""
+        for i in range(first, last):
+            if not self._indexed[i]:  # no gradient reached this layer: decode its ids now
+                self._index_layer(i)
+        return self._index[self.span(first, last)]
 
     def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:
-        if self.values is None:
-            return super().descend(first, last, update, lr)
-        self.values[self.span(first, last)].add_(update, alpha=-lr)
+        if self.values is not None:
+            self.values[self.span(first, last)].add_(update, alpha=-lr)
+        else:
+            _rows(self.dense).index_add_(0, self.step_index(first, last), _rows(update), alpha=-lr)
+            if last == len(self.layers):  # the step's last descent: the index dies here
+                self._index, self._indexed = None, [False] * len(self.layers)
 
     def weights(self, first: int, last: int) -> torch.Tensor:
         if self.values is not None:
             return self.values[self.span(first, last)]
-        return torch.cat([layer.gather() for layer in self.layers[first:last]])
+        return self.dense.index_select(0, self.step_index(first, last))
 
     # ------------------------------------------------------------------------- local step
     def begin_step(self, step: int, warming: bool) -> None:
@@ -183,7 +212,7 @@ class CompactState(SparseState):
         """Permute one layer's state from the old slot order to the new one. O(k) with the event's
         `old_slots` (the updater gives them), O(k log k) without; no dense-size tensor either way."""
         layer = self.layers[e.layer]
-        self._step_ids.pop(e.layer, None)  # stale once the topology moves
+        self._index, self._indexed = None, [False] * len(self.layers)  # stale once the topology moves
         slots = e.slots.to(self.device, torch.long)
         if e.old_slots is not None:
             source = moved_from(layer.n_active, e.old_slots, slots)

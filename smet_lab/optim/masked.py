@@ -33,8 +33,10 @@ class MaskedState(SparseState):
         buf, mask = self.grad[self.rows(i)], self.active[self.rows(i)]
         buf.copy_(grad * mask) if fresh else buf.addcmul_(grad, mask)
 
-    def apply(self, i: int, update: torch.Tensor, lr: float) -> None:
-        self.layers[i].blocks().add_(update, alpha=-lr)
+    def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:
+        start = self.offsets[first]
+        for i in range(first, last):
+            self.layers[i].blocks().add_(update[self.offsets[i] - start:self.offsets[i + 1] - start], alpha=-lr)
 
     def weights(self, first: int, last: int) -> torch.Tensor:
         return torch.cat([layer.blocks() for layer in self.layers[first:last]])

@@ -60,12 +60,6 @@ class SparseState(ABC):
         b1, b2 = self.betas
         return 1 - b1 ** self.step, 1 - b2 ** self.step
 
-    def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:
-        """theta -= lr * update for layers first..last-1; `update` holds the rows span(first, last)."""
-        start = self.offsets[first]
-        for i in range(first, last):
-            self.apply(i, update[self.offsets[i] - start:self.offsets[i + 1] - start], lr)
-
     def regrow(self, events: list[RegrowEvent], step: int) -> torch.Tensor | None:
         """Make room for the regrown blocks of `events` (at most one per layer) and start them with
         m = v = 0 and a fresh local step; returns their int32 rows, or None without events."""
@@ -105,8 +99,8 @@ class SparseState(ABC):
         """Layer i's dense [n_blocks, B] gradient into grad[rows(i)]: copied if fresh, else added."""
 
     @abstractmethod
-    def apply(self, i: int, update: torch.Tensor, lr: float) -> None:
-        """theta -= lr * update for layer i's rows."""
+    def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:
+        """theta -= lr * update for layers first..last-1; `update` holds the rows span(first, last)."""
 
     @abstractmethod
     def weights(self, first: int, last: int) -> torch.Tensor:

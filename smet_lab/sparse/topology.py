@@ -75,10 +75,12 @@ class SparseLayer:
         return self.n_active / self.n_blocks
 
     # ------------------------------------------------------------------------ position store
-    def block_ids(self) -> torch.Tensor:
-        """int32 [k]: the active block ids in ascending (= slot) order; derived (a new tensor), O(k)."""
+    def block_ids(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """int32 [k]: the active block ids in ascending (= slot) order; derived (a new tensor, or written
+        into `out`), O(k)."""
         chunk_of = torch.repeat_interleave(self.counts.int(), output_size=self.n_active)  # int32 chunk per block
-        return chunk_of.mul_(CHUNK).add_(self.offsets)
+        return torch.add(self.offsets, chunk_of, alpha=CHUNK, out=out) if out is not None \
+            else chunk_of.mul_(CHUNK).add_(self.offsets)
 
     def set_block_ids(self, ids: torch.Tensor) -> None:
         """Set the active blocks (any order, distinct ids)."""
