@@ -55,7 +55,7 @@ def test_every_sweep_composes_and_expands(name):
 
 def test_the_trial_counts_of_the_documented_sweeps():
     assert {n: expected_trials(n) for n in SWEEPS if n != "grid"} == {
-        "density": 7, "warmup": 8, "lr_scaling": 9, "update_every": 8, "ablation": 6, "smoke": 2, "lr_transfer": 56}
+        "density": 7, "warmup": 8, "lr_scaling": 9, "update_every": 8, "ablation": 6, "smoke": 2, "lr_transfer": 35}
 
 
 def test_density_sweep_grid_and_dense_reference():
