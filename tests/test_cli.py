@@ -231,6 +231,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path):
     assert list((tmp_path / "run" / "checkpoints").glob("step_*/state.pt"))
 
 
+@pytest.mark.e2e  # real processes, ~10-30 s: in CI's set, not in the quick `pytest -q`
 def test_sigterm_also_marks_the_run_killed(tmp_path):
     proc = start_cli([*FAST, "train.max_steps=100000", f"hydra.run.dir={tmp_path}/run",
                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
@@ -319,6 +320,7 @@ def test_the_recorded_config_is_the_effective_one(tmp_path, hf_tok_dir):
     assert {c["model"]["vocab_size"] for c in configs.values()} == {vocab}
 
 
+@pytest.mark.e2e  # real processes, ~10-30 s: in CI's set, not in the quick `pytest -q`
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -118,6 +118,7 @@ def test_topology_checksum_sees_one_moved_block():
 
 
 # --------------------------------------------------------------------- 2 processes vs 1
+@pytest.mark.e2e  # real processes, ~10-30 s: in CI's set, not in the quick `pytest -q`
 def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
     """smet, 200 steps, an update every 50: 2 processes == 1 process to 1e-5, the same topology after
     every update (the checkpoints at steps 50, 100 and 150 follow one; 200 is the end), and a checkpoint
