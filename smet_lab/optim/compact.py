@@ -25,10 +25,10 @@ id 0 (1.0) and the merge changes no bit of any update. If more than 255 cohorts 
 
 The sparse layers' weights live in one flat buffer, each parameter a view of its rows: the active
 values [K, B] in slot order (compact weights), or the dense weights' blocks layer after layer (dense
-weights), so the descent is one op over all layers. With dense weights a layer's gradient gather
-decodes its int32 block ids from the position list (O(active)) into the step's index, which then
-holds global rows of the flat buffer for the step's single index_add_ (transient: 4 B per active
-weight from the layer's backward to the step). A topology update moves surviving entries to their new
+weights), so the descent is one op per chunk of layers (one for the tiny model). With dense weights a
+layer's gradient gather decodes its int32 block ids from the position list (O(active)) into its
+chunk's index, which then holds global rows of the flat buffer for the chunk's single index_add_
+(transient: 4 B per active weight of the chunk, from the layer's backward to the chunk's descent). A topology update moves surviving entries to their new
 slots with one O(active) gather per layer; no dense-size tensor is built.
 """
 
@@ -85,7 +85,10 @@ class CompactState(SparseState):
         self.values = self.dense = None  # the flat weights: compact values [K, B] or dense blocks [N, B]
         # Dense weights: the row of the flat buffer where each layer's blocks start, and the step's index.
         self.block_base = [0, *accumulate(layer.n_blocks for layer in self.layers)]
-        self._index: torch.Tensor | None = None  # int32 [K], decoded layer by layer during the step
+        # One int32 index per chunk (<= ~STEP_CHUNK entries: small enough for the allocator to reuse
+        # its memory every step), decoded layer by layer during the step and freed after its descent.
+        self._chunk_of = [c for c, (first, last) in enumerate(self.chunks) for _ in range(first, last)]
+        self._index: list[torch.Tensor | None] = [None] * len(self.chunks)
         self._indexed: list[bool] = [False] * len(self.layers)
         self._grad_rows = [self.grad[self.rows(i)] for i in range(len(self.layers))]  # views, made once
         if self.layers and all(compact):
@@ -118,34 +121,46 @@ class CompactState(SparseState):
             if self.block_base[i]:
                 ids.add_(self.block_base[i])  # from now on the step's global rows
         else:  # a further micro-batch (or a step whose index outlived a skipped step: still valid)
-            ids = self._index[self.rows(i)] - self.block_base[i]
+            ids = self._layer_index(i) - self.block_base[i]
             torch.index_select(g, 0, ids, out=out) if fresh else out.add_(g.index_select(0, ids))
+
+    def _layer_index(self, i: int) -> torch.Tensor:
+        """Layer i's part of its chunk's index (the chunk's buffer is allocated at its first use)."""
+        c = self._chunk_of[i]
+        start = self.offsets[self.chunks[c][0]]
+        if self._index[c] is None:
+            self._index[c] = torch.empty(self.offsets[self.chunks[c][1]] - start, dtype=torch.int32, device=self.device)
+        return self._index[c][self.offsets[i] - start:self.offsets[i + 1] - start]
 
     def _index_layer(self, i: int, local: bool = False) -> torch.Tensor:
         """Decode layer i's active block ids into its part of the step's index (as local ids, or as
         global rows of the flat dense weights)."""
-        if self._index is None:
-            self._index = torch.empty(self.offsets[-1], dtype=torch.int32, device=self.device)
-        ids = self.layers[i].block_ids(out=self._index[self.rows(i)])
+        ids = self.layers[i].block_ids(out=self._layer_index(i))
         if not local and self.block_base[i]:
             ids.add_(self.block_base[i])
         self._indexed[i] = True
         return ids
 
     def step_index(self, first: int, last: int) -> torch.Tensor:
-        """The global rows of the flat dense weights that hold the active blocks of layers first..last-1."""
+        """The global rows of the flat dense weights that hold the active blocks of the chunk of layers
+        first..last-1 (one of self.chunks)."""
         for i in range(first, last):
             if not self._indexed[i]:  # no gradient reached this layer: decode its ids now
                 self._index_layer(i)
-        return self._index[self.span(first, last)]
+        return self._index[self._chunk_of[first]]
+
+    def _forget_index(self, chunks) -> None:
+        for c in chunks:
+            self._index[c] = None
+            for i in range(*self.chunks[c]):
+                self._indexed[i] = False
 
     def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:
         if self.values is not None:
             self.values[self.span(first, last)].add_(update, alpha=-lr)
         else:
             _rows(self.dense).index_add_(0, self.step_index(first, last), _rows(update), alpha=-lr)
-            if last == len(self.layers):  # the step's last descent: the index dies here
-                self._index, self._indexed = None, [False] * len(self.layers)
+            self._forget_index([self._chunk_of[first]])  # the chunk's index dies with its descent
 
     def weights(self, first: int, last: int) -> torch.Tensor:
         if self.values is not None:
@@ -212,7 +227,7 @@ class CompactState(SparseState):
         """Permute one layer's state from the old slot order to the new one. O(k) with the event's
         `old_slots` (the updater gives them), O(k log k) without; no dense-size tensor either way."""
         layer = self.layers[e.layer]
-        self._index, self._indexed = None, [False] * len(self.layers)  # stale once the topology moves
+        self._forget_index(range(len(self.chunks)))  # stale once the topology moves
         slots = e.slots.to(self.device, torch.long)
         if e.old_slots is not None:
             source = moved_from(layer.n_active, e.old_slots, slots)
