@@ -28,8 +28,9 @@ values [K, B] in slot order (compact weights), or the dense weights' blocks laye
 weights), so the descent is one op per chunk of layers (one for the tiny model). With dense weights a
 layer's gradient gather decodes its int32 block ids from the position list (O(active)) into its
 chunk's index, which then holds global rows of the flat buffer for the chunk's single index_add_
-(transient: 4 B per active weight of the chunk, from the layer's backward to the chunk's descent). A topology update moves surviving entries to their new
-slots with one O(active) gather per layer; no dense-size tensor is built.
+(transient: 4 B per active weight of the chunk, from the layer's backward to the chunk's descent).
+A topology update moves surviving entries to their new slots with one O(active) gather per layer;
+no dense-size tensor is built.
 """
 
 from __future__ import annotations

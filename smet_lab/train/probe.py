@@ -146,7 +146,7 @@ class RegrownSteps:
         blocks = []
         for e in events:
             layer = topology.layers[e.layer]
-            ids = e.new_blocks.to(layer.param.device, torch.long)
+            ids = e.new_blocks.to(layer.param.device)
             blocks.append([e.layer, ids, layer.gather(ids=ids)])
         return cls(step, rows, blocks)
 
