@@ -116,14 +116,11 @@ class CompactState(SparseState):
             out.copy_(grad) if fresh else out.add_(grad)
             return
         g, out = _rows(grad), _rows(out)
-        if not self._indexed[i]:
-            ids = self._index_layer(i, local=True)
-            torch.index_select(g, 0, ids, out=out) if fresh else out.add_(g.index_select(0, ids))
-            if self.block_base[i]:
-                ids.add_(self.block_base[i])  # from now on the step's global rows
-        else:  # a further micro-batch (or a step whose index outlived a skipped step: still valid)
-            ids = self._layer_index(i) - self.block_base[i]
-            torch.index_select(g, 0, ids, out=out) if fresh else out.add_(g.index_select(0, ids))
+        decode = not self._indexed[i]  # else a further micro-batch, or an index that outlived a skipped step
+        ids = self._index_layer(i, local=True) if decode else self._layer_index(i) - self.block_base[i]
+        torch.index_select(g, 0, ids, out=out) if fresh else out.add_(g.index_select(0, ids))
+        if decode and self.block_base[i]:
+            ids.add_(self.block_base[i])  # from now on the step's global rows
 
     def _layer_index(self, i: int) -> torch.Tensor:
         """Layer i's part of its chunk's index (the chunk's buffer is allocated at its first use)."""
