@@ -667,3 +667,60 @@ def test_a_skipped_step_and_a_second_micro_batch_change_nothing_but_the_gradient
         outcomes.append([grads] + [layer.gather().clone() for layer in topo.layers])
     for a, b in zip(*outcomes):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+class ManyLinearLoss(nn.Module):
+    """Several LinearLoss weights whose sizes are no whole number of position-store chunks (256 blocks),
+    so that the flat dense buffer pads between layers."""
+
+    def __init__(self, shapes=((12, 40), (7, 48), (20, 36)), seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.weights = nn.ParameterList([nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes])
+        self.G = [torch.randn(s, generator=gen) for s in shapes]
+
+    def loss(self):
+        return sum((w * g).sum() for w, g in zip(self.weights, self.G))
+
+
+@pytest.mark.parametrize("chunk", [1 << 40, 1])
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("method", ["smet", "naive", "damping", "released"])
+def test_flat_step_over_padded_layers_matches_the_per_entry_reference(monkeypatch, method, block_size, chunk):
+    """The step over all layers at once (one decode of the position store per chunk of layers, gradient
+    gathers from its per-layer split, one index_add_ into the padded flat weights) equals the dense
+    per-entry reference layer by layer through 4 topology updates: block sizes 1 and 16, with cohorts
+    (smet, damping, released) and without (naive), one chunk for all layers or one per layer."""
+    import smet_lab.optim.sparse_state as sparse_state
+
+    monkeypatch.setattr(sparse_state, "STEP_CHUNK", chunk)
+    reset, W = method != "naive", 0 if method == "naive" else 5
+    kind = {"damping": "moment_damping", "released": "released"}.get(method, "linear_lr")
+    model = ManyLinearLoss()
+    topo = SparseTopology.build(model, 0.25, block_size=block_size, dense_patterns=[], seed=3)
+    weight0 = [w.detach().clone() for w in model.weights]
+    opt = SMETAdam(model, topo, lr=1e-2, reset_step=reset, warmup_steps=W, warmup_kind=kind,
+                   lr_scaling="inverse" if reset else "none")
+    assert len(opt.sparse.chunks) == (1 if chunk > 1 else 3)
+    assert opt.sparse.block_base != [0, *[sum(lay.n_blocks for lay in topo.layers[:i + 1]) for i in range(3)]]
+    updater = DynamicSparsity(topo, total_steps=31, update_every=7, prune_rate=0.3, prune_schedule="constant")
+
+    def masks_now():
+        return [lay.active_mask().repeat_interleave(block_size).view(lay.shape).clone() for lay in topo.layers]
+
+    masks, regrow_at = [masks_now()], []
+    for step in range(1, 31):
+        model.loss().backward()
+        opt.step()
+        opt.zero_grad()
+        if updater.is_update_step(step):
+            opt.regrow(updater.update(step))
+            regrow_at.append(step)
+            masks.append(masks_now())
+    assert len(regrow_at) == 4
+    for i, w in enumerate(model.weights):
+        layer_masks = [m[i] for m in masks]
+        assert any(not torch.equal(a, b) for a, b in zip(layer_masks, layer_masks[1:]))  # the layer's topology moved
+        ref = reference_smet(weight0[i] * layer_masks[0], model.G[i], layer_masks, regrow_at, 30, 1e-2, W, reset,
+                             4.0 if reset else 1.0, damping=method == "damping", released=method == "released")
+        assert torch.allclose(w.detach(), ref, atol=1e-6, rtol=1e-5), (i, (w.detach() - ref).abs().max())

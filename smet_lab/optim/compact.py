@@ -25,10 +25,12 @@ id 0 (1.0) and the merge changes no bit of any update. If more than 255 cohorts 
 
 The sparse layers' weights live in one flat buffer, each parameter a view of its rows: the active
 values [K, B] in slot order (compact weights), or the dense weights' blocks layer after layer (dense
-weights), so the descent is one op per chunk of layers (one for the tiny model). With dense weights a
-layer's gradient gather decodes its int32 block ids from the position list (O(active)) into its
-chunk's index, which then holds global rows of the flat buffer for the chunk's single index_add_
-(transient: 4 B per active weight of the chunk, from the layer's backward to the chunk's descent).
+weights), so the descent is one op per chunk of layers (one for the tiny model). With dense weights each
+layer's rows start at CHUNK x its first chunk of the topology's flat position store (< CHUNK rows of
+padding per layer), so one decode of the store (SparseTopology.padded_ids, O(active)) gives the rows of
+a whole chunk of layers: at the chunk's first gradient it is decoded and shifted to each layer's own
+ids for the gradient gathers, and shifted back to rows for the chunk's single index_add_ (transient:
+4 B per active weight of the chunk, from the chunk's first backward hook to its descent).
 A topology update moves surviving entries to their new slots with one O(active) gather per layer;
 no dense-size tensor is built.
 """
@@ -36,13 +38,12 @@ no dense-size tensor is built.
 from __future__ import annotations
 
 import math
-from itertools import accumulate
 
 import torch
 
 from smet_lab.optim.sparse_state import SparseState, nbytes
 from smet_lab.sparse.ids import moved_from
-from smet_lab.sparse.topology import SparseLayer
+from smet_lab.sparse.topology import CHUNK, SparseLayer
 from smet_lab.sparse.updater import RegrowEvent
 
 COHORT_DTYPES = (torch.uint8, torch.int16, torch.int32)  # widened only when ids run out
@@ -84,25 +85,34 @@ class CompactState(SparseState):
         if any(compact) and not all(compact):
             raise ValueError("CompactState: every sparse layer keeps compact weights, or none does")
         self.values = self.dense = None  # the flat weights: compact values [K, B] or dense blocks [N, B]
-        # Dense weights: the row of the flat buffer where each layer's blocks start, and the step's index.
-        self.block_base = [0, *accumulate(layer.n_blocks for layer in self.layers)]
-        # One int32 index per chunk (<= ~STEP_CHUNK entries: small enough for the allocator to reuse
-        # its memory every step), decoded layer by layer during the step and freed after its descent.
+        # Dense weights: the row of the flat buffer where each layer's blocks start, each layer padded to
+        # whole chunks of the position store so that topology.padded_ids are rows of the buffer.
+        self.block_base = [CHUNK * c for c in self.topology.chunk_start]
+        # One int32 index per chunk of layers (<= ~STEP_CHUNK entries: small enough for the allocator to
+        # reuse its memory every step), decoded in one pass at the chunk's first gradient, freed after
+        # its descent.
         self._chunk_of = [c for c, (first, last) in enumerate(self.chunks) for _ in range(first, last)]
         self._index: list[torch.Tensor | None] = [None] * len(self.chunks)
-        self._indexed: list[bool] = [False] * len(self.layers)
-        self._grad_rows = [self.grad[self.rows(i)] for i in range(len(self.layers))]  # views, made once
+        self._layer_ids: list = [None] * len(self.chunks)  # the index split by layer (views)
+        self._local = [False] * len(self.chunks)  # whether the index holds layer-own ids
+        self._sizes = [layer.n_active for layer in self.layers]
+        self._sizes_t = torch.tensor(self._sizes, dtype=torch.int64, device=self.device)
+        self._bases = torch.tensor([b - self.block_base[self.chunks[self._chunk_of[i]][0]] for i, b in
+                                    enumerate(self.block_base[:-1])], dtype=torch.int32, device=self.device)
+        self._row_shape = (-1,) if self.grad.shape[1] == 1 else (-1, self.grad.shape[1])  # as _rows views
+        self._grad_out = [_rows(self.grad[self.rows(i)]) for i in range(len(self.layers))]  # views, made once
         if self.layers and all(compact):
-            self.values = self._pack(self.offsets)
+            self.values = self._pack(self.offsets, [layer.n_active for layer in self.layers])
         elif self.layers:
-            self.dense = self._pack(self.block_base)
+            self.dense = self._pack(self.block_base, [layer.n_blocks for layer in self.layers])
 
-    def _pack(self, starts: list[int]) -> torch.Tensor:
-        """Move every layer's weight into one flat [rows, B] buffer (layer i at rows starts[i]..starts[i+1],
-        its parameter becomes a view of them) so that one op descends over all sparse layers. Same bytes."""
-        flat = torch.empty(starts[-1], self.grad.shape[1], dtype=self.layers[0].param.dtype, device=self.device)
+    def _pack(self, starts: list[int], sizes: list[int]) -> torch.Tensor:
+        """Move every layer's weight into one flat [rows, B] buffer (layer i's `sizes[i]` rows from row
+        starts[i], its parameter a view of them) so that one op descends over all sparse layers. Same
+        bytes (dense weights: + < CHUNK zero rows of padding per layer)."""
+        flat = torch.zeros(starts[-1], self.grad.shape[1], dtype=self.layers[0].param.dtype, device=self.device)
         for i, layer in enumerate(self.layers):
-            rows = flat[starts[i]:starts[i + 1]]
+            rows = flat[starts[i]:starts[i] + sizes[i]]
             rows.copy_(layer.param.detach().view(rows.shape))
             layer.param.data = rows.view(layer.param.shape)
         return flat
@@ -111,47 +121,54 @@ class CompactState(SparseState):
         return layer.n_active
 
     def gather(self, i: int, grad: torch.Tensor, fresh: bool) -> None:
-        out = self._grad_rows[i]
-        if self.values is not None:  # the gradient of the values: already [k, B] in slot order
+        out = self._grad_out[i]
+        grad = grad.view(self._row_shape)  # [k, B] (compact weights) or [n_blocks, B]; 1-D when B = 1
+        if self.values is not None:  # the gradient of the values: already in slot order
             out.copy_(grad) if fresh else out.add_(grad)
             return
-        g, out = _rows(grad), _rows(out)
-        decode = not self._indexed[i]  # else a further micro-batch, or an index that outlived a skipped step
-        ids = self._index_layer(i, local=True) if decode else self._layer_index(i) - self.block_base[i]
-        torch.index_select(g, 0, ids, out=out) if fresh else out.add_(g.index_select(0, ids))
-        if decode and self.block_base[i]:
-            ids.add_(self.block_base[i])  # from now on the step's global rows
-
-    def _layer_index(self, i: int) -> torch.Tensor:
-        """Layer i's part of its chunk's index (the chunk's buffer is allocated at its first use)."""
         c = self._chunk_of[i]
-        start = self.offsets[self.chunks[c][0]]
         if self._index[c] is None:
-            self._index[c] = torch.empty(self.offsets[self.chunks[c][1]] - start, dtype=torch.int32, device=self.device)
-        return self._index[c][self.offsets[i] - start:self.offsets[i + 1] - start]
+            self._decode(c, local=True)
+        ids = self._layer_ids[c][i - self.chunks[c][0]]
+        torch.index_select(grad, 0, ids, out=out) if fresh else out.add_(grad.index_select(0, ids))
 
-    def _index_layer(self, i: int, local: bool = False) -> torch.Tensor:
-        """Decode layer i's active block ids into its part of the step's index (as local ids, or as
-        global rows of the flat dense weights)."""
-        ids = self.layers[i].block_ids(out=self._layer_index(i))
-        if not local and self.block_base[i]:
-            ids.add_(self.block_base[i])
-        self._indexed[i] = True
-        return ids
+    def _decode(self, c: int, local: bool) -> None:
+        """Decode the active block ids of chunk c's layers into its index, in one pass: as each layer's
+        own ids (for the gradient gathers) or as rows of the flat dense weights (for the descent)."""
+        first, last = self.chunks[c]
+        index = self._index[c] = self.topology.padded_ids(first, last)
+        self._layer_ids[c] = index.split(self._sizes[first:last])
+        self._local[c] = False
+        if local:
+            self._to_local(c, 1)
+        elif self.block_base[first]:
+            index.add_(self.block_base[first])
+
+    def _to_local(self, c: int, sign: int) -> None:
+        """Shift chunk c's index between rows of the flat dense weights (relative to its first layer's
+        start) and the layers' own ids: -block_base[i] (sign 1) or back (sign -1)."""
+        first, last = self.chunks[c]
+        if any(self.block_base[first + 1:last]):
+            shift = torch.repeat_interleave(self._bases[first:last], self._sizes_t[first:last],
+                                            output_size=self._index[c].numel())
+            self._index[c].sub_(shift) if sign > 0 else self._index[c].add_(shift)
+        self._local[c] = sign > 0
 
     def step_index(self, first: int, last: int) -> torch.Tensor:
-        """The global rows of the flat dense weights that hold the active blocks of the chunk of layers
+        """The rows of the flat dense weights that hold the active blocks of the chunk of layers
         first..last-1 (one of self.chunks)."""
-        for i in range(first, last):
-            if not self._indexed[i]:  # no gradient reached this layer: decode its ids now
-                self._index_layer(i)
-        return self._index[self._chunk_of[first]]
+        c = self._chunk_of[first]
+        if self._index[c] is None:  # no gradient reached the chunk
+            self._decode(c, local=False)
+        elif self._local[c]:
+            self._to_local(c, -1)
+            if self.block_base[first]:
+                self._index[c].add_(self.block_base[first])
+        return self._index[c]
 
     def _forget_index(self, chunks) -> None:
         for c in chunks:
-            self._index[c] = None
-            for i in range(*self.chunks[c]):
-                self._indexed[i] = False
+            self._index[c] = self._layer_ids[c] = None
 
     def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:
         if self.values is not None:

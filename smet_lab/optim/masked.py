@@ -31,6 +31,7 @@ class MaskedState(SparseState):
 
     def gather(self, i: int, grad: torch.Tensor, fresh: bool) -> None:
         buf, mask = self.grad[self.rows(i)], self.active[self.rows(i)]
+        grad = grad.view(buf.shape)
         buf.copy_(grad * mask) if fresh else buf.addcmul_(grad, mask)
 
     def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:

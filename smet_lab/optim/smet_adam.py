@@ -114,10 +114,8 @@ class SMETAdam(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------ grads
     def _make_hook(self, i: int):
-        block_size = self.topology.layers[i].block_size
-
         def gather_grad(p: torch.Tensor) -> None:
-            self.sparse.gather(i, p.grad.view(-1, block_size), self._fresh[i])
+            self.sparse.gather(i, p.grad, self._fresh[i])
             self._fresh[i] = False
             p.grad = None  # the dense gradient dies here
 

@@ -31,7 +31,7 @@ class SparseState(ABC):
 
     def __init__(self, topology: SparseTopology, betas: tuple[float, float], reset_step: bool,
                  warmup_steps: int, warmup_kind: str):
-        self.layers = topology.layers
+        self.topology, self.layers = topology, topology.layers
         self.betas, self.reset_step = betas, reset_step
         self.warmup_steps, self.warmup_kind = warmup_steps, warmup_kind
         self.offsets = [0, *accumulate(self.n_rows(layer) for layer in self.layers)]
@@ -96,7 +96,7 @@ class SparseState(ABC):
 
     @abstractmethod
     def gather(self, i: int, grad: torch.Tensor, fresh: bool) -> None:
-        """Layer i's dense [n_blocks, B] gradient into grad[rows(i)]: copied if fresh, else added."""
+        """Layer i's dense gradient (its weight's shape) into grad[rows(i)]: copied if fresh, else added."""
 
     @abstractmethod
     def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:

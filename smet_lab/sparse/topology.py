@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from itertools import accumulate
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,13 @@ from smet_lab.sparse.compact_linear import make_compact
 from smet_lab.sparse.ids import blocks_taken, moved_from
 
 CHUNK = 256  # blocks per chunk: an in-chunk offset fits in a uint8
+
+
+def decode(offsets: torch.Tensor, counts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 ids from a chunked position list (see the module docstring): chunk j's blocks are
+    CHUNK * j + offset. O(k); written into `out` if given."""
+    chunk_of = torch.repeat_interleave(counts.int(), output_size=offsets.numel())  # int32 chunk per block
+    return torch.add(offsets, chunk_of, alpha=CHUNK, out=out) if out is not None else chunk_of.mul_(CHUNK).add_(offsets)
 
 
 class SparseLayer:
@@ -52,6 +60,7 @@ class SparseLayer:
         self.compact = False
         self.block_size = block_size
         self.n_chunks = -(-self.n_blocks // CHUNK)
+        self.in_store = False  # True once offsets and counts are views of a SparseTopology's flat store
         self.set_block_ids(block_ids)
         self._dense_grad_hooks: OrderedDict = OrderedDict()  # RemovableHandle needs a weak-referenceable dict
 
@@ -75,12 +84,9 @@ class SparseLayer:
         return self.n_active / self.n_blocks
 
     # ------------------------------------------------------------------------ position store
-    def block_ids(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """int32 [k]: the active block ids in ascending (= slot) order; derived (a new tensor, or written
-        into `out`), O(k)."""
-        chunk_of = torch.repeat_interleave(self.counts.int(), output_size=self.n_active)  # int32 chunk per block
-        return torch.add(self.offsets, chunk_of, alpha=CHUNK, out=out) if out is not None \
-            else chunk_of.mul_(CHUNK).add_(self.offsets)
+    def block_ids(self) -> torch.Tensor:
+        """int32 [k]: the active block ids in ascending (= slot) order; derived (a new tensor), O(k)."""
+        return decode(self.offsets, self.counts)
 
     def set_block_ids(self, ids: torch.Tensor) -> None:
         """Set the active blocks (any order, distinct ids)."""
@@ -90,8 +96,16 @@ class SparseLayer:
         self._encode(ids)
 
     def _encode(self, sorted_ids: torch.Tensor) -> None:
-        self.offsets = (sorted_ids & (CHUNK - 1)).to(torch.uint8)
-        self.counts = torch.bincount(sorted_ids // CHUNK, minlength=self.n_chunks).to(torch.int16)
+        offsets = (sorted_ids & (CHUNK - 1)).to(torch.uint8)
+        counts = torch.bincount(sorted_ids // CHUNK, minlength=self.n_chunks).to(torch.int16)
+        if not self.in_store:
+            self.offsets, self.counts = offsets, counts
+        elif offsets.numel() != self.n_active:
+            raise ValueError(f"{self.name}: a layer of a topology keeps its number of active blocks "
+                             f"({self.n_active}), got {offsets.numel()}")
+        else:  # in place: they are views of the topology's flat position store
+            self.offsets.copy_(offsets)
+            self.counts.copy_(counts)
 
     def index_bytes(self) -> int:
         """Bytes of the persistent position store (offsets + chunk counts)."""
@@ -246,6 +260,22 @@ class SparseTopology:
     def __init__(self, layers: list[SparseLayer], target_density: float):
         self.layers = layers
         self.target_density = target_density
+        # One flat position store: every layer's offsets and counts are views of it (see padded_ids).
+        self.slot_start = [0, *accumulate(layer.n_active for layer in layers)]
+        self.chunk_start = [0, *accumulate(layer.n_chunks for layer in layers)]
+        self.offsets = torch.cat([layer.offsets for layer in layers]) if layers else None
+        self.counts = torch.cat([layer.counts for layer in layers]) if layers else None
+        for i, layer in enumerate(layers):
+            layer.offsets = self.offsets[self.slot_start[i]:self.slot_start[i + 1]]
+            layer.counts = self.counts[self.chunk_start[i]:self.chunk_start[i + 1]]
+            layer.in_store = True
+
+    def padded_ids(self, first: int, last: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """int32: the active block ids of layers first..last-1 in one pass, layer after layer in slot order,
+        each layer's ids shifted by CHUNK * (chunk_start[i] - chunk_start[first]): its blocks numbered
+        as if every layer were padded to a whole number of chunks."""
+        sl, ch = slice(self.slot_start[first], self.slot_start[last]), slice(self.chunk_start[first], self.chunk_start[last])
+        return decode(self.offsets[sl], self.counts[ch], out)
 
     @classmethod
     def build(
