@@ -188,9 +188,8 @@ class CompactState(SparseState):
         if self.cohort is None:
             self.table = None
             return
-        table = self._cohort_table()  # [C, 3] on the CPU
-        self.table_ones = (table == 1).all(0).tolist()
-        self.table = table.t().contiguous().to(self.device)  # [3, C]: each coefficient's table contiguous
+        self.table = self._cohort_table(warming).to(self.device)  # [3, C]: each coefficient's table contiguous
+        self.table_ones = (self.table == 1).all(1).tolist()
 
     def fused_table(self) -> torch.Tensor:
         """[3, C] (or [3, 1] without cohorts) for smet_lab.optim.fused.adam_rows, after begin_step: per
@@ -218,9 +217,10 @@ class CompactState(SparseState):
         bc1, bc2 = (column(0), column(1)) if self.reset_step else self.global_bias_corrections()
         return bc1, bc2, column(2) if self.warming else None
 
-    def _cohort_table(self) -> torch.Tensor:
-        """[C, 3] per cohort: 1 - b1^t, 1 - b2^t and the warm-up factor min(1, t/W) (1 for id 0, i.e.
-        blocks active from the start or merged, and for free ids), t = local step.
+    def _cohort_table(self, warming: bool) -> torch.Tensor:
+        """[3, C] per cohort: 1 - b1^t, 1 - b2^t and the warm-up factor min(1, t/W) (1 for id 0, i.e.
+        blocks active from the start or merged, and for free ids; all 1 while nothing is warming),
+        t = local step.
         warmup_kind="released": t is the released code's counter (local step + 1 for regrown cohorts,
         ids > 0) and id 0 is warmed too. A merge stays exact: at age >= merge_age >= W and T both
         counters give bias corrections and warm-up factors of exactly 1."""
@@ -230,38 +230,46 @@ class CompactState(SparseState):
         if released:
             t = t + (torch.arange(t.numel()) > 0)
         warm = torch.ones_like(t)
-        if self.warmup_steps > 0:
+        if warming and self.warmup_steps > 0:
             warming = t < self.warmup_steps
             if not released:
                 warming &= self.births > 0
             warm = torch.where(warming, t / self.warmup_steps, warm)
-        return torch.stack([1 - b1 ** t, 1 - b2 ** t, warm], 1)
+        return torch.stack([1 - b1 ** t, 1 - b2 ** t, warm])
 
     # --------------------------------------------------------------------------- regrowth
-    def make_room(self, e: RegrowEvent) -> torch.Tensor:
-        """Permute one layer's state from the old slot order to the new one. O(k) with the event's
-        `old_slots` (the updater gives them), O(k log k) without; no dense-size tensor either way."""
-        layer = self.layers[e.layer]
+    def make_room(self, events: list[RegrowEvent]) -> torch.Tensor:
+        """Permute the state from the old slot order to the new one: one O(k) gather per buffer and chunk
+        of layers (survivors keep their relative order in every layer and each layer keeps its count,
+        so the r-th surviving row of a chunk moves to its r-th surviving row). Events without
+        `old_slots` have them derived, O(k log k). No dense-size tensor."""
         self._forget_index(range(len(self.chunks)))  # stale once the topology moves
+        moves, rows = {}, []
+        for e in events:
+            base = self.offsets[e.layer]
+            old = e.old_slots.to(self.device, torch.long) if e.old_slots is not None else self._old_slots(e)
+            new = e.slots.to(self.device, torch.long) + base
+            moves.setdefault(self._chunk_of[e.layer], []).append((old + base, new))
+            rows.append(new)
+        for c, pairs in moves.items():
+            sl = self.span(*self.chunks[c])
+            old, new = (torch.cat(part).sub_(sl.start) for part in zip(*pairs))
+            source = moved_from(sl.stop - sl.start, old, new).clamp_(min=0)  # regrown rows: any, reset by regrow
+            for buf in (self.grad, self.exp_avg, self.exp_avg_sq, self.cohort):
+                if buf is not None:
+                    buf[sl].copy_(buf[sl].index_select(0, source))
+        return torch.cat(rows)
+
+    def _old_slots(self, e: RegrowEvent) -> torch.Tensor:
+        """Where e.old_blocks were in the layer's previous slot order (its new order is the topology's)."""
+        ids = self.layers[e.layer].block_ids().long()
         slots = e.slots.to(self.device, torch.long)
-        if e.old_slots is not None:
-            source = moved_from(layer.n_active, e.old_slots, slots)
-        else:  # derive it: survivors keep their relative order
-            ids = layer.block_ids().long()  # the new order
-            is_new = torch.zeros(ids.numel(), dtype=torch.bool, device=self.device)
-            is_new[slots] = True
-            survivors = ids[~is_new]
-            old_ids = torch.cat([survivors, e.old_blocks.to(self.device, torch.long)]).sort().values
-            if old_ids.numel() != ids.numel() or not bool((ids[slots] == e.new_blocks.to(self.device)).all()):
-                raise ValueError(f"regrow event for layer {layer.name} does not match its topology")
-            source = torch.full((ids.numel(),), -1, dtype=torch.long, device=self.device)
-            source[~is_new] = torch.searchsorted(old_ids, survivors)
-        source.clamp_(min=0)  # regrown slots: any row, reset by the caller
-        sl = self.rows(e.layer)
-        for buf in (self.grad, self.exp_avg, self.exp_avg_sq, self.cohort):
-            if buf is not None:
-                buf[sl] = buf[sl].index_select(0, source)
-        return slots
+        is_new = torch.zeros(ids.numel(), dtype=torch.bool, device=self.device).index_fill_(0, slots, True)
+        old_blocks = e.old_blocks.to(self.device, torch.long)
+        old_ids = torch.cat([ids[~is_new], old_blocks]).sort().values
+        if old_ids.numel() != ids.numel() or not bool((ids[slots] == e.new_blocks.to(self.device)).all()):
+            raise ValueError(f"regrow event for layer {self.layers[e.layer].name} does not match its topology")
+        return torch.searchsorted(old_ids, old_blocks)
 
     def restart_clock(self, rows: torch.Tensor, step: int) -> None:
         if self.cohort is not None:

@@ -65,14 +65,17 @@ class MaskedState(SparseState):
         return bc1, bc2, warm
 
     # --------------------------------------------------------------------------- regrowth
-    def make_room(self, e: RegrowEvent) -> torch.Tensor:
-        old = e.old_blocks.to(self.device) + self.offsets[e.layer]
-        new = e.new_blocks.to(self.device)
-        self.active[old] = False
-        self.exp_avg[old] = 0.0
-        self.exp_avg_sq[old] = 0.0
-        self.active[new + self.offsets[e.layer]] = True
-        return new
+    def make_room(self, events: list[RegrowEvent]) -> torch.Tensor:
+        rows = []
+        for e in events:
+            old = e.old_blocks.to(self.device) + self.offsets[e.layer]
+            new = e.new_blocks.to(self.device, torch.long) + self.offsets[e.layer]
+            self.active[old] = False
+            self.exp_avg[old] = 0.0
+            self.exp_avg_sq[old] = 0.0
+            self.active[new] = True
+            rows.append(new)
+        return torch.cat(rows)
 
     def restart_clock(self, rows: torch.Tensor, step: int) -> None:
         if self.age is not None:  # released: its counter restarts at 1 (then +1 before use)

@@ -63,15 +63,12 @@ class SparseState(ABC):
     def regrow(self, events: list[RegrowEvent], step: int) -> torch.Tensor | None:
         """Make room for the regrown blocks of `events` (at most one per layer) and start them with
         m = v = 0 and a fresh local step; returns their int32 rows, or None without events."""
-        fresh = []
-        for e in events:
-            rows = self.make_room(e) + self.offsets[e.layer]
-            self.exp_avg[rows] = 0.0
-            self.exp_avg_sq[rows] = 0.0
-            fresh.append(rows)
-        if not fresh:
+        if not events:
             return None
-        fresh = torch.cat(fresh).int()
+        rows = self.make_room(events)
+        self.exp_avg.index_fill_(0, rows, 0.0)
+        self.exp_avg_sq.index_fill_(0, rows, 0.0)
+        fresh = rows.int()
         self.restart_clock(fresh, step)
         return fresh
 
@@ -115,8 +112,8 @@ class SparseState(ABC):
         """(1 - b1^t, 1 - b2^t, warm-up factor or None) for the rows sl: floats or [n, 1] tensors."""
 
     @abstractmethod
-    def make_room(self, event: RegrowEvent) -> torch.Tensor:
-        """Follow one layer's topology change; returns the layer-local rows of its regrown blocks."""
+    def make_room(self, events: list[RegrowEvent]) -> torch.Tensor:
+        """Follow the layers' topology changes; returns the int64 rows of the regrown blocks (event order)."""
 
     @abstractmethod
     def restart_clock(self, rows: torch.Tensor, step: int) -> None:

@@ -20,14 +20,14 @@ def blocks_taken(n_blocks: int, *id_sets: torch.Tensor) -> torch.Tensor:
     quarter of the layer's dense weight, which its forward and backward materialise anyway)."""
     taken = torch.zeros(n_blocks, dtype=torch.bool, device=id_sets[0].device if id_sets else None)
     for ids in id_sets:
-        taken[ids if ids.device == taken.device else ids.to(taken.device)] = True
+        taken.index_fill_(0, ids.to(taken.device, torch.long), True)  # (cheaper than taken[ids] = True)
     return taken
 
 
 def complement(k: int, slots: torch.Tensor) -> torch.Tensor:
     """int64: the positions in [0, k) not in `slots` (distinct), ascending. O(k)."""
     free = torch.ones(k, dtype=torch.bool, device=slots.device)
-    free[slots.long()] = False
+    free.index_fill_(0, slots.long(), False)
     return free.nonzero().view(-1)
 
 
@@ -37,5 +37,5 @@ def moved_from(k: int, old_slots: torch.Tensor, new_slots: torch.Tensor) -> torc
     slot not in old_slots to the r-th slot not in new_slots. O(k), no dense-size tensor."""
     device = new_slots.device
     source = torch.full((k,), -1, dtype=torch.long, device=device)
-    source[complement(k, new_slots)] = complement(k, old_slots.to(device))
+    source.index_copy_(0, complement(k, new_slots), complement(k, old_slots.to(device)))
     return source

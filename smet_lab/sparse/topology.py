@@ -112,33 +112,34 @@ class SparseLayer:
         return self.offsets.numel() * self.offsets.element_size() + self.counts.numel() * self.counts.element_size()
 
     @torch.no_grad()
-    def replace(self, old_blocks: torch.Tensor, new_blocks: torch.Tensor,
-                old_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def replace(self, old_blocks: torch.Tensor, new_blocks: torch.Tensor, old_slots: torch.Tensor | None = None,
+                active: torch.Tensor | None = None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Deactivate `old_blocks` (active; `old_slots` = their positions in block_ids(), if known) and
-        activate `new_blocks` (as many, inactive, distinct); the pruned weights are removed and the
-        regrown ones start at zero (compact weights follow the new slot order). Returns int32 (slots, old_slots): the
+        activate `new_blocks` (as many, inactive, distinct; check=False trusts the caller on all this);
+        `active`: block_ids() as int64 if the caller has them. The pruned weights are removed and the
+        regrown ones start at zero
+        (compact weights follow the new slot order). Returns int32 (slots, old_slots): the
         positions in the new block_ids() that hold `new_blocks` (in their order), and the positions
         `old_blocks` held in the old one. Surviving blocks keep their relative order, so the two
         determine where every survivor moved (`moved_from`). O(k + n_blocks), no sort: through a
         transient 1-byte-per-block map and its int32 running count (4 B per block, as large as the
         layer's dense weight at B = 1, one layer at a time)."""
-        ids = self.block_ids().long()
+        ids = self.block_ids().long() if active is None else active
         device = ids.device
         old_blocks, new_blocks = old_blocks.to(device, torch.long), new_blocks.to(device, torch.long)
         if old_slots is None:
             old_slots = torch.searchsorted(ids, old_blocks)
         old_slots = old_slots.to(device, torch.long)
-        if old_blocks.numel() != new_blocks.numel() or not bool((ids[old_slots] == old_blocks).all()):
+        if check and (old_blocks.numel() != new_blocks.numel() or not bool((ids[old_slots] == old_blocks).all())):
             raise ValueError(f"{self.name}: old_blocks must be active blocks, as many as new_blocks")
-        ids[old_slots] = new_blocks
-        taken = blocks_taken(self.n_blocks, ids)
-        if int(taken.sum()) != ids.numel():
+        taken = blocks_taken(self.n_blocks, ids).index_fill_(0, old_blocks, False).index_fill_(0, new_blocks, True)
+        if check and int(taken.sum()) != ids.numel():
             raise ValueError(f"{self.name}: new_blocks must be distinct and inactive")
         del ids
         if not self.compact:
             self.zero_blocks(torch.cat([old_blocks, new_blocks]))
         self._encode(taken.nonzero().view(-1))  # the new active ids, ascending
-        slots = taken.cumsum(0, dtype=torch.int32)[new_blocks].long() - 1  # rank of each new block
+        slots = taken.cumsum(0, dtype=torch.int32).index_select(0, new_blocks).long() - 1  # rank of each new block
         del taken
         if self.compact:
             values = self.param.detach()

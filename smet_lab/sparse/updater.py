@@ -106,17 +106,19 @@ class DynamicSparsity:
             if n <= 0:
                 continue
             active = layer.block_ids().long()
+            weights = layer.gather(ids=None if layer.compact else active)  # (the ids decoded once)
             pruned = checked_prune(self.prune, PruneContext(layer.name, layer.n_blocks, layer.block_size, active,
-                                                            layer.gather(), n, self.generator))
-            old = active[pruned]
+                                                            weights, n, self.generator))
+            old = active.index_select(0, pruned)
             keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
-            keep[pruned] = False
+            keep.index_fill_(0, pruned, False)
             grad = grads.pop(i, None)
             new = checked_growth(self.growth, GrowthContext(
-                layer.name, layer.n_blocks, layer.block_size, active[keep], old, n, self.generator,
+                layer.name, layer.n_blocks, layer.block_size, active.masked_select(keep), old, n, self.generator,
                 None if grad is None else layer.blocks(grad)))
             del grad
-            slots, pruned = layer.replace(old, new, old_slots=pruned)  # pruned weights go, regrown start at 0
+            # The pruned weights go, the regrown start at 0 (ids valid: from built-in or checked rules).
+            slots, pruned = layer.replace(old, new, old_slots=pruned, active=active, check=False)
             # int32: the events of all layers are alive together until the optimizer's regrow
             events.append(RegrowEvent(i, slots, old.int(), new.int(), pruned))
         return events
