@@ -147,6 +147,36 @@ def test_update_keeps_density_exact_and_zeroes_pruned_and_regrown():
         assert (layer.block_ids()[e.slots].long() == e.new_blocks).all()  # slots overwritten in place
 
 
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_built_in_rules_meet_the_contract_their_output_skips(monkeypatch, growth, block_size):
+    """The built-in rules' output skips the contract checks (criteria.BUILT_IN) and replace's own
+    (check=False): with both switched back on, 12 updates of every layer pass them, and the topology
+    ends exactly where the unchecked updates put it."""
+    from smet_lab.sparse import criteria, topology
+
+    def run(checked: bool):
+        if checked:
+            monkeypatch.setattr(criteria, "BUILT_IN", ())
+            replace = topology.SparseLayer.replace
+            monkeypatch.setattr(topology.SparseLayer, "replace", lambda self, *a, **kw: replace(self, *a, **{**kw, "check": True}))
+        model = tiny_llama()
+        topo = SparseTopology.build(model, 0.25, block_size=block_size)
+        upd = DynamicSparsity(topo, total_steps=10_000, update_every=1, prune_rate=0.4, prune_schedule="constant",
+                              growth=growth)
+        x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+        for step in range(1, 13):
+            upd.begin_step(step)
+            model(x, x).backward()  # the dense gradients RigL's growth reads
+            model.zero_grad()
+            upd.update(step)
+        monkeypatch.undo()
+        return [layer.block_ids() for layer in topo.layers]
+
+    unchecked, checked = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(unchecked, checked))
+
+
 def test_update_schedule_and_steps():
     topo = SparseTopology.build(tiny_llama(), 0.25)
     upd = DynamicSparsity(topo, total_steps=1000, update_every=100, prune_rate=0.2)
