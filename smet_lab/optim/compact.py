@@ -96,9 +96,6 @@ class CompactState(SparseState):
         self._layer_ids: list = [None] * len(self.chunks)  # the index split by layer (views)
         self._local = [False] * len(self.chunks)  # whether the index holds layer-own ids
         self._sizes = [layer.n_active for layer in self.layers]
-        self._sizes_t = torch.tensor(self._sizes, dtype=torch.int64, device=self.device)
-        self._bases = torch.tensor([b - self.block_base[self.chunks[self._chunk_of[i]][0]] for i, b in
-                                    enumerate(self.block_base[:-1])], dtype=torch.int32, device=self.device)
         self._row_shape = (-1,) if self.grad.shape[1] == 1 else (-1, self.grad.shape[1])  # as _rows views
         self._grad_out = [_rows(self.grad[self.rows(i)]) for i in range(len(self.layers))]  # views, made once
         if self.layers and all(compact):
@@ -136,23 +133,14 @@ class CompactState(SparseState):
         """Decode the active block ids of chunk c's layers into its index, in one pass: as each layer's
         own ids (for the gradient gathers) or as rows of the flat dense weights (for the descent)."""
         first, last = self.chunks[c]
-        index = self._index[c] = self.topology.padded_ids(first, last)
+        index = self._index[c] = self.topology.padded_ids(first, last)  # rows - block_base[first]
         self._layer_ids[c] = index.split(self._sizes[first:last])
-        self._local[c] = False
+        self._local[c] = local
         if local:
-            self._to_local(c, 1)
+            for i, ids in zip(range(first + 1, last), self._layer_ids[c][1:]):
+                ids.sub_(self.block_base[i] - self.block_base[first])  # in place, a slice per layer: cheap
         elif self.block_base[first]:
             index.add_(self.block_base[first])
-
-    def _to_local(self, c: int, sign: int) -> None:
-        """Shift chunk c's index between rows of the flat dense weights (relative to its first layer's
-        start) and the layers' own ids: -block_base[i] (sign 1) or back (sign -1)."""
-        first, last = self.chunks[c]
-        if any(self.block_base[first + 1:last]):
-            shift = torch.repeat_interleave(self._bases[first:last], self._sizes_t[first:last],
-                                            output_size=self._index[c].numel())
-            self._index[c].sub_(shift) if sign > 0 else self._index[c].add_(shift)
-        self._local[c] = sign > 0
 
     def step_index(self, first: int, last: int) -> torch.Tensor:
         """The rows of the flat dense weights that hold the active blocks of the chunk of layers
@@ -160,10 +148,11 @@ class CompactState(SparseState):
         c = self._chunk_of[first]
         if self._index[c] is None:  # no gradient reached the chunk
             self._decode(c, local=False)
-        elif self._local[c]:
-            self._to_local(c, -1)
-            if self.block_base[first]:
-                self._index[c].add_(self.block_base[first])
+        elif self._local[c]:  # back to rows: in place, a slice per layer (cheaper than decoding anew)
+            for i, ids in zip(range(first, last), self._layer_ids[c]):
+                if self.block_base[i]:
+                    ids.add_(self.block_base[i])
+            self._local[c] = False
         return self._index[c]
 
     def _forget_index(self, chunks) -> None:
