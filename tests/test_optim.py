@@ -185,12 +185,13 @@ def test_matches_dense_reference_through_topology_updates(method, layout, weight
     assert (model.weight.detach()[~masks[-1]] == 0).all()
 
 
-def run_with_updates(model, topo, opt, steps, update_every, prune_rate=0.3):
-    """Train a LinearLoss with DST updates; returns the mask sequence and update steps (for the reference)."""
+def run_with_updates(model, topo, opt, steps, update_every, prune_rate=0.3, masks_now=None):
+    """Train a LinearLoss with DST updates; returns the mask sequence (masks_now(), default the one
+    layer's weight-shaped mask) and the update steps (for the reference)."""
     updater = DynamicSparsity(topo, total_steps=steps + 1, update_every=update_every, prune_rate=prune_rate,
                               prune_schedule="constant")
-    shape = model.weight.shape
-    masks, regrow_at = [topo.layers[0].active_mask().view(shape).clone()], []
+    masks_now = masks_now or (lambda: topo.layers[0].active_mask().view(model.weight.shape).clone())
+    masks, regrow_at = [masks_now()], []
     for step in range(1, steps + 1):
         model.loss().backward()
         opt.step()
@@ -198,7 +199,7 @@ def run_with_updates(model, topo, opt, steps, update_every, prune_rate=0.3):
         if updater.is_update_step(step):
             opt.regrow(updater.update(step))
             regrow_at.append(step)
-            masks.append(topo.layers[0].active_mask().view(shape).clone())
+            masks.append(masks_now())
     return masks, regrow_at
 
 
@@ -703,20 +704,11 @@ def test_flat_step_over_padded_layers_matches_the_per_entry_reference(monkeypatc
                    lr_scaling="inverse" if reset else "none")
     assert len(opt.sparse.chunks) == (1 if chunk > 1 else 3)
     assert opt.sparse.block_base != [0, *[sum(lay.n_blocks for lay in topo.layers[:i + 1]) for i in range(3)]]
-    updater = DynamicSparsity(topo, total_steps=31, update_every=7, prune_rate=0.3, prune_schedule="constant")
 
     def masks_now():
         return [lay.active_mask().repeat_interleave(block_size).view(lay.shape).clone() for lay in topo.layers]
 
-    masks, regrow_at = [masks_now()], []
-    for step in range(1, 31):
-        model.loss().backward()
-        opt.step()
-        opt.zero_grad()
-        if updater.is_update_step(step):
-            opt.regrow(updater.update(step))
-            regrow_at.append(step)
-            masks.append(masks_now())
+    masks, regrow_at = run_with_updates(model, topo, opt, steps=30, update_every=7, masks_now=masks_now)
     assert len(regrow_at) == 4
     for i, w in enumerate(model.weights):
         layer_masks = [m[i] for m in masks]

@@ -31,8 +31,8 @@ padding per layer), so one decode of the store (SparseTopology.padded_ids, O(act
 a whole chunk of layers: at the chunk's first gradient it is decoded and shifted to each layer's own
 ids for the gradient gathers, and shifted back to rows for the chunk's single index_add_ (transient:
 4 B per active weight of the chunk, from the chunk's first backward hook to its descent).
-A topology update moves surviving entries to their new slots with one O(active) gather per layer;
-no dense-size tensor is built.
+A topology update moves surviving entries to their new slots with one O(active) gather per buffer
+and chunk of layers; no dense-size tensor is built.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ i.e. 1 byte per active block + 2 bytes per 256 blocks (1.03 B per active block a
 instead of an int32 id per active block. `block_ids()` (int32 ids, ascending) *derives* them on
 demand in O(active) work and allocates each time: repeat each chunk's index by its count, times 256,
 plus the offsets. Writing into that tensor changes nothing; call `set_block_ids(ids)` or
-`replace(old, new)` to change the topology.
+`replace(old, new)` to change the topology. A SparseTopology keeps all its layers' lists in one flat
+store (each layer's offsets and counts are views), so `padded_ids` decodes a run of layers in one pass.
 
 The slot order that the compact optimizer state follows is the ascending block-id order. A topology
 update therefore moves surviving entries between slots; `replace` returns where the new blocks land
