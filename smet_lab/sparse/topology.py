@@ -41,11 +41,11 @@ from smet_lab.sparse.ids import blocks_taken, moved_from
 CHUNK = 256  # blocks per chunk: an in-chunk offset fits in a uint8
 
 
-def decode(offsets: torch.Tensor, counts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def decode(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """int32 ids from a chunked position list (see the module docstring): chunk j's blocks are
-    CHUNK * j + offset. O(k); written into `out` if given."""
+    CHUNK * j + offset. O(k), a new tensor."""
     chunk_of = torch.repeat_interleave(counts.int(), output_size=offsets.numel())  # int32 chunk per block
-    return torch.add(offsets, chunk_of, alpha=CHUNK, out=out) if out is not None else chunk_of.mul_(CHUNK).add_(offsets)
+    return chunk_of.mul_(CHUNK).add_(offsets)
 
 
 class SparseLayer:
@@ -115,16 +115,15 @@ class SparseLayer:
     @torch.no_grad()
     def replace(self, old_blocks: torch.Tensor, new_blocks: torch.Tensor, old_slots: torch.Tensor | None = None,
                 active: torch.Tensor | None = None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deactivate `old_blocks` (active; `old_slots` = their positions in block_ids(), if known) and
-        activate `new_blocks` (as many, inactive, distinct; check=False trusts the caller on all this);
-        `active`: block_ids() as int64 if the caller has them. The pruned weights are removed and the
-        regrown ones start at zero
-        (compact weights follow the new slot order). Returns int32 (slots, old_slots): the
+        """Deactivate `old_blocks` (active; `old_slots` = their positions in block_ids(), if known) and activate
+        `new_blocks` (as many, inactive, distinct; check=False trusts the caller on all this); `active`:
+        block_ids() as int64 if the caller has them. The pruned weights are removed and the regrown ones
+        start at zero (compact weights follow the new slot order). Returns int32 (slots, old_slots): the
         positions in the new block_ids() that hold `new_blocks` (in their order), and the positions
-        `old_blocks` held in the old one. Surviving blocks keep their relative order, so the two
-        determine where every survivor moved (`moved_from`). O(k + n_blocks), no sort: through a
-        transient 1-byte-per-block map and its int32 running count (4 B per block, as large as the
-        layer's dense weight at B = 1, one layer at a time)."""
+        `old_blocks` held in the old one. Surviving blocks keep their relative order, so the two determine
+        where every survivor moved (`moved_from`). O(k + n_blocks), no sort: through a transient
+        1-byte-per-block map and its int32 running count (4 B per block, as large as the layer's dense
+        weight at B = 1, one layer at a time)."""
         ids = self.block_ids().long() if active is None else active
         device = ids.device
         old_blocks, new_blocks = old_blocks.to(device, torch.long), new_blocks.to(device, torch.long)
@@ -272,12 +271,12 @@ class SparseTopology:
             layer.counts = self.counts[self.chunk_start[i]:self.chunk_start[i + 1]]
             layer.in_store = True
 
-    def padded_ids(self, first: int, last: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def padded_ids(self, first: int, last: int) -> torch.Tensor:
         """int32: the active block ids of layers first..last-1 in one pass, layer after layer in slot order,
         each layer's ids shifted by CHUNK * (chunk_start[i] - chunk_start[first]): its blocks numbered
         as if every layer were padded to a whole number of chunks."""
         sl, ch = slice(self.slot_start[first], self.slot_start[last]), slice(self.chunk_start[first], self.chunk_start[last])
-        return decode(self.offsets[sl], self.counts[ch], out)
+        return decode(self.offsets[sl], self.counts[ch])
 
     @classmethod
     def build(
