@@ -95,11 +95,11 @@ class CompactState(SparseState):
         self._index: list[torch.Tensor | None] = [None] * len(self.chunks)
         self._layer_ids: list = [None] * len(self.chunks)  # the index split by layer (views)
         self._local = [False] * len(self.chunks)  # whether the index holds layer-own ids
-        self._sizes = [layer.n_active for layer in self.layers]
+        self._sizes = [layer.n_active for layer in self.layers]  # = the state rows per layer
         self._row_shape = (-1,) if self.grad.shape[1] == 1 else (-1, self.grad.shape[1])  # as _rows views
         self._grad_out = [_rows(self.grad[self.rows(i)]) for i in range(len(self.layers))]  # views, made once
         if self.layers and all(compact):
-            self.values = self._pack(self.offsets, [layer.n_active for layer in self.layers])
+            self.values = self._pack(self.offsets, self._sizes)
         elif self.layers:
             self.dense = self._pack(self.block_base, [layer.n_blocks for layer in self.layers])
 
