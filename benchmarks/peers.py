@@ -16,9 +16,12 @@ rigl-torch 0.5.2 (RigL), each on torch.optim.Adam(fused=True), on smet_lab's LLa
 Methodology as benchmarks/speed.py: every contender (common.METHODS, then the peers) is built from the
 same seed on the same model, and each repeat runs one training step (forward + backward + clip 1.0 +
 optimizer step + zero_grad, and the peer's per-step mask work) of every contender in turn on the same
-batch, the order reversed every other repeat. Reported: median tokens/s and step ms, median
-optimizer-step ms (what it contains: OPT_STEP), the median (min-max) over repeats of the paired ratio
-of tokens/s to dense Adam, one topology update at step 100(u+1) (median of --updates; smet_lab:
+batch, the order reversed every other repeat. As in training, every contender makes a topology update
+(timed alone) before repeat 0 and every 100 repeats, so the steps are measured with regrown weights
+(smet: cohorts and a running warm-up, as in a default run, where update_every = W = 100). Reported:
+median tokens/s and step ms, median optimizer-step ms (what it contains: OPT_STEP), the median
+(min-max) over repeats of the paired ratio of tokens/s to dense Adam, the topology update at step
+100(u+1) (median over the loop's updates, then more up to --updates; smet_lab:
 common.topology_update), and tokens/s with one update per 100 steps. Sparse layers: the attention
 and MLP projections, exactly those smet_lab makes sparse (SparseTopology.build's rule), density 0.25,
 prune fraction 0.3 (magnitude), regrowth random (SET, smet_lab) or by gradient (RigL).
@@ -58,7 +61,16 @@ def measure(model_name: str, args) -> dict:
         for c in cs:
             train_step(c.setup, x, y, CLIP)
     step_t, opt_t, ratios = ({c.name: [] for c in cs} for _ in range(3))
+    updates = {c.name: [] for c in cs}
+
+    def update_all(u: int) -> None:  # the u-th topology update of every contender (step 100(u+1)), timed alone
+        x, y = batch(10_000 + u, args.batch, seq, args.vocab, "cpu")
+        for c in cs:
+            updates[c.name].append(c.update(EVERY * (u + 1), x, y))
+
     for r in range(args.repeats):
+        if r % EVERY == 0:  # as in training: the steps follow topology updates (smet: regrown weights warming)
+            update_all(r // EVERY)
         x, y = batch(args.warmup + r, args.batch, seq, args.vocab, "cpu")
         per = {}
         for c in (cs if r % 2 == 0 else cs[::-1]):  # alternate the order: no contender always first
@@ -69,11 +81,9 @@ def measure(model_name: str, args) -> dict:
         for c in cs:
             if "dense" in per:
                 ratios[c.name].append(per["dense"] / per[c.name])  # tokens/s ratio = inverse time ratio
-    updates = {c.name: [] for c in cs}
-    for u in range(args.updates):
-        x, y = batch(10_000 + u, args.batch, seq, args.vocab, "cpu")
-        for c in cs:
-            updates[c.name].append(c.update(EVERY * (u + 1), x, y))
+    done = len(updates[cs[0].name])
+    for u in range(done, max(done, args.updates)):
+        update_all(u)
     out = {"model": model_name, "seq_len": seq, "vocab": args.vocab, "batch": args.batch, "density": args.density,
            "params": sum(p.numel() for p in cs[0].setup.model.parameters()), "contenders": {}}
     for c in cs:
@@ -229,7 +239,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--updates", type=int, default=3)
+    ap.add_argument("--updates", type=int, default=3, help="topology updates timed, at least (the loop makes one per 100 repeats)")
     ap.add_argument("--mem-steps", type=int, default=3)
     ap.add_argument("--contenders", nargs="+", default=list(METHODS) + list(PEERS))
     ap.add_argument("--kernel", default="auto", choices=["auto", "eager", "compiled"], help="smet_lab's optim.kernel")

@@ -437,6 +437,26 @@ def test_dense_method_equals_torch_adam():
         assert torch.allclose(p, q, atol=1e-6), n
 
 
+@pytest.mark.parametrize("kind", ["linear_lr", "released"])
+def test_cohort_table_is_the_float32_torch_formula_bit_for_bit(kind):
+    """The per-cohort table (bias corrections from one [2, C] pow, the warm-up factor in Python floats)
+    equals, bit for bit, the float32 torch ops over the C-vector of local steps that define it, at every
+    table size (the vectorised and scalar lanes of pow differ in the last bit)."""
+    _, _, opt = make(reset_step=True, warmup_steps=7, warmup_kind=kind, betas=(0.9, 0.999))
+    s, gen = opt.sparse, torch.Generator().manual_seed(0)
+    for C in [*range(1, 40), 63, 255]:
+        for W in (7, 100, 5000):
+            step = int(torch.randint(W, 3 * W + 200_000, (), generator=gen))
+            births = torch.randint(-1, step, (C,), generator=gen)
+            births[0] = 0
+            s.births, s.step, s.warmup_steps = births, step, W
+            t = (step - births).float() + ((torch.arange(C) > 0) if kind == "released" else 0)
+            growing = (t < W) & ((births > 0) | (kind == "released"))
+            expected = torch.stack([1 - 0.9 ** t, 1 - 0.999 ** t, torch.where(growing, t / W, torch.ones_like(t))])
+            assert torch.equal(torch.tensor(s._cohort_table(True)), expected), (C, W)
+            assert torch.equal(torch.tensor(s._cohort_table(False)[2]), torch.ones(C))
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_dense_group_is_bitwise_torch_adamw(weight_decay):
     """The dense group runs torch.optim.AdamW, fused on CPU: with the lr changing every step, its
@@ -447,7 +467,7 @@ def test_dense_group_is_bitwise_torch_adamw(weight_decay):
     topo = SparseTopology.build(model, 0.25)
     hp = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=weight_decay)
     opt = SMETAdam(model, topo, **hp)
-    assert opt.dense.adam.defaults["fused"]
+    assert opt.dense.fused
     dense = [p for g in opt.param_groups if g["kind"] == "dense" for p in g["params"]]
     assert len(dense) == 5  # embeddings, head, final norm, two block norms
     copies = [p.detach().clone() for p in dense]
@@ -467,6 +487,26 @@ def test_dense_group_is_bitwise_torch_adamw(weight_decay):
         opt.zero_grad()
     assert all(torch.equal(p, c) for p, c in zip(dense, copies))
     assert not any(torch.equal(c, c0) for c, c0 in zip(copies, start))
+
+
+def test_dense_group_counts_the_global_step_when_a_parameter_skips_one():
+    """Every dense parameter is updated with the global step's bias corrections: one that had no
+    gradient at step 3 holds step count 2 after it (untouched) and 4 after step 4, like the others."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16)
+    torch.manual_seed(0)
+    model = LLaMA(cfg)
+    opt = SMETAdam(model, SparseTopology.build(model, 0.25))
+    dense = [p for g in opt.param_groups if g["kind"] == "dense" for p in g["params"]]
+    skipped = dense[0]
+    for step in range(1, 7):
+        x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(step))
+        model(x, x).backward()
+        if step == 3:
+            skipped.grad = None
+        opt.step()
+        opt.zero_grad()
+        counts = [int(opt.state[p]["step"]) for p in dense]
+        assert counts == [2 if step == 3 else step] + [step] * (len(dense) - 1)
 
 
 def test_released_dense_group_follows_the_reference_with_weight_decay():
@@ -500,7 +540,7 @@ def test_from_config_takes_every_optimizer_option():
     assert (opt.reset_step, opt.warmup_steps, opt.warmup_kind) == (False, 7, "moment_damping")
     assert opt.layout == "dense_masked"
     assert isinstance(opt.sparse, MaskedState) and opt.sparse.age is not None  # the warm-up needs an age
-    assert opt.dense.adam.defaults["betas"] == (0.8, 0.95) and opt.dense.adam.defaults["weight_decay"] == 0.05
+    assert opt.dense.betas == (0.8, 0.95) and opt.dense.weight_decay == 0.05
     opt.remove_hooks()
     with pytest.raises(ConfigError, match=r"optim\.regrow\.warmup_kind"):
         SMETAdam.from_config(model, topo, OptimConfig(regrow=RegrowConfig(warmup_kind="cosine")))

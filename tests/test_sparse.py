@@ -57,6 +57,20 @@ def test_uniform_init_has_exact_counts_and_zero_inactive_weights(block_size):
     assert topo.density() == pytest.approx(0.3, abs=2e-3)
 
 
+@pytest.mark.parametrize("block_size", [1, 8])
+def test_padded_ids_decode_a_run_of_layers_as_padded_rows(block_size):
+    """One decode of the flat position store gives the ids of a run of layers' nonzero blocks, each
+    layer's shifted as if every earlier layer of the run took whole 256-block chunks."""
+    topo = SparseTopology.build(tiny_llama(), 0.3, distribution="erk", block_size=block_size)
+    own = [(layer.param.detach().view(-1, block_size) != 0).all(1).nonzero().view(-1) for layer in topo.layers]
+    chunks = [math.ceil(layer.n_blocks / 256) for layer in topo.layers]
+    assert block_size == 1 or any(layer.n_blocks % 256 for layer in topo.layers)  # padding is exercised
+    for first, last in [(0, len(topo)), (3, 9), (5, 6)]:
+        rows = topo.padded_ids(first, last)
+        assert rows.dtype == torch.int32
+        assert torch.equal(rows.long(), torch.cat([own[i] + 256 * sum(chunks[first:i]) for i in range(first, last)]))
+
+
 def test_erk_densities_by_hand():
     # Two layers 10x10 (raw 20/100 = 0.2) and 10x40 (50/400 = 0.125); total 500 weights.
     d = erk_densities([(10, 10), (10, 40)], 0.5)

@@ -150,16 +150,14 @@ class SMETAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global L2 norm over dense AND sparse gradients; scales both if max_norm > 0."""
+        """Global L2 norm over dense AND sparse gradients; scales both if max_norm > 0. (Per-tensor norms:
+        torch.nn.utils.get_total_norm computes the same bits with ~0.1 ms more Python per call.)"""
         self._settle_sparse_grads()
-        grads = [p.grad for p in self._dense_params() if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g) for g in grads] + [torch.linalg.vector_norm(self.sparse.grad)]
-        total = torch.linalg.vector_norm(torch.stack(norms))
+        grads = [p.grad for p in self._dense_params() if p.grad is not None] + [self.sparse.grad]
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if max_norm and max_norm > 0:
             coef = (max_norm / (total + 1e-6)).clamp_(max=1.0)
-            if grads:
-                torch._foreach_mul_(grads, coef)
-            self.sparse.grad.mul_(coef)
+            torch._foreach_mul_(grads, coef)
         return total
 
     # ------------------------------------------------------------------------------------- step
