@@ -272,9 +272,11 @@ def test_released_damps_dense_and_initial_weights_in_the_first_W_steps(layout, k
 
 
 @pytest.mark.parametrize("layout", ["compact", "dense_masked"])
-def test_released_resume_is_bitwise(tmp_path, layout):
+@pytest.mark.parametrize("used", [False, True])
+def test_released_resume_is_bitwise(tmp_path, layout, used):
     """Checkpoint inside the warm-up (global step < W, just after a regrowth), reload everything into
-    fresh objects, continue: weights and state equal an uninterrupted run bit for bit."""
+    fresh objects (or objects that trained two steps, before any regrowth: nothing they computed may linger),
+    continue: weights and state equal an uninterrupted run bit for bit."""
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16)
     x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -302,6 +304,8 @@ def test_released_resume_is_bitwise(tmp_path, layout):
     torch.save({k: o.state_dict() for k, o in zip(("model", "topology", "optimizer", "updater"), first)},
                tmp_path / "state.pt")
     resumed = build()
+    if used:
+        train(resumed, range(1, 3))
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     for k, o in zip(("model", "topology", "optimizer", "updater"), resumed):
         o.load_state_dict(state[k])
@@ -438,23 +442,26 @@ def test_dense_method_equals_torch_adam():
 
 
 @pytest.mark.parametrize("kind", ["linear_lr", "released"])
-def test_cohort_table_is_the_float32_torch_formula_bit_for_bit(kind):
-    """The per-cohort table (bias corrections from one [2, C] pow, the warm-up factor in Python floats)
-    equals, bit for bit, the float32 torch ops over the C-vector of local steps that define it, at every
-    table size (the vectorised and scalar lanes of pow differ in the last bit)."""
+def test_cohort_tables_are_the_float32_torch_formula_bit_for_bit(kind):
+    """The per-cohort tables of a window of steps (bias corrections from one pow over [K, C], the warm-up
+    factor in Python floats) equal, bit for bit, the float32 torch ops over each step's C-vector of local
+    steps, at every table size (the vectorised and scalar lanes of pow differ in the last bit)."""
     _, _, opt = make(reset_step=True, warmup_steps=7, warmup_kind=kind, betas=(0.9, 0.999))
     s, gen = opt.sparse, torch.Generator().manual_seed(0)
     for C in [*range(1, 40), 63, 255]:
         for W in (7, 100, 5000):
-            step = int(torch.randint(W, 3 * W + 200_000, (), generator=gen))
-            births = torch.randint(-1, step, (C,), generator=gen)
+            first = int(torch.randint(W, 3 * W + 200_000, (), generator=gen))
+            births = torch.randint(-1, first, (C,), generator=gen)
             births[0] = 0
-            s.births, s.step, s.warmup_steps = births, step, W
-            t = (step - births).float() + ((torch.arange(C) > 0) if kind == "released" else 0)
-            growing = (t < W) & ((births > 0) | (kind == "released"))
-            expected = torch.stack([1 - 0.9 ** t, 1 - 0.999 ** t, torch.where(growing, t / W, torch.ones_like(t))])
-            assert torch.equal(torch.tensor(s._cohort_table(True)), expected), (C, W)
-            assert torch.equal(torch.tensor(s._cohort_table(False)[2]), torch.ones(C))
+            s.births, s.warmup_steps = births, W
+            start, rows1, rows2, warm, ones = s._cohort_tables(first)
+            assert start == first and len(rows1) == len(rows2) == len(warm) == len(ones) >= 16
+            for k in (0, 1, len(ones) // 2, len(ones) - 1):
+                t = (first + k - births).float() + ((torch.arange(C) > 0) if kind == "released" else 0)
+                growing = (t < W) & ((births > 0) | (kind == "released"))
+                expected = torch.stack([1 - 0.9 ** t, 1 - 0.999 ** t, torch.where(growing, t / W, torch.ones_like(t))])
+                assert torch.equal(torch.stack([rows1[k], rows2[k], warm[k]]), expected), (C, W, k)
+                assert ones[k] == tuple(bool((row == 1).all()) for row in expected)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

@@ -15,13 +15,14 @@ At block size 1 that is 12 + 1 + 1 (+ 2/256/d) bytes per active weight: 14.03 B 
 
 The local step follows from the cohort: t_i = global_step - births[cohort_i] (= steps since regrowth,
 counting the current one; = the global step for blocks active from the start), and so does the
-warm-up min(1, t_i / W). Coefficients are computed once per cohort (a table of <= 256 float32 values)
-and gathered per block. Cohort ids are recycled at topology updates: a cohort with no members left is
-freed, and a cohort whose age reaches `merge_age` is merged into id 0. merge_age is max(W, T) with T
-the smallest t from which float32 1 - b1^t and 1 - b2^t are exactly 1 (17,321 for b2 = 0.999; only W
-without reset_step), so from then on the cohort's bias corrections and warm-up are exactly those of
-id 0 (1.0) and the merge changes no bit of any update. If more than 255 cohorts are ever alive at once
-(update_every * 255 < merge_age), the id tensor widens to int16 (then int32): still exact, 1 byte more.
+warm-up min(1, t_i / W). Coefficients are computed once per cohort (a table of <= 256 float32 values per
+step, made for many steps at once) and gathered per block. Cohort ids are recycled at topology updates:
+a cohort with no members left is freed, and a cohort whose age reaches `merge_age` is merged into
+id 0. merge_age is max(W, T) with T the smallest t from which float32 1 - b1^t and 1 - b2^t are
+exactly 1 (17,321 for b2 = 0.999; only W without reset_step), so from then on the cohort's bias
+corrections and warm-up are exactly those of id 0 (1.0) and the merge changes no bit of any update.
+If more than 255 cohorts are ever alive at once (update_every * 255 < merge_age), the id tensor widens
+to int16 (then int32): still exact, 1 byte more.
 
 The sparse layers' weights live in one flat buffer, each parameter a view of its rows: the active
 values [K, B] in slot order (compact weights), or the dense weights' blocks layer after layer (dense
@@ -48,6 +49,7 @@ from smet_lab.sparse.updater import RegrowEvent
 
 COHORT_DTYPES = (torch.uint8, torch.int16, torch.int32)  # widened only when ids run out
 NEVER = 2 ** 62
+TABLE_WINDOW = 4096  # steps x cohorts of coefficient tables computed at once (<= 48 KiB)
 
 
 def _rows(blocks: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,7 @@ class CompactState(SparseState):
         self.births = torch.zeros(1, dtype=torch.int64) if self.needs_age else None
         self.merge_age = max(self.warmup_steps, *(map(bias_correction_saturation, self.betas)
                                                   if self.reset_step else [0]))
-        self.table = None
+        self.table = self._window = None  # this step's coefficient rows; the tables of the steps around it
         self._betas = torch.tensor([[self.betas[0]], [self.betas[1]]])  # float32, as `b ** t` rounds them
         compact = [layer.compact for layer in self.layers]
         if any(compact) and not all(compact):
@@ -174,9 +176,12 @@ class CompactState(SparseState):
         if self.cohort is None:
             self.table = None
             return
-        rows = self._cohort_table(warming)
-        self.table_ones = [all(x == 1.0 for x in row) for row in rows]
-        self.table = torch.tensor(rows, dtype=torch.float32, device=self.device)  # [3, C]: rows contiguous
+        if self._window is None or not 0 <= step - self._window[0] < len(self._window[3]):
+            self._window = self._cohort_tables(step)
+        first, rows1, rows2, warm, ones = self._window
+        k = step - first
+        self.table = (rows1[k], rows2[k], warm[k] if warming else None)  # 1-D [C] rows: contiguous gathers
+        self.table_ones = (*ones[k][:2], ones[k][2] or not warming)
 
     def fused_table(self) -> torch.Tensor:
         """[3, C] (or [3, 1] without cohorts) for smet_lab.optim.fused.adam_rows, after begin_step: per
@@ -185,17 +190,16 @@ class CompactState(SparseState):
         bc1, bc2 = self.global_bias_corrections()
         if self.table is None:
             return torch.tensor([[bc1], [bc2], [1.0]], device=self.device)
-        table = self.table.clone()
+        row1, row2, warm = self.table
+        table = torch.stack([row1, row2, torch.ones_like(row1) if warm is None else warm])
         if not self.reset_step:
             table[0], table[1] = bc1, bc2
-        if not self.warming:
-            table[2] = 1.0
         return table
 
     def coefficients(self, sl: slice):
         if self.table is None:  # neither a local step nor a warm-up
             return (*self.global_bias_corrections(), None)
-        one_cohort, cohort = self.table.shape[1] == 1, None
+        one_cohort, cohort = self.table[0].numel() == 1, None
 
         def column(j: int):
             # A contiguous [n, 1] gather per coefficient; with a single cohort its value broadcasts, and a
@@ -204,7 +208,7 @@ class CompactState(SparseState):
             if self.table_ones[j]:
                 return 1.0
             if one_cohort:
-                return self.table[j, :1]
+                return self.table[j][:1]
             if cohort is None:
                 cohort = self.cohort[sl].long()  # (int64 converts ~4x faster than int32 from uint8 on CPU)
             return self.table[j].index_select(0, cohort).unsqueeze(1)  # (1-D: ~15x faster than [C, 1] rows)
@@ -212,27 +216,33 @@ class CompactState(SparseState):
         bc1, bc2 = (column(0), column(1)) if self.reset_step else self.global_bias_corrections()
         return bc1, bc2, column(2) if self.warming else None
 
-    def _cohort_table(self, warming: bool) -> list[list[float]]:
-        """Three rows of C floats (float32 values), per cohort: 1 - b1^t, 1 - b2^t and the warm-up factor
-        min(1, t/W) (1 for id 0, i.e. blocks active from the start or merged, and for free ids; all 1
-        while nothing is warming), t = local step.
+    def _cohort_tables(self, first: int):
+        """The per-cohort coefficients of the steps first, first + 1, ... (K = TABLE_WINDOW // C of them,
+        computed at once and kept until the cohorts change): first, then per step k (views of [K, C]
+        tables) the rows 1 - b1^t, 1 - b2^t and the warm-up factor min(1, t/W) (1 for id 0, i.e. blocks
+        active from the start or merged, and for free ids), t = the local step, and which rows are all 1.
         warmup_kind="released": t is the released code's counter (local step + 1 for regrown cohorts,
         ids > 0) and id 0 is warmed too. A merge stays exact: at age >= merge_age >= W and T both
         counters give bias corrections and warm-up factors of exactly 1.
-        The powers are one float32 torch op over [2, C] (element for element what two 1-D pows give; a
-        Python pow would differ in the last bit); the rest is a few Python floats: t / W rounded to float32
-        is the float32 division (double rounding is exact for division), and ~10 torch ops on C values
-        cost more than the step's arithmetic on the tiny model."""
+        Bit for bit the float32 torch ops over each step's C-vector of local steps: the powers are one
+        pow over a [K, C] view whose rows TensorIterator cannot merge, so every row runs pow's
+        vectorised and scalar lanes as a C-vector does (a Python pow would differ in the last bit); t / W
+        in Python rounded to float32 is the float32 division (double rounding is exact for division).
+        Per step this leaves no torch op on C values (~6 of them cost ~0.1 ms on the tiny model)."""
         births = self.births.tolist()
-        released = self.warmup_kind == "released"
-        ages = [self.step - born + (released and j > 0) for j, born in enumerate(births)]
-        rows = (1 - torch.pow(self._betas, torch.tensor(ages, dtype=torch.float32))).tolist()
-        W, warm = self.warmup_steps, [1.0] * len(ages)
-        if warming and W > 0:
-            for j, (age, born) in enumerate(zip(ages, births)):
-                if age < W and (released or born > 0):
-                    warm[j] = age / W
-        return [*rows, warm]
+        released, W = self.warmup_kind == "released", self.warmup_steps
+        steps = max(1, TABLE_WINDOW // len(births))
+        ages = [[first + k - born + (released and j > 0) for j, born in enumerate(births)] + [0]
+                for k in range(steps)]  # one padding column: rows of t are not contiguous with each other
+        t = torch.tensor(ages, dtype=torch.float32)[:, :-1]
+        bc = 1 - torch.pow(self._betas.view(2, 1, 1), t)
+        warm = [[age / W if age < W and (released or born > 0) else 1.0 for age, born in zip(row, births)]
+                for row in ages]
+        flags = bc.tolist()
+        ones = [(all(x == 1.0 for x in flags[0][k]), all(x == 1.0 for x in flags[1][k]),
+                 all(x == 1.0 for x in warm[k])) for k in range(steps)]
+        bc, warm = bc.to(self.device), torch.tensor(warm, dtype=torch.float32, device=self.device)
+        return first, bc[0].unbind(), bc[1].unbind(), warm.unbind(), ones
 
     # --------------------------------------------------------------------------- regrowth
     def make_room(self, events: list[RegrowEvent]) -> torch.Tensor:
@@ -277,6 +287,7 @@ class CompactState(SparseState):
     def _new_cohort(self, step: int) -> int:
         """A free cohort id for blocks grown at `step`. Recycles ids first: cohorts old enough to be
         exact copies of id 0 are merged into it, and cohorts without members are freed."""
+        self._window = None  # the coefficient tables follow the births
         births = self.births
         ids = torch.arange(births.numel())
         merge = (ids > 0) & (births >= 0) & (step - births >= self.merge_age)
@@ -314,3 +325,4 @@ class CompactState(SparseState):
         if self.cohort is not None:
             self.cohort = state["cohort"].to(self.device).clone()  # its dtype may have widened
             self.births = state["births"].cpu().clone()
+            self._window = None
