@@ -465,9 +465,13 @@ def test_cohort_tables_are_the_float32_torch_formula_bit_for_bit(kind):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_dense_group_is_bitwise_torch_adamw(weight_decay):
-    """The dense group runs torch.optim.AdamW, fused on CPU: with the lr changing every step, its
-    parameters equal those of a plain AdamW(fused=True) on copies fed the same gradients, bit for bit."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_dense_group_is_bitwise_torch_adamw(monkeypatch, weight_decay, direct):
+    """The dense group runs torch's fused AdamW kernel on CPU (directly, or through the functional adamw
+    where the op is missing): with the lr changing every step, its parameters equal those of a plain
+    torch.optim.AdamW(fused=True) on copies fed the same gradients, bit for bit."""
+    if not direct:
+        monkeypatch.setattr("smet_lab.optim.dense.FUSED_ADAMW", None)
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, vocab_size=50, seq_len=16)
     torch.manual_seed(0)
     model = LLaMA(cfg)

@@ -29,9 +29,9 @@ values [K, B] in slot order (compact weights), or the dense weights' blocks laye
 weights), so the descent is one op per chunk of layers (one for the tiny model). With dense weights each
 layer's rows start at CHUNK x its first chunk of the topology's flat position store (< CHUNK rows of
 padding per layer), so one decode of the store (SparseTopology.padded_ids, O(active)) gives the rows of
-a whole chunk of layers: at the chunk's first gradient it is decoded and shifted to each layer's own
-ids for the gradient gathers, and shifted back to rows for the chunk's single index_add_ (transient:
-4 B per active weight of the chunk, from the chunk's first backward hook to its descent).
+a whole chunk of layers: it is decoded at the chunk's first gradient, each gradient hook gathers with
+its layer's part shifted to the layer's own ids, and the chunk's single index_add_ uses it as it is
+(transient: 4 B per active weight of the chunk, from the chunk's first backward hook to its descent).
 A topology update moves surviving entries to their new slots with one O(active) gather per buffer
 and chunk of layers; no dense-size tensor is built.
 """
@@ -96,8 +96,8 @@ class CompactState(SparseState):
         # its descent.
         self._chunk_of = [c for c, (first, last) in enumerate(self.chunks) for _ in range(first, last)]
         self._index: list[torch.Tensor | None] = [None] * len(self.chunks)
-        self._layer_ids: list = [None] * len(self.chunks)  # the index split by layer (views)
-        self._local = [False] * len(self.chunks)  # whether the index holds layer-own ids
+        starts = [self.offsets[self.chunks[c][0]] for c in self._chunk_of]  # layer i's part of its chunk's index:
+        self._in_index = [slice(self.offsets[i] - s0, self.offsets[i + 1] - s0) for i, s0 in enumerate(starts)]
         self._sizes = [layer.n_active for layer in self.layers]  # = the state rows per layer
         self._row_shape = (-1,) if self.grad.shape[1] == 1 else (-1, self.grad.shape[1])  # as _rows views
         self._grad_out = [_rows(self.grad[self.rows(i)]) for i in range(len(self.layers))]  # views, made once
@@ -128,35 +128,31 @@ class CompactState(SparseState):
             return
         c = self._chunk_of[i]
         if self._index[c] is None:
-            self._decode(c, local=True)
-        ids = self._layer_ids[c][i - self.chunks[c][0]]
+            self._decode(c)
+        ids = self._index[c][self._in_index[i]]
+        if self.block_base[i]:  # the layer's own ids, a transient copy (fewer ops than shifting in place and back)
+            ids = ids - self.block_base[i]
         torch.index_select(grad, 0, ids, out=out) if fresh else out.add_(grad.index_select(0, ids))
 
-    def _decode(self, c: int, local: bool) -> None:
-        """Decode the active block ids of chunk c's layers into its index, in one pass: as each layer's
-        own ids (for the gradient gathers) or as rows of the flat dense weights (for the descent)."""
+    def _decode(self, c: int) -> None:
+        """Decode the active block ids of chunk c's layers, in one pass, into its index: their rows of the
+        flat dense weights."""
         first, last = self.chunks[c]
-        self._forget_index([c])  # the old index is freed before the new one is made
         index = self._index[c] = self.topology.padded_ids(first, last)  # rows - block_base[first]
-        self._local[c] = local
-        if local:  # in place, a slice per layer: measured cheaper than a per-chunk table of layer starts
-            self._layer_ids[c] = index.split(self._sizes[first:last])
-            for i, ids in zip(range(first + 1, last), self._layer_ids[c][1:]):
-                ids.sub_(self.block_base[i] - self.block_base[first])
-        elif self.block_base[first]:
+        if self.block_base[first]:
             index.add_(self.block_base[first])
 
     def step_index(self, first: int, last: int) -> torch.Tensor:
         """The rows of the flat dense weights that hold the active blocks of the chunk of layers
         first..last-1 (one of self.chunks)."""
         c = self._chunk_of[first]
-        if self._index[c] is None or self._local[c]:  # decoding anew is cheaper than shifting each layer's ids
-            self._decode(c, local=False)
+        if self._index[c] is None:  # no gradient reached the chunk
+            self._decode(c)
         return self._index[c]
 
     def _forget_index(self, chunks) -> None:
         for c in chunks:
-            self._index[c] = self._layer_ids[c] = None
+            self._index[c] = None
 
     def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:
         if self.values is not None:
