@@ -461,7 +461,7 @@ def test_cohort_tables_are_the_float32_torch_formula_bit_for_bit(kind):
                 growing = (t < W) & ((births > 0) | (kind == "released"))
                 expected = torch.stack([1 - 0.9 ** t, 1 - 0.999 ** t, torch.where(growing, t / W, torch.ones_like(t))])
                 assert torch.equal(torch.stack([rows1[k], rows2[k], warm[k]]), expected), (C, W, k)
-                assert ones[k] == tuple(bool((row == 1).all()) for row in expected)
+                assert ones[k] == [bool((row == 1).all()) for row in expected]
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

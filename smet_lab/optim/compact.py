@@ -49,7 +49,7 @@ from smet_lab.sparse.updater import RegrowEvent
 
 COHORT_DTYPES = (torch.uint8, torch.int16, torch.int32)  # widened only when ids run out
 NEVER = 2 ** 62
-TABLE_WINDOW = 4096  # steps x cohorts of coefficient tables computed at once (<= 48 KiB)
+TABLE_WINDOW = 8192  # steps x cohorts of coefficient tables made at once (8-128 steps, <= 96 KiB)
 
 
 def _rows(blocks: torch.Tensor) -> torch.Tensor:
@@ -213,7 +213,7 @@ class CompactState(SparseState):
         return bc1, bc2, column(2) if self.warming else None
 
     def _cohort_tables(self, first: int):
-        """The per-cohort coefficients of the steps first, first + 1, ... (K = TABLE_WINDOW // C of them,
+        """The per-cohort coefficients of the steps first, first + 1, ... (K ~ TABLE_WINDOW // C of them,
         computed at once and kept until the cohorts change): first, then per step k (views of [K, C]
         tables) the rows 1 - b1^t, 1 - b2^t and the warm-up factor min(1, t/W) (1 for id 0, i.e. blocks
         active from the start or merged, and for free ids), t = the local step, and which rows are all 1.
@@ -222,22 +222,21 @@ class CompactState(SparseState):
         counters give bias corrections and warm-up factors of exactly 1.
         Bit for bit the float32 torch ops over each step's C-vector of local steps: the powers are one
         pow over a [K, C] view whose rows TensorIterator cannot merge, so every row runs pow's
-        vectorised and scalar lanes as a C-vector does (a Python pow would differ in the last bit); t / W
-        in Python rounded to float32 is the float32 division (double rounding is exact for division).
-        Per step this leaves no torch op on C values (~6 of them cost ~0.1 ms on the tiny model)."""
-        births = self.births.tolist()
-        released, W = self.warmup_kind == "released", self.warmup_steps
-        steps = max(1, TABLE_WINDOW // len(births))
-        ages = [[first + k - born + (released and j > 0) for j, born in enumerate(births)] + [0]
-                for k in range(steps)]  # one padding column: rows of t are not contiguous with each other
-        t = torch.tensor(ages, dtype=torch.float32)[:, :-1]
+        vectorised and scalar lanes as a C-vector does. Per step this leaves no torch op on C values
+        (~6 of them cost ~0.1 ms on the tiny model, as much as its step's arithmetic)."""
+        released, W, C = self.warmup_kind == "released", self.warmup_steps, self.births.numel()
+        steps = max(8, min(128, TABLE_WINDOW // C))
+        ages = (first - self.births) + torch.arange(steps).unsqueeze(1)  # [K, C] int64
+        if released:
+            ages += torch.arange(C) > 0
+        t = torch.empty(steps, C + 1)[:, :C].copy_(ages)  # a padding column: TensorIterator cannot merge rows
         bc = 1 - torch.pow(self._betas.view(2, 1, 1), t)
-        warm = [[age / W if age < W and (released or born > 0) else 1.0 for age, born in zip(row, births)]
-                for row in ages]
-        flags = bc.tolist()
-        ones = [(all(x == 1.0 for x in flags[0][k]), all(x == 1.0 for x in flags[1][k]),
-                 all(x == 1.0 for x in warm[k])) for k in range(steps)]
-        bc, warm = bc.to(self.device), torch.tensor(warm, dtype=torch.float32, device=self.device)
+        warm = torch.ones_like(t)
+        if W > 0:
+            growing = (t < W) & ((self.births > 0) | released)
+            warm = torch.where(growing, t / W, warm)
+        ones = torch.stack([(bc[0] == 1).all(1), (bc[1] == 1).all(1), (warm == 1).all(1)], 1).tolist()
+        bc, warm = bc.to(self.device), warm.to(self.device)
         return first, bc[0].unbind(), bc[1].unbind(), warm.unbind(), ones
 
     # --------------------------------------------------------------------------- regrowth
