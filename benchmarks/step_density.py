@@ -9,7 +9,9 @@ kernels (optim.kernel eager / compiled), one process, interleaved.
 
 Each contender runs one real forward + backward (random tokens) so that its gradients exist where its
 optimizer keeps them, then `--repeats` rounds time one optimizer step of every contender in turn
-(order reversed every other round; the gradients are reused, no zero_grad, no topology update). The
+(order reversed every other round; the gradients are reused, no zero_grad). Before them each sparse
+contender makes one topology update, as in training: the state has two cohorts and a running warm-up
+(without regrown weights the per-cohort lookups cost next to nothing and the step looks faster). The
 step of dense Adam covers every parameter; SMET's covers the dense group (AdamW) and the sparse
 layers' compact state (with dense weights, each repeated step decodes the layers' block ids for its
 descent; in training the gradient gather in backward has decoded them already). Reported: the
@@ -27,7 +29,7 @@ import time
 
 import torch
 
-from common import batch, build
+from common import batch, build, topology_update
 
 CONTENDERS = {  # name: (method in common.build, optim.kernel)
     "dense Adam (fused)": ("dense", None),
@@ -46,6 +48,7 @@ def measure(model_name: str, density: float, args) -> dict:
         s = build(method, model_name, args.vocab, density, 1, None, kernel=kernel or "auto")
         x, y = batch(0, args.batch, s.model.cfg.seq_len, args.vocab, "cpu")
         s.model(x, y).backward()
+        topology_update(s, 100)  # as in training: regrown weights, two cohorts, a running warm-up
         for _ in range(3):  # warm-up (compiles the fused kernel)
             s.opt.step()
         setups[name] = s
