@@ -443,8 +443,8 @@ def test_dense_method_equals_torch_adam():
 
 @pytest.mark.parametrize("kind", ["linear_lr", "released"])
 def test_cohort_tables_are_the_float32_torch_formula_bit_for_bit(kind):
-    """The per-cohort tables of a window of steps (bias corrections from one pow over [K, C], the warm-up
-    factor in Python floats) equal, bit for bit, the float32 torch ops over each step's C-vector of local
+    """The per-cohort tables of a window of steps (one pow over a padded [K, C] view, one division and
+    one where for the warm-up factor) equal, bit for bit, the float32 torch ops over each step's C-vector of local
     steps, at every table size (the vectorised and scalar lanes of pow differ in the last bit)."""
     _, _, opt = make(reset_step=True, warmup_steps=7, warmup_kind=kind, betas=(0.9, 0.999))
     s, gen = opt.sparse, torch.Generator().manual_seed(0)

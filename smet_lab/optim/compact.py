@@ -98,11 +98,10 @@ class CompactState(SparseState):
         self._index: list[torch.Tensor | None] = [None] * len(self.chunks)
         starts = [self.offsets[self.chunks[c][0]] for c in self._chunk_of]  # layer i's part of its chunk's index:
         self._in_index = [slice(self.offsets[i] - s0, self.offsets[i + 1] - s0) for i, s0 in enumerate(starts)]
-        self._sizes = [layer.n_active for layer in self.layers]  # = the state rows per layer
         self._row_shape = (-1,) if self.grad.shape[1] == 1 else (-1, self.grad.shape[1])  # as _rows views
         self._grad_out = [_rows(self.grad[self.rows(i)]) for i in range(len(self.layers))]  # views, made once
         if self.layers and all(compact):
-            self.values = self._pack(self.offsets, self._sizes)
+            self.values = self._pack(self.offsets, [layer.n_active for layer in self.layers])
         elif self.layers:
             self.dense = self._pack(self.block_base, [layer.n_blocks for layer in self.layers])
 
