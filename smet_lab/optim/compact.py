@@ -153,12 +153,16 @@ class CompactState(SparseState):
         for c in chunks:
             self._index[c] = None
 
+    def forget_index(self, first: int) -> None:
+        """After the descent of the chunk of layers that starts at `first` (its index dies with it)."""
+        self._forget_index([self._chunk_of[first]])
+
     def descend(self, first: int, last: int, update: torch.Tensor, lr: float) -> None:
         if self.values is not None:
             self.values[self.span(first, last)].add_(update, alpha=-lr)
         else:
             _rows(self.dense).index_add_(0, self.step_index(first, last), _rows(update), alpha=-lr)
-            self._forget_index([self._chunk_of[first]])  # the chunk's index dies with its descent
+            self.forget_index(first)
 
     def weights(self, first: int, last: int) -> torch.Tensor:
         if self.values is not None:
@@ -179,7 +183,7 @@ class CompactState(SparseState):
         self.table_ones = (*ones[k][:2], ones[k][2] or not warming)
 
     def fused_table(self) -> torch.Tensor:
-        """[3, C] (or [3, 1] without cohorts) for smet_lab.optim.fused.adam_rows, after begin_step: per
+        """[3, C] (or [3, 1] without cohorts) for the fused step (smet_lab.optim.fused), after begin_step: per
         cohort the bias corrections (the global ones without reset_step) and the warm-up factor (1
         while not warming)."""
         bc1, bc2 = self.global_bias_corrections()

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from smet_lab.config import OptimConfig
 from smet_lab.optim.dense import DenseAdam
-from smet_lab.optim.fused import FusedStep, resolve_kernel
+from smet_lab.optim.fused import fused_step, resolve_kernel
 from smet_lab.optim.options import LR_SCALING, STATE_LAYOUTS, optimizer_kwargs, validate_optimizer
 from smet_lab.optim.sparse_state import SparseState
 from smet_lab.sparse.topology import SparseTopology
@@ -96,7 +96,9 @@ class SMETAdam(torch.optim.Optimizer):
         # The sparse step's kernel (smet_lab.optim.fused); only the compact layout has a fused one.
         entries = self.sparse.grad.numel()
         self.kernel = resolve_kernel(kernel, entries, self.sparse.device) if state == "compact" and entries else "eager"
-        self._fused = FusedStep() if self.kernel == "compiled" else None
+        self._fused = fused_step(self.sparse.device) if self.kernel == "compiled" else None
+        if self._fused is not None and self._fused.failed:  # could not be built: said once, eager from here
+            self._fused, self.kernel = None, "eager"
         self._fresh = [True] * len(topology.layers)
         self._hooks = [layer.param.register_post_accumulate_grad_hook(self._make_hook(i))
                        for i, layer in enumerate(topology.layers)]
@@ -221,27 +223,28 @@ class SMETAdam(torch.optim.Optimizer):
         return (m / bc1).div_((v / bc2).sqrt_().add_(self.eps)).abs_()
 
     def _fused_step(self, lr: float) -> bool:
-        """The sparse step as one compiled pass per chunk (one over all rows with compact weights);
-        False if the kernel could not be built (nothing changed, the caller runs the eager step)."""
+        """The sparse step as one fused pass per chunk (one over all rows with compact weights); False if
+        the kernel cannot run it (nothing changed, the caller runs the eager step)."""
         s = self.sparse
-        s.begin_step(self.global_step, self._warming_now())
-        table, lr_t = s.fused_table(), torch.tensor(lr, dtype=torch.float32, device=s.device)
         compact = s.values is not None
+        if not self._fused.takes(s.cohort, s.values if compact else s.dense):
+            return False
+        s.begin_step(self.global_step, self._warming_now())
+        table = s.fused_table()
         damping = self.warmup_kind != "linear_lr"
         for first, last in [(0, len(s.layers))] if compact else s.chunks:
             sl = s.span(first, last)
-            theta = s.weights(first, last) if compact or self.weight_decay else None
+            theta, rows = (s.values[sl], None) if compact else (s.dense, s.step_index(first, last))
             cohort = None if s.cohort is None else s.cohort[sl]
-            ok, upd = self._fused(s.grad[sl], s.exp_avg[sl], s.exp_avg_sq[sl], theta, cohort, table, lr_t,
-                                  *self.betas, self.eps, self.weight_decay, damping, compact)
-            if not ok:
+            if not self._fused(s.grad[sl], s.exp_avg[sl], s.exp_avg_sq[sl], cohort, table, lr, *self.betas,
+                               self.eps, self.weight_decay, damping, theta, rows):
                 if first:  # earlier chunks are updated: an eager rerun would update them twice
                     raise RuntimeError("optim.kernel=compiled: the fused kernel failed to build in the middle of a "
                                        "step; run with optim.kernel=eager")
                 self._fused, self.kernel = None, "eager"
                 return False
-            if not compact:
-                s.descend(first, last, upd, lr)
+            if rows is not None:
+                s.forget_index(first)
         return True
 
     # ---------------------------------------------------------------------------------- regrowth
