@@ -85,7 +85,7 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     state: str = "compact"  # compact | dense_masked
-    kernel: str = "auto"  # eager | compiled | auto: the compact step as one fused torch.compile pass (smet_lab.optim.fused)
+    kernel: str = "auto"  # eager | compiled | auto: the compact step as one fused pass (C on CPU, torch.compile on CUDA; smet_lab.optim.fused)
     regrow: RegrowConfig = field(default_factory=RegrowConfig)
     lr_scaling: LRScalingConfig = field(default_factory=LRScalingConfig)
 

@@ -117,7 +117,7 @@ STEPS = _declare("summary/steps", "steps", "{:g}", "Optimizer steps the run has 
 # the probe window (smet_lab.train.probe.UpdateRMS; the report's heat map).
 REGROWN_UPDATE_SHARE_PREFIX = "stability/regrown_update_share/"
 KERNEL_COMPILED = _declare("summary/optimizer_kernel_compiled", "compiled optimizer kernel", "{:g}",
-                           "1 when the sparse layers' Adam step ran as the fused torch.compile kernel (optim.kernel), "
+                           "1 when the sparse layers' Adam step ran as the fused kernel (optim.kernel), "
                            "0 for the eager step.", better="none", table=False)
 WORLD_SIZE = _declare("summary/world_size", "processes", "{:g}",
                       "How many processes trained the run together (data parallel; 1 = one process).",
