@@ -83,11 +83,12 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
     if inject and inject in key:
         polls, at = [0], int(os.environ.get(INJECT_STEP_ENV, "5"))
 
-        def should_stop():  # polled once per step: fail like a crashing trial would, mid-run
+        def fail_mid_run():  # polled once per step: fail like a crashing trial would, mid-run
             polls[0] += 1
             if polls[0] >= at:
                 raise InjectedFailure(f"injected failure ({INJECT_ENV}={inject})")
             return False
+        should_stop = fail_mid_run
     try:
         result = train(run_cfg, output_dir=work / "run", corpus=corpus, callbacks=Callbacks(
             log=log, progress=None, on_checkpoint=on_checkpoint, should_stop=should_stop))
