@@ -4,7 +4,7 @@ The eager step (SMETAdam._sparse_step) makes a memory-bound pass per torch op: l
 per-cohort coefficient gathers, two divisions, sqrt, add, the warm-up and the descent. The fused step
 reads g, m, v, the 1-byte cohort id and the weight once and writes m, v and the weight once:
 
-    CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~0.5 s, once per
+    CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~0.4 s, once per
           process) and called through ctypes. The compiler turns the three per-cohort lookups into
           vector gathers; torch.compile's C++ (the previous CPU kernel) made them scalar loops, 3.5 x
           slower with two cohorts.
@@ -92,7 +92,7 @@ def _warn(failed: str) -> None:
 
 
 class FusedStep:
-    """The fused step's interface: `step(...)` updates m, v and the weights in place and returns True, or
+    """The fused step's interface: a call updates m, v and the weights in place and returns True, or
     returns False (nothing modified) once the kernel has failed to build: then the caller runs the eager
     step. theta is the compact values [n, B] (rows None) or the flat dense weights [N, B], the rows' blocks
     at `rows` (int32 [n])."""
@@ -150,13 +150,13 @@ class NativeStep(FusedStep):
         for t in (g, m, v, theta, cohort, rows, table):
             if t is not None and not (t.is_contiguous() and t.device.type == "cpu"):
                 raise ValueError("the native kernel takes contiguous CPU tensors")
-        table = table.float().contiguous()
+        # Named, so that every tensor whose address C reads lives until the call returns.
+        table, rows = table.float().contiguous(), None if rows is None else rows.to(torch.int32)
         C = table.shape[1]
         ptr = (lambda t: None if t is None else t.data_ptr())
-        NativeStep._fn(g.shape[0], g.shape[1], ptr(g), ptr(m), ptr(v), ptr(theta),
-                       ptr(None if rows is None else rows.int()), ptr(cohort), ptr(table), ptr(table) + 4 * C,
-                       ptr(table) + 8 * C, lr, 1 - b1, b2, 1 - b2, eps, weight_decay, int(damping),
-                       torch.get_num_threads())
+        NativeStep._fn(g.shape[0], g.shape[1], ptr(g), ptr(m), ptr(v), ptr(theta), ptr(rows), ptr(cohort),
+                       ptr(table), ptr(table) + 4 * C, ptr(table) + 8 * C, lr, 1 - b1, b2, 1 - b2, eps,
+                       weight_decay, int(damping), torch.get_num_threads())
         return True
 
 
