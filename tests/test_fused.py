@@ -136,6 +136,7 @@ def test_one_native_step_gives_eagers_moments_bit_for_bit(weights, block_size, o
     w_eager = torch.cat([layer.gather().reshape(-1) for layer in eager.topology.layers])
     w_native = torch.cat([layer.gather().reshape(-1) for layer in native.topology.layers])
     assert bool((w_eager != w_before).any())
+
     def ulp(x):
         return torch.nextafter(x.abs(), torch.tensor(math.inf)) - x.abs()
 
