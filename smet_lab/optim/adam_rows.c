@@ -7,8 +7,8 @@
        u = (m / bc1[c]) / (sqrt(v / bc2[c]) + eps) + wd * theta;  u *= warm[c] unless damping
        theta -= lr * u                        fma(-lr, u, theta), as torch's add_(u, alpha=-lr)
    theta is the compact values [K, B] (rows NULL) or the dense weights, block k at row rows[k].
-   The per-cohort coefficients are 256-entry tables read with the 1-byte id: the compiler turns the
-   three lookups into vector gathers (Inductor emits scalar loops for them, ~3.5 x slower).
+   The per-cohort coefficients are tables of C <= 256 floats read with the 1-byte id: the compiler turns
+   the three lookups into vector gathers (Inductor emits scalar loops for them, ~3.5 x slower).
    Built by fused.py with the machine's C compiler (-O3 -march=native -fopenmp) at first use. */
 #include <math.h>
 #include <stdint.h>

@@ -52,7 +52,7 @@ NEVER = 2 ** 62
 TABLE_WINDOW = 8192  # steps x cohorts of coefficient tables made at once (8-128 steps, <= 96 KiB)
 
 
-def _rows(blocks: torch.Tensor) -> torch.Tensor:
+def row_view(blocks: torch.Tensor) -> torch.Tensor:
     """A [n, B] block view as index_select/index_add_ run it fastest: 1-D when B = 1 (the 2-D form
     with rows of one element is ~15x slower on CPU)."""
     return blocks.view(-1) if blocks.shape[1] == 1 else blocks
@@ -99,7 +99,7 @@ class CompactState(SparseState):
         starts = [self.offsets[self.chunks[c][0]] for c in self._chunk_of]  # layer i's part of its chunk's index:
         self._in_index = [slice(self.offsets[i] - s0, self.offsets[i + 1] - s0) for i, s0 in enumerate(starts)]
         self._row_shape = (-1,) if self.grad.shape[1] == 1 else (-1, self.grad.shape[1])  # as _rows views
-        self._grad_out = [_rows(self.grad[self.rows(i)]) for i in range(len(self.layers))]  # views, made once
+        self._grad_out = [row_view(self.grad[self.rows(i)]) for i in range(len(self.layers))]  # views, made once
         if self.layers and all(compact):
             self.values = self._pack(self.offsets, [layer.n_active for layer in self.layers])
         elif self.layers:
@@ -161,7 +161,7 @@ class CompactState(SparseState):
         if self.values is not None:
             self.values[self.span(first, last)].add_(update, alpha=-lr)
         else:
-            _rows(self.dense).index_add_(0, self.step_index(first, last), _rows(update), alpha=-lr)
+            row_view(self.dense).index_add_(0, self.step_index(first, last), row_view(update), alpha=-lr)
             self.forget_index(first)
 
     def weights(self, first: int, last: int) -> torch.Tensor:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from smet_lab.optim.compact import row_view
+
 KERNELS = ("eager", "compiled", "auto")
 AUTO_MIN_ENTRIES = 1 << 19
 C_SOURCE = Path(__file__).with_name("adam_rows.c")
@@ -174,11 +176,11 @@ class CompiledStep(FusedStep):
         if self.failed:
             return False
         lr_t = torch.tensor(lr, dtype=torch.float32, device=g.device)
-        flat = theta.view(-1) if rows is not None and theta.shape[1] == 1 else theta  # 1-D index ops: ~15x faster
         try:
             if rows is None:
                 CompiledStep._compiled(g, m, v, theta, cohort, table, lr_t, b1, b2, eps, weight_decay, damping, True)
                 return True
+            flat = row_view(theta)  # the dense weights' rows, gathered and scattered as CompactState does
             rows_theta = flat.index_select(0, rows).view(g.shape) if weight_decay else None
             upd = CompiledStep._compiled(g, m, v, rows_theta, cohort, table, lr_t, b1, b2, eps, weight_decay,
                                          damping, False)
@@ -186,7 +188,7 @@ class CompiledStep(FusedStep):
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             _warn(self.failed)
             return False
-        flat.index_add_(0, rows, upd.view(-1) if flat.dim() == 1 else upd, alpha=-lr)
+        flat.index_add_(0, rows, row_view(upd), alpha=-lr)
         return True
 
 
