@@ -12,7 +12,7 @@ from smet_lab.config import ConfigError, ModelConfig
 from smet_lab.model import LLaMA
 from smet_lab.sparse import DynamicSparsity, SparseTopology, erk_densities, prune_rate_at
 from smet_lab.sparse.criteria import GrowthContext, PruneContext, grow_gradient, grow_random, prune_magnitude
-from smet_lab.sparse.ids import isin_sorted
+from smet_lab.sparse.ids import flatnonzero, isin_sorted
 
 
 def prune_ctx(layer, n):
@@ -69,6 +69,14 @@ def test_padded_ids_decode_a_run_of_layers_as_padded_rows(block_size):
         rows = topo.padded_ids(first, last)
         assert rows.dtype == torch.int32
         assert torch.equal(rows.long(), torch.cat([own[i] + 256 * sum(chunks[first:i]) for i in range(first, last)]))
+
+
+def test_flatnonzero_lists_the_true_positions_in_order():
+    gen = torch.Generator().manual_seed(1)
+    for mask in [torch.rand(70_000, generator=gen) < 0.3, torch.zeros(5, dtype=torch.bool), torch.ones(3, dtype=torch.bool),
+                 (torch.rand(600, generator=gen) < 0.5)[::3]]:
+        got = flatnonzero(mask)
+        assert got.dtype == torch.int64 and got.tolist() == [i for i, t in enumerate(mask.tolist()) if t]
 
 
 def test_erk_densities_by_hand():
@@ -164,16 +172,19 @@ def test_update_keeps_density_exact_and_zeroes_pruned_and_regrown():
 @pytest.mark.parametrize("growth", ["random", "gradient"])
 @pytest.mark.parametrize("block_size", [1, 16])
 def test_built_in_rules_meet_the_contract_their_output_skips(monkeypatch, growth, block_size):
-    """The built-in rules' output skips the contract checks (criteria.BUILT_IN) and replace's own
-    (check=False): with both switched back on, 12 updates of every layer pass them, and the topology
-    ends exactly where the unchecked updates put it."""
+    """The built-in rules' output skips the contract checks (criteria.BUILT_IN) and the run's replace
+    skips SparseLayer.replace's own: with the checks on and every layer replaced alone and checked, 12
+    updates of every layer pass them, and topology and weights end exactly where the unchecked updates
+    put them."""
     from smet_lab.sparse import criteria, topology
+
+    def layer_by_layer(self, first, last, changes, active=None):
+        return [self.layers[i].replace(old, new, old_slots=slots, check=True) for i, old, new, slots in changes]
 
     def run(checked: bool):
         if checked:
             monkeypatch.setattr(criteria, "BUILT_IN", ())
-            replace = topology.SparseLayer.replace
-            monkeypatch.setattr(topology.SparseLayer, "replace", lambda self, *a, **kw: replace(self, *a, **{**kw, "check": True}))
+            monkeypatch.setattr(topology.SparseTopology, "replace", layer_by_layer)
         model = tiny_llama()
         topo = SparseTopology.build(model, 0.25, block_size=block_size)
         upd = DynamicSparsity(topo, total_steps=10_000, update_every=1, prune_rate=0.4, prune_schedule="constant",
@@ -185,10 +196,65 @@ def test_built_in_rules_meet_the_contract_their_output_skips(monkeypatch, growth
             model.zero_grad()
             upd.update(step)
         monkeypatch.undo()
-        return [layer.block_ids() for layer in topo.layers]
+        return [layer.block_ids() for layer in topo.layers] + [p.detach().clone() for p in model.parameters()]
 
     unchecked, checked = run(False), run(True)
     assert all(torch.equal(a, b) for a, b in zip(unchecked, checked))
+
+
+@pytest.mark.parametrize("weights", ["dense", "compact"])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_a_run_of_layers_is_replaced_as_sets_say(weights, block_size):
+    """SparseTopology.replace (one block map over a run of layers) against set arithmetic per layer: the
+    new active ids are (active - old) | new, the slots are the new blocks' ranks among them, old_slots
+    the old blocks' ranks before; the pruned and regrown weights are zero and every other keeps its value."""
+    topo = SparseTopology.build(tiny_llama(), 0.3, distribution="erk", block_size=block_size, weights=weights)
+    gen = torch.Generator().manual_seed(3)
+    before = [(layer.block_ids().tolist(), layer.materialize() if layer.compact else layer.param.detach().clone())
+              for layer in topo.layers]
+    first, last, changes = 2, 12, []
+    for i in range(first, last, 2):  # every other layer of the run changes, one swaps nothing
+        layer, active = topo.layers[i], before[i][0]
+        n = 0 if i == 6 else max(1, layer.n_active // 3)
+        inactive = sorted(set(range(layer.n_blocks)) - set(active))
+        old = torch.tensor(active)[torch.randperm(len(active), generator=gen)[:n]]
+        new = torch.tensor(inactive)[torch.randperm(len(inactive), generator=gen)[:n]]
+        changes.append((i, old, new, torch.tensor([active.index(b) for b in old.tolist()])))
+    done = topo.replace(first, last, changes)
+    for (i, old, new, old_slots), (slots, got_old_slots) in zip(changes, done):
+        layer, (active, dense) = topo.layers[i], before[i]
+        ids = sorted((set(active) - set(old.tolist())) | set(new.tolist()))
+        assert layer.block_ids().tolist() == ids and layer.n_active == len(active)
+        assert slots.tolist() == [ids.index(b) for b in new.tolist()] and torch.equal(got_old_slots.long(), old_slots)
+        dense = dense.view(-1, block_size).clone()
+        dense[torch.cat([old, new])] = 0.0
+        after = layer.materialize() if layer.compact else layer.param.detach()
+        assert torch.equal(after.view(-1, block_size), dense)
+    for i in set(range(len(topo))) - {c[0] for c in changes}:  # untouched layers, in the run or not
+        assert topo.layers[i].block_ids().tolist() == before[i][0]
+
+
+def test_an_update_maps_runs_of_layers_within_the_budget(monkeypatch):
+    """runs() covers the layers in order with runs of at most RUN_BLOCKS padded blocks (a larger layer
+    alone), and an update in many small runs leaves topology and weights where one run leaves them."""
+    from smet_lab.sparse import topology
+
+    def update(run_blocks: int):
+        monkeypatch.setattr(topology, "RUN_BLOCKS", run_blocks)
+        model = tiny_llama()
+        topo = SparseTopology.build(model, 0.25)
+        runs = topo.runs()
+        assert [i for a, b in runs for i in range(a, b)] == list(range(len(topo)))
+        assert all(b - a == 1 or 256 * (topo.chunk_start[b] - topo.chunk_start[a]) <= run_blocks for a, b in runs)
+        upd = DynamicSparsity(topo, total_steps=1000, update_every=100, prune_rate=0.3, prune_schedule="constant")
+        events = upd.update(100)
+        return runs, [layer.block_ids() for layer in topo.layers] + [p.detach().clone() for p in model.parameters()] \
+            + [t for e in events for t in (e.slots, e.old_slots, e.old_blocks, e.new_blocks)]
+
+    one_run, whole = update(1 << 20)
+    many_runs, parts = update(3000)  # 32 x 32 layers take 4 chunks (1024 blocks), the 96 x 32 ones 12
+    assert one_run == [(0, 14)] and len(many_runs) > 4 and any(b - a > 1 for a, b in many_runs)
+    assert all(torch.equal(a, b) for a, b in zip(whole, parts))
 
 
 def test_update_schedule_and_steps():

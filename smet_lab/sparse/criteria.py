@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from smet_lab.sparse.ids import blocks_taken
+from smet_lab.sparse.ids import blocks_taken, flatnonzero
 
 
 class RuleError(RuntimeError):
@@ -68,7 +68,7 @@ def grow_random(ctx: GrowthContext) -> torch.Tensor:
         draw = torch.randint(ctx.n_blocks, (2 * (ctx.n - chosen.numel()) + 16,), generator=ctx.generator).to(device)
         # Keep the free blocks and deduplicate (ascending, through a block map: faster than unique's
         # sort), then shuffle so that the kept subset is uniform.
-        draw = blocks_taken(ctx.n_blocks, chosen, draw).logical_and_(free).nonzero().view(-1)
+        draw = flatnonzero(blocks_taken(ctx.n_blocks, chosen, draw).logical_and_(free))
         draw = draw.index_select(0, torch.randperm(draw.numel(), generator=ctx.generator).to(device))
         chosen = draw[:ctx.n]
     return chosen

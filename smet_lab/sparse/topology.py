@@ -17,7 +17,8 @@ instead of an int32 id per active block. `block_ids()` (int32 ids, ascending) *d
 demand in O(active) work and allocates each time: repeat each chunk's index by its count, times 256,
 plus the offsets. Writing into that tensor changes nothing; call `set_block_ids(ids)` or
 `replace(old, new)` to change the topology. A SparseTopology keeps all its layers' lists in one flat
-store (each layer's offsets and counts are views), so `padded_ids` decodes a run of layers in one pass.
+store (each layer's offsets and counts are views), so `padded_ids` decodes a run of layers in one pass
+and `SparseTopology.replace` changes it in one pass.
 
 The slot order that the compact optimizer state follows is the ascending block-id order. A topology
 update therefore moves surviving entries between slots; `replace` returns where the new blocks land
@@ -36,9 +37,11 @@ from torch.utils.hooks import RemovableHandle
 
 from smet_lab.config import ConfigError
 from smet_lab.sparse.compact_linear import make_compact
-from smet_lab.sparse.ids import blocks_taken, moved_from
+from smet_lab.sparse.ids import blocks_taken, flatnonzero, moved_from
 
-CHUNK = 256  # blocks per chunk: an in-chunk offset fits in a uint8
+CHUNK_BITS = 8
+CHUNK = 1 << CHUNK_BITS  # blocks per chunk: an in-chunk offset fits in a uint8
+RUN_BLOCKS = 1 << 20  # padded blocks a topology update maps at once (SparseTopology.runs): <= 5 MiB transient
 
 
 def decode(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -46,6 +49,22 @@ def decode(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     CHUNK * j + offset. O(k), a new tensor."""
     chunk_of = torch.repeat_interleave(counts.int(), output_size=offsets.numel())  # int32 chunk per block
     return chunk_of.mul_(CHUNK).add_(offsets)
+
+
+def encode(sorted_ids: torch.Tensor, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked position list (uint8 offsets, int16 counts) of ascending ids in n_chunks chunks."""
+    counts = torch.bincount(sorted_ids >> CHUNK_BITS, minlength=n_chunks)
+    return (sorted_ids & (CHUNK - 1)).to(torch.uint8), counts.to(torch.int16)
+
+
+def swap_blocks(n_blocks: int, active: torch.Tensor, old: torch.Tensor,
+                new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (ids, ranks): the ascending ids of `active` without `old` and with `new`, and where each of
+    `new` lands among them. O(len + n_blocks), no sort: through a transient 1-byte-per-block map and its
+    int32 running count (5 B per block)."""
+    taken = blocks_taken(n_blocks, active).index_fill_(0, old, False).index_fill_(0, new, True)
+    ranks = taken.cumsum(0, dtype=torch.int32).index_select(0, new).long() - 1
+    return flatnonzero(taken), ranks
 
 
 class SparseLayer:
@@ -97,8 +116,7 @@ class SparseLayer:
         self._encode(ids)
 
     def _encode(self, sorted_ids: torch.Tensor) -> None:
-        offsets = (sorted_ids & (CHUNK - 1)).to(torch.uint8)
-        counts = torch.bincount(sorted_ids // CHUNK, minlength=self.n_chunks).to(torch.int16)
+        offsets, counts = encode(sorted_ids, self.n_chunks)
         if not self.in_store:
             self.offsets, self.counts = offsets, counts
         elif offsets.numel() != self.n_active:
@@ -121,9 +139,8 @@ class SparseLayer:
         start at zero (compact weights follow the new slot order). Returns int32 (slots, old_slots): the
         positions in the new block_ids() that hold `new_blocks` (in their order), and the positions
         `old_blocks` held in the old one. Surviving blocks keep their relative order, so the two determine
-        where every survivor moved (`moved_from`). O(k + n_blocks), no sort: through a transient
-        1-byte-per-block map and its int32 running count (4 B per block, as large as the layer's dense
-        weight at B = 1, one layer at a time)."""
+        where every survivor moved (`moved_from`). O(k + n_blocks), no sort (swap_blocks: 5 B per block,
+        one layer at a time). SparseTopology.replace does this for several layers at once."""
         ids = self.block_ids().long() if active is None else active
         device = ids.device
         old_blocks, new_blocks = old_blocks.to(device, torch.long), new_blocks.to(device, torch.long)
@@ -132,20 +149,25 @@ class SparseLayer:
         old_slots = old_slots.to(device, torch.long)
         if check and (old_blocks.numel() != new_blocks.numel() or not bool((ids[old_slots] == old_blocks).all())):
             raise ValueError(f"{self.name}: old_blocks must be active blocks, as many as new_blocks")
-        taken = blocks_taken(self.n_blocks, ids).index_fill_(0, old_blocks, False).index_fill_(0, new_blocks, True)
-        if check and int(taken.sum()) != ids.numel():
+        new_ids, slots = swap_blocks(self.n_blocks, ids, old_blocks, new_blocks)
+        if check and new_ids.numel() != ids.numel():
             raise ValueError(f"{self.name}: new_blocks must be distinct and inactive")
         del ids
+        self._encode(new_ids)
+        self.follow(old_blocks, new_blocks, old_slots, slots)
+        return slots.int(), old_slots.int()
+
+    @torch.no_grad()
+    def follow(self, old_blocks: torch.Tensor, new_blocks: torch.Tensor, old_slots: torch.Tensor,
+               slots: torch.Tensor) -> None:
+        """The weights follow a replace (int64 arguments, see there): dense weights zero the pruned and
+        regrown blocks; compact values move to the new slot order, the regrown at zero."""
         if not self.compact:
             self.zero_blocks(torch.cat([old_blocks, new_blocks]))
-        self._encode(taken.nonzero().view(-1))  # the new active ids, ascending
-        slots = taken.cumsum(0, dtype=torch.int32).index_select(0, new_blocks).long() - 1  # rank of each new block
-        del taken
-        if self.compact:
-            values = self.param.detach()
-            values.copy_(values.index_select(0, moved_from(self.n_active, old_slots, slots).clamp_(min=0)))
-            values.index_fill_(0, slots, 0.0)
-        return slots.int(), old_slots.int()
+            return
+        values = self.param.detach()
+        values.copy_(values.index_select(0, moved_from(self.n_active, old_slots, slots).clamp_(min=0)))
+        values.index_fill_(0, slots, 0.0)
 
     @torch.no_grad()
     def zero_blocks(self, ids: torch.Tensor) -> None:
@@ -277,6 +299,48 @@ class SparseTopology:
         as if every layer were padded to a whole number of chunks."""
         sl, ch = slice(self.slot_start[first], self.slot_start[last]), slice(self.chunk_start[first], self.chunk_start[last])
         return decode(self.offsets[sl], self.counts[ch])
+
+    def runs(self) -> list[tuple[int, int]]:
+        """Consecutive layers (first, last) of at most RUN_BLOCKS padded blocks together (or one larger
+        layer): what a topology update decodes and replaces in one pass."""
+        runs, first = [], 0
+        for i in range(1, len(self.layers)):
+            if CHUNK * (self.chunk_start[i + 1] - self.chunk_start[first]) > RUN_BLOCKS:
+                runs.append((first, i))
+                first = i
+        return runs + [(first, len(self.layers))] if self.layers else []
+
+    def layer_ids(self, padded: torch.Tensor, first: int, i: int) -> torch.Tensor:
+        """Layer i's active ids (a new tensor) out of padded_ids(first, last) (first <= i < last)."""
+        at = self.slot_start[first]
+        return padded[self.slot_start[i] - at:self.slot_start[i + 1] - at] \
+            - CHUNK * (self.chunk_start[i] - self.chunk_start[first])
+
+    @torch.no_grad()
+    def replace(self, first: int, last: int, changes: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+                active: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """SparseLayer.replace(old_blocks, new_blocks, old_slots, check=False) for layers first..last-1 at
+        once: `changes` = [(layer index, old_blocks, new_blocks, old_slots)], at most one per layer, in
+        layer order; `active`: padded_ids(first, last) as int64, if the caller has them. One block map over
+        the run's padded blocks instead of one per layer (a small layer's replace is ~25 small ops).
+        Returns the int32 (slots, old_slots) of every change."""
+        if not changes:
+            return []
+        active = self.padded_ids(first, last).long() if active is None else active
+        base = {i: CHUNK * (self.chunk_start[i] - self.chunk_start[first]) for i, *_ in changes}
+        old = torch.cat([o.to(active.device, torch.long) + base[i] for i, o, _, _ in changes])
+        new = torch.cat([n.to(active.device, torch.long) + base[i] for i, _, n, _ in changes])
+        ids, slots = swap_blocks(CHUNK * (self.chunk_start[last] - self.chunk_start[first]), active, old, new)
+        offsets, counts = encode(ids, self.chunk_start[last] - self.chunk_start[first])
+        self.offsets[self.slot_start[first]:self.slot_start[last]].copy_(offsets)
+        self.counts[self.chunk_start[first]:self.chunk_start[last]].copy_(counts)
+        done = []
+        for (i, o, n, old_slots), s in zip(changes, slots.split([n.numel() for _, _, n, _ in changes])):
+            s = s - (self.slot_start[i] - self.slot_start[first])
+            old_slots = old_slots.to(s.device, torch.long)
+            self.layers[i].follow(o.to(s.device, torch.long), n.to(s.device, torch.long), old_slots, s)
+            done.append((s.int(), old_slots.int()))
+        return done
 
     @classmethod
     def build(

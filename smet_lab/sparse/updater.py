@@ -16,6 +16,7 @@ import torch
 
 from smet_lab.config import ConfigError, SparsityConfig
 from smet_lab.sparse.criteria import GROWTH, PRUNE, GrowthContext, PruneContext, checked_growth, checked_prune
+from smet_lab.sparse.ids import complement
 from smet_lab.sparse.schedules import SCHEDULES, prune_rate_at
 from smet_lab.sparse.topology import SparseTopology
 
@@ -99,29 +100,30 @@ class DynamicSparsity:
                                f"call begin_step({step}) before its backward pass")
         if grads and self.reduce_grads is not None:
             self.reduce_grads([grads[i] for i in sorted(grads)])
-        rate = self.rate_at(step)
-        events = []
-        for i, layer in enumerate(self.topology.layers):
-            n = min(int(rate * layer.n_active), layer.n_blocks - layer.n_active)
-            if n <= 0:
-                continue
-            active = layer.block_ids().long()
-            weights = layer.gather(ids=None if layer.compact else active)  # (the ids decoded once)
-            pruned = checked_prune(self.prune, PruneContext(layer.name, layer.n_blocks, layer.block_size, active,
-                                                            weights, n, self.generator))
-            old = active.index_select(0, pruned)
-            keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
-            keep.index_fill_(0, pruned, False)
-            grad = grads.pop(i, None)
-            new = checked_growth(self.growth, GrowthContext(
-                layer.name, layer.n_blocks, layer.block_size, active.masked_select(keep), old, n, self.generator,
-                None if grad is None else layer.blocks(grad)))
-            del grad
+        rate, topo, events = self.rate_at(step), self.topology, []
+        for first, last in topo.runs():  # a run of layers is decoded and replaced in one pass
+            padded, changes = topo.padded_ids(first, last).long(), []
+            for i in range(first, last):
+                layer = topo.layers[i]
+                n = min(int(rate * layer.n_active), layer.n_blocks - layer.n_active)
+                if n > 0:
+                    changes.append((i, *self._choose(layer, topo.layer_ids(padded, first, i), n, grads.pop(i, None))))
             # The pruned weights go, the regrown start at 0 (ids valid: from built-in or checked rules).
-            slots, pruned = layer.replace(old, new, old_slots=pruned, active=active, check=False)
-            # int32: the events of all layers are alive together until the optimizer's regrow
-            events.append(RegrowEvent(i, slots, old.int(), new.int(), pruned))
+            for (i, old, new, _), (slots, pruned) in zip(changes, topo.replace(first, last, changes, active=padded)):
+                # int32: the events of all layers are alive together until the optimizer's regrow
+                events.append(RegrowEvent(i, slots, old.int(), new.int(), pruned))
         return events
+
+    def _choose(self, layer, active: torch.Tensor, n: int, grad: torch.Tensor | None):
+        """The rules' choice for one layer: (old blocks, new blocks, old blocks' slots), int64."""
+        weights = layer.gather(ids=None if layer.compact else active)
+        pruned = checked_prune(self.prune, PruneContext(layer.name, layer.n_blocks, layer.block_size, active, weights,
+                                                        n, self.generator))
+        old = active.index_select(0, pruned)
+        kept = active.index_select(0, complement(active.numel(), pruned))
+        new = checked_growth(self.growth, GrowthContext(layer.name, layer.n_blocks, layer.block_size, kept, old, n,
+                                                        self.generator, None if grad is None else layer.blocks(grad)))
+        return old, new, pruned
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
