@@ -217,7 +217,7 @@ def fallback_run(expected_warning: str):
 def test_a_failed_native_build_falls_back_to_eager_with_one_warning(monkeypatch):
     """A C compiler that fails (here `false`, a real program exiting 1 for every flag set)."""
     monkeypatch.setenv("CC", shutil.which("false"))
-    monkeypatch.setattr(NativeStep, "_fn", None)
+    monkeypatch.setattr(NativeStep, "_lib", None)
     monkeypatch.setattr(NativeStep, "_error", None)
     fallback_run(f"RuntimeError: {shutil.which('false')} failed: 1")
 
@@ -241,6 +241,34 @@ def test_cohort_ids_wider_than_a_byte_take_the_eager_step():
     assert native.kernel == "compiled"
     assert torch.equal(native.sparse.exp_avg, eager.sparse.exp_avg)
     assert torch.equal(native.sparse.values, eager.sparse.values)
+
+
+@needs_c
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_native_index_helpers_decode_and_gather_as_the_position_store_says(block_size):
+    """The C kernel's helpers of the dense-weights layout: decode_rows gives a run of layers' ids as
+    padded_ids + base does, and gather_rows copies (or adds) each layer's active blocks of a dense
+    gradient, read with its part of those rows and its shift, against indexing by block_ids()."""
+    topo = SparseTopology.build(LLaMA(MODEL), 0.3, distribution="erk", block_size=block_size)
+    native, gen = NativeStep(), torch.Generator().manual_seed(0)
+    first, last = 3, 11
+    base = 256 * topo.chunk_start[first] + 5
+    rows = native.decode_rows(*topo.store(first, last), base)
+    assert rows.dtype == torch.int32 and torch.equal(rows, topo.padded_ids(first, last) + base)
+    for i in range(first, last):
+        layer = topo.layers[i]
+        part = rows[topo.slot_start[i] - topo.slot_start[first]:topo.slot_start[i + 1] - topo.slot_start[first]]
+        grad = torch.randn(layer.shape, generator=gen)
+        picked = grad.view(-1, block_size)[layer.block_ids().long()]
+        out = torch.randn(layer.n_active, block_size, generator=gen)
+        start = out.clone()
+        shift = 256 * topo.chunk_start[i] + 5
+        view = (lambda t: t.view(-1)) if block_size == 1 else (lambda t: t)
+        assert native.gather_rows(view(grad.view(-1, block_size)), part, shift, view(out), fresh=False)
+        assert torch.equal(out, start + picked)
+        assert native.gather_rows(view(grad.view(-1, block_size)), part, shift, view(out), fresh=True)
+        assert torch.equal(out, picked)
+    assert not native.gather_rows(torch.zeros(4, dtype=torch.float64), rows[:2], 0, torch.zeros(2), True)
 
 
 def test_auto_picks_compiled_only_for_large_states_with_a_compiler(monkeypatch):

@@ -9,7 +9,8 @@
    theta is the compact values [K, B] (rows NULL) or the dense weights, block k at row rows[k].
    The per-cohort coefficients are tables of C <= 256 floats read with the 1-byte id: the compiler turns
    the three lookups into vector gathers (Inductor emits scalar loops for them, ~3.5 x slower).
-   Built by fused.py with the machine's C compiler (-O3 -march=native -fopenmp) at first use. */
+   Built by fused.py with the machine's C compiler (-O3 -march=native -fopenmp) at first use, with the
+   two index helpers of the dense-weights layout below (exact: they move values, one add at most). */
 #include <math.h>
 #include <stdint.h>
 
@@ -53,4 +54,36 @@ void smet_adam_rows(int64_t K, int64_t B, const float* restrict g, float* restri
     else if (cohort) LOOPS(1, 0)
     else if (rows) LOOPS(0, 1)
     else LOOPS(0, 0)
+}
+
+/* rows[k] = base + 256 * (chunk of k) + offsets[k]: the chunked position list (sparse/topology.py)
+   decoded in one pass, as topology.padded_ids + base does in three. */
+void smet_decode_rows(int64_t n_chunks, const int16_t* restrict counts, const uint8_t* restrict offsets,
+                      int64_t base, int32_t* restrict rows) {
+    int64_t k = 0;
+    for (int64_t j = 0; j < n_chunks; j++) {
+        const int32_t chunk = (int32_t)(base + 256 * j);
+        for (const int64_t end = k + counts[j]; k < end; k++)
+            rows[k] = chunk + offsets[k];
+    }
+}
+
+/* out[k] (+)= grad[rows[k] - shift] (blocks of B): a layer's gradient gathered with its part of the
+   chunk's rows, without the shifted copy of the rows that torch's index_select needs. */
+#define GATHER(OP)                                                                          \
+    if (B == 1) {                                                                       \
+        _Pragma("omp parallel for simd num_threads(nthreads) schedule(static)")       \
+        for (int64_t k = 0; k < K; k++) OP(k, rows[k] - shift)                          \
+    } else {                                                                            \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")            \
+        for (int64_t k = 0; k < K; k++)                                                 \
+            for (int64_t j = 0; j < B; j++) OP(k * B + j, (rows[k] - shift) * B + j)    \
+    }
+#define COPY(dst, src) out[dst] = grad[src];
+#define ADD(dst, src) out[dst] += grad[src];
+
+void smet_gather_rows(int64_t K, int64_t B, const float* restrict grad, const int32_t* restrict rows,
+                      int64_t shift, float* restrict out, int accumulate, int nthreads) {
+    if (accumulate) GATHER(ADD)
+    else GATHER(COPY)
 }

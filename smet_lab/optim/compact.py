@@ -30,7 +30,8 @@ weights), so the descent is one op per chunk of layers (one for the tiny model).
 layer's rows start at CHUNK x its first chunk of the topology's flat position store (< CHUNK rows of
 padding per layer), so one decode of the store (SparseTopology.padded_ids, O(active)) gives the rows of
 a whole chunk of layers: it is decoded at the chunk's first gradient, each gradient hook gathers with
-its layer's part shifted to the layer's own ids, and the chunk's single index_add_ uses it as it is
+its layer's part shifted to the layer's own ids (the C kernel's helpers do both in one pass each, see
+smet_lab.optim.fused), and the chunk's single index_add_ (or the fused step) uses it as it is
 (transient: 4 B per active weight of the chunk, from the chunk's first backward hook to its descent).
 A topology update moves surviving entries to their new slots with one O(active) gather per buffer
 and chunk of layers; no dense-size tensor is built.
@@ -99,6 +100,7 @@ class CompactState(SparseState):
         starts = [self.offsets[self.chunks[c][0]] for c in self._chunk_of]  # layer i's part of its chunk's index:
         self._in_index = [slice(self.offsets[i] - s0, self.offsets[i + 1] - s0) for i, s0 in enumerate(starts)]
         self._row_shape = (-1,) if self.grad.shape[1] == 1 else (-1, self.grad.shape[1])  # as _rows views
+        self.fused = None  # SMETAdam's fused step (smet_lab.optim.fused), if any: its index helpers
         self._grad_out = [row_view(self.grad[self.rows(i)]) for i in range(len(self.layers))]  # views, made once
         if self.layers and all(compact):
             self.values = self._pack(self.offsets, [layer.n_active for layer in self.layers])
@@ -129,6 +131,8 @@ class CompactState(SparseState):
         if self._index[c] is None:
             self._decode(c)
         ids = self._index[c][self._in_index[i]]
+        if self.fused is not None and self.fused.gather_rows(grad, ids, self.block_base[i], out, fresh):
+            return
         if self.block_base[i]:  # the layer's own ids, a transient copy (fewer ops than shifting in place and back)
             ids = ids - self.block_base[i]
         torch.index_select(grad, 0, ids, out=out) if fresh else out.add_(grad.index_select(0, ids))
@@ -137,9 +141,13 @@ class CompactState(SparseState):
         """Decode the active block ids of chunk c's layers, in one pass, into its index: their rows of the
         flat dense weights."""
         first, last = self.chunks[c]
-        index = self._index[c] = self.topology.padded_ids(first, last)  # rows - block_base[first]
-        if self.block_base[first]:
-            index.add_(self.block_base[first])
+        index = None if self.fused is None else self.fused.decode_rows(*self.topology.store(first, last),
+                                                                       self.block_base[first])
+        if index is None:
+            index = self.topology.padded_ids(first, last)  # rows - block_base[first]
+            if self.block_base[first]:
+                index.add_(self.block_base[first])
+        self._index[c] = index
 
     def step_index(self, first: int, last: int) -> torch.Tensor:
         """The rows of the flat dense weights that hold the active blocks of the chunk of layers

@@ -7,7 +7,8 @@ reads g, m, v, the 1-byte cohort id and the weight once and writes m, v and the 
     CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~0.4 s, once per
           process) and called through ctypes. The compiler turns the three per-cohort lookups into
           vector gathers; torch.compile's C++ (the previous CPU kernel) made them scalar loops, 3.5 x
-          slower with two cohorts.
+          slower with two cohorts. With dense weights the layout also decodes its rows and gathers each
+          layer's gradient with the file's two index helpers (exact data movement, in one pass each).
     CUDA  `adam_rows` below through torch.compile (Triton).
 
 Not bit-identical to the eager step. The C kernel reproduces torch's lerp and addcmul (m and v bit for
@@ -104,17 +105,26 @@ class FusedStep:
     def takes(self, cohort: torch.Tensor | None, theta: torch.Tensor) -> bool:
         return True
 
+    def decode_rows(self, offsets: torch.Tensor, counts: torch.Tensor, base: int) -> torch.Tensor | None:
+        """int32 topology.decode(offsets, counts) + base in one pass, or None: the caller decodes."""
+        return None
+
+    def gather_rows(self, grad: torch.Tensor, rows: torch.Tensor, shift: int, out: torch.Tensor, fresh: bool) -> bool:
+        """out = (fresh) or += grad's blocks at rows - shift (row views as compact.row_view gives them), or
+        False: the caller gathers."""
+        return False
+
 
 class NativeStep(FusedStep):
-    """adam_rows.c through ctypes (CPU)."""
+    """adam_rows.c through ctypes (CPU): the step and the dense-weights layout's index helpers."""
 
-    _fn = None  # one build per process
+    _lib = None  # one build per process
     _error: str | None = None
 
     def __init__(self):
-        if NativeStep._fn is None and NativeStep._error is None:
+        if NativeStep._lib is None and NativeStep._error is None:
             try:
-                NativeStep._fn = self._build()
+                NativeStep._lib = self._build()
             except (OSError, RuntimeError) as e:
                 NativeStep._error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         self.failed = NativeStep._error
@@ -135,11 +145,14 @@ class NativeStep(FusedStep):
                     break
             else:
                 raise RuntimeError(f"{cc} failed: {run.stderr.strip() or run.returncode}")
-            fn = ctypes.CDLL(lib).smet_adam_rows  # loaded: the file may go
-        ptr, f32 = ctypes.c_void_p, ctypes.c_float
-        fn.argtypes = [ctypes.c_int64, ctypes.c_int64, *[ptr] * 9, *[f32] * 6, ctypes.c_int, ctypes.c_int]
-        fn.restype = None
-        return fn
+            lib = ctypes.CDLL(lib)  # loaded: the file may go
+        ptr, f32, i64, i32 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
+        lib.smet_adam_rows.argtypes = [i64, i64, *[ptr] * 9, *[f32] * 6, i32, i32]
+        lib.smet_decode_rows.argtypes = [i64, ptr, ptr, i64, ptr]
+        lib.smet_gather_rows.argtypes = [i64, i64, ptr, ptr, i64, ptr, i32, i32]
+        for fn in (lib.smet_adam_rows, lib.smet_decode_rows, lib.smet_gather_rows):
+            fn.restype = None
+        return lib
 
     def takes(self, cohort: torch.Tensor | None, theta: torch.Tensor) -> bool:
         """Cohort ids widened past one byte (> 255 live cohorts) and non-float32 weights take the eager step."""
@@ -156,9 +169,28 @@ class NativeStep(FusedStep):
         table, rows = table.float().contiguous(), None if rows is None else rows.to(torch.int32)
         C = table.shape[1]
         ptr = (lambda t: None if t is None else t.data_ptr())
-        NativeStep._fn(g.shape[0], g.shape[1], ptr(g), ptr(m), ptr(v), ptr(theta), ptr(rows), ptr(cohort),
-                       ptr(table), ptr(table) + 4 * C, ptr(table) + 8 * C, lr, 1 - b1, b2, 1 - b2, eps,
-                       weight_decay, int(damping), torch.get_num_threads())
+        NativeStep._lib.smet_adam_rows(g.shape[0], g.shape[1], ptr(g), ptr(m), ptr(v), ptr(theta), ptr(rows),
+                                       ptr(cohort), ptr(table), ptr(table) + 4 * C, ptr(table) + 8 * C, lr, 1 - b1,
+                                       b2, 1 - b2, eps, weight_decay, int(damping), torch.get_num_threads())
+        return True
+
+    def decode_rows(self, offsets: torch.Tensor, counts: torch.Tensor, base: int) -> torch.Tensor | None:
+        if self.failed or not (offsets.dtype == torch.uint8 and counts.dtype == torch.int16
+                               and offsets.device.type == "cpu" and offsets.is_contiguous() and counts.is_contiguous()):
+            return None
+        rows = torch.empty(offsets.numel(), dtype=torch.int32)
+        NativeStep._lib.smet_decode_rows(counts.numel(), counts.data_ptr(), offsets.data_ptr(), base, rows.data_ptr())
+        return rows
+
+    def gather_rows(self, grad: torch.Tensor, rows: torch.Tensor, shift: int, out: torch.Tensor, fresh: bool) -> bool:
+        # The shifted copy of the rows that index_select needs costs more than the gather (llama_20m, 2 threads:
+        # 5.3 -> 3.0 ms of gathers per step; benchmarks/results/peers.md).
+        if self.failed or not all(t.device.type == "cpu" and t.is_contiguous() for t in (grad, rows, out)) \
+                or grad.dtype != torch.float32 or out.dtype != torch.float32 or rows.dtype != torch.int32:
+            return False
+        B = 1 if out.dim() == 1 else out.shape[1]
+        NativeStep._lib.smet_gather_rows(rows.numel(), B, grad.data_ptr(), rows.data_ptr(), shift, out.data_ptr(),
+                                         int(not fresh), torch.get_num_threads())
         return True
 
 

@@ -99,6 +99,8 @@ class SMETAdam(torch.optim.Optimizer):
         self._fused = fused_step(self.sparse.device) if self.kernel == "compiled" else None
         if self._fused is not None and self._fused.failed:  # could not be built: said once, eager from here
             self._fused, self.kernel = None, "eager"
+        if self._fused is not None:
+            self.sparse.fused = self._fused  # the layout gathers and decodes its rows with the kernel's helpers
         self._fresh = [True] * len(topology.layers)
         self._hooks = [layer.param.register_post_accumulate_grad_hook(self._make_hook(i))
                        for i, layer in enumerate(topology.layers)]
@@ -241,7 +243,7 @@ class SMETAdam(torch.optim.Optimizer):
                 if first:  # earlier chunks are updated: an eager rerun would update them twice
                     raise RuntimeError("optim.kernel=compiled: the fused kernel failed to build in the middle of a "
                                        "step; run with optim.kernel=eager")
-                self._fused, self.kernel = None, "eager"
+                self._fused, self.kernel, s.fused = None, "eager", None
                 return False
             if rows is not None:
                 s.forget_index(first)

@@ -297,8 +297,12 @@ class SparseTopology:
         """int32: the active block ids of layers first..last-1 in one pass, layer after layer in slot order,
         each layer's ids shifted by CHUNK * (chunk_start[i] - chunk_start[first]): its blocks numbered
         as if every layer were padded to a whole number of chunks."""
-        sl, ch = slice(self.slot_start[first], self.slot_start[last]), slice(self.chunk_start[first], self.chunk_start[last])
-        return decode(self.offsets[sl], self.counts[ch])
+        return decode(*self.store(first, last))
+
+    def store(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of layers first..last-1's part of the flat position store: (offsets, counts)."""
+        return (self.offsets[self.slot_start[first]:self.slot_start[last]],
+                self.counts[self.chunk_start[first]:self.chunk_start[last]])
 
     def runs(self) -> list[tuple[int, int]]:
         """Consecutive layers (first, last) of at most RUN_BLOCKS padded blocks together (or one larger
