@@ -183,8 +183,8 @@ class NativeStep(FusedStep):
         return rows
 
     def gather_rows(self, grad: torch.Tensor, rows: torch.Tensor, shift: int, out: torch.Tensor, fresh: bool) -> bool:
-        # The shifted copy of the rows that index_select needs costs more than the gather (llama_20m, 2 threads:
-        # 5.3 -> 3.0 ms of gathers per step; benchmarks/results/peers.md).
+        # The shifted copy of the rows that index_select needs costs more than the gather itself (llama_20m,
+        # 2 threads: 5.2 -> 3.8 ms of gathers and decode per step; docs/measurements.md).
         if self.failed or not all(t.device.type == "cpu" and t.is_contiguous() for t in (grad, rows, out)) \
                 or grad.dtype != torch.float32 or out.dtype != torch.float32 or rows.dtype != torch.int32:
             return False

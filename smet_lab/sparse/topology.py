@@ -335,9 +335,8 @@ class SparseTopology:
         old = torch.cat([o.to(active.device, torch.long) + base[i] for i, o, _, _ in changes])
         new = torch.cat([n.to(active.device, torch.long) + base[i] for i, _, n, _ in changes])
         ids, slots = swap_blocks(CHUNK * (self.chunk_start[last] - self.chunk_start[first]), active, old, new)
-        offsets, counts = encode(ids, self.chunk_start[last] - self.chunk_start[first])
-        self.offsets[self.slot_start[first]:self.slot_start[last]].copy_(offsets)
-        self.counts[self.chunk_start[first]:self.chunk_start[last]].copy_(counts)
+        for view, value in zip(self.store(first, last), encode(ids, self.chunk_start[last] - self.chunk_start[first])):
+            view.copy_(value)
         done = []
         for (i, o, n, old_slots), s in zip(changes, slots.split([n.numel() for _, _, n, _ in changes])):
             s = s - (self.slot_start[i] - self.slot_start[first])
