@@ -1,9 +1,9 @@
 """optim.kernel: the fused compact step computes what the eager step computes.
 
-The CPU kernel (adam_rows.c) computes m and v bit for bit as eager does, but its sqrt is correctly
-rounded and torch's is not always; torch.compile (the CUDA kernel, compiled here for the CPU) evaluates
-lerp/addcmul without eager's fused multiply-adds. So a run agrees with the eager one to float32
-rounding, not bit for bit. Over 40 steps with 3 topology updates (weight decay 0.1; every step fused,
+The CPU kernel (adam_rows.c) rounds as eager does (m and v bit for bit, and a step's weights too
+wherever torch's sqrt is correctly rounded), but its sqrt always is and torch's is not; torch.compile
+(the CUDA kernel, compiled here for the CPU) evaluates lerp/addcmul without eager's fused multiply-adds.
+So a run agrees with the eager one to float32 rounding, not bit for bit. Over 40 steps with 3 topology updates (weight decay 0.1; every step fused,
 the ones right after an update included) the tests ask: per-step losses to 1e-5 (measured <= 3.8e-6),
 weights to 3e-4 absolute (measured <= 1.5e-4, a regrown entry whose first steps amplify one rounding),
 m to 1e-5 absolute (<= 2.2e-6) and v to 3e-3 relative (<= 1.6e-3: tiny v of rarely-updated entries).
@@ -17,6 +17,7 @@ import math
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,31 +118,31 @@ def synced_pair(block_size: int, weights: str, option: str):
 
 
 @needs_c
-@pytest.mark.parametrize("option", ["cohorts-moment_damping", "cohorts-linear_lr"])
-@pytest.mark.parametrize("weights,block_size", [("dense", 1), ("compact", 16)])
-def test_one_native_step_gives_eagers_moments_bit_for_bit(weights, block_size, option):
-    """From the same state (after a topology update: two cohorts, a running warm-up), one step of the C
-    kernel gives the eager step's m and v bit for bit (torch's lerp and addcmul, fused multiply-adds
-    included); the weights differ by at most 4 float32 ulps of the update plus 2 of the weight (the
-    sqrt's 1-ulp rounding, through a division, moves the update by up to 2 ulps of itself, ~3 of a
-    weight a binade below, and can carry the weight's own rounding to its neighbour)."""
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("weights", ["dense", "compact"])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_one_native_step_is_eagers_but_for_the_sqrt(block_size, weights, option):
+    """From the same state (after a topology update: two cohorts and a running warm-up where the option
+    has them), one step of the C kernel gives the eager step's m and v bit for bit (torch's lerp and
+    addcmul, fused multiply-adds included) and its weights bit for bit wherever torch's float32 sqrt of
+    v / bc2 is the correctly rounded one (numpy's); the kernel's sqrt always is, torch's is not in ~0.7 %
+    of values, and only there may a weight differ."""
     eager, native = synced_pair(block_size, weights, option)
-    assert bool((eager.sparse.cohort > 0).any()) and eager._warming_now()
-    w_before = torch.cat([layer.gather().reshape(-1) for layer in eager.topology.layers])
+    assert eager._warming_now() == (option != "no_cohorts")
+    w_before = torch.cat([layer.gather() for layer in eager.topology.layers])
     eager.step()
     native.step()
     assert native.kernel == "compiled"
     assert torch.equal(native.sparse.exp_avg, eager.sparse.exp_avg)
     assert torch.equal(native.sparse.exp_avg_sq, eager.sparse.exp_avg_sq)
-    w_eager = torch.cat([layer.gather().reshape(-1) for layer in eager.topology.layers])
-    w_native = torch.cat([layer.gather().reshape(-1) for layer in native.topology.layers])
+    w_eager = torch.cat([layer.gather() for layer in eager.topology.layers])
+    w_native = torch.cat([layer.gather() for layer in native.topology.layers])
     assert bool((w_eager != w_before).any())
-
-    def ulp(x):
-        return torch.nextafter(x.abs(), torch.tensor(math.inf)) - x.abs()
-
-    bound = 2 * ulp(torch.maximum(w_before.abs(), w_eager.abs())) + 4 * ulp(w_eager - w_before)
-    assert bool(((w_native - w_eager).abs() <= bound).all())
+    s = eager.sparse
+    v_hat = s.exp_avg_sq / s.coefficients(slice(0, s.exp_avg_sq.shape[0]))[1]  # as this step formed it
+    rounded = torch.from_numpy(np.sqrt(v_hat.numpy())) == v_hat.sqrt()
+    assert 0 < int((~rounded).sum()) < 0.02 * rounded.numel()
+    assert torch.equal(w_native[rounded], w_eager[rounded])
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))

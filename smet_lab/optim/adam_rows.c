@@ -4,9 +4,12 @@
        m = lerp(m, g, 1 - b1)                 exactly torch's vectorised lerp: fma(w1, g - m, m)
        v = v * b2 + (1 - b2) * g * g          exactly torch's mul_ + addcmul_: fma(w2 * g, g, v * b2)
        c = cohort[k] (0 without cohorts);  m *= warm[c] if damping
-       u = (m / bc1[c]) / (sqrt(v / bc2[c]) + eps) + wd * theta;  u *= warm[c] unless damping
-       theta -= lr * u                        fma(-lr, u, theta), as torch's add_(u, alpha=-lr)
-   theta is the compact values [K, B] (rows NULL) or the dense weights, block k at row rows[k].
+       u = (m / bc1[c]) / (sqrt(v / bc2[c]) + eps) + wd * theta     fma, as torch's add_(theta, alpha=wd)
+       u *= warm[c] unless damping
+       theta -= lr * u                        fma(-lr, u, theta), as torch's add_(u, alpha=-lr) and its
+                                              index_add_ of rows; two roundings as its 1-D index_add_
+   theta is the compact values [K, B] (rows NULL) or the dense weights, block k at row rows[k]. Built
+   with -ffp-contract=off: every fused multiply-add is written out, as torch's kernels do them.
    The per-cohort coefficients are tables of C <= 256 floats read with the 1-byte id: the compiler turns
    the three lookups into vector gathers (Inductor emits scalar loops for them, ~3.5 x slower).
    Built by fused.py with the machine's C compiler (-O3 -march=native -fopenmp) at first use, with the
@@ -14,7 +17,8 @@
 #include <math.h>
 #include <stdint.h>
 
-#define ENTRY(i, c, t)                                                        \
+/* SPLIT: the descent rounds twice (dense weights at B = 1, as torch's 1-D index_add_ with alpha). */
+#define ENTRY(i, c, t, SPLIT)                                                 \
     {                                                                         \
         float gi = g[i], mi = m[i];                                           \
         mi = fmaf(w1, gi - mi, mi);                                           \
@@ -23,9 +27,9 @@
         mi *= damping ? warm : 1.0f;                                          \
         m[i] = mi;                                                            \
         v[i] = vi;                                                            \
-        float u = (mi / t1[c]) / (sqrtf(vi / t2[c]) + eps) + wd * theta[t];   \
+        float u = fmaf(wd, theta[t], (mi / t1[c]) / (sqrtf(vi / t2[c]) + eps)); \
         u *= damping ? 1.0f : warm;                                           \
-        theta[t] = fmaf(-lr, u, theta[t]);                                    \
+        theta[t] = SPLIT ? theta[t] + -lr * u : fmaf(-lr, u, theta[t]);      \
     }
 
 /* COH: per-block cohort ids (else every entry reads column 0); ROWS: dense weights via rows[k]. */
@@ -33,7 +37,7 @@
     if (B == 1) {                                                                          \
         _Pragma("omp parallel for simd num_threads(nthreads) schedule(static)")          \
         for (int64_t k = 0; k < K; k++)                                                    \
-            ENTRY(k, (COH ? cohort[k] : 0), (ROWS ? (int64_t)rows[k] : k))                 \
+            ENTRY(k, (COH ? cohort[k] : 0), (ROWS ? (int64_t)rows[k] : k), ROWS)           \
     } else {                                                                               \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static)")               \
         for (int64_t k = 0; k < K; k++) {                                                  \
@@ -41,7 +45,7 @@
             const int64_t base = (ROWS ? (int64_t)rows[k] : k) * B;                        \
             _Pragma("omp simd")                                                           \
             for (int64_t j = 0; j < B; j++)                                                \
-                ENTRY(k * B + j, c, base + j)                                              \
+                ENTRY(k * B + j, c, base + j, 0)                                           \
         }                                                                                  \
     }
 

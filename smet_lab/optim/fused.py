@@ -11,10 +11,12 @@ reads g, m, v, the 1-byte cohort id and the weight once and writes m, v and the 
           layer's gradient with the file's two index helpers (exact data movement, in one pass each).
     CUDA  `adam_rows` below through torch.compile (Triton).
 
-Not bit-identical to the eager step. The C kernel reproduces torch's lerp and addcmul (m and v bit for
-bit) but its sqrt is IEEE's correctly rounded one, which torch's CPU sqrt is not always (one float32
-ulp); torch.compile evaluates lerp and addcmul without eager's fused multiply-adds. So the kernel is a
-choice (`optim.kernel`), logged with the run:
+Not bit-identical to the eager step. The C kernel rounds as eager's torch ops do (its fused
+multiply-adds written out where theirs are, the file built with -ffp-contract=off: m and v bit for bit)
+except for the sqrt, which is IEEE's correctly rounded one and torch's CPU sqrt is not always (one float32
+ulp in ~0.7 % of values): a step's weights differ from eager's there and only there. torch.compile
+evaluates lerp and addcmul without eager's fused multiply-adds. So the kernel is a choice
+(`optim.kernel`), logged with the run:
 
     eager     the reference ops (bit for bit the step every earlier version computed)
     compiled  the fused kernel; falls back to eager with one warning where it cannot be built (no C
@@ -139,8 +141,8 @@ class NativeStep(FusedStep):
         with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
             lib = os.path.join(tmp, "adam_rows.so")
             for flags in C_FLAGS:
-                run = subprocess.run([cc, "-O3", *flags, "-fno-math-errno", "-fPIC", "-shared", "-o", lib,
-                                      str(C_SOURCE)], capture_output=True, text=True)
+                run = subprocess.run([cc, "-O3", *flags, "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared",
+                                      "-o", lib, str(C_SOURCE)], capture_output=True, text=True)
                 if run.returncode == 0:
                     break
             else:
