@@ -102,6 +102,28 @@ def test_native_step_equals_the_eager_step(block_size, weights, option):
     assert_same_training(eager, fused_run)
 
 
+@needs_c
+@pytest.mark.parametrize("chunks", ["one", "several"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("weights", ["dense", "compact"])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_the_eager_kernel_runs_the_eager_ops_bit_for_bit(monkeypatch, block_size, weights, option, chunks):
+    """optim.kernel=eager on a CPU with a C compiler runs the C kernel around torch's own sqrt: over 40
+    steps with 3 topology updates (weight decay 0.1) its losses, weights and moments are the eager torch
+    ops' bit for bit, with the state in one chunk or in several (torch's sqrt sees the eager step's arrays)."""
+    if chunks == "several":
+        monkeypatch.setattr("smet_lab.optim.sparse_state.STEP_CHUNK", 2000)
+    native = train("eager", block_size, weights, option, weight_decay=0.1)
+    assert native[2]._fused is not None and native[2].kernel == "eager"
+    assert (len(native[2].sparse.chunks) > 2) == (chunks == "several")
+    monkeypatch.setattr(smet_adam, "exact_step", lambda device: None)
+    ops = train("eager", block_size, weights, option, weight_decay=0.1)
+    assert ops[2]._fused is None
+    assert torch.equal(native[0], ops[0]) and torch.equal(native[1], ops[1])
+    assert torch.equal(native[2].sparse.exp_avg, ops[2].sparse.exp_avg)
+    assert torch.equal(native[2].sparse.exp_avg_sq, ops[2].sparse.exp_avg_sq)
+
+
 def synced_pair(block_size: int, weights: str, option: str):
     """An eager and a native-kernel optimizer 12 steps into training (a topology update at step 10),
     the native one put into the eager one's state, both given the same new sparse gradients."""

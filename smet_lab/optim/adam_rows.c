@@ -17,27 +17,38 @@
 #include <math.h>
 #include <stdint.h>
 
-/* SPLIT: the descent rounds twice (dense weights at B = 1, as torch's 1-D index_add_ with alpha). */
-#define ENTRY(i, c, t, SPLIT)                                                 \
+/* SPLIT: the descent rounds twice (dense weights at B = 1, as torch's 1-D index_add_ with alpha).
+   PHASE 0: the whole step. 1 and 2 (optim.kernel=exact): the step around torch's own sqrt, bit for bit
+   the eager step: 1 updates m and v and writes q = v / bc2, the caller takes torch's sqrt of q in
+   place, 2 descends with it. */
+#define ENTRY(i, c, t, SPLIT, PHASE)                                          \
     {                                                                         \
-        float gi = g[i], mi = m[i];                                           \
-        mi = fmaf(w1, gi - mi, mi);                                           \
-        float vi = fmaf(gi * w2, gi, v[i] * b2);                              \
-        float warm = tw[c];                                                   \
-        mi *= damping ? warm : 1.0f;                                          \
-        m[i] = mi;                                                            \
-        v[i] = vi;                                                            \
-        float u = fmaf(wd, theta[t], (mi / t1[c]) / (sqrtf(vi / t2[c]) + eps)); \
-        u *= damping ? 1.0f : warm;                                           \
-        theta[t] = SPLIT ? theta[t] + -lr * u : fmaf(-lr, u, theta[t]);      \
+        float mi = m[i], vi = v[i];                                           \
+        const float warm = tw[c];                                             \
+        if (PHASE != 2) {                                                     \
+            const float gi = g[i];                                            \
+            mi = fmaf(w1, gi - mi, mi);                                       \
+            vi = fmaf(gi * w2, gi, vi * b2);                                  \
+            mi *= damping ? warm : 1.0f;                                      \
+            m[i] = mi;                                                        \
+            v[i] = vi;                                                        \
+        }                                                                     \
+        if (PHASE == 1) {                                                     \
+            q[i] = vi / t2[c];                                                \
+        } else {                                                              \
+            const float root = PHASE == 2 ? q[i] : sqrtf(vi / t2[c]);         \
+            float u = fmaf(wd, theta[t], (mi / t1[c]) / (root + eps));        \
+            u *= damping ? 1.0f : warm;                                       \
+            theta[t] = SPLIT ? theta[t] + -lr * u : fmaf(-lr, u, theta[t]);  \
+        }                                                                     \
     }
 
 /* COH: per-block cohort ids (else every entry reads column 0); ROWS: dense weights via rows[k]. */
-#define LOOPS(COH, ROWS)                                                                   \
+#define LOOPS(COH, ROWS, PHASE)                                                            \
     if (B == 1) {                                                                          \
         _Pragma("omp parallel for simd num_threads(nthreads) schedule(static)")          \
         for (int64_t k = 0; k < K; k++)                                                    \
-            ENTRY(k, (COH ? cohort[k] : 0), (ROWS ? (int64_t)rows[k] : k), ROWS)           \
+            ENTRY(k, (COH ? cohort[k] : 0), (ROWS ? (int64_t)rows[k] : k), ROWS, PHASE)    \
     } else {                                                                               \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static)")               \
         for (int64_t k = 0; k < K; k++) {                                                  \
@@ -45,19 +56,21 @@
             const int64_t base = (ROWS ? (int64_t)rows[k] : k) * B;                        \
             _Pragma("omp simd")                                                           \
             for (int64_t j = 0; j < B; j++)                                                \
-                ENTRY(k * B + j, c, base + j, 0)                                           \
+                ENTRY(k * B + j, c, base + j, 0, PHASE)                                    \
         }                                                                                  \
     }
-
 void smet_adam_rows(int64_t K, int64_t B, const float* restrict g, float* restrict m,
                     float* restrict v, float* restrict theta, const int32_t* restrict rows,
                     const uint8_t* restrict cohort, const float* t1, const float* t2,
                     const float* tw, float lr, float w1, float b2, float w2, float eps,
-                    float wd, int damping, int nthreads) {
-    if (cohort && rows) LOOPS(1, 1)
-    else if (cohort) LOOPS(1, 0)
-    else if (rows) LOOPS(0, 1)
-    else LOOPS(0, 0)
+                    float wd, int damping, float* restrict q, int phase, int nthreads) {
+    const int coh = cohort != 0, dense = rows != 0;
+    if (phase == 1) { LOOPS(coh, 0, 1) }  /* the exact step's phases: small states, run-time branches */
+    else if (phase == 2) { LOOPS(coh, dense, 2) }
+    else if (cohort && rows) { LOOPS(1, 1, 0) }
+    else if (cohort) { LOOPS(1, 0, 0) }
+    else if (rows) { LOOPS(0, 1, 0) }
+    else { LOOPS(0, 0, 0) }
 }
 
 /* rows[k] = base + 256 * (chunk of k) + offsets[k]: the chunked position list (sparse/topology.py)

@@ -107,6 +107,11 @@ class FusedStep:
     def takes(self, cohort: torch.Tensor | None, theta: torch.Tensor) -> bool:
         return True
 
+    def exact(self, g, m, v, cohort, table, lr: float, b1: float, b2: float, eps: float, weight_decay: float,
+              damping: bool, theta: torch.Tensor, rows: torch.Tensor | None) -> bool:
+        """As a call, but bit for bit the eager step's arithmetic; False: the caller runs the eager ops."""
+        return False
+
     def decode_rows(self, offsets: torch.Tensor, counts: torch.Tensor, base: int) -> torch.Tensor | None:
         """int32 topology.decode(offsets, counts) + base in one pass, or None: the caller decodes."""
         return None
@@ -123,14 +128,14 @@ class NativeStep(FusedStep):
     _lib = None  # one build per process
     _error: str | None = None
 
-    def __init__(self):
+    def __init__(self, warn: bool = True):
         if NativeStep._lib is None and NativeStep._error is None:
             try:
                 NativeStep._lib = self._build()
             except (OSError, RuntimeError) as e:
                 NativeStep._error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         self.failed = NativeStep._error
-        if self.failed:
+        if self.failed and warn:
             _warn(self.failed)
 
     @staticmethod
@@ -149,7 +154,7 @@ class NativeStep(FusedStep):
                 raise RuntimeError(f"{cc} failed: {run.stderr.strip() or run.returncode}")
             lib = ctypes.CDLL(lib)  # loaded: the file may go
         ptr, f32, i64, i32 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
-        lib.smet_adam_rows.argtypes = [i64, i64, *[ptr] * 9, *[f32] * 6, i32, i32]
+        lib.smet_adam_rows.argtypes = [i64, i64, *[ptr] * 9, *[f32] * 6, i32, ptr, i32, i32]
         lib.smet_decode_rows.argtypes = [i64, ptr, ptr, i64, ptr]
         lib.smet_gather_rows.argtypes = [i64, i64, ptr, ptr, i64, ptr, i32, i32]
         for fn in (lib.smet_adam_rows, lib.smet_decode_rows, lib.smet_gather_rows):
@@ -162,6 +167,20 @@ class NativeStep(FusedStep):
 
     def __call__(self, g, m, v, cohort, table, lr: float, b1: float, b2: float, eps: float, weight_decay: float,
                  damping: bool, theta: torch.Tensor, rows: torch.Tensor | None) -> bool:
+        return self._run(0, None, g, m, v, cohort, table, lr, b1, b2, eps, weight_decay, damping, theta, rows)
+
+    def exact(self, g, m, v, cohort, table, lr: float, b1: float, b2: float, eps: float, weight_decay: float,
+              damping: bool, theta: torch.Tensor, rows: torch.Tensor | None) -> bool:
+        # The kernel's phases 1 and 2 around torch's own sqrt of v / bc2 (torch's CPU sqrt is not always
+        # correctly rounded, the kernel's is): every other rounding is already the eager ops' own.
+        q = torch.empty_like(g)
+        args = (g, m, v, cohort, table, lr, b1, b2, eps, weight_decay, damping, theta, rows)
+        if not self._run(1, q, *args):
+            return False
+        self._run(2, q.sqrt_(), *args)
+        return True
+
+    def _run(self, phase: int, q, g, m, v, cohort, table, lr, b1, b2, eps, weight_decay, damping, theta, rows) -> bool:
         if self.failed:
             return False
         for t in (g, m, v, theta, cohort, rows, table):
@@ -173,7 +192,8 @@ class NativeStep(FusedStep):
         ptr = (lambda t: None if t is None else t.data_ptr())
         NativeStep._lib.smet_adam_rows(g.shape[0], g.shape[1], ptr(g), ptr(m), ptr(v), ptr(theta), ptr(rows),
                                        ptr(cohort), ptr(table), ptr(table) + 4 * C, ptr(table) + 8 * C, lr, 1 - b1,
-                                       b2, 1 - b2, eps, weight_decay, int(damping), torch.get_num_threads())
+                                       b2, 1 - b2, eps, weight_decay, int(damping), ptr(q), phase,
+                                       torch.get_num_threads())
         return True
 
     def decode_rows(self, offsets: torch.Tensor, counts: torch.Tensor, base: int) -> torch.Tensor | None:
@@ -229,3 +249,12 @@ class CompiledStep(FusedStep):
 def fused_step(device: torch.device) -> FusedStep:
     """The fused step for `device`: the C kernel on CPU, torch.compile elsewhere."""
     return NativeStep() if device.type == "cpu" else CompiledStep()
+
+
+def exact_step(device: torch.device) -> FusedStep | None:
+    """What runs optim.kernel=eager's arithmetic faster, bit for bit (FusedStep.exact): the C kernel on a
+    CPU with a working C compiler (one quiet try per process), else None: the eager torch ops."""
+    if device.type != "cpu" or c_compiler() is None:
+        return None
+    step = NativeStep(warn=False)
+    return None if step.failed else step

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from smet_lab.config import OptimConfig
 from smet_lab.optim.dense import DenseAdam
-from smet_lab.optim.fused import fused_step, resolve_kernel
+from smet_lab.optim.fused import exact_step, fused_step, resolve_kernel
 from smet_lab.optim.options import LR_SCALING, STATE_LAYOUTS, optimizer_kwargs, validate_optimizer
 from smet_lab.optim.sparse_state import SparseState
 from smet_lab.sparse.topology import SparseTopology
@@ -99,6 +99,8 @@ class SMETAdam(torch.optim.Optimizer):
         self._fused = fused_step(self.sparse.device) if self.kernel == "compiled" else None
         if self._fused is not None and self._fused.failed:  # could not be built: said once, eager from here
             self._fused, self.kernel = None, "eager"
+        if self.kernel == "eager" and state == "compact" and entries:  # the same bits, faster where it builds
+            self._fused = exact_step(self.sparse.device)
         if self._fused is not None:
             self.sparse.fused = self._fused  # the layout gathers and decodes its rows with the kernel's helpers
         self._fresh = [True] * len(topology.layers)
@@ -225,21 +227,23 @@ class SMETAdam(torch.optim.Optimizer):
         return (m / bc1).div_((v / bc2).sqrt_().add_(self.eps)).abs_()
 
     def _fused_step(self, lr: float) -> bool:
-        """The sparse step as one fused pass per chunk (one over all rows with compact weights); False if
-        the kernel cannot run it (nothing changed, the caller runs the eager step)."""
+        """The sparse step as one fused pass per chunk (one over all rows with compact weights), or with
+        kernel eager the kernel's exact form, chunk by chunk as the eager ops go; False if the kernel
+        cannot run it (nothing changed, the caller runs the eager step)."""
         s = self.sparse
-        compact = s.values is not None
+        compact, exact = s.values is not None, self.kernel == "eager"
         if not self._fused.takes(s.cohort, s.values if compact else s.dense):
             return False
         s.begin_step(self.global_step, self._warming_now())
         table = s.fused_table()
         damping = self.warmup_kind != "linear_lr"
-        for first, last in [(0, len(s.layers))] if compact else s.chunks:
+        run = self._fused.exact if exact else self._fused
+        for first, last in [(0, len(s.layers))] if compact and not exact else s.chunks:
             sl = s.span(first, last)
             theta, rows = (s.values[sl], None) if compact else (s.dense, s.step_index(first, last))
             cohort = None if s.cohort is None else s.cohort[sl]
-            if not self._fused(s.grad[sl], s.exp_avg[sl], s.exp_avg_sq[sl], cohort, table, lr, *self.betas,
-                               self.eps, self.weight_decay, damping, theta, rows):
+            if not run(s.grad[sl], s.exp_avg[sl], s.exp_avg_sq[sl], cohort, table, lr, *self.betas, self.eps,
+                       self.weight_decay, damping, theta, rows):
                 if first:  # earlier chunks are updated: an eager rerun would update them twice
                     raise RuntimeError("optim.kernel=compiled: the fused kernel failed to build in the middle of a "
                                        "step; run with optim.kernel=eager")
