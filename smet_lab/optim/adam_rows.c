@@ -1,4 +1,5 @@
-/* The compact state's Adam step on CPU as one pass over the active entries (see fused.py).
+/* The compact state's Adam step on CPU as one pass over the active entries, or as two around torch's
+   own sqrt for optim.kernel=eager's bits (see fused.py).
 
    Per entry i of block k (B entries per block; cohort and row per block):
        m = lerp(m, g, 1 - b1)                 exactly torch's vectorised lerp: fma(w1, g - m, m)
@@ -8,19 +9,20 @@
        u *= warm[c] unless damping
        theta -= lr * u                        fma(-lr, u, theta), as torch's add_(u, alpha=-lr) and its
                                               index_add_ of rows; two roundings as its 1-D index_add_
-   theta is the compact values [K, B] (rows NULL) or the dense weights, block k at row rows[k]. Built
-   with -ffp-contract=off: every fused multiply-add is written out, as torch's kernels do them.
+   theta is the compact values [K, B] (rows NULL) or the dense weights, block k at row rows[k].
    The per-cohort coefficients are tables of C <= 256 floats read with the 1-byte id: the compiler turns
    the three lookups into vector gathers (Inductor emits scalar loops for them, ~3.5 x slower).
-   Built by fused.py with the machine's C compiler (-O3 -march=native -fopenmp) at first use, with the
-   two index helpers of the dense-weights layout below (exact: they move values, one add at most). */
+   Built by fused.py with the machine's C compiler (-O3 -march=native -fopenmp -ffp-contract=off: every
+   fused multiply-add is written out, where torch's kernels have one) at first use, with the two index
+   helpers of the dense-weights layout below (exact: they move values, one add at most). */
 #include <math.h>
 #include <stdint.h>
 
 /* SPLIT: the descent rounds twice (dense weights at B = 1, as torch's 1-D index_add_ with alpha).
-   PHASE 0: the whole step. 1 and 2 (optim.kernel=exact): the step around torch's own sqrt, bit for bit
-   the eager step: 1 updates m and v and writes q = v / bc2, the caller takes torch's sqrt of q in
-   place, 2 descends with it. */
+   PHASE 0: the whole step. 1 and 2: the step around torch's own sqrt, bit for bit the eager ops (the
+   only rounding above that differs from theirs is sqrtf's, correctly rounded where torch's CPU sqrt is
+   not always): 1 updates m and v and writes q = v / bc2, the caller takes torch's sqrt of q in place,
+   2 descends with it. */
 #define ENTRY(i, c, t, SPLIT, PHASE)                                          \
     {                                                                         \
         float mi = m[i], vi = v[i];                                           \
@@ -59,13 +61,14 @@
                 ENTRY(k * B + j, c, base + j, 0, PHASE)                                    \
         }                                                                                  \
     }
+
 void smet_adam_rows(int64_t K, int64_t B, const float* restrict g, float* restrict m,
                     float* restrict v, float* restrict theta, const int32_t* restrict rows,
                     const uint8_t* restrict cohort, const float* t1, const float* t2,
                     const float* tw, float lr, float w1, float b2, float w2, float eps,
                     float wd, int damping, float* restrict q, int phase, int nthreads) {
     const int coh = cohort != 0, dense = rows != 0;
-    if (phase == 1) { LOOPS(coh, 0, 1) }  /* the exact step's phases: small states, run-time branches */
+    if (phase == 1) { LOOPS(coh, 0, 1) }  /* the exact phases branch at run time: a shorter build */
     else if (phase == 2) { LOOPS(coh, dense, 2) }
     else if (cohort && rows) { LOOPS(1, 1, 0) }
     else if (cohort) { LOOPS(1, 0, 0) }

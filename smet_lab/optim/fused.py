@@ -18,7 +18,9 @@ ulp in ~0.7 % of values): a step's weights differ from eager's there and only th
 evaluates lerp and addcmul without eager's fused multiply-adds. So the kernel is a choice
 (`optim.kernel`), logged with the run:
 
-    eager     the reference ops (bit for bit the step every earlier version computed)
+    eager     the reference arithmetic, bit for bit the step every earlier version computed: on a CPU
+              with a C compiler the kernel's exact form (FusedStep.exact: the kernel in two passes around
+              torch's own sqrt, 1.4 x faster on the tiny model), else the torch ops
     compiled  the fused kernel; falls back to eager with one warning where it cannot be built (no C
               compiler on CPU, no Triton on CUDA)
     auto      compiled when the sparse state holds >= AUTO_MIN_ENTRIES (2^19) entries and a compiler is
