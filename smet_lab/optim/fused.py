@@ -4,7 +4,7 @@ The eager step (SMETAdam._sparse_step) makes a memory-bound pass per torch op: l
 per-cohort coefficient gathers, two divisions, sqrt, add, the warm-up and the descent. The fused step
 reads g, m, v, the 1-byte cohort id and the weight once and writes m, v and the weight once:
 
-    CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~0.4 s, once per
+    CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~0.5 s, once per
           process) and called through ctypes. The compiler turns the three per-cohort lookups into
           vector gathers; torch.compile's C++ (the previous CPU kernel) made them scalar loops, 3.5 x
           slower with two cohorts. With dense weights the layout also decodes its rows and gathers each
@@ -20,7 +20,7 @@ evaluates lerp and addcmul without eager's fused multiply-adds. So the kernel is
 
     eager     the reference arithmetic, bit for bit the step every earlier version computed: on a CPU
               with a C compiler the kernel's exact form (FusedStep.exact: the kernel in two passes around
-              torch's own sqrt, 1.4 x faster on the tiny model), else the torch ops
+              torch's own sqrt: the tiny model's step 1.2-1.5 x faster), else the torch ops
     compiled  the fused kernel; falls back to eager with one warning where it cannot be built (no C
               compiler on CPU, no Triton on CUDA)
     auto      compiled when the sparse state holds >= AUTO_MIN_ENTRIES (2^19) entries and a compiler is
@@ -118,7 +118,8 @@ class FusedStep:
         """int32 topology.decode(offsets, counts) + base in one pass, or None: the caller decodes."""
         return None
 
-    def gather_rows(self, grad: torch.Tensor, rows: torch.Tensor, shift: int, out: torch.Tensor, fresh: bool) -> bool:
+    def gather_rows(self, grad: torch.Tensor, rows: torch.Tensor, shift: int, out: torch.Tensor,
+                    fresh: bool) -> bool:
         """out = (fresh) or += grad's blocks at rows - shift (row views as compact.row_view gives them), or
         False: the caller gathers."""
         return False
@@ -206,7 +207,8 @@ class NativeStep(FusedStep):
         NativeStep._lib.smet_decode_rows(counts.numel(), counts.data_ptr(), offsets.data_ptr(), base, rows.data_ptr())
         return rows
 
-    def gather_rows(self, grad: torch.Tensor, rows: torch.Tensor, shift: int, out: torch.Tensor, fresh: bool) -> bool:
+    def gather_rows(self, grad: torch.Tensor, rows: torch.Tensor, shift: int, out: torch.Tensor,
+                    fresh: bool) -> bool:
         # The shifted copy of the rows that index_select needs costs more than the gather itself (llama_20m,
         # 2 threads: 5.2 -> 3.8 ms of gathers and decode per step; docs/measurements.md).
         if self.failed or not all(t.device.type == "cpu" and t.is_contiguous() for t in (grad, rows, out)) \
