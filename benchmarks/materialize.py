@@ -19,7 +19,7 @@ import time
 import torch
 
 from smet_lab.model import model_preset
-from smet_lab.sparse.topology import SparseLayer
+from smet_lab.sparse.layer import SparseLayer
 
 
 def timed(fn, repeats: int) -> float:

@@ -15,7 +15,7 @@ from smet_lab.model import LLaMA
 from smet_lab.optim import SMETAdam
 from smet_lab.sparse import DynamicSparsity, SparseTopology
 from smet_lab.sparse.compact_linear import CompactLinear
-from smet_lab.sparse.topology import SparseLayer
+from smet_lab.sparse.layer import SparseLayer
 from smet_lab.train import QUIET, Callbacks, train
 from smet_lab.train.memory import memory_summary
 

@@ -15,7 +15,7 @@ from smet_lab.model import LLaMA
 from smet_lab.optim import SMETAdam
 from smet_lab.sparse import SparseTopology
 from smet_lab.sparse.ids import moved_from
-from smet_lab.sparse.topology import SparseLayer
+from smet_lab.sparse.layer import SparseLayer
 from smet_lab.train.memory import (analytic_state_bytes, float32_floor, memory_summary, optimizer_layout_bytes,
                                    peak_rss_bytes, position_bytes, torch_adam_state_bytes)
 

@@ -76,7 +76,7 @@ void smet_adam_rows(int64_t K, int64_t B, const float* restrict g, float* restri
     else { LOOPS(0, 0, 0) }
 }
 
-/* rows[k] = base + 256 * (chunk of k) + offsets[k]: the chunked position list (sparse/topology.py)
+/* rows[k] = base + 256 * (chunk of k) + offsets[k]: the chunked position list (sparse/layer.py)
    decoded in one pass, as topology.padded_ids + base does in three. */
 void smet_decode_rows(int64_t n_chunks, const int16_t* restrict counts, const uint8_t* restrict offsets,
                       int64_t base, int32_t* restrict rows) {

@@ -8,7 +8,7 @@ All sparse layers share one flat buffer per quantity, shaped [active blocks, blo
                                               the start); only when reset_step or a warm-up needs it
     births                    : int64   [C]   the global step of each cohort's update (C <= 256)
     positions                 : the topology's chunked position list (uint8 per active block + int16
-                                per 256 blocks; see smet_lab.sparse.topology), shared, not copied
+                                per 256 blocks; see smet_lab.sparse.layer), shared, not copied
 
 At block size 1 that is 12 + 1 + 1 (+ 2/256/d) bytes per active weight: 14.03 B at density 0.25,
 0.292 x dense Adam's 12 B per weight (the released SMET layout, int32 index + int16 step, is 18 B).
@@ -45,7 +45,7 @@ import torch
 
 from smet_lab.optim.sparse_state import SparseState, nbytes
 from smet_lab.sparse.ids import moved_from
-from smet_lab.sparse.topology import CHUNK, SparseLayer
+from smet_lab.sparse.layer import CHUNK, SparseLayer
 from smet_lab.sparse.updater import RegrowEvent
 
 COHORT_DTYPES = (torch.uint8, torch.int16, torch.int32)  # widened only when ids run out

@@ -115,7 +115,7 @@ class FusedStep:
         return False
 
     def decode_rows(self, offsets: torch.Tensor, counts: torch.Tensor, base: int) -> torch.Tensor | None:
-        """int32 topology.decode(offsets, counts) + base in one pass, or None: the caller decodes."""
+        """int32 sparse.layer.decode(offsets, counts) + base in one pass, or None: the caller decodes."""
         return None
 
     def gather_rows(self, grad: torch.Tensor, rows: torch.Tensor, shift: int, out: torch.Tensor,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from smet_lab.optim.sparse_state import SparseState, nbytes
-from smet_lab.sparse.topology import SparseLayer
+from smet_lab.sparse.layer import SparseLayer
 from smet_lab.sparse.updater import RegrowEvent
 
 AGE_MAX = 32767  # int16 saturates; exact as long as b2**AGE_MAX underflows float32

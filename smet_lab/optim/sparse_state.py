@@ -13,7 +13,8 @@ from itertools import accumulate
 
 import torch
 
-from smet_lab.sparse.topology import SparseLayer, SparseTopology
+from smet_lab.sparse.layer import SparseLayer
+from smet_lab.sparse.topology import SparseTopology
 from smet_lab.sparse.updater import RegrowEvent
 
 STEP_CHUNK = 1 << 20  # state entries per chunk of the update's temporaries (4 MiB per float32 temp)

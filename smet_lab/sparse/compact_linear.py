@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from smet_lab.sparse.topology import SparseLayer
+    from smet_lab.sparse.layer import SparseLayer
 
 
 class MaterializedLinear(torch.autograd.Function):

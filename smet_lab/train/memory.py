@@ -24,7 +24,8 @@ import sys
 import torch
 
 from smet_lab.optim.smet_adam import SMETAdam
-from smet_lab.sparse.topology import CHUNK, SparseTopology
+from smet_lab.sparse.layer import CHUNK
+from smet_lab.sparse.topology import SparseTopology
 
 # float32 gradient + exp_avg + exp_avg_sq: what dense Adam keeps per parameter, besides the weight.
 DENSE_ADAM_BYTES_PER_PARAM = 12
