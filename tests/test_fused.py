@@ -147,8 +147,8 @@ def test_one_native_step_is_eagers_but_for_the_sqrt(block_size, weights, option)
     """From the same state (after a topology update: two cohorts and a running warm-up where the option
     has them), one step of the C kernel gives the eager step's m and v bit for bit (torch's lerp and
     addcmul, fused multiply-adds included) and its weights bit for bit wherever torch's float32 sqrt of
-    v / bc2 is the correctly rounded one (numpy's); the kernel's sqrt always is, torch's is not in ~0.7 %
-    of values, and only there may a weight differ."""
+    v / bc2 is the correctly rounded one (numpy's); the kernel's sqrt always is, torch's is one ulp off in
+    ~0.7 % of values on an AVX-512 CPU and ~20 % on an AVX2 one, and only there may a weight differ."""
     eager, native = synced_pair(block_size, weights, option)
     assert eager._warming_now() == (option != "no_cohorts")
     w_before = torch.cat([layer.gather() for layer in eager.topology.layers])
@@ -163,7 +163,7 @@ def test_one_native_step_is_eagers_but_for_the_sqrt(block_size, weights, option)
     s = eager.sparse
     v_hat = s.exp_avg_sq / s.coefficients(slice(0, s.exp_avg_sq.shape[0]))[1]  # as this step formed it
     rounded = torch.from_numpy(np.sqrt(v_hat.numpy())) == v_hat.sqrt()
-    assert 0 < int((~rounded).sum()) < 0.02 * rounded.numel()
+    assert int(rounded.sum()) > 0.5 * rounded.numel()  # the equality below covers most entries on any CPU
     assert torch.equal(w_native[rounded], w_eager[rounded])
 
 

@@ -14,7 +14,8 @@ reads g, m, v, the 1-byte cohort id and the weight once and writes m, v and the 
 Not bit-identical to the eager step. The C kernel rounds as eager's torch ops do (its fused
 multiply-adds written out where theirs are, the file built with -ffp-contract=off: m and v bit for bit)
 except for the sqrt, which is IEEE's correctly rounded one and torch's CPU sqrt is not always (one float32
-ulp in ~0.7 % of values): a step's weights differ from eager's there and only there. torch.compile
+ulp off in ~0.7 % of values on an AVX-512 CPU, ~20 % on an AVX2 one): a step's weights differ from eager's
+there and only there. torch.compile
 evaluates lerp and addcmul without eager's fused multiply-adds. So the kernel is a choice
 (`optim.kernel`), logged with the run:
 
