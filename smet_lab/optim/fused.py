@@ -4,10 +4,10 @@ The eager step (SMETAdam._sparse_step) makes a memory-bound pass per torch op: l
 per-cohort coefficient gathers, two divisions, sqrt, add, the warm-up and the descent. The fused step
 reads g, m, v, the 1-byte cohort id and the weight once and writes m, v and the weight once:
 
-    CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~0.5 s, once per
-          process) and called through ctypes. The compiler turns the three per-cohort lookups into
-          vector gathers; torch.compile's C++ (the previous CPU kernel) made them scalar loops, 3.5 x
-          slower with two cohorts. With dense weights the layout also decodes its rows and gathers each
+    CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~0.5 s, then kept
+          in a cache: smet_lab.optim.cbuild) and called through ctypes. The compiler turns the three
+          per-cohort lookups into vector gathers; torch.compile's C++ (the previous CPU kernel) made
+          them scalar loops, 3.5 x slower with two cohorts. With dense weights the layout also decodes its rows and gathers each
           layer's gradient with the file's two index helpers (exact data movement, in one pass each).
     CUDA  `adam_rows` below through torch.compile (Triton).
 
@@ -32,21 +32,15 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
-import shutil
-import subprocess
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
+from smet_lab.optim.cbuild import c_compiler, load_library
 from smet_lab.optim.compact import row_view
 
 KERNELS = ("eager", "compiled", "auto")
 AUTO_MIN_ENTRIES = 1 << 19
-C_SOURCE = Path(__file__).with_name("adam_rows.c")
-C_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-fopenmp-simd"], [])  # tried in order
 
 
 def adam_rows(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
@@ -74,10 +68,6 @@ def adam_rows(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, theta: torch.Te
         theta.sub_(upd * lr)
         return None
     return upd
-
-
-def c_compiler() -> str | None:
-    return next(filter(None, map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))), None)
 
 
 def compiler_present(device: torch.device) -> bool:
@@ -129,7 +119,7 @@ class FusedStep:
 class NativeStep(FusedStep):
     """adam_rows.c through ctypes (CPU): the step and the dense-weights layout's index helpers."""
 
-    _lib = None  # one build per process
+    _lib = None  # loaded once per process
     _error: str | None = None
 
     def __init__(self, warn: bool = True):
@@ -144,19 +134,7 @@ class NativeStep(FusedStep):
 
     @staticmethod
     def _build():
-        cc = c_compiler()
-        if cc is None:
-            raise RuntimeError("no C compiler (cc, gcc, clang or $CC)")
-        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-            lib = os.path.join(tmp, "adam_rows.so")
-            for flags in C_FLAGS:
-                run = subprocess.run([cc, "-O3", *flags, "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared",
-                                      "-o", lib, str(C_SOURCE)], capture_output=True, text=True)
-                if run.returncode == 0:
-                    break
-            else:
-                raise RuntimeError(f"{cc} failed: {run.stderr.strip() or run.returncode}")
-            lib = ctypes.CDLL(lib)  # loaded: the file may go
+        lib = load_library()
         ptr, f32, i64, i32 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
         lib.smet_adam_rows.argtypes = [i64, i64, *[ptr] * 9, *[f32] * 6, i32, ptr, i32, i32]
         lib.smet_decode_rows.argtypes = [i64, ptr, ptr, i64, ptr]

@@ -27,7 +27,6 @@ from smet_lab.metrics import FINAL_VAL_LOSS, MEAN_PROBE_JUMP, POSITIVE_PROBE_JUM
 SEED = "train.seed"
 FINISHED, DIVERGED, FAILED, KILLED, RUNNING, MISSING = "FINISHED", "DIVERGED", "FAILED", "KILLED", "RUNNING", "MISSING"
 ENDED = (FINISHED, DIVERGED, FAILED)  # a trial in one of these has nothing left to run
-EXCLUDED = (DIVERGED, FAILED)  # ended without a usable result: listed, never averaged in
 BASE_COLUMNS = ["run_id", "trial", "status", "error", "history"]
 
 PROBE_JUMP = "stability/probe_jump"  # the history column: one value per topology update
