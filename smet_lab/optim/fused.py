@@ -4,7 +4,7 @@ The eager step (SMETAdam._sparse_step) makes a memory-bound pass per torch op: l
 per-cohort coefficient gathers, two divisions, sqrt, add, the warm-up and the descent. The fused step
 reads g, m, v, the 1-byte cohort id and the weight once and writes m, v and the weight once:
 
-    CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~0.5 s, then kept
+    CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~3 s, then kept
           in a cache: smet_lab.optim.cbuild) and called through ctypes. The compiler turns the three
           per-cohort lookups into vector gathers; torch.compile's C++ (the previous CPU kernel) made
           them scalar loops, 3.5 x slower with two cohorts. With dense weights the layout also decodes its rows and gathers each
