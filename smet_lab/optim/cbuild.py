@@ -1,11 +1,12 @@
 """adam_rows.c as a loaded shared library: built with the machine's C compiler once, then kept.
 
-A build takes ~3 s (2-core VM; one loop per combination of options, each vectorised), and every CPU process with a compact sparse state loads the kernel (each run, each
-Ray trial, each torchrun rank), so the library is kept in a cache directory under a name that hashes
-what it was built from: the source, the compiler (its resolved path, size and mtime) and the CPU (the
-model and feature flags: -march=native code must never reach a CPU without those features, e.g. a home
-directory shared over NFS by different nodes). A change of any of them builds a new library. Where the
-cache cannot be written the library is built in a temporary directory, as every process did before.
+A build takes ~3 s (2-core VM; one loop per combination of options, each vectorised), and every CPU
+process with a compact sparse state loads the kernel (each run, Ray trial and torchrun rank), so the
+library is kept in a cache directory under a name that hashes what it was built from: the source, the
+compiler (its resolved path, size and mtime) and the CPU (the model and feature flags: -march=native code
+must never reach a CPU without those features, e.g. a home directory shared over NFS by different
+nodes). A change of any of them builds a new library. Where the cache cannot be written the library is
+built in a temporary directory and loaded from there.
 
     $SMET_LAB_CACHE, else $XDG_CACHE_HOME/smet_lab, else ~/.cache/smet_lab
 """
