@@ -15,6 +15,9 @@ dense), block size B, magnitude prune 0.3 + random regrowth when a topology upda
 
 from __future__ import annotations
 
+import os
+import platform
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -35,6 +38,26 @@ class Setup:
     topology: SparseTopology | None = None
     updater: DynamicSparsity | None = None
     dense_adam: str = ""
+
+
+def describe_machine() -> str:
+    """The machine in words for result headers: architecture, CPU model, core count."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    return f"{platform.machine()}, {cpu}, {os.cpu_count()} CPUs"
+
+
+def median_time(fn, repeats: int) -> float:
+    """Seconds: the median of `repeats` timed calls of fn after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def dense_adam(params, lr: float, device: torch.device) -> tuple[torch.optim.Adam, str]:

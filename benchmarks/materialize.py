@@ -13,23 +13,17 @@ with the topology's 1 x B blocks (MKL refuses non-square blocks on CPU: reported
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
+from common import median_time
 from smet_lab.model import model_preset
 from smet_lab.sparse.layer import SparseLayer
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+def timed(fn, repeats: int) -> float:  # microseconds
+    return 1e6 * median_time(fn, repeats)
 
 
 def main() -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import time
 
 import torch
 
-from common import METHODS, batch, train_step
+from common import METHODS, batch, describe_machine, train_step
 from peer_adapters import ADAPTATIONS, CLIP, EVERY, INSTALL, LABELS, NOTES, OPT_STEP, PEERS, import_peer, make
 
 
@@ -258,9 +257,7 @@ def main() -> None:
         for r in rows:
             print(json.dumps(r))
         sys.exit(0 if all(r["ok"] for r in rows) else 1)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor() or platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
-    machine = f"{platform.machine()}, {cpu}, {os.cpu_count()} CPUs"
+    machine = describe_machine()
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     header = (f"# {time.strftime('%Y-%m-%d')} torch {torch.__version__} on {machine}; threads {torch.get_num_threads()}; "
               f"batch {args.batch}, density {args.density}, {args.repeats} repeats, {args.warmup} warm-up steps, "

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
 import torch
 
-from common import batch, build, topology_update
+from common import batch, build, describe_machine, topology_update
 
 CONTENDERS = {  # name: (method in common.build, optim.kernel)
     "dense Adam (fused)": ("dense", None),
@@ -106,7 +104,7 @@ def main() -> None:
         plot([json.load(open(p)) for p in args.plot_only], args.plot)
         return
     torch.set_num_threads(args.threads)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    machine = describe_machine()
     print(f"# {time.strftime('%Y-%m-%d')} torch {torch.__version__}, {machine}, {args.threads} thread(s), vocab {args.vocab}")
     print("| model | density | " + " | ".join(CONTENDERS) + " |")
     print("|---|---|" + "---|" * len(CONTENDERS))

@@ -23,25 +23,25 @@
    only rounding above that differs from theirs is sqrtf's, correctly rounded where torch's CPU sqrt is
    not always): 1 updates m and v and writes q = v / bc2, the caller takes torch's sqrt of q in place,
    2 descends with it. The update u of entry i with weight TH goes to OUT (THETA: into the weight). */
-#define ENTRY(i, c, TH, OUT, PHASE, WD, DAMP)                                 \
-    {                                                                         \
-        float mi = m[i], vi = v[i];                                           \
-        if (PHASE != 2) {                                                     \
-            const float gi = g[i];                                            \
-            mi = fmaf(w1, gi - mi, mi);                                       \
-            vi = fmaf(gi * w2, gi, vi * b2);                                  \
-            mi *= DAMP ? tw[c] : 1.0f;                                        \
-            m[i] = mi;                                                        \
-            v[i] = vi;                                                        \
-        }                                                                     \
-        if (PHASE == 1) {                                                     \
-            q[i] = vi / t2[c];                                                \
-        } else {                                                              \
-            const float root = PHASE == 2 ? q[i] : sqrtf(vi / t2[c]);         \
-            const float a = (mi / t1[c]) / (root + eps);                      \
-            const float u = (WD ? fmaf(wd, TH, a) : a) * (DAMP ? 1.0f : tw[c]); \
-            OUT(TH, u);                                                       \
-        }                                                                     \
+#define ENTRY(i, c, TH, OUT, PHASE, WD, DAMP)                                                      \
+    {                                                                                              \
+        float mi = m[i], vi = v[i];                                                                \
+        if (PHASE != 2) {                                                                          \
+            const float gi = g[i];                                                                 \
+            mi = fmaf(w1, gi - mi, mi);                                                            \
+            vi = fmaf(gi * w2, gi, vi * b2);                                                       \
+            mi *= DAMP ? tw[c] : 1.0f;                                                             \
+            m[i] = mi;                                                                             \
+            v[i] = vi;                                                                             \
+        }                                                                                          \
+        if (PHASE == 1) {                                                                          \
+            q[i] = vi / t2[c];                                                                     \
+        } else {                                                                                   \
+            const float root = PHASE == 2 ? q[i] : sqrtf(vi / t2[c]);                              \
+            const float a = (mi / t1[c]) / (root + eps);                                           \
+            const float u = (WD ? fmaf(wd, TH, a) : a) * (DAMP ? 1.0f : tw[c]);                    \
+            OUT(TH, u);                                                                            \
+        }                                                                                          \
     }
 #define THETA(th, u) th = fmaf(-lr, u, th)
 #define TO_TILE(th, u) tile[j] = u
@@ -51,31 +51,32 @@
    adds them at their rows in two roundings, as torch's 1-D index_add_ with alpha does (and AVX2 has no
    scatter store: one loop for both would stay scalar). */
 #define TILE 256
-#define LOOPS(COH, ROWS, PHASE, WD, DAMP)                                                            \
-    if (B == 1 && ROWS && PHASE != 1) {                                                    \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")               \
-        for (int64_t k0 = 0; k0 < K; k0 += TILE) {                                         \
-            const int64_t n = K - k0 < TILE ? K - k0 : TILE;                               \
-            float tile[TILE];                                                              \
-            _Pragma("omp simd")                                                           \
-            for (int64_t j = 0; j < n; j++)                                                \
-                ENTRY(k0 + j, (COH ? cohort[k0 + j] : 0), (WD ? theta[rows[k0 + j]] : 0.0f), TO_TILE, PHASE, WD, DAMP) \
-            for (int64_t j = 0; j < n; j++)                                                \
-                theta[rows[k0 + j]] += -lr * tile[j];                                      \
-        }                                                                                  \
-    } else if (B == 1) {                                                                   \
-        _Pragma("omp parallel for simd num_threads(nthreads) schedule(static)")          \
-        for (int64_t k = 0; k < K; k++)                                                    \
-            ENTRY(k, (COH ? cohort[k] : 0), theta[k], THETA, PHASE, WD, DAMP)                  \
-    } else {                                                                               \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")               \
-        for (int64_t k = 0; k < K; k++) {                                                  \
-            const int c = COH ? cohort[k] : 0;                                             \
-            float* restrict th = theta + (ROWS ? (int64_t)rows[k] : k) * B;                \
-            _Pragma("omp simd")                                                           \
-            for (int64_t j = 0; j < B; j++)                                                \
-                ENTRY(k * B + j, c, th[j], THETA, PHASE, WD, DAMP)                             \
-        }                                                                                  \
+#define LOOPS(COH, ROWS, PHASE, WD, DAMP)                                                          \
+    if (B == 1 && ROWS && PHASE != 1) {                                                            \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                         \
+        for (int64_t k0 = 0; k0 < K; k0 += TILE) {                                                 \
+            const int64_t n = K - k0 < TILE ? K - k0 : TILE;                                       \
+            float tile[TILE];                                                                      \
+            _Pragma("omp simd")                                                                    \
+            for (int64_t j = 0; j < n; j++)                                                        \
+                ENTRY(k0 + j, (COH ? cohort[k0 + j] : 0), (WD ? theta[rows[k0 + j]] : 0.0f),       \
+                      TO_TILE, PHASE, WD, DAMP)                                                  \
+            for (int64_t j = 0; j < n; j++)                                                        \
+                theta[rows[k0 + j]] += -lr * tile[j];                                              \
+        }                                                                                          \
+    } else if (B == 1) {                                                                           \
+        _Pragma("omp parallel for simd num_threads(nthreads) schedule(static)")                    \
+        for (int64_t k = 0; k < K; k++)                                                            \
+            ENTRY(k, (COH ? cohort[k] : 0), theta[k], THETA, PHASE, WD, DAMP)                      \
+    } else {                                                                                       \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                         \
+        for (int64_t k = 0; k < K; k++) {                                                          \
+            const int c = COH ? cohort[k] : 0;                                                     \
+            float* restrict th = theta + (ROWS ? (int64_t)rows[k] : k) * B;                        \
+            _Pragma("omp simd")                                                                    \
+            for (int64_t j = 0; j < B; j++)                                                        \
+                ENTRY(k * B + j, c, th[j], THETA, PHASE, WD, DAMP)                                 \
+        }                                                                                          \
     }
 
 void smet_adam_rows(int64_t K, int64_t B, const float* restrict g, float* restrict m,
@@ -83,22 +84,21 @@ void smet_adam_rows(int64_t K, int64_t B, const float* restrict g, float* restri
                     const uint8_t* restrict cohort, const float* t1, const float* t2,
                     const float* tw, float lr, float w1, float b2, float w2, float eps,
                     float wd, int damping, float* restrict q, int phase, int nthreads) {
-    const int coh = cohort != 0, dense = rows != 0;
     /* Every choice a loop makes per entry is a compile-time constant: a select in the loop keeps GCC
-       from vectorising it for AVX2 (AVX-512's masks hid that: 4.5 x slower on a Zen 3 EPYC). WD: the
-       weight decay term only where wd != 0, as the eager step adds it only then; DAMP: the warm-up on
-       m, else on u. The exact phases pick cohorts and rows at run time (a shorter build). */
-#define PHASE0(WD, DAMP)                                   \
-    if (cohort && rows) { LOOPS(1, 1, 0, WD, DAMP) }       \
-    else if (cohort) { LOOPS(1, 0, 0, WD, DAMP) }          \
-    else if (rows) { LOOPS(0, 1, 0, WD, DAMP) }            \
-    else { LOOPS(0, 0, 0, WD, DAMP) }
-#define PHASES(DAMP)                                                \
-    if (phase == 1) { LOOPS(coh, 0, 1, 0, DAMP) }                   \
-    else if (phase == 2 && wd != 0.0f) { LOOPS(coh, dense, 2, 1, DAMP) } \
-    else if (phase == 2) { LOOPS(coh, dense, 2, 0, DAMP) }          \
-    else if (wd != 0.0f) { PHASE0(1, DAMP) }                        \
-    else { PHASE0(0, DAMP) }
+       from vectorising it for AVX2 (AVX-512's masks hid that: 4.5 x slower on a Zen 3 EPYC). COH and
+       ROWS as above; WD: the weight decay term only where wd != 0, as the eager step adds it only then;
+       DAMP: the warm-up on m, else on u. */
+#define LAYOUTS(PHASE, WD, DAMP)                               \
+    if (cohort && rows) { LOOPS(1, 1, PHASE, WD, DAMP) }       \
+    else if (cohort) { LOOPS(1, 0, PHASE, WD, DAMP) }          \
+    else if (rows) { LOOPS(0, 1, PHASE, WD, DAMP) }            \
+    else { LOOPS(0, 0, PHASE, WD, DAMP) }
+#define PHASES(DAMP)                                                          \
+    if (phase == 1 && cohort) { LOOPS(1, 0, 1, 0, DAMP) }                     \
+    else if (phase == 1) { LOOPS(0, 0, 1, 0, DAMP) }                          \
+    else if (wd != 0.0f) { if (phase == 2) { LAYOUTS(2, 1, DAMP) } else { LAYOUTS(0, 1, DAMP) } } \
+    else if (phase == 2) { LAYOUTS(2, 0, DAMP) }                              \
+    else { LAYOUTS(0, 0, DAMP) }
     if (damping) { PHASES(1) } else { PHASES(0) }
 }
 
