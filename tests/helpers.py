@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def cli_env(env_extra: dict | None = None) -> dict:
     return dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
@@ -23,6 +25,11 @@ def start_cli(args: list[str], cwd, stderr=subprocess.PIPE, env_extra: dict | No
     """The same, running in the background in its own process group (to signal it like Ctrl-C would)."""
     return subprocess.Popen([sys.executable, "-m", "smet_lab", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=stderr,
                             text=True, env=cli_env(env_extra), start_new_session=True)
+
+
+def e2e(*case):
+    """A parametrize case that runs only with -m "not slow" (CI), not in the developer's loop."""
+    return pytest.param(*case, marks=pytest.mark.e2e)
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, run_cli as cli, start_cli
+from helpers import e2e, free_port, run_cli as cli, start_cli
 from smet_lab.cli import CONF_DIR, compose, to_run_config
 from smet_lab.config import ConfigError
 from smet_lab.model import PRESETS
@@ -141,40 +141,41 @@ def test_end_to_end_run_is_tracked_in_mlflow(finished_run):
     assert (tmp / "run" / "checkpoints" / "step_40" / "state.pt").is_file()
 
 
+# One case per mechanism in the developer's loop, every case with -m "not slow" (CI): each is a process.
 BAD_INPUTS = [
-    (["sparsity.density=0"], "sparsity.density"),
+    e2e(["sparsity.density=0"], "sparsity.density"),
     (["sparsity.density=1.5"], "sparsity.density"),
-    (["train.max_steps=-5"], "train.max_steps"),
+    e2e(["train.max_steps=-5"], "train.max_steps"),
     (["train.max_steps=2.5"], "train.max_steps"),
-    (["optim.regrow.warmup_steps=-1"], "optim.regrow.warmup_steps"),
-    (["method=foo"], "method=foo"),
+    e2e(["optim.regrow.warmup_steps=-1"], "optim.regrow.warmup_steps"),
+    e2e(["method=foo"], "method=foo"),
     (["model=llama_3m"], "model=llama_3m"),
-    (["sparsity=banana"], "sparsity=banana"),
-    (["train.maxsteps=5"], "train.maxsteps"),
+    e2e(["sparsity=banana"], "sparsity=banana"),
+    e2e(["train.maxsteps=5"], "train.maxsteps"),
     (["data=text_files"], "data.path"),
-    (["data=text_files", "data.path=/nonexistent/*.jsonl"], "data.path"),
-    (["data=text_files", "data.path="], "data.path"),
-    (["data.tokenizer=hf:t5-base"], "data.tokenizer"),
+    e2e(["data=text_files", "data.path=/nonexistent/*.jsonl"], "data.path"),
+    e2e(["data=text_files", "data.path="], "data.path"),
+    e2e(["data.tokenizer=hf:t5-base"], "data.tokenizer"),
     (["train.resume_from=/nonexistent/step_5"], "train.resume_from"),
-    (["method=dense", "sparsity.density=0.5"], "sparsity.density"),
-    (["sparsity.weights=sparse"], "sparsity.weights='sparse' is not allowed: one of dense, compact"),
-    (["sparsity.weights=compact", "optim.state=dense_masked"], "sparsity.weights='compact' is not allowed: needs optim.state=compact"),
+    e2e(["method=dense", "sparsity.density=0.5"], "sparsity.density"),
+    e2e(["sparsity.weights=sparse"], "sparsity.weights='sparse' is not allowed: one of dense, compact"),
+    e2e(["sparsity.weights=compact", "optim.state=dense_masked"], "sparsity.weights='compact' is not allowed: needs optim.state=compact"),
     # Keys the schema does not know, at any level, with a "did you mean" for near misses.
     (["+notakey=1"], "notakey=1 is not allowed: unknown key"),
-    (["+train.notakey=1"], "train.notakey=1 is not allowed: unknown key"),
+    e2e(["+train.notakey=1"], "train.notakey=1 is not allowed: unknown key"),
     (["train.maxsteps=5"], "did you mean train.max_steps?"),
-    (["+optim.lr_scalng.rule=none"], "did you mean optim.lr_scaling"),
-    (["model=tiyn"], "did you mean tiny?"),
+    e2e(["+optim.lr_scalng.rule=none"], "did you mean optim.lr_scaling"),
+    e2e(["model=tiyn"], "did you mean tiny?"),
     (["sweep=smoke"], "add it with a plus: +sweep=smoke"),
     # Values that no run would read.
     (["data.path=/tmp"], "data.path=/tmp is not allowed: ignored with data=pysource"),
-    (["method=static", "sparsity.growth=gradient"], "sparsity.growth=gradient is not allowed: ignored with sparsity.update_every=0"),
-    (["optim.lr_scaling.power=0.5"], "read only with optim.lr_scaling.rule=power"),
-    (["method=naive_dst", "optim.regrow.warmup_kind=released"], "optim.regrow.warmup_kind=released is not allowed"),
-    (["method=dense", "sparsity.weights=compact"], "sparsity.weights=compact is not allowed: ignored with"),
-    (["model.vocab_size=1000"], "model.vocab_size=1000 is not allowed: ignored with the tokenizer's vocabulary"),
-    (["ray.cpus_per_trial=1"], "ray.* keys are read only by sweeps"),
-    (["tracking=none", "tracking.experiment=x"], "tracking.experiment=x is not allowed: ignored with tracking.enabled=false"),
+    e2e(["method=static", "sparsity.growth=gradient"], "sparsity.growth=gradient is not allowed: ignored with sparsity.update_every=0"),
+    e2e(["optim.lr_scaling.power=0.5"], "read only with optim.lr_scaling.rule=power"),
+    e2e(["method=naive_dst", "optim.regrow.warmup_kind=released"], "optim.regrow.warmup_kind=released is not allowed"),
+    e2e(["method=dense", "sparsity.weights=compact"], "sparsity.weights=compact is not allowed: ignored with"),
+    e2e(["model.vocab_size=1000"], "model.vocab_size=1000 is not allowed: ignored with the tokenizer's vocabulary"),
+    e2e(["ray.cpus_per_trial=1"], "ray.* keys are read only by sweeps"),
+    e2e(["tracking=none", "tracking.experiment=x"], "tracking.experiment=x is not allowed: ignored with tracking.enabled=false"),
     # A comma list outside a multirun; a multirun over a group other than method.
     (["sparsity.density=0.1,0.25"], "add -m"),
     (["-m", "model=tiny,small"], "model='tiny,small' is not allowed: a multirun sweeps method= and config values"),

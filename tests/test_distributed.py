@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import cli_env, free_port, run_cli
+from helpers import cli_env, e2e, free_port, run_cli
 from smet_lab.cli import compose, to_run_config
 from smet_lab.config import ConfigError
 from smet_lab.data import TokenBatcher
@@ -214,19 +214,20 @@ def test_a_dying_process_fails_the_run_without_a_hang(tmp_path, rules):
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+# Three cases in the developer's loop, every case with -m "not slow" (CI): each is a process.
 BAD = [
     (["train.batch_size=15"], {"WORLD_SIZE": "2"}, "train.batch_size=15 is not allowed: a multiple of 2"),
     (["+sweep=smoke"], {"WORLD_SIZE": "2"}, "+sweep cannot run under torchrun"),
-    (["train.dist_backend=mpi"], {}, "train.dist_backend"),
-    (["+sweep=smoke", "ray.workers_per_trial=0"], {}, "ray.workers_per_trial=0 is not allowed: a positive integer"),
-    (["+sweep=smoke", "ray.workers_per_trial=2", "ray.cpus_per_trial=1", "train.batch_size=7"], {},
-     "train.batch_size=7 is not allowed: a multiple of 2, the number of processes (ray.workers_per_trial)"),
+    e2e(["train.dist_backend=mpi"], {}, "train.dist_backend"),
+    e2e(["+sweep=smoke", "ray.workers_per_trial=0"], {}, "ray.workers_per_trial=0 is not allowed: a positive integer"),
+    e2e(["+sweep=smoke", "ray.workers_per_trial=2", "ray.cpus_per_trial=1", "train.batch_size=7"], {},
+        "train.batch_size=7 is not allowed: a multiple of 2, the number of processes (ray.workers_per_trial)"),
     (["+sweep=smoke", "ray.workers_per_trial=3", "ray.cpus_per_trial=1", "ray.num_cpus=2"], {},
      "ray.workers_per_trial=3 is not allowed: at most 2: 3 processes x ray.cpus_per_trial=1 CPUs do not fit"),
+    e2e(["train.dist_backend=gloo"], {}, "train.dist_backend=gloo is not allowed: ignored with one process"),
 ]
-BAD.append((["train.dist_backend=gloo"], {}, "train.dist_backend=gloo is not allowed: ignored with one process"))
 if not torch.cuda.is_available():
-    BAD.append((["train.dist_backend=nccl"], {"WORLD_SIZE": "2"}, "NCCL needs CUDA"))
+    BAD.append(e2e(["train.dist_backend=nccl"], {"WORLD_SIZE": "2"}, "NCCL needs CUDA"))
 
 
 @pytest.mark.parametrize("args,env,message", BAD)
