@@ -50,8 +50,9 @@ def library_name(cc: str) -> str:
     """The cached library's file name for this source, compiler and CPU."""
     real = os.path.realpath(cc)
     stat = os.stat(real)
-    key = hashlib.sha256(b"\0".join([C_SOURCE.read_bytes(), real.encode(), f"{stat.st_size}:{stat.st_mtime_ns}".encode(),
-                                     repr((C_FLAGS, BASE_FLAGS)).encode(), _cpu()]))
+    parts = [C_SOURCE.read_bytes(), real.encode(), f"{stat.st_size}:{stat.st_mtime_ns}".encode(),
+             repr((C_FLAGS, BASE_FLAGS)).encode(), _cpu()]
+    key = hashlib.sha256(b"\0".join(parts))
     return f"adam_rows-{key.hexdigest()[:20]}.so"
 
 

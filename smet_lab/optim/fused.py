@@ -7,17 +7,17 @@ reads g, m, v, the 1-byte cohort id and the weight once and writes m, v and the 
     CPU   adam_rows.c, built with the machine's C compiler (-O3 -march=native -fopenmp, ~3 s, then kept
           in a cache: smet_lab.optim.cbuild) and called through ctypes. The compiler turns the three
           per-cohort lookups into vector gathers; torch.compile's C++ (the previous CPU kernel) made
-          them scalar loops, 3.5 x slower with two cohorts. With dense weights the layout also decodes its rows and gathers each
-          layer's gradient with the file's two index helpers (exact data movement, in one pass each).
+          them scalar loops, 3.5 x slower with two cohorts. With dense weights the layout also
+          decodes its rows and gathers each layer's gradient with the file's two index helpers (exact
+          data movement, in one pass each).
     CUDA  `adam_rows` below through torch.compile (Triton).
 
 Not bit-identical to the eager step. The C kernel rounds as eager's torch ops do (its fused
 multiply-adds written out where theirs are, the file built with -ffp-contract=off: m and v bit for bit)
 except for the sqrt, which is IEEE's correctly rounded one and torch's CPU sqrt is not always (one float32
 ulp off in ~0.7 % of values on an AVX-512 CPU, ~20 % on an AVX2 one): a step's weights differ from eager's
-there and only there. torch.compile
-evaluates lerp and addcmul without eager's fused multiply-adds. So the kernel is a choice
-(`optim.kernel`), logged with the run:
+there and only there. torch.compile evaluates lerp and addcmul without eager's fused multiply-adds. So
+the kernel is a choice (`optim.kernel`), logged with the run:
 
     eager     the reference arithmetic, bit for bit the step every earlier version computed: on a CPU
               with a C compiler the kernel's exact form (FusedStep.exact: the kernel in two passes around
@@ -157,7 +157,7 @@ class NativeStep(FusedStep):
         # The kernel's phases 1 and 2 around torch's own sqrt of v / bc2 (torch's CPU sqrt is not always
         # correctly rounded, the kernel's is): every other rounding is already the eager ops' own.
         # q lives as long as the optimizer (one float per entry of the largest chunk): a fresh one per
-        # step costs its page faults, 1.65 -> 1.40 ms for 1M entries (benchmarks/kernel.py, Zen 3).
+        # step costs its page faults: 1.65 against 1.40 ms for 1M entries (Zen 3; docs/measurements.md).
         if self._q is None or self._q.numel() < g.numel():
             self._q = torch.empty(g.numel())
         q = self._q[:g.numel()].view(g.shape)
