@@ -41,7 +41,8 @@ def _cpu() -> bytes:
     try:
         with open("/proc/cpuinfo", "rb") as f:
             head = f.read().split(b"\n\n")[0]  # the first core's model and flags
-        return b"\n".join(line for line in head.splitlines() if line.startswith((b"model name", b"flags")))
+        keys = (b"model name", b"flags", b"Features", b"CPU implementer", b"CPU part")  # x86, then ARM
+        return b"\n".join(line for line in head.splitlines() if line.startswith(keys))
     except OSError:
         return f"{platform.machine()} {platform.processor()}".encode()
 
