@@ -13,9 +13,9 @@
    theta is the compact values [K, B] (rows NULL) or the dense weights, block k at row rows[k].
    The per-cohort coefficients are tables of C <= 256 floats read with the 1-byte id: the compiler turns
    the three lookups into vector gathers (Inductor emits scalar loops for them, ~3.5 x slower).
-   Built by fused.py with the machine's C compiler (-O3 -march=native -fopenmp -ffp-contract=off: every
-   fused multiply-add is written out, where torch's kernels have one) at first use, with the two index
-   helpers of the dense-weights layout below (exact: they move values, one add at most). */
+   Built by cbuild.py with the machine's C compiler (-O3 -march=native -fopenmp -ffp-contract=off: every
+   fused multiply-add is written out, where torch's kernels have one) at first use and cached, with the
+   two index helpers of the dense-weights layout below (exact: they move values, one add at most). */
 #include <math.h>
 #include <stdint.h>
 
