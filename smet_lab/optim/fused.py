@@ -150,7 +150,10 @@ class NativeStep(FusedStep):
 
     def __call__(self, g, m, v, cohort, table, lr: float, b1: float, b2: float, eps: float, weight_decay: float,
                  damping: bool, theta: torch.Tensor, rows: torch.Tensor | None) -> bool:
-        return self._run(0, None, g, m, v, cohort, table, lr, b1, b2, eps, weight_decay, damping, theta, rows)
+        if self.failed:
+            return False
+        self._call(self._args(g, m, v, cohort, table, lr, b1, b2, eps, weight_decay, damping, theta, rows), None, 0)
+        return True
 
     def exact(self, g, m, v, cohort, table, lr: float, b1: float, b2: float, eps: float, weight_decay: float,
               damping: bool, theta: torch.Tensor, rows: torch.Tensor | None) -> bool:
@@ -158,30 +161,36 @@ class NativeStep(FusedStep):
         # correctly rounded, the kernel's is): every other rounding is already the eager ops' own.
         # q lives as long as the optimizer (one float per entry of the largest chunk): a fresh one per
         # step costs its page faults: 1.65 against 1.40 ms for 1M entries (Zen 3; docs/measurements.md).
+        if self.failed:
+            return False
         if self._q is None or self._q.numel() < g.numel():
             self._q = torch.empty(g.numel())
         q = self._q[:g.numel()].view(g.shape)
-        args = (g, m, v, cohort, table, lr, b1, b2, eps, weight_decay, damping, theta, rows)
-        if not self._run(1, q, *args):
-            return False
-        self._run(2, q.sqrt_(), *args)
+        args = self._args(g, m, v, cohort, table, lr, b1, b2, eps, weight_decay, damping, theta, rows)
+        self._call(args, q, 1)
+        self._call(args, q.sqrt_(), 2)
         return True
 
-    def _run(self, phase: int, q, g, m, v, cohort, table, lr, b1, b2, eps, weight_decay, damping, theta, rows) -> bool:
-        if self.failed:
-            return False
+    @staticmethod
+    def _args(g, m, v, cohort, table, lr, b1, b2, eps, weight_decay, damping, theta, rows) -> tuple:
+        """The kernel's arguments but the last three (q, phase, threads), checked and converted once per
+        call of the step: the tiny model's step is mostly such Python. Its first item holds the tensors
+        whose addresses it passes, so that they live as long as the tuple."""
         for t in (g, m, v, theta, cohort, rows, table):
             if t is not None and not (t.is_contiguous() and t.device.type == "cpu"):
                 raise ValueError("the native kernel takes contiguous CPU tensors")
-        # Named, so that every tensor whose address C reads lives until the call returns.
         table, rows = table.float().contiguous(), None if rows is None else rows.to(torch.int32)
-        C = table.shape[1]
-        ptr = (lambda t: None if t is None else t.data_ptr())
-        NativeStep._lib.smet_adam_rows(g.shape[0], g.shape[1], ptr(g), ptr(m), ptr(v), ptr(theta), ptr(rows),
-                                       ptr(cohort), ptr(table), ptr(table) + 4 * C, ptr(table) + 8 * C, lr, 1 - b1,
-                                       b2, 1 - b2, eps, weight_decay, int(damping), ptr(q), phase,
+        t1 = table.data_ptr()
+        t2 = t1 + 4 * table.shape[1]
+        return ((table, rows), g.shape[0], g.shape[1], g.data_ptr(), m.data_ptr(), v.data_ptr(),
+                None if theta is None else theta.data_ptr(), None if rows is None else rows.data_ptr(),
+                None if cohort is None else cohort.data_ptr(), t1, t2, t2 + 4 * table.shape[1], lr, 1 - b1,
+                b2, 1 - b2, eps, weight_decay, int(damping))
+
+    @staticmethod
+    def _call(args: tuple, q: torch.Tensor | None, phase: int) -> None:
+        NativeStep._lib.smet_adam_rows(*args[1:], None if q is None else q.data_ptr(), phase,
                                        torch.get_num_threads())
-        return True
 
     def decode_rows(self, offsets: torch.Tensor, counts: torch.Tensor, base: int) -> torch.Tensor | None:
         if self.failed or not (offsets.dtype == torch.uint8 and counts.dtype == torch.int16
