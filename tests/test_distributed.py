@@ -189,6 +189,7 @@ def rules(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.e2e  # 2 processes, ~15 s: the dying process below is the developer's loop's multi-process case
 def test_diverging_topologies_stop_the_run_with_one_line(tmp_path, rules):
     proc = torchrun([f"extensions=[{rules}]", "sparsity.growth=per_process", "train.max_steps=20",
                      "sparsity.update_every=5", "train.threads=1", f"hydra.run.dir={tmp_path}/run",
