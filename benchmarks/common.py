@@ -1,4 +1,4 @@
-"""Shared setup of the benchmarked methods (imported by benchmarks/memory.py and benchmarks/speed.py).
+"""Shared setup of the benchmarked methods (imported by the benchmark scripts).
 
     dense      torch.optim.Adam on every parameter (fused=True where the device supports it: the
                fastest torch Adam on CPU and CUDA, so the baseline is not handicapped)

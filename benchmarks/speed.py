@@ -1,5 +1,6 @@
 """Training throughput and optimizer-step time: dense Adam vs naive DST (dense-masked state) vs SMET
-(compact state), all three in ONE process, interleaved, so that machine load hits them alike.
+(compact state) with dense and with compact weights, all four in ONE process, interleaved, so that machine
+load hits them alike.
 
     python benchmarks/speed.py [--models tiny llama_20m] [--batch 8] [--seq-len 256] [--vocab 32000]
                                [--density 0.25] [--block-size 1] [--repeats 15] [--steps 1] [--warmup 2]
