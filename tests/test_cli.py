@@ -157,6 +157,10 @@ BAD_INPUTS = [
     e2e(["data=text_files", "data.path="], "data.path"),
     e2e(["data.tokenizer=hf:t5-base"], "data.tokenizer"),
     (["train.resume_from=/nonexistent/step_5"], "train.resume_from"),
+    # 400 B parameters: more memory than any machine has, refused before anything is built
+    (["model=llama_7b", "model.ffn_dim=1000000"], "model='llama_7b' is not allowed: its weights, gradients and Adam state"),
+    e2e(["sparsity.block_size=7"], "sparsity.block_size=7 is not allowed: must divide the size of"),
+    e2e(["sparsity.dense_patterns=['(']"], "sparsity.dense_patterns='(' is not allowed: a regular expression"),
     e2e(["method=dense", "sparsity.density=0.5"], "sparsity.density"),
     e2e(["sparsity.weights=sparse"], "sparsity.weights='sparse' is not allowed: one of dense, compact"),
     e2e(["sparsity.weights=compact", "optim.state=dense_masked"], "sparsity.weights='compact' is not allowed: needs optim.state=compact"),
@@ -349,3 +353,17 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     other_client = MlflowClient(other)
     (new,) = other_client.search_runs([other_client.get_experiment_by_name("smet_lab").experiment_id])
     assert new.info.run_id != run.info.run_id and new.data.tags["smet.resumed_from_run"] == run.info.run_id
+
+
+def test_a_cluster_sweep_is_not_held_to_the_drivers_memory(tmp_path):
+    """A trial too large for this machine is refused by a local sweep, and planned by a sweep on a Ray
+    cluster (its trials train on the cluster's nodes, whose memory the driver cannot see)."""
+    from smet_lab.cli import method_composer
+    from smet_lab.sweep.runner import plan
+
+    huge = ["+sweep=smoke", "model=llama_7b", "model.ffn_dim=1000000", f"ray.storage={tmp_path}"]
+    with pytest.raises(ConfigError, match="its weights, gradients and Adam state need"):
+        plan(compose(huge), method_composer(huge))
+    on_cluster = [*huge, "ray=cluster"]
+    configs = plan(compose(on_cluster), method_composer(on_cluster))[2]
+    assert {c["model"]["ffn_dim"] for c in configs.values()} == {1000000}

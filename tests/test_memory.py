@@ -208,3 +208,58 @@ def test_release_memory_changes_no_number():
                                      text=True, check=True, timeout=300).stdout.splitlines()[-1]) for flag in (True, False)]
     assert len(out[0]["losses"]) == 25 and out[0]["losses"] == out[1]["losses"]
     assert out[0]["applies"] == out[0]["glibc"]  # mallopt exists exactly on glibc
+
+
+def test_preflight_refuses_a_run_whose_memory_floor_exceeds_the_machine(monkeypatch):
+    """check_config's floor: float32 weights (the model is built dense first) + gradient and Adam moments of
+    the dense parameters and of the active sparse entries, counted here from the real model and topology;
+    a machine with exactly that much passes, one byte less is refused, naming the model."""
+    from smet_lab.config import ConfigError, RunConfig
+    from smet_lab.methods import apply_method
+    from smet_lab.train import checks
+
+    cfg = apply_method(RunConfig(), "smet")
+    model = LLaMA(cfg.model)
+    topo = SparseTopology.build(model, cfg.sparsity.density)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_dense, active = n_all - topo.numel, topo.n_active_weights
+    floors = {"dense": 4 * n_all + 12 * (n_dense + active),
+              "compact": max(4 * n_all, 4 * (n_dense + active) + 12 * (n_dense + active))}
+    for weights, floor in floors.items():
+        cfg.sparsity.weights = weights
+        monkeypatch.setattr(checks, "memory_bytes", lambda device, floor=floor: floor)
+        checks.check_config(cfg)
+        monkeypatch.setattr(checks, "memory_bytes", lambda device, floor=floor: floor - 1)
+        with pytest.raises(ConfigError, match=f"model='tiny' is not allowed: its weights, gradients and Adam state "
+                                              f"need >= .* {weights} weights"):
+            checks.check_config(cfg)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this host: two replicas
+    monkeypatch.setattr(checks, "memory_bytes", lambda device: 2 * floors["compact"] - 1)
+    with pytest.raises(ConfigError, match="2 processes"):
+        checks.check_config(cfg)
+
+
+def test_machine_memory_is_at_most_the_kernels_total():
+    from smet_lab.train.checks import memory_bytes
+
+    total_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemTotal:"))
+    assert 0 < memory_bytes(torch.device("cpu")) <= total_kib * 1024
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("block_size", 7, "sparsity.block_size=7 is not allowed: must divide the size of layers.0.attention.wq.weight (4096)"),
+    ("dense_patterns", ["("], "sparsity.dense_patterns='(' is not allowed: a regular expression"),
+    ("dense_patterns", [".*"], "is not allowed: match every weight matrix: nothing would be sparse"),
+])
+def test_preflight_checks_what_depends_on_the_layer_shapes(key, value, says):
+    """Refused before anything is built (the model's shapes come from the meta device)."""
+    from smet_lab.config import ConfigError, RunConfig
+    from smet_lab.methods import apply_method
+    from smet_lab.train.checks import check_config
+
+    cfg = apply_method(RunConfig(), "smet")
+    setattr(cfg.sparsity, key, value)
+    with pytest.raises(ConfigError) as e:
+        check_config(cfg)
+    assert says in str(e.value)

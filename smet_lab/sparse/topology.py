@@ -129,12 +129,10 @@ class SparseTopology:
         active blocks per layer. Inactive weights are zeroed in place; with weights="compact" each
         sparse nn.Linear is then replaced by a CompactLinear holding only its active values."""
         validate_sparsity(density, distribution, block_size, weights)
-        named = [(n, p) for n, p in model.named_parameters() if not is_dense(n, p, list(dense_patterns))]
+        named = sparse_params(model, dense_patterns)
         if density >= 1.0 or not named:
             return cls([], 1.0)
-        for name, p in named:
-            if p.numel() % block_size:
-                raise ConfigError("sparsity.block_size", block_size, f"must divide the size of {name} ({p.numel()})")
+        check_blocks(named, block_size)
         shapes = [tuple(p.shape) for _, p in named]
         densities = DISTRIBUTIONS[distribution](shapes, density)
         gen = torch.Generator().manual_seed(seed)
@@ -193,6 +191,25 @@ class SparseTopology:
 
 
 WEIGHT_STORAGE = ("dense", "compact")
+
+
+def sparse_params(model: nn.Module, dense_patterns) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a topology makes sparse: the matrices whose names match none of dense_patterns."""
+    return [(n, p) for n, p in model.named_parameters() if not is_dense(n, p, list(dense_patterns))]
+
+
+def check_blocks(named: list[tuple[str, nn.Parameter]], block_size: int) -> None:
+    for name, p in named:
+        if p.numel() % block_size:
+            raise ConfigError("sparsity.block_size", block_size, f"must divide the size of {name} ({p.numel()})")
+
+
+def validate_patterns(dense_patterns) -> None:
+    for pattern in dense_patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ConfigError("sparsity.dense_patterns", pattern, f"a regular expression ({e})") from None
 
 
 def validate_sparsity(density, distribution: str, block_size, weights: str = "dense") -> None:

@@ -43,7 +43,8 @@ def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial],
             cfg_t["train"]["checkpoint_every"] = max(1, cfg_t["train"]["max_steps"] // 5)
         try:
             # The recorded config is the effective one: the tokenizer sets the vocabulary.
-            cfg_t["model"]["vocab_size"] = check_config(run_config_from(cfg_t))
+            # (A cluster's trials train on its nodes: the driver's memory says nothing about them.)
+            cfg_t["model"]["vocab_size"] = check_config(run_config_from(cfg_t), here=cfg.ray.address == "local")
         except ConfigError as exc:
             raise ConfigError(exc.key, exc.value, f"{exc.allowed} (in trial {trial.key})") from None
     check_resume(sweep, storage_root(cfg, sweep) / sweep.name, trials, configs)

@@ -4,17 +4,29 @@ no model built), each raising one ConfigError that names the key."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
+from pathlib import Path
 
 import torch
 
 from smet_lab.config import ConfigError, RunConfig
 from smet_lab.data import check_data
 from smet_lab.methods import METHODS
-from smet_lab.model import validate_model
+from smet_lab.model import LLaMA, validate_model
 from smet_lab.optim.options import validate_optim_config
-from smet_lab.sparse.topology import validate_sparsity
+from smet_lab.sparse.topology import check_blocks, sparse_params, validate_patterns, validate_sparsity
 from smet_lab.sparse.updater import validate_dynamic
 from smet_lab.train import checkpoint as ckpt
+from smet_lab.train.memory import WEIGHT_BYTES_PER_PARAM, training_floor_bytes
+
+GIB = 1 << 30
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def validate_run(cfg: RunConfig) -> None:
@@ -54,10 +66,11 @@ def validate_run(cfg: RunConfig) -> None:
     validate_model(cfg.model)
 
 
-def check_config(cfg: RunConfig) -> int:
+def check_config(cfg: RunConfig, here: bool = True) -> int:
     """Pre-flight of the whole run config without building anything heavy (no corpus is read, no
     model built): what a command line runs before it creates any output or tracking run. Returns the
-    vocabulary size the run will have (the tokenizer's; model.vocab_size is replaced by it)."""
+    vocabulary size the run will have (the tokenizer's; model.vocab_size is replaced by it).
+    here=False: the run will not train on this machine (a Ray cluster's trial), so its memory is not checked."""
     validate_run(cfg)
     s, o = cfg.sparsity, cfg.optim
     validate_sparsity(s.density, s.distribution, s.block_size, s.weights)
@@ -66,8 +79,64 @@ def check_config(cfg: RunConfig) -> int:
     validate_dynamic(s.update_every, s.prune_rate, s.prune_schedule, s.prune, s.growth)
     validate_optim_config(o)
     tokenizer = check_data(cfg.data)
+    check_shapes_and_fit(cfg, tokenizer.vocab_size, here)
     if cfg.train.resume_from:
         probe = copy.deepcopy(cfg)
         probe.model.vocab_size = tokenizer.vocab_size
         ckpt.check(cfg.train.resume_from, probe)
     return tokenizer.vocab_size
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory one process on `device` can use at most: the GPU's, or the host's RAM (a cgroup v2 limit if
+    lower); None where the OS does not say."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        return min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        return total
+
+
+def check_shapes_and_fit(cfg: RunConfig, vocab_size: int, here: bool = True) -> None:
+    """What depends on the model's layer shapes, read from the model built on the meta device (shapes, no
+    memory): the sparse layers divide into blocks, something is sparse at density < 1, and (here) the run's
+    memory floor (weights, gradients, Adam state; the model is built dense first) fits this machine."""
+    s = cfg.sparsity
+    validate_patterns(s.dense_patterns)
+    with torch.device("meta"):
+        model = LLaMA(dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    n_all = sum(p.numel() for p in model.parameters())
+    named = sparse_params(model, s.dense_patterns) if s.density < 1 else []
+    if s.density < 1 and not named:
+        raise ConfigError("sparsity.dense_patterns", list(s.dense_patterns),
+                          f"match every weight matrix: nothing would be sparse at sparsity.density={s.density} "
+                          "(method=dense trains the dense model)")
+    check_blocks(named, s.block_size)
+    n_sparse = sum(p.numel() for _, p in named)
+    device = resolve_device(cfg.train.device)
+    have = memory_bytes(device) if here else None
+    if have is None:
+        return
+    # Processes of one torchrun on this host each hold a replica; on a GPU each has its own device.
+    replicas = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if device.type == "cpu" else 1
+
+    def need(weights: str) -> int:
+        return replicas * max(WEIGHT_BYTES_PER_PARAM * n_all,
+                              training_floor_bytes(n_all - n_sparse, n_sparse, s.density, weights, cfg.optim.state))
+
+    if need(s.weights) > have:
+        where = f"GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "this machine"
+        hint = "a smaller model"
+        if s.weights == "dense" and n_sparse and cfg.optim.state == "compact":
+            hint += f" (with sparsity.weights=compact: >= {need('compact') / GIB:.1f} GiB)"
+        raise ConfigError("model", cfg.model.name,
+                          f"its weights, gradients and Adam state need >= {need(s.weights) / GIB:.1f} GiB before "
+                          f"activations ({n_all / 1e9:.2f} B parameters, density {s.density}, {s.weights} weights"
+                          + (f", {replicas} processes" if replicas > 1 else "")
+                          + f"); {where} has {have / GIB:.1f} GiB of memory; {hint}")

@@ -48,6 +48,17 @@ def float32_floor(topology: SparseTopology) -> int:
     return DENSE_ADAM_BYTES_PER_PARAM * topology.n_active_weights
 
 
+def training_floor_bytes(n_dense: int, n_sparse: int, density: float, weights: str, state: str) -> int:
+    """A lower bound of a run's persistent memory before it is built (activations, index and cohort bytes
+    not counted): float32 weights (the sparse layers' active values only with compact weights) and the
+    gradient + Adam moments of the dense parameters and of the sparse layers (their active entries only
+    with the compact state). n_dense / n_sparse: parameters outside / inside the sparse layers."""
+    active = round(density * n_sparse)
+    weights_n = n_dense + (active if weights == "compact" else n_sparse)
+    state_n = n_dense + (active if state == "compact" else n_sparse)
+    return WEIGHT_BYTES_PER_PARAM * weights_n + DENSE_ADAM_BYTES_PER_PARAM * state_n
+
+
 def analytic_state_bytes(topology: SparseTopology, layout: str, needs_step: bool, n_cohorts: int = 1) -> int:
     """Gradient + optimizer-state bytes of the sparse layers by the layout's formula (module docstring).
     layout: compact | released | dense_masked."""

@@ -24,7 +24,7 @@ from smet_lab.optim import SMETAdam
 from smet_lab.spikes import run_spike_summary
 from smet_lab.sparse import DynamicSparsity, SparseTopology
 from smet_lab.train import checkpoint as ckpt
-from smet_lab.train.checks import validate_run
+from smet_lab.train.checks import resolve_device, validate_run
 from smet_lab.train.distributed import World, check_world, topology_checksum
 from smet_lab.train.probe import ProbeWindow, RegrownSteps, UpdateRMS
 from smet_lab.train.memory import memory_summary, peak_memory, release_freed_memory
@@ -84,12 +84,6 @@ def mean_loss(model: torch.nn.Module, batches, bfloat16: bool = False, world: Wo
                 total += model(x, y).item()
     model.train()
     return total / len(batches)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Run:
