@@ -126,7 +126,7 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
 # ------------------------------------------------------------------------------------ the job
 def run_single(cfg: DictConfig, output_dir: Path) -> int:
     """One training run, tracked in MLflow. Returns the process exit code."""
-    from smet_lab.data import load_corpus
+    from smet_lab.data import check_streams, load_corpus
     from smet_lab.tracking import write_run_artifacts
     from smet_lab.train import Callbacks, train
 
@@ -134,6 +134,7 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     tracking = OmegaConf.to_object(cfg.tracking)
     try:
         corpus = load_corpus(run_cfg.data)
+        check_streams(corpus.train, corpus.val, run_cfg.model.seq_len, run_cfg.train.batch_size)
     except ConfigError as exc:
         _remove_if_empty(output_dir)
         fail(str(exc))

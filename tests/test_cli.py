@@ -159,6 +159,9 @@ BAD_INPUTS = [
     (["train.resume_from=/nonexistent/step_5"], "train.resume_from"),
     # 400 B parameters: more memory than any machine has, refused before anything is built
     (["model=llama_7b", "model.ffn_dim=1000000"], "model='llama_7b' is not allowed: its weights, gradients and Adam state"),
+    # checked on the loaded corpus, before the output folder or an MLflow run is made
+    (["data.max_tokens=100"], "train.batch_size=16 is not allowed: between 1 and 1 (the number of seq_len+1=65 token windows)"),
+    e2e(["model.seq_len=100000000"], "model.seq_len=100000000 is not allowed: between 1 and"),
     e2e(["sparsity.block_size=7"], "sparsity.block_size=7 is not allowed: must divide the size of"),
     e2e(["sparsity.dense_patterns=['(']"], "sparsity.dense_patterns='(' is not allowed: a regular expression"),
     e2e(["method=dense", "sparsity.density=0.5"], "sparsity.density"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from smet_lab.config import ConfigError, DataConfig
-from smet_lab.data import CORPORA, Corpus, TokenBatcher, build_tokenizer, load_corpus, storage_dtype
+from smet_lab.data import CORPORA, Corpus, TokenBatcher, build_tokenizer, check_streams, load_corpus, storage_dtype
 
 
 def text_of(ids: torch.Tensor) -> str:
@@ -361,3 +361,19 @@ def test_heavy_packages_are_imported_lazily():
             "print(sorted(m for m in ('datasets', 'tokenizers', 'ray', 'mlflow', 'hydra') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("length,seq_len", [(65, 64), (1000, 64), (129, 64), (10, 3)])
+def test_check_streams_allows_exactly_what_the_batcher_takes(length, seq_len):
+    """check_streams (the CLI's check on a loaded corpus) refuses a batch exactly where TokenBatcher would:
+    more rows than the stream has seq_len+1 windows (counted here with unfold), or a stream shorter than one."""
+    tokens = torch.arange(length)
+    n = tokens.unfold(0, seq_len + 1, seq_len).shape[0]
+    check_streams(tokens, tokens[: seq_len + 1], seq_len, n)
+    TokenBatcher(tokens, n, seq_len, seed=0)
+    with pytest.raises(ConfigError, match=f"train.batch_size={n + 1} is not allowed: between 1 and {n} "):
+        check_streams(tokens, tokens, seq_len, n + 1)
+    with pytest.raises(ConfigError, match=f"train.batch_size={n + 1} is not allowed"):
+        TokenBatcher(tokens, n + 1, seq_len, seed=0)
+    with pytest.raises(ConfigError, match=f"the validation stream has {seq_len} tokens"):
+        check_streams(tokens, tokens[:seq_len], seq_len, 1)

@@ -17,13 +17,31 @@ import torch
 from smet_lab.config import ConfigError
 
 
-def _windows(tokens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
-    """[n_windows, seq_len+1] view of the stream (kept in its compact dtype, moved to device once)."""
+def _check_stream(tokens: torch.Tensor, seq_len: int, stream: str = "token") -> int:
+    """The number of seq_len+1 token windows of the stream; ConfigError when it has none."""
     if tokens.dim() != 1:
         raise ConfigError("data", tuple(tokens.shape), "a 1-D token stream")
     if seq_len < 1 or len(tokens) < seq_len + 1:
         raise ConfigError("model.seq_len", seq_len,
-                          f"between 1 and {len(tokens) - 1} (the token stream has {len(tokens)} tokens)")
+                          f"between 1 and {len(tokens) - 1} (the {stream} stream has {len(tokens)} tokens)")
+    return (len(tokens) - 1) // seq_len
+
+
+def _check_batch(batch_size: int, n_windows: int, seq_len: int) -> None:
+    if not 1 <= batch_size <= n_windows:
+        raise ConfigError("train.batch_size", batch_size,
+                          f"between 1 and {n_windows} (the number of seq_len+1={seq_len + 1} token windows)")
+
+
+def check_streams(train: torch.Tensor, val: torch.Tensor, seq_len: int, batch_size: int) -> None:
+    """What TokenBatcher and fixed_batches would refuse, checked on a loaded corpus before a run starts."""
+    _check_batch(batch_size, _check_stream(train, seq_len, "training"), seq_len)
+    _check_stream(val, seq_len, "validation")
+
+
+def _windows(tokens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    """[n_windows, seq_len+1] view of the stream (kept in its compact dtype, moved to device once)."""
+    _check_stream(tokens, seq_len)
     return tokens.to(device).unfold(0, seq_len + 1, seq_len)
 
 
@@ -37,9 +55,7 @@ class TokenBatcher:
                  rank: int = 0, world: int = 1):
         self.windows = _windows(tokens, seq_len, device)
         self.n_windows = len(self.windows)
-        if not 1 <= batch_size <= self.n_windows:
-            raise ConfigError("train.batch_size", batch_size,
-                              f"between 1 and {self.n_windows} (the number of seq_len+1={seq_len + 1} token windows)")
+        _check_batch(batch_size, self.n_windows, seq_len)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.epoch, self.cursor = 0, 0
         share = batch_size // world
