@@ -52,6 +52,12 @@ def test_bad_tokenizer_spec(spec):
         build_tokenizer(spec)
 
 
+@pytest.mark.parametrize("path", ["/no/such/folder", "./no_such_folder"])
+def test_a_missing_local_tokenizer_path_is_not_looked_up_on_the_hub(path):
+    with pytest.raises(ConfigError, match=f"no tokenizer.json at {path} \\(no such file or folder\\)"):
+        build_tokenizer(f"hf:{path}")
+
+
 def test_hf_tokenizer_from_file_and_dir(hf_tok_dir):
     from tokenizers import Tokenizer
 

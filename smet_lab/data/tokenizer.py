@@ -89,8 +89,9 @@ def build_tokenizer(spec: str):
             return HFTokenizer(Tokenizer.from_file(path), spec)
         except Exception as e:
             raise ConfigError("data.tokenizer", spec, f"cannot read {path} as a tokenizer.json ({e})") from None
-    if os.path.isdir(name) or name.endswith(".json"):  # clearly meant as a local path
-        raise ConfigError("data.tokenizer", spec, f"no tokenizer.json at {path}")
+    if os.path.isdir(name) or name.endswith(".json") or os.path.isabs(name) or name.startswith("."):  # a local path
+        raise ConfigError("data.tokenizer", spec,
+                          f"no tokenizer.json at {path}" + ("" if os.path.exists(name) else " (no such file or folder)"))
     if not hub_reachable():
         raise ConfigError("data.tokenizer", spec, f"cannot load Hugging Face tokenizer '{name}': the hub is not "
                           "reachable (offline?); use 'byte' or hf:<path to tokenizer.json>")
