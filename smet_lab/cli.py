@@ -216,7 +216,11 @@ def hydra_main(cfg: DictConfig) -> None:
     if cfg.get("sweep") is not None:
         from smet_lab.sweep import run_sweep
 
-        code = run_sweep(cfg, output_dir, method_composer(list(hydra_cfg.overrides.task)))
+        try:
+            code = run_sweep(cfg, output_dir, method_composer(list(hydra_cfg.overrides.task)))
+        except ConfigError as exc:  # found only when the sweep starts (e.g. no Ray cluster answers)
+            _remove_if_empty(output_dir)
+            fail(str(exc))
         _remove_if_empty(output_dir)  # a sweep writes into its sweep folder, not here
     else:
         from smet_lab.sparse.criteria import RuleError

@@ -8,7 +8,9 @@ caught at compose time. Key names are public (docs/design.md section 3).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 
@@ -18,6 +20,19 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def check_writable_dir(key: str, path) -> None:
+    """ConfigError unless a folder can be made (or written) at `path`: its nearest existing ancestor is
+    a writable folder. Checked without creating anything, so that bad input leaves nothing behind."""
+    if "://" in str(path):
+        raise ConfigError(key, str(path), "a folder path (every node mounting it at the same path, e.g. NFS); "
+                          "URIs such as s3:// are not supported")
+    p = Path(path).expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(key, str(path), f"a folder that can be written ({p} is {'not writable' if p.is_dir() else 'a file'})")
 
 
 @dataclass

@@ -569,6 +569,10 @@ def test_report_cli_resolves_sweep_name_run_id_and_experiment(smoke, tmp_path, c
     MlflowClient(uri).create_experiment("empty")
     assert report_main(["empty", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err == "smet_lab: error: experiment 'empty' has no runs\n"
+    (tmp_path / "a_file").write_text("x")
+    assert report_main(["smoke", "--tracking-uri", uri, "--out", str(tmp_path / "a_file" / "report")]) == 2
+    assert capsys.readouterr().err == (f"smet_lab: error: --out {tmp_path / 'a_file' / 'report'}: a folder that can be "
+                                       f"written ({tmp_path / 'a_file'} is a file)\n")
 
 
 @pytest.mark.e2e

@@ -95,7 +95,46 @@ def test_bad_grid_values_are_caught_before_anything_runs():
                       method_composer(["+sweep=smoke"]))
 
 
+def test_a_storage_that_cannot_hold_the_sweep_is_refused_without_writing(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    for storage, says in ((tmp_path / "a_file" / "sweeps", "is a file"), ("s3://bucket/sweeps", "URIs such as s3://")):
+        overrides = ["+sweep=smoke", f"ray.storage={storage}"]
+        with pytest.raises(ConfigError, match=f"ray.storage=.* is not allowed: .*{says}"):
+            plan(compose(overrides), method_composer(overrides))
+    fresh = tmp_path / "new" / "deeper"
+    plan(compose(["+sweep=smoke", f"ray.storage={fresh}"]), method_composer(["+sweep=smoke"]))
+    assert not (tmp_path / "new").exists()  # a good storage is only created when the sweep starts
+
+
+def test_a_cluster_address_where_nothing_listens_fails_in_seconds():
+    """ray.init would retry an unanswered GCS address for minutes; the check answers at once."""
+    from helpers import free_port
+    from smet_lab.sweep.runner import check_cluster_address
+
+    port = free_port()
+    with pytest.raises(ConfigError, match=f"ray.address='127.0.0.1:{port}' is not allowed: nothing answers"):
+        check_cluster_address(f"127.0.0.1:{port}")
+    check_cluster_address("auto")  # Ray's own lookup, which fails fast by itself
+
+
 # ------------------------------------------------------------------------------- end to end
+@pytest.mark.e2e
+def test_an_unreachable_cluster_stops_the_sweep_before_it_touches_its_folder(tmp_path):
+    """ray=cluster with no cluster at the address: one line, exit 2; an existing sweep folder (here with
+    sweep.resume=false, which would replace it) is left as it was, and no output folder is made."""
+    from helpers import free_port
+
+    kept = tmp_path / "st" / "smoke" / "keep.txt"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("earlier results")
+    proc = run_cli(["+sweep=smoke", "ray=cluster", f"ray.address=127.0.0.1:{free_port()}", f"ray.storage={tmp_path}/st",
+                    "sweep.resume=false", f"hydra.run.dir={tmp_path}/run", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                   cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "ray.address" in proc.stderr and "nothing answers" in proc.stderr and "Traceback" not in proc.stderr
+    assert kept.read_text() == "earlier results" and not (tmp_path / "run").exists()
+
+
 def test_resuming_with_another_grid_or_setting_is_refused(tmp_path):
     """Tune restores the trials it stored: a changed grid or training key would silently not apply."""
     base = ["+sweep=smoke", f"ray.storage={tmp_path}"]

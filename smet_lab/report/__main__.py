@@ -48,6 +48,7 @@ def fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from smet_lab.config import ConfigError, check_writable_dir
     from smet_lab.report.io import ReportError
     from smet_lab.tracking.settings import quiet_mlflow
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         MlflowException = RuntimeError  # noqa: N806
 
     try:
+        if args.out:
+            check_writable_dir("--out", args.out)
         if args.tables is not None:
             return tables(args)
         if not args.target:
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         info, out = report_for_target(args.tracking_uri, args.target, args.out, log=not args.no_log)
     except (ReportError, SpecError) as exc:
         return fail(str(exc))
+    except ConfigError as exc:
+        return fail(f"{exc.key} {exc.value}: {exc.allowed}")
     except MlflowException as exc:
         return fail(f"MLflow ({args.tracking_uri}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     where = f"; logged to parent run {info.parent_run_id} as report/" if info.parent_run_id and not args.no_log else ""

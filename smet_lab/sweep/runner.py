@@ -7,9 +7,11 @@ MLflow runs are reused), `sweep.resume=false` starts fresh.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +33,7 @@ def sweep_config(cfg: DictConfig | dict) -> SweepConfig:
 def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial], dict]:
     """The sweep, its trials and each trial's full config; ConfigError on any bad value (every trial
     is checked before anything starts)."""
-    from smet_lab.config import run_config_from
+    from smet_lab.config import check_writable_dir, run_config_from
     from smet_lab.train import check_config
 
     sweep = sweep_config(cfg)
@@ -47,6 +49,8 @@ def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial],
             cfg_t["model"]["vocab_size"] = check_config(run_config_from(cfg_t), here=cfg.ray.address == "local")
         except ConfigError as exc:
             raise ConfigError(exc.key, exc.value, f"{exc.allowed} (in trial {trial.key})") from None
+    key = "ray.storage" if cfg.ray.storage else "sweep.storage"
+    check_writable_dir(key, cfg.ray.storage or sweep.storage or "sweeps")
     check_resume(sweep, storage_root(cfg, sweep) / sweep.name, trials, configs)
     return sweep, trials, configs
 
@@ -133,7 +137,27 @@ def init_ray(cfg: DictConfig, sweep_dir: Path) -> None:
                  include_dashboard=False, _temp_dir=ray_temp_dir(sweep_dir), log_to_driver=False,
                  configure_logging=True, logging_level="ERROR", runtime_env=env)
     else:  # an existing cluster: it owns its resources
-        ray.init(address=cfg.ray.address, log_to_driver=False, logging_level="ERROR", runtime_env=env)
+        check_cluster_address(cfg.ray.address)
+        try:
+            ray.init(address=cfg.ray.address, log_to_driver=False, logging_level="ERROR", runtime_env=env)
+        except ConnectionError as exc:
+            raise ConfigError("ray.address", cfg.ray.address, f"no Ray cluster answers ({str(exc).splitlines()[0]}); "
+                              "start one with `ray start --head`, or give ray.address=ray://<head>:10001") from None
+
+
+def check_cluster_address(address: str, timeout: float = 5.0) -> None:
+    """ConfigError in seconds where ray.init would fail or wait for minutes: a ray:// address without the
+    Ray Client package, or a host:port where nothing listens (ray.init retries the GCS for minutes)."""
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise ConfigError("ray.address", address, "a ray:// address needs the Ray Client: pip install 'ray[client]'")
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return  # auto: Ray looks for a cluster on this machine and says at once when there is none
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError("ray.address", address, f"nothing answers at {host}:{port} ({exc.strerror or exc}); "
+                          "start the cluster with `ray start --head`") from None
 
 
 def concurrent_trials(cfg: DictConfig) -> int | None:
@@ -166,13 +190,16 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
     sweep, trials, configs = plan(cfg, compose_for_method)
     root = storage_root(cfg, sweep)
     sweep_dir = root / sweep.name
+    if cfg.ray.address != "local":
+        init_ray(cfg, sweep_dir)  # an unreachable cluster stops the sweep before it touches its folder
     if not sweep.resume and sweep_dir.exists():
         shutil.rmtree(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
     print(f"[sweep {sweep.name}] {len(trials)} trials -> {sweep_dir}", flush=True)
 
-    init_ray(cfg, sweep_dir)
+    if cfg.ray.address == "local":
+        init_ray(cfg, sweep_dir)  # (its session files go into the sweep folder)
     try:
         cpus, gpus, workers = cfg.ray.cpus_per_trial, cfg.ray.gpus_per_trial, cfg.ray.workers_per_trial
         # A trial's config is looked up by its key in `configs` (handed over through Ray's object store,
