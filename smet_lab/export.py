@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from smet_lab.config import ConfigError, ModelConfig, RunConfig, from_dict
+from smet_lab.config import ConfigError, ModelConfig, RunConfig, check_writable_dir, from_dict
 from smet_lab.train import checkpoint as ckpt
 
 FORMATS = ("dense", "compact")
@@ -170,17 +170,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", action="store_true", help="print the export's loss on the run's validation batches")
     args = p.parse_args(argv)
     try:
+        check_writable_dir("--out", args.out)
         read = read_checkpoint(args.checkpoint)
         out = export(args.checkpoint, args.out, args.format, read=read)
     except ExportError as exc:
         print(f"smet_lab: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    size = sum(f.stat().st_size for f in out.iterdir())
+    except ConfigError as exc:
+        print(f"smet_lab: error: {exc.key} {exc.value}: {exc.allowed}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    size = sum((out / name).stat().st_size for name in (WEIGHTS, MANIFEST))
     print(f"smet_lab: exported {args.checkpoint} as {args.format} to {out} ({size / 2**20:,.2f} MiB)")
     if args.eval:
         cfg, state, _ = read
-        logged = [r["val/loss"] for r in state["history"] if "val/loss" in r and r["step"] <= state["step"]]
-        run = f" (the run's last val loss: {logged[-1]:.6f})" if logged else ""
+        logged = [(r["step"], r["val/loss"]) for r in state["history"] if "val/loss" in r and r["step"] <= state["step"]]
+        run = ""
+        if logged and logged[-1][0] == state["step"]:
+            run = f" (the run's val loss at this step: {logged[-1][1]:.6f})"
+        elif logged:  # a checkpoint between evaluations: the run's number is of other weights
+            run = (f" (the run last evaluated at step {logged[-1][0]}: {logged[-1][1]:.6f}; "
+                   f"this checkpoint is step {state['step']})")
         print(f"smet_lab: val loss of the export: {evaluate_export(out, cfg):.6f}{run}")
     return 0
 

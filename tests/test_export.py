@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -63,9 +64,26 @@ def test_export_cli_and_bad_input(finished, tmp_path):
     assert printed == pytest.approx(result.summary["summary/final_val_loss"], abs=1e-6)
     if cfg.sparsity.weights == "dense":
         return  # bad input is the same for both layouts: checked once, with the compact run's checkpoint
+    (tmp_path / "a_file").write_text("x")
     for args, says in (([tmp_path / "nowhere", "--out", tmp_path / "x"], "expected a checkpoints/step_<N> folder"),
+                       ([ckpt, "--out", tmp_path / "a_file" / "x"], f"a folder that can be written ({tmp_path / 'a_file'} is a file)"),
                        ([ckpt, "--out", tmp_path / "x", "--format", "sparse"], "invalid choice: 'sparse'")):
         bad = run(*args)
         assert bad.returncode == 2
         assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("smet_lab: error: ") and says in bad.stderr
         assert not (tmp_path / "x").exists()
+
+
+def test_eval_of_a_checkpoint_between_evaluations_names_the_steps(finished, tmp_path, capsys):
+    """A checkpoint taken between evaluations (a sweep's, say) is not compared with the run's last val
+    loss as if they were the same weights: --eval names both steps."""
+    from smet_lab.export import main
+
+    cfg, _, _ = finished
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=20, checkpoint_every=15))
+    train(cfg, output_dir=tmp_path / "run", callbacks=QUIET)
+    assert main([str(tmp_path / "run" / "checkpoints" / "step_15"), "--out", str(tmp_path / "e"), "--eval"]) == 0
+    out = capsys.readouterr().out
+    assert "(the run last evaluated at step 10: " in out and "; this checkpoint is step 15)" in out
+    assert main([str(tmp_path / "run" / "checkpoints" / "step_20"), "--out", str(tmp_path / "f"), "--eval"]) == 0
+    assert "(the run's val loss at this step: " in capsys.readouterr().out

@@ -189,6 +189,18 @@ def test_smoke_sweep_parent_and_children_in_mlflow(tmp_path):
     by_method = {c.data.tags["smet.method"]: c.data.metrics["summary/final_val_loss"] for c in children}
     for r in rows:
         assert float(r["summary/final_val_loss"]) == pytest.approx(by_method[r["method"]])
+    # Each trial keeps its final weights: exported, they give the trial's final val loss.
+    from smet_lab.export import evaluate_export, export, read_checkpoint
+
+    finals = {}
+    for state in (tmp_path / "sw" / "smoke" / "tune").glob("run_trial_*/checkpoint_*/state.pt"):
+        cfg, saved, _ = read_checkpoint(state.parent)
+        if saved["step"] == 40:
+            finals[cfg.method] = (state.parent, cfg)
+    assert sorted(finals) == ["naive_dst", "smet"]
+    for method, (ckpt, cfg) in finals.items():
+        out = export(ckpt, tmp_path / f"export_{method}")
+        assert evaluate_export(out, cfg) == pytest.approx(by_method[method], abs=1e-6)
 
 
 @pytest.mark.e2e

@@ -334,7 +334,9 @@ def train(
     if status == "DIVERGED":
         summary["summary/diverged"] = 1.0
     if output_dir and status == "FINISHED" and run.step == t.max_steps:
-        save(run.step)
+        saved = save(run.step)
+        if cb.on_checkpoint:  # a sweep keeps its trials' final weights (python -m smet_lab.export takes them)
+            cb.on_checkpoint(saved, run.step)
     log(summary, run.step)
     return RunResult(status, summary, run.history, error, str(output_dir) if output_dir else None)
 
