@@ -62,7 +62,7 @@ def test_every_option_of_every_group_composes(group):
             assert cfg.data.name == option
         run = to_run_config(cfg)
         if group not in ("data", "tracking", "ray", "train"):
-            check_config(run)
+            check_config(run, fit_here=False)  # valid everywhere; whether it fits this machine is another check
 
 
 def test_method_presets_set_exactly_the_python_presets():

@@ -46,7 +46,7 @@ def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial],
         try:
             # The recorded config is the effective one: the tokenizer sets the vocabulary.
             # (A cluster's trials train on its nodes: the driver's memory says nothing about them.)
-            cfg_t["model"]["vocab_size"] = check_config(run_config_from(cfg_t), here=cfg.ray.address == "local")
+            cfg_t["model"]["vocab_size"] = check_config(run_config_from(cfg_t), fit_here=cfg.ray.address == "local")
         except ConfigError as exc:
             raise ConfigError(exc.key, exc.value, f"{exc.allowed} (in trial {trial.key})") from None
     key = "ray.storage" if cfg.ray.storage else "sweep.storage"

@@ -66,11 +66,12 @@ def validate_run(cfg: RunConfig) -> None:
     validate_model(cfg.model)
 
 
-def check_config(cfg: RunConfig, here: bool = True) -> int:
+def check_config(cfg: RunConfig, fit_here: bool = True) -> int:
     """Pre-flight of the whole run config without building anything heavy (no corpus is read, no
     model built): what a command line runs before it creates any output or tracking run. Returns the
     vocabulary size the run will have (the tokenizer's; model.vocab_size is replaced by it).
-    here=False: the run will not train on this machine (a Ray cluster's trial), so its memory is not checked."""
+    fit_here=False: the run will not train on this machine (a Ray cluster's trial), or only its validity is asked:
+    the memory floor is not checked."""
     validate_run(cfg)
     s, o = cfg.sparsity, cfg.optim
     validate_sparsity(s.density, s.distribution, s.block_size, s.weights)
@@ -79,7 +80,7 @@ def check_config(cfg: RunConfig, here: bool = True) -> int:
     validate_dynamic(s.update_every, s.prune_rate, s.prune_schedule, s.prune, s.growth)
     validate_optim_config(o)
     tokenizer = check_data(cfg.data)
-    check_shapes_and_fit(cfg, tokenizer.vocab_size, here)
+    check_shapes_and_fit(cfg, tokenizer.vocab_size, fit_here)
     if cfg.train.resume_from:
         probe = copy.deepcopy(cfg)
         probe.model.vocab_size = tokenizer.vocab_size
@@ -103,9 +104,9 @@ def memory_bytes(device: torch.device) -> int | None:
         return total
 
 
-def check_shapes_and_fit(cfg: RunConfig, vocab_size: int, here: bool = True) -> None:
+def check_shapes_and_fit(cfg: RunConfig, vocab_size: int, fit_here: bool = True) -> None:
     """What depends on the model's layer shapes, read from the model built on the meta device (shapes, no
-    memory): the sparse layers divide into blocks, something is sparse at density < 1, and (here) the run's
+    memory): the sparse layers divide into blocks, something is sparse at density < 1, and (fit_here) the run's
     memory floor (weights, gradients, Adam state; the model is built dense first) fits this machine."""
     s = cfg.sparsity
     validate_patterns(s.dense_patterns)
@@ -120,7 +121,7 @@ def check_shapes_and_fit(cfg: RunConfig, vocab_size: int, here: bool = True) -> 
     check_blocks(named, s.block_size)
     n_sparse = sum(p.numel() for _, p in named)
     device = resolve_device(cfg.train.device)
-    have = memory_bytes(device) if here else None
+    have = memory_bytes(device) if fit_here else None
     if have is None:
         return
     # Processes of one torchrun on this host each hold a replica; on a GPU each has its own device.
