@@ -1,5 +1,5 @@
 """Pre-flight checks of a run config: every key's value, before anything is built (no corpus is read,
-no model built), each raising one ConfigError that names the key."""
+the model only on the meta device: shapes, no memory), each raising one ConfigError that names the key."""
 
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def validate_run(cfg: RunConfig) -> None:
 
 
 def check_config(cfg: RunConfig, fit_here: bool = True) -> int:
-    """Pre-flight of the whole run config without building anything heavy (no corpus is read, no
-    model built): what a command line runs before it creates any output or tracking run. Returns the
+    """Pre-flight of the whole run config without building anything heavy (no corpus is read, the
+    model only on the meta device): what a command line runs before it creates any output or tracking run. Returns the
     vocabulary size the run will have (the tokenizer's; model.vocab_size is replaced by it).
     fit_here=False: the run will not train on this machine (a Ray cluster's trial), or only its validity is asked:
     the memory floor is not checked."""
