@@ -129,6 +129,7 @@ class SparseTopology:
         active blocks per layer. Inactive weights are zeroed in place; with weights="compact" each
         sparse nn.Linear is then replaced by a CompactLinear holding only its active values."""
         validate_sparsity(density, distribution, block_size, weights)
+        validate_patterns(dense_patterns)
         named = sparse_params(model, dense_patterns)
         if density >= 1.0 or not named:
             return cls([], 1.0)
