@@ -133,7 +133,7 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     run_cfg = to_run_config(cfg)
     tracking = OmegaConf.to_object(cfg.tracking)
     try:
-        corpus = load_corpus(run_cfg.data)
+        corpus = load_corpus(run_cfg.data, progress=print)
         check_streams(corpus.train, corpus.val, run_cfg.model.seq_len, run_cfg.train.batch_size)
     except ConfigError as exc:
         _remove_if_empty(output_dir)

@@ -141,16 +141,16 @@ def load_export(path: str | Path):
     return model, manifest
 
 
-def evaluate_export(path: str | Path, cfg: RunConfig | None = None) -> float:
+def evaluate_export(path: str | Path, cfg: RunConfig | None = None, progress=None) -> float:
     """The export's mean loss on its run's validation batches (`cfg`: the run's config, read from the
-    manifest's checkpoint if not given), computed as the trainer does."""
+    manifest's checkpoint if not given), computed as the trainer does; `progress` as in load_corpus."""
     from smet_lab.data import TokenBatcher, load_corpus
     from smet_lab.train.trainer import mean_loss
 
     model, manifest = load_export(path)
     if cfg is None:
         cfg = read_checkpoint(manifest["checkpoint"])[0]
-    corpus = load_corpus(cfg.data)
+    corpus = load_corpus(cfg.data, progress=progress)
     batches = TokenBatcher.fixed_batches(corpus.val, cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches)
     return mean_loss(model, batches, cfg.train.dtype == "bfloat16")
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         elif logged:  # a checkpoint between evaluations: the run's number is of other weights
             run = (f" (the run last evaluated at step {logged[-1][0]}: {logged[-1][1]:.6f}; "
                    f"this checkpoint is step {state['step']})")
-        print(f"smet_lab: val loss of the export: {evaluate_export(out, cfg):.6f}{run}")
+        print(f"smet_lab: val loss of the export: {evaluate_export(out, cfg, progress=print):.6f}{run}")
     return 0
 
 

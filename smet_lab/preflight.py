@@ -143,6 +143,12 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
         group, option = missing.groups()
         return (f"{group}={option} is not allowed: one of {', '.join(group_options(group))}"
                 f"{did_you_mean(option, group_options(group))}")
+    twice = re.search(r"Multiple values for ([\w-]+)|([\w-]+) appears more than once in the final defaults", text)
+    if twice:  # `+experiment=x`: the group is in the defaults list already, so a plus would add it twice
+        group = twice.group(1) or twice.group(2)
+        option = next((override_value(o) for o in overrides if override_key(o) == group), "NAME")
+        return (f"+{group}={option} is not allowed: {group} is in the defaults list; "
+                f"choose it without the plus: {group}={option}")
     override = re.search(r"Could not override '([^']+)'", text)
     key_error = re.search(r"Key '([^']+)' not in '(\w+)'", text)
     if override or key_error:
@@ -289,12 +295,13 @@ HELP = """smet_lab: dynamic sparse training (DST) of LLaMA-style language models
 step reset + warm-up for regrown weights, density-scaled learning rate, compact optimizer state), with
 Ray Tune sweeps, MLflow tracking and stability reports.
 
-Usage: python -m smet_lab [KEY=VALUE ...] [GROUP=OPTION ...] [+sweep=NAME | -m KEY=A,B ...]
+Usage: python -m smet_lab [KEY=VALUE ...] [GROUP=OPTION ...] [experiment=NAME] [+sweep=NAME | -m KEY=A,B ...]
 
 Main commands:
   python -m smet_lab                                       one run: tiny model, embedded corpus, smet at density 0.25
   python -m smet_lab method=naive_dst sparsity.density=0.1 train.max_steps=500
   python -m smet_lab data=text_files data.path=/data/my.txt  train on your own text (.txt/.jsonl/.json.gz)
+  python -m smet_lab experiment=released_130m              a bundle: the released SMET 130M recipe (C4, one GPU)
   python -m smet_lab +sweep=density                        a Ray Tune sweep: MLflow parent + child runs + report
   python -m smet_lab -m sparsity.density=0.1,0.25 method=smet,naive_dst   the same grid as a Hydra multirun
   python -m smet_lab +sweep=smoke sweep.retry_failed=true  resume a sweep, re-running its failed trials

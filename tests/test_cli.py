@@ -34,7 +34,7 @@ def test_defaults_list_and_sweep_not_in_it():
 
     defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
     groups = [next(iter(d)) for d in defaults if not isinstance(d, str) and not next(iter(d)).startswith("override ")]
-    assert groups == GROUPS[:2] + ["sparsity", "optim", "train", "tracking", "ray", "method"]
+    assert groups == GROUPS[:2] + ["sparsity", "optim", "train", "tracking", "ray", "experiment", "method"]
     assert "sweep" not in groups  # appended by +sweep=NAME
     cfg = compose([])
     assert cfg.method == "smet" and cfg.model.name == "tiny" and cfg.data.name == "pysource"
@@ -46,6 +46,59 @@ def test_presets_have_one_source():
     assert options("model") == sorted(PRESETS)
     # Method presets: the `method` options are built from smet_lab.methods.METHODS; no YAML copies.
     assert options("method") == sorted(METHODS) and not (CONF_DIR / "method").exists()
+
+
+# The released SMET scripts (steps, global batch, density) and the paper's Figure 1 (LLaMA-240M, 1.3 B
+# tokens at density 0.25), as tabulated from the released code and the paper, independently of the YAML.
+RECIPES = {"released_130m": ("llama_130m", 20_000, 0.5), "released_350m": ("llama_350m", 60_000, 0.5),
+           "paper_fig1": ("llama_240m", 10_000, 0.25)}
+
+
+def test_every_experiment_is_the_recipe_it_names(tmp_path, hf_tok_dir):
+    assert options("experiment") == sorted(RECIPES)
+    shard = tmp_path / "c4-train.00000-of-01024.json"
+    shard.write_text('{"text": "the cat sat on the mat"}\n' * 50)
+    local = [f"data.path={shard}", f"data.tokenizer=hf:{hf_tok_dir}", "train.device=cpu"]  # no hub, no GPU here
+    for name, (model, steps, density) in RECIPES.items():
+        cfg = compose([f"experiment={name}", *local])
+        run = to_run_config(cfg)
+        check_config(run, fit_here=False)
+        t, o = run.train, run.optim
+        assert (run.model.name, run.data.name, t.max_steps, run.sparsity.density) == (model, "c4", steps, density)
+        assert (run.model.dim, run.model.ffn_dim, run.model.n_layers, run.model.n_heads) == PRESETS[model][:4]
+        assert t.batch_size * t.grad_accum == 512 and run.model.seq_len == 256 and t.dtype == "bfloat16"
+        assert o.warmup_steps == steps // 20 and o.grad_clip == 0.0 and o.lr == 1e-3  # 5 % warm-up, no clipping
+        assert o.lr_scaling.scope == "all" and run.sparsity.prune_rate == 0.2 and run.sparsity.update_every == 100
+        # One pass: the corpus holds every training window of the run exactly once (windows of 257, stride 256).
+        assert (run.data.max_tokens - 1) // 256 == steps * 512
+        assert run.method == "smet" and o.regrow.warmup_steps == 100 and o.lr_scaling.rule == "inverse"
+    # Precedence: group defaults < experiment < method preset < command line.
+    assert to_run_config(compose(["experiment=released_130m", "method=dense"])).sparsity.density == 1.0
+    run = to_run_config(compose(["experiment=released_130m", "method=naive_dst", "sparsity.density=0.1", "model=tiny"]))
+    assert (run.sparsity.density, run.model.name, run.optim.lr_scaling.rule, run.train.max_steps) == \
+        (0.1, "tiny", "none", 20_000)
+    # A sweep on top: every trial is the recipe, with the grid's density and method.
+    from smet_lab.cli import method_composer
+    from smet_lab.sweep.runner import plan
+
+    overrides = ["experiment=paper_fig1", "+sweep=density", *local, f"ray.storage={tmp_path}"]
+    trials = plan(compose(overrides), method_composer(overrides))[2].values()
+    assert {(c["model"]["name"], c["train"]["max_steps"], c["data"]["max_tokens"]) for c in trials} == \
+        {("llama_240m", 10_000, 1_310_720_001)}
+    assert sorted((c["sparsity"]["density"], c["method"]) for c in trials) == \
+        [(0.1, "naive_dst"), (0.1, "smet"), (0.25, "naive_dst"), (0.25, "smet"), (0.5, "naive_dst"), (0.5, "smet"),
+         (1.0, "dense")]
+
+
+def test_an_experiment_with_a_plus_gets_one_line():
+    from smet_lab.cli import BadInput, preflight
+
+    with pytest.raises(BadInput, match=r"^\+experiment=paper_fig1 is not allowed: experiment is in the defaults "
+                                       r"list; choose it without the plus: experiment=paper_fig1$"):
+        preflight(["+experiment=paper_fig1"])
+    with pytest.raises(BadInput, match=r"^experiment=paper_fig is not allowed: one of paper_fig1, released_130m, "
+                                       r"released_350m; did you mean paper_fig1\?$"):
+        preflight(["experiment=paper_fig"])
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+import re
 import string
 import sysconfig
 from pathlib import Path
@@ -218,6 +219,33 @@ def test_text_files_max_tokens(tmp_path):
     cut = load_corpus(DataConfig(name="text_files", path=str(tmp_path), val_fraction=0.2, max_tokens=300))
     assert len(cut.train) == 300 and len(cut.val) == 60
     assert torch.equal(cut.train, full.train[:300]) and torch.equal(cut.val, full.val[:60])
+
+
+def test_loading_reports_progress_with_the_counts_so_far(tmp_path):
+    texts = ["x" * (20 + 7 * i) for i in range(40)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    # Expected from the documented split rule: after document i, the training tokens of the training
+    # documents so far (each + 1 separator), frozen once the budget of 900 is met.
+    expected, got = [], 0
+    for i, text in enumerate(texts, 1):
+        h = hashlib.sha256(f"0:t.jsonl:{i}".encode()).digest()
+        if int.from_bytes(h[:8], "big") / 2**64 >= 0.2 and got < 900:
+            got += len(text) + 1
+        expected.append(got)
+    lines = []
+    cfg = DataConfig(name="text_files", path=str(tmp_path), val_fraction=0.2, max_tokens=900)
+    corpus = load_corpus(cfg, progress=lines.append, every_s=0)  # a line after every document
+    assert len(lines) == 40 and len(corpus.train) == 900
+    for i, (line, want) in enumerate(zip(lines, expected), 1):
+        m = re.fullmatch(r"smet_lab: reading the corpus: ([\d,]+) / 900 training tokens \((\d+) %\), ([\d,]+) "
+                         r"documents, [\d.]+ M tokens/s(, ETA \d+ s)?", line)
+        assert m, line
+        count = int(m.group(1).replace(",", ""))
+        assert (count, int(m.group(2)), int(m.group(3).replace(",", ""))) == (want, min(100, 100 * want // 900), i)
+        assert (m.group(4) is None) == (count == 0 or count >= 900)  # an ETA once there is a rate, until done
+    quiet = []
+    load_corpus(cfg, progress=quiet.append)  # a load quicker than the interval says nothing
+    assert quiet == []
 
 
 # --- bad inputs ---------------------------------------------------------------------------------

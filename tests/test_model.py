@@ -12,7 +12,8 @@ from smet_lab.model import PRESETS, LLaMA, count_parameters, model_preset, valid
 
 # Total parameters (millions) of the released configs with the T5 vocabulary (32000), as tabulated in
 # the SMET paper (arXiv 2606.00888, the released model configs), independently of this code.
-PAPER_TOTALS_M = {"llama_60m": 58.1, "llama_130m": 134.1, "llama_350m": 368.0, "llama_1b": 1339.1, "llama_7b": 6738.4}
+PAPER_TOTALS_M = {"llama_60m": 58.1, "llama_130m": 134.1, "llama_240m": 239.4, "llama_350m": 368.0, "llama_1b": 1339.1,
+                  "llama_7b": 6738.4}
 
 
 @pytest.mark.parametrize("name,total", PAPER_TOTALS_M.items())
@@ -42,7 +43,8 @@ def test_tiny_model_parameter_count_by_hand():
 
 def test_preset_table_from_issue():
     expect = {"llama_9m": (128, 352, 4, 4), "llama_20m": (256, 688, 4, 4), "llama_35m": (384, 1024, 6, 8),
-              "llama_60m": (512, 1376, 8, 8), "llama_130m": (768, 2048, 12, 12), "llama_350m": (1024, 2736, 24, 16),
+              "llama_60m": (512, 1376, 8, 8), "llama_130m": (768, 2048, 12, 12), "llama_240m": (768, 2416, 24, 16),
+              "llama_350m": (1024, 2736, 24, 16),
               "llama_1b": (2048, 5461, 24, 32), "llama_7b": (4096, 11008, 32, 32)}
     for name, (d, f, L, H) in expect.items():
         c = model_preset(name)

@@ -20,6 +20,8 @@ import json
 import os
 import random
 import sysconfig
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -29,6 +31,8 @@ from smet_lab.config import ConfigError, DataConfig
 from smet_lab.data.tokenizer import build_tokenizer, hub_reachable
 
 Docs = Iterable[tuple[str, str]]
+# (report(line), seconds between lines) of the load_corpus call under way: a paper-scale corpus takes minutes.
+_PROGRESS: ContextVar[tuple[Callable[[str], None], float] | None] = ContextVar("corpus_progress", default=None)
 
 
 @dataclass
@@ -68,6 +72,8 @@ class _Assembler:
         self.count = {"train": 0, "val": 0}
         self.sha = hashlib.sha256()
         self.n_documents = 0
+        self.progress = _PROGRESS.get()
+        self.started = self.last_report = time.monotonic()
 
     def full(self, split: str) -> bool:
         return self.limit is not None and self.count[split] >= self.limit[split]
@@ -80,6 +86,21 @@ class _Assembler:
             ids = self.tok.encode_tensor(text).to(self.dtype)
             self.parts[split].append(ids)
             self.count[split] += len(ids) + len(self.sep)
+        if self.progress and time.monotonic() - self.last_report >= self.progress[1]:
+            self.report()
+
+    def report(self) -> None:
+        self.last_report = now = time.monotonic()
+        got, rate = self.count["train"], self.count["train"] / max(now - self.started, 1e-9)
+        if self.limit:
+            want = self.limit["train"]
+            eta = (want - got) / rate if rate else 0.0
+            done = f"{got:,} / {want:,} training tokens ({100 * min(got, want) // want} %)"
+            tail = "" if got >= want or not rate else f", ETA {eta:.0f} s" if eta < 90 else f", ETA {eta / 60:.1f} min"
+        else:
+            done, tail = f"{got:,} training tokens", ""
+        self.progress[0](f"smet_lab: reading the corpus: {done}, {self.n_documents:,} documents, "
+                         f"{rate / 1e6:.2f} M tokens/s{tail}")
 
     def consume(self, docs: Docs | dict[str, Docs], stop_early: bool) -> None:
         """Add documents. stop_early (streamed corpora): stop reading once the budget is met;
@@ -326,7 +347,12 @@ def check_data(cfg: DataConfig):
     return build_tokenizer(cfg.tokenizer)
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    """Validate `cfg`, build its tokenizer and load the named corpus (nothing is cached on disk)."""
+def load_corpus(cfg: DataConfig, progress: Callable[[str], None] | None = None, every_s: float = 15.0) -> Corpus:
+    """Validate `cfg`, build its tokenizer and load the named corpus (nothing is cached on disk).
+    `progress` gets a line every `every_s` seconds while documents are read (none for a quick load)."""
     tok = check_data(cfg)
-    return CORPORA[cfg.name](cfg, tok)
+    token = _PROGRESS.set((progress, every_s) if progress else None)
+    try:
+        return CORPORA[cfg.name](cfg, tok)
+    finally:
+        _PROGRESS.reset(token)

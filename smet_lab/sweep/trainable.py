@@ -61,7 +61,7 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
     torch.set_num_threads(max(1, int(cpus)))  # a trial (or each of its processes) gets its CPUs' worth of threads
     load_extensions(cfg_dict.get("extensions") or [])  # the same rules as the driver, in this worker
     run_cfg = run_config_from(cfg_dict)
-    corpus = load_corpus(run_cfg.data)
+    corpus = load_corpus(run_cfg.data, progress=print)  # in the trial's log (Ray's output of this worker)
     # Strings ride along in every report: the driver tags the trial's MLflow run with them.
     ident = {"trial_key": key, "smet_data_sha256": corpus.sha256}
     work = Path(tempfile.mkdtemp(prefix="smet_trial_"))
