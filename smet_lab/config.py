@@ -57,6 +57,7 @@ class DataConfig:
     val_fraction: float = 0.05
     seed: int = 0
     max_tokens: int = 0  # 0 = whole corpus (streamed corpora: required budget, see data/)
+    cache_dir: Optional[str] = None  # a folder: tokenize once there, then read it memory-mapped (data/cache.py)
 
 
 @dataclass

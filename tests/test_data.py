@@ -1,5 +1,6 @@
 """Tests for smet_lab.data: tokenizers, corpora and batching, checked against values computed here."""
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -248,6 +249,68 @@ def test_loading_reports_progress_with_the_counts_so_far(tmp_path):
     assert quiet == []
 
 
+# --- the on-disk cache (data.cache_dir) ----------------------------------------------------------
+
+
+def same_corpus(a: Corpus, b: Corpus) -> bool:
+    return (torch.equal(a.train, b.train) and torch.equal(a.val, b.val) and a.train.dtype == b.train.dtype
+            and (a.sha256, a.vocab_size, a.n_documents, a.name, a.tokenizer)
+            == (b.sha256, b.vocab_size, b.n_documents, b.name, b.tokenizer))
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "hf"])
+def test_a_cached_corpus_is_the_corpus_read_from_disk(tmp_path, hf_tok_dir, tokenizer):
+    write_tree(tmp_path / "d")
+    spec = "byte" if tokenizer == "byte" else f"hf:{hf_tok_dir}"
+    plain = DataConfig(name="text_files", path=str(tmp_path / "d"), val_fraction=0.4, tokenizer=spec)
+    cached = dataclasses.replace(plain, cache_dir=str(tmp_path / "cache"))
+    reference, lines = load_corpus(plain), []
+    first = load_corpus(cached, progress=lines.append)
+    assert same_corpus(first, reference) and len(lines) == 1 and "tokenized corpus kept in" in lines[0]
+    lines = []
+    again = load_corpus(cached, progress=lines.append)
+    assert same_corpus(again, reference) and lines == []
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    raw = bytearray((folder / "train.bin").read_bytes())
+    raw[:2] = b"\x05\x00"  # the file is what a cached load reads: token 5 at the start
+    (folder / "train.bin").write_bytes(bytes(raw))
+    assert load_corpus(cached).train[0] == 5 and reference.train[0] != 5
+    # What decides the tokens decides the folder: an edited file, another split or budget is tokenized anew.
+    (tmp_path / "d" / "a.txt").write_text("an edited document")
+    edited = load_corpus(cached)
+    assert same_corpus(edited, load_corpus(plain)) and not same_corpus(edited, reference)
+    assert same_corpus(load_corpus(dataclasses.replace(cached, val_fraction=0.2)),
+                       load_corpus(dataclasses.replace(plain, val_fraction=0.2)))
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 3
+
+
+def test_a_process_waits_for_the_one_writing_the_cache(tmp_path):
+    import fcntl
+    import threading
+    import time
+
+    from smet_lab.data.cache import cache_key
+    from smet_lab.data.corpus import check_data, data_files
+
+    write_tree(tmp_path / "d")
+    cfg = DataConfig(name="text_files", path=str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"))
+    folder = f"text_files-{cache_key(cfg, check_data(cfg), data_files(cfg))}"
+    (tmp_path / "cache").mkdir()
+    lines, out = [], {}
+    with open(tmp_path / "cache" / f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process is writing this corpus
+        waiter = threading.Thread(target=lambda: out.update(corpus=load_corpus(cfg, progress=lines.append)))
+        waiter.start()
+        deadline = time.time() + 30
+        while not lines and time.time() < deadline:
+            time.sleep(0.05)
+        assert lines and "waiting for another process" in lines[0] and waiter.is_alive()
+    # The writer stopped without writing (released, as the OS does for a process that died): the waiter builds it.
+    waiter.join(30)
+    assert same_corpus(out["corpus"], load_corpus(dataclasses.replace(cfg, cache_dir=None)))
+    assert (tmp_path / "cache" / folder / "meta.json").is_file() and "tokenized corpus kept in" in lines[-1]
+
+
 # --- bad inputs ---------------------------------------------------------------------------------
 
 
@@ -272,6 +335,9 @@ def test_bad_inputs(tmp_path):
     fails("data.max_tokens", max_tokens=-1)
     fails("data.val_fraction", val_fraction=0.0)
     fails("data.val_fraction", val_fraction=0.6)
+    (tmp_path / "a_file").write_text("")
+    assert "a_file is a file" in fails("data.cache_dir", cache_dir=str(tmp_path / "a_file" / "cache"))
+    assert not (tmp_path / "a_file").is_dir()
     assert set(CORPORA) == {"pysource", "synthetic", "text_files", "c4"}
 
 

@@ -137,11 +137,13 @@ def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
     # 2 -> 1: the 2-process checkpoint at step 100, continued here in one process
     resumed = reference(args, tmp_path / "resumed_one", tmp_path / "two" / "checkpoints" / "step_100")
     assert_close(resumed, ref, steps=range(101, 201))
-    # 1 -> 2: the 1-process checkpoint at step 100, continued by 2 processes
-    proc = torchrun(args + [f"hydra.run.dir={tmp_path}/resumed_two",
+    # 1 -> 2: the 1-process checkpoint at step 100, continued by 2 processes; they tokenize the corpus
+    # into a cache (one writes it, the other waits and reads it) and train on it as on the corpus in memory.
+    proc = torchrun(args + [f"hydra.run.dir={tmp_path}/resumed_two", f"data.cache_dir={tmp_path}/cache",
                             f"train.resume_from={tmp_path / 'one' / 'checkpoints' / 'step_100'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_close(curves(tmp_path / "resumed_two" / "metrics.parquet"), ref, steps=range(101, 201))
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 1
 
 
 @pytest.mark.slow

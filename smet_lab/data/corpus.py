@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from smet_lab.config import ConfigError, DataConfig
+from smet_lab.config import ConfigError, DataConfig, check_writable_dir
 from smet_lab.data.tokenizer import build_tokenizer, hub_reachable
 
 Docs = Iterable[tuple[str, str]]
@@ -340,19 +340,32 @@ def check_data(cfg: DataConfig):
         raise ConfigError("data.seed", cfg.seed, "an integer")
     if cfg.name == "c4" and cfg.max_tokens <= 0:
         raise ConfigError("data.max_tokens", cfg.max_tokens, "c4 is streamed: give a token budget > 0")
-    if cfg.name == "text_files":
-        _resolve_files(cfg.path, _TEXT_SUFFIXES)
-    elif cfg.name == "c4" and cfg.path:
-        _resolve_files(cfg.path, _JSON_SUFFIXES)
+    data_files(cfg)  # a missing or unreadable data.path
+    if cfg.cache_dir is not None:
+        if not isinstance(cfg.cache_dir, str) or not cfg.cache_dir:
+            raise ConfigError("data.cache_dir", cfg.cache_dir, "a folder path, or null (no cache)")
+        check_writable_dir("data.cache_dir", cfg.cache_dir)
     return build_tokenizer(cfg.tokenizer)
 
 
+def data_files(cfg: DataConfig) -> list[str]:
+    """The local files the corpus of `cfg` reads (none for pysource, synthetic and C4 from the hub)."""
+    if cfg.name == "text_files" or (cfg.name == "c4" and cfg.path):
+        return [p for _, p in _resolve_files(cfg.path, _TEXT_SUFFIXES if cfg.name == "text_files" else _JSON_SUFFIXES)]
+    return []
+
+
 def load_corpus(cfg: DataConfig, progress: Callable[[str], None] | None = None, every_s: float = 15.0) -> Corpus:
-    """Validate `cfg`, build its tokenizer and load the named corpus (nothing is cached on disk).
-    `progress` gets a line every `every_s` seconds while documents are read (none for a quick load)."""
+    """Validate `cfg`, build its tokenizer and load the named corpus; with `cfg.cache_dir`, tokenized
+    once into that folder and read from it memory-mapped (smet_lab.data.cache). `progress` gets a line
+    every `every_s` seconds while documents are read (none for a quick load)."""
     tok = check_data(cfg)
     token = _PROGRESS.set((progress, every_s) if progress else None)
     try:
-        return CORPORA[cfg.name](cfg, tok)
+        if not cfg.cache_dir:
+            return CORPORA[cfg.name](cfg, tok)
+        from smet_lab.data.cache import cached
+
+        return cached(cfg, tok, data_files(cfg), lambda: CORPORA[cfg.name](cfg, tok), progress)
     finally:
         _PROGRESS.reset(token)

@@ -1,11 +1,12 @@
 """Tokenizers: a dependency-free byte tokenizer and a thin wrapper over Hugging Face `tokenizers`.
 
-Both expose the same small surface (name, vocab_size, eos_id, encode, encode_tensor, decode), so the
+Both expose the same small surface (name, vocab_size, eos_id, fingerprint, encode, encode_tensor, decode), so the
 corpus code never needs to know which one it has.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -21,6 +22,9 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 256
     eos_id = None
+
+    def fingerprint(self) -> str:
+        return "byte"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -47,6 +51,10 @@ class HFTokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         ids = (tok.token_to_id(t) for t in self._EOS_TOKENS)
         self.eos_id = next((i for i in ids if i is not None), None)
+
+    def fingerprint(self) -> str:
+        """What decides its ids: a hash of its whole definition (vocabulary, model, normalizer, ...)."""
+        return hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=False: e.g. T5 would otherwise append </s> to every document itself.
