@@ -44,7 +44,7 @@ def test_byte_tokenizer_round_trip():
     ids = tok.encode(text)
     assert ids == list(text.encode("utf-8")) and len(ids) == len(text) + 4  # é, ö: 2 bytes; ✓: 3
     assert tok.decode(ids) == text and tok.decode(torch.tensor(ids)) == text
-    assert tok.encode_tensor(text).tolist() == ids and tok.encode_tensor("").numel() == 0
+    assert [t.tolist() for t in tok.encode_tensors([text, ""])] == [ids, []]
     assert (tok.vocab_size, tok.eos_id, tok.name) == (256, None, "byte")
 
 
@@ -72,6 +72,9 @@ def test_hf_tokenizer_from_file_and_dir(hf_tok_dir):
         assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids
         assert tok.encode(text)[-1] == 0 and ref.encode(text).ids[-1] == 1  # zebra -> [UNK]; no </s>
         assert tok.decode(tok.encode("the dog")) == "the dog"
+        texts = ["the cat sat", "", "a dog ate the bone zebra", "one two three four"]
+        assert [t.tolist() for t in tok.encode_tensors(texts)] == \
+            [ref.encode(t, add_special_tokens=False).ids for t in texts]
 
 
 def test_storage_dtype():
@@ -247,6 +250,32 @@ def test_loading_reports_progress_with_the_counts_so_far(tmp_path):
     quiet = []
     load_corpus(cfg, progress=quiet.append)  # a load quicker than the interval says nothing
     assert quiet == []
+
+
+def test_a_streamed_corpus_stops_at_the_document_that_fills_its_budget(tmp_path):
+    """Documents are tokenized in batches (smet_lab.data.corpus.CHUNK), yet a streamed corpus reads,
+    fingerprints and keeps exactly the documents one-by-one reading would: computed here by hand."""
+    texts = [f"document {i} " + "z" * (i % 53) for i in range(1500)]
+    shard = tmp_path / "c4-train.00000-of-00001.jsonl"
+    shard.write_text("".join(json.dumps({"text": t, "url": f"https://x/{i}"}) + "\n" for i, t in enumerate(texts)))
+    budget, vf = 20_000, 0.2
+    want = {"train": budget, "val": int(budget * vf)}
+    kept, count, read = {"train": [], "val": []}, {"train": 0, "val": 0}, []
+    for i, text in enumerate(texts):
+        key = f"https://x/{i}"  # C4's records are keyed by their URL
+        h = hashlib.sha256(f"0:{key}".encode()).digest()
+        split = "val" if int.from_bytes(h[:8], "big") / 2**64 < vf else "train"
+        read.append((key, text))
+        if count[split] < want[split]:
+            kept[split].append(text)
+            count[split] += len(text) + 1
+        if all(count[s] >= want[s] for s in want):
+            break
+    assert 256 < len(read) < 1500 and len(read) % 256  # stops inside a later batch, before the end
+    corpus = load_corpus(DataConfig(name="c4", path=str(shard), tokenizer="byte", max_tokens=budget, val_fraction=vf))
+    assert corpus.n_documents == len(read) and corpus.sha256 == fingerprint(read)
+    assert text_of(corpus.train) == "\n".join(kept["train"])[:budget]
+    assert text_of(corpus.val) == "\n".join(kept["val"])[:want["val"]]
 
 
 # --- the on-disk cache (data.cache_dir) ----------------------------------------------------------

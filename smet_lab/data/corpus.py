@@ -59,6 +59,9 @@ def is_val(seed: int, key: str, val_fraction: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < val_fraction
 
 
+CHUNK = 256  # documents tokenized in one batch
+
+
 class _Assembler:
     """Collects documents into train/val token streams under an optional token budget."""
 
@@ -78,12 +81,11 @@ class _Assembler:
     def full(self, split: str) -> bool:
         return self.limit is not None and self.count[split] >= self.limit[split]
 
-    def add(self, key: str, text: str, split: str | None = None) -> None:
+    def add(self, key: str, text: str, split: str, ids: torch.Tensor | None) -> None:
         self.sha.update(key.encode("utf-8") + b"\0" + text.encode("utf-8") + b"\0")
         self.n_documents += 1
-        split = split or ("val" if is_val(self.seed, key, self.val_fraction) else "train")
         if not self.full(split):  # past the budget we still fingerprint, but skip tokenizing
-            ids = self.tok.encode_tensor(text).to(self.dtype)
+            ids = ids.to(self.dtype)
             self.parts[split].append(ids)
             self.count[split] += len(ids) + len(self.sep)
         if self.progress and time.monotonic() - self.last_report >= self.progress[1]:
@@ -108,15 +110,23 @@ class _Assembler:
         A dict {split: docs} takes each split from its own source (remote C4 train/validation)."""
         if isinstance(docs, dict):
             for split, source in docs.items():
-                for key, text in source:
-                    self.add(key, text, split)
-                    if stop_early and self.full(split):
-                        break
+                self._consume(((key, text, split) for key, text in source), stop_early and (lambda: self.full(split)))
             return
-        for key, text in docs:
-            self.add(key, text)
-            if stop_early and self.full("train") and self.full("val"):
-                break
+        self._consume(((key, text, None) for key, text in docs),
+                      stop_early and (lambda: self.full("train") and self.full("val")))
+
+    def _consume(self, docs: Iterator[tuple[str, str, str | None]], done: Callable[[], bool] | bool) -> None:
+        """Documents in order, each exactly as if added one by one, but tokenized CHUNK at a time: a
+        document is tokenized if its split was not full at its chunk's start (a superset of those added)."""
+        while chunk := list(itertools.islice(docs, CHUNK)):
+            splits = [split or ("val" if is_val(self.seed, key, self.val_fraction) else "train")
+                      for key, _, split in chunk]
+            todo = [i for i, split in enumerate(splits) if not self.full(split)]
+            ids = dict(zip(todo, self.tok.encode_tensors([chunk[i][1] for i in todo])))
+            for i, ((key, text, _), split) in enumerate(zip(chunk, splits)):
+                self.add(key, text, split, ids.get(i))
+                if done and done():
+                    return
 
     def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         pieces = []

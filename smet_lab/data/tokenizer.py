@@ -1,6 +1,6 @@
 """Tokenizers: a dependency-free byte tokenizer and a thin wrapper over Hugging Face `tokenizers`.
 
-Both expose the same small surface (name, vocab_size, eos_id, fingerprint, encode, encode_tensor, decode), so the
+Both expose the same small surface (name, vocab_size, eos_id, fingerprint, encode, encode_tensors, decode), so the
 corpus code never needs to know which one it has.
 """
 
@@ -29,12 +29,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_tensor(self, text: str) -> torch.Tensor:
-        # Fast path for large corpora: no Python int per byte.
-        data = text.encode("utf-8")
-        if not data:  # torch.frombuffer rejects empty buffers
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    def encode_tensors(self, texts: list[str]) -> list[torch.Tensor]:
+        # Fast path for large corpora: no Python int per byte (torch.frombuffer rejects empty buffers).
+        return [torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+                for data in (t.encode("utf-8") for t in texts)]
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
@@ -60,8 +58,10 @@ class HFTokenizer:
         # add_special_tokens=False: e.g. T5 would otherwise append </s> to every document itself.
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_tensor(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.encode(text), dtype=torch.int64)
+    def encode_tensors(self, texts: list[str]) -> list[torch.Tensor]:
+        # One batch: the tokenizers library spreads it over every core (the same ids as encode()).
+        batch = self._tok.encode_batch(texts, add_special_tokens=False) if texts else []
+        return [torch.tensor(e.ids, dtype=torch.int64) for e in batch]
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
