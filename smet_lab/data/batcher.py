@@ -53,7 +53,9 @@ def _split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class TokenBatcher:
     def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, device="cpu",
                  rank: int = 0, world: int = 1):
-        self.windows = _windows(tokens, seq_len, device)
+        # The stream stays where it is (RAM, or the corpus cache's pages); each batch goes to the device,
+        # so a paper-scale corpus (GBs of tokens) takes no GPU memory.
+        self.windows, self.device = _windows(tokens, seq_len, "cpu"), torch.device(device)
         self.n_windows = len(self.windows)
         _check_batch(batch_size, self.n_windows, seq_len)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
@@ -65,7 +67,7 @@ class TokenBatcher:
     def _order(self) -> torch.Tensor:
         if self._perm_epoch != self.epoch:  # cache one permutation; recomputed only on epoch change
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-            self._perm = torch.randperm(self.n_windows, generator=g).to(self.windows.device)
+            self._perm = torch.randperm(self.n_windows, generator=g)
             self._perm_epoch = self.epoch
         return self._perm
 
@@ -81,7 +83,7 @@ class TokenBatcher:
             if self.cursor == self.n_windows:
                 self.epoch, self.cursor = self.epoch + 1, 0
         idx = torch.cat(idx)
-        return _split(self.windows[idx if self.rows is None else idx[self.rows]])
+        return _split(self.windows[idx if self.rows is None else idx[self.rows]].to(self.device))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
