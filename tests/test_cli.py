@@ -261,6 +261,7 @@ def test_unreachable_tracking_server(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e  # real processes, ~10-30 s: in CI's set, not in the quick `pytest -q`
 def test_resume_from_a_checkpoint_of_another_model(finished_run, tmp_path):
     tmp, proc = finished_run
     assert proc.returncode == 0
@@ -351,6 +352,7 @@ def test_a_value_read_by_some_sweep_trials_is_accepted(tmp_path):
         preflight([*base, "optim.lr_scaling.power=0.5"])
 
 
+@pytest.mark.e2e  # real processes, ~10-30 s: in CI's set, not in the quick `pytest -q`
 def test_a_multirun_without_swept_values_is_one_run(tmp_path):
     proc = cli(["-m", *FAST, "train.max_steps=3", f"hydra.run.dir={tmp_path}/run", "tracking=none"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -198,6 +198,7 @@ print(json.dumps({{"losses": [h["train/loss"] for h in r.history], "applies": re
 """
 
 
+@pytest.mark.e2e  # two fresh processes, ~10 s: in CI's set, not in the quick `pytest -q`
 def test_release_memory_changes_no_number():
     """train.release_memory only changes where freed memory goes (in fresh processes: it is process-wide)."""
     import json
