@@ -22,6 +22,14 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value!r} is not allowed: {allowed}")
 
 
+def cache_root() -> Path:
+    """Where smet_lab keeps what it builds once (the C kernel, tokenized corpora):
+    $SMET_LAB_CACHE, else $XDG_CACHE_HOME/smet_lab, else ~/.cache/smet_lab."""
+    if os.environ.get("SMET_LAB_CACHE"):
+        return Path(os.environ["SMET_LAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smet_lab"
+
+
 def check_writable_dir(key: str, path) -> None:
     """ConfigError unless a folder can be made (or written) at `path`: its nearest existing ancestor is
     a writable folder. Checked without creating anything, so that bad input leaves nothing behind."""
@@ -57,7 +65,7 @@ class DataConfig:
     val_fraction: float = 0.05
     seed: int = 0
     max_tokens: int = 0  # 0 = whole corpus (streamed corpora: required budget, see data/)
-    cache_dir: Optional[str] = None  # a folder: tokenize once there, then read it memory-mapped (data/cache.py)
+    cache_dir: Optional[str] = None  # a folder (auto: cache_root()/corpora): tokenize once, then read memory-mapped
 
 
 @dataclass

@@ -313,6 +313,13 @@ def test_a_cached_corpus_is_the_corpus_read_from_disk(tmp_path, hf_tok_dir, toke
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 3
 
 
+def test_auto_is_the_corpora_folder_of_smet_labs_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMET_LAB_CACHE", str(tmp_path / "mine"))  # as the C kernel's cache (smet_lab.optim.cbuild)
+    corpus = load_corpus(DataConfig(name="synthetic", max_tokens=3000, cache_dir="auto"))
+    (meta,) = (tmp_path / "mine" / "corpora").glob("synthetic-*/meta.json")
+    assert json.loads(meta.read_text())["train_tokens"] == len(corpus.train) == 3000
+
+
 def test_a_process_waits_for_the_one_writing_the_cache(tmp_path):
     import fcntl
     import threading

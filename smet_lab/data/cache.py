@@ -22,10 +22,15 @@ from typing import Callable
 
 import torch
 
-from smet_lab.config import ConfigError, DataConfig
+from smet_lab.config import ConfigError, DataConfig, cache_root
 from smet_lab.data.corpus import Corpus
 
 FORMAT = 1  # bump when the assembler's output for the same input changes (split rule, separators, dtypes)
+
+
+def cache_folder(value: str) -> Path:
+    """data.cache_dir as a folder: `auto` is the corpora folder of smet_lab's cache (config.cache_root())."""
+    return cache_root() / "corpora" if value == "auto" else Path(value).expanduser()
 
 
 def cache_key(cfg: DataConfig, tok, files: list[str]) -> str:
@@ -40,7 +45,7 @@ def cache_key(cfg: DataConfig, tok, files: list[str]) -> str:
 def cached(cfg: DataConfig, tok, files: list[str], build: Callable[[], Corpus],
            say: Callable[[str], None] | None) -> Corpus:
     """The corpus from `cfg.cache_dir`, built there by `build()` first if no process has yet."""
-    folder = Path(cfg.cache_dir).expanduser() / f"{cfg.name}-{cache_key(cfg, tok, files)}"
+    folder = cache_folder(cfg.cache_dir) / f"{cfg.name}-{cache_key(cfg, tok, files)}"
     if not (folder / "meta.json").is_file():
         _build_once(cfg, folder, build, say)
     meta = json.loads((folder / "meta.json").read_text())

@@ -353,8 +353,10 @@ def check_data(cfg: DataConfig):
     data_files(cfg)  # a missing or unreadable data.path
     if cfg.cache_dir is not None:
         if not isinstance(cfg.cache_dir, str) or not cfg.cache_dir:
-            raise ConfigError("data.cache_dir", cfg.cache_dir, "a folder path, or null (no cache)")
-        check_writable_dir("data.cache_dir", cfg.cache_dir)
+            raise ConfigError("data.cache_dir", cfg.cache_dir, "a folder path, auto (smet_lab's cache) or null (no cache)")
+        from smet_lab.data.cache import cache_folder
+
+        check_writable_dir("data.cache_dir", cache_folder(cfg.cache_dir))
     return build_tokenizer(cfg.tokenizer)
 
 

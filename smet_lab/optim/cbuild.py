@@ -6,9 +6,7 @@ library is kept in a cache directory under a name that hashes what it was built 
 compiler (its resolved path, size and mtime) and the CPU (the model and feature flags: -march=native code
 must never reach a CPU without those features, e.g. a home directory shared over NFS by different
 nodes). A change of any of them builds a new library. Where the cache cannot be written the library is
-built in a temporary directory and loaded from there.
-
-    $SMET_LAB_CACHE, else $XDG_CACHE_HOME/smet_lab, else ~/.cache/smet_lab
+built in a temporary directory and loaded from there. The directory: smet_lab.config.cache_root().
 """
 
 from __future__ import annotations
@@ -22,6 +20,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from smet_lab.config import cache_root
+
 C_SOURCE = Path(__file__).with_name("adam_rows.c")
 C_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-fopenmp-simd"], [])  # tried in order
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
@@ -29,12 +29,6 @@ BASE_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 
 def c_compiler() -> str | None:
     return next(filter(None, map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))), None)
-
-
-def cache_dir() -> Path:
-    if os.environ.get("SMET_LAB_CACHE"):
-        return Path(os.environ["SMET_LAB_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smet_lab"
 
 
 def _cpu() -> bytes:
@@ -71,7 +65,7 @@ def load_library() -> ctypes.CDLL:
     cc = c_compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc, clang or $CC)")
-    cached = cache_dir() / library_name(cc)
+    cached = cache_root() / library_name(cc)
     if cached.is_file():
         try:
             return ctypes.CDLL(str(cached))
