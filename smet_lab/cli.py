@@ -96,6 +96,10 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
         if cfg.get("sweep") is not None:
             from smet_lab.sweep.runner import plan
 
+            if cfg.train.device == "cuda" and not cfg.ray.gpus_per_trial:  # Ray would hide every GPU from the trials
+                raise ConfigError("ray.gpus_per_trial", cfg.ray.gpus_per_trial,
+                                  "> 0 when the trials train on CUDA (train.device=cuda, e.g. train=gpu): Ray shows a "
+                                  "trial only the GPUs it gives it (ray.gpus_per_trial=1)")
             configs = list(plan(cfg, method_composer(overrides))[2].values())
             workers, origin = cfg.ray.workers_per_trial, "ray.workers_per_trial"
             if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

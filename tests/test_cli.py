@@ -90,6 +90,13 @@ def test_every_experiment_is_the_recipe_it_names(tmp_path, hf_tok_dir):
          (1.0, "dense")]
 
 
+def test_a_sweep_on_cuda_must_give_its_trials_gpus():
+    from smet_lab.cli import BadInput, preflight
+
+    with pytest.raises(BadInput, match=r"^ray.gpus_per_trial=0.0 is not allowed: > 0 when the trials train on CUDA"):
+        preflight(["experiment=paper_fig1", "+sweep=ablation"])
+
+
 def test_an_experiment_with_a_plus_gets_one_line():
     from smet_lab.cli import BadInput, preflight
 
