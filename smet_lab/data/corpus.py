@@ -110,12 +110,13 @@ class _Assembler:
         A dict {split: docs} takes each split from its own source (remote C4 train/validation)."""
         if isinstance(docs, dict):
             for split, source in docs.items():
-                self._consume(((key, text, split) for key, text in source), stop_early and (lambda: self.full(split)))
+                self._consume(((key, text, split) for key, text in source),
+                              (lambda: self.full(split)) if stop_early else None)
             return
         self._consume(((key, text, None) for key, text in docs),
-                      stop_early and (lambda: self.full("train") and self.full("val")))
+                      (lambda: self.full("train") and self.full("val")) if stop_early else None)
 
-    def _consume(self, docs: Iterator[tuple[str, str, str | None]], done: Callable[[], bool] | bool) -> None:
+    def _consume(self, docs: Iterator[tuple[str, str, str | None]], done: Callable[[], bool] | None) -> None:
         """Documents in order, each exactly as if added one by one, but tokenized CHUNK at a time: a
         document is tokenized if its split was not full at its chunk's start (a superset of those added)."""
         while chunk := list(itertools.islice(docs, CHUNK)):
