@@ -278,10 +278,12 @@ def train(
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
     report_every = max(1, t.max_steps // 20)
 
-    def save(step: int) -> Path | None:
-        """The checkpoint of `step`; with several processes the first writes it (the state is the same
-        on all) and the others get None."""
-        return ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}") if run.world.is_main else None
+    def save(step: int, report: bool = True) -> None:
+        """The checkpoint of `step`, handed to on_checkpoint when `report`; with several processes the
+        first writes it (the state is the same on all) and the others hand on None."""
+        path = ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}") if run.world.is_main else None
+        if report and cb.on_checkpoint:  # a sweep hands it to Ray Tune, the final one included (export takes it)
+            cb.on_checkpoint(path, step)
 
     summary = {}
     window_time, window_tokens, started, first_step = 0.0, 0, time.perf_counter(), run.step
@@ -318,13 +320,11 @@ def train(
             progress(f"step {step}/{t.max_steps} loss {loss:.4f}{val} base lr {metrics['train/lr']:.2e}{sparse_lr} "
                      f"{run.tokens / max(run.train_time, 1e-9):,.0f} tok/s ETA {eta:.0f}s")
         if output_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-            saved = save(step)
-            if cb.on_checkpoint:
-                cb.on_checkpoint(saved, step)
+            save(step)
         if run.world.any(should_stop is not None and should_stop()):  # every process asks: they stop together
             status, error = "KILLED", f"interrupted at step {step}"
             if output_dir:
-                save(step)
+                save(step, report=False)
             break
 
     summary.update(summarize(run))
@@ -334,9 +334,7 @@ def train(
     if status == "DIVERGED":
         summary["summary/diverged"] = 1.0
     if output_dir and status == "FINISHED" and run.step == t.max_steps:
-        saved = save(run.step)
-        if cb.on_checkpoint:  # a sweep keeps its trials' final weights (python -m smet_lab.export takes them)
-            cb.on_checkpoint(saved, run.step)
+        save(run.step)
     log(summary, run.step)
     return RunResult(status, summary, run.history, error, str(output_dir) if output_dir else None)
 
