@@ -158,11 +158,20 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
         if full.startswith("sweep.params."):
             return (f"{full}={value} is not allowed: not an axis of this sweep; add an axis with "
                     f"+{full}=[...] (the key must be a config key, e.g. +sweep.params.optim.lr=[0.001,0.002])")
+        if full.startswith("tracking.tags."):
+            return f"{full}={value} is not allowed: a new tag takes a plus: +{full}={value}"
         return unknown_key_message(full, value)
     typed = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
     full_key = re.search(r"full_key: ([\w.]+)", text)
     if typed and full_key:
         return f"{full_key.group(1)}={typed.group(1)} is not allowed: must be of type {typed.group(2)}"
+    nested = re.search(r"Cannot convert '(\w+)' to (\w+)", text)
+    if nested and full_key:  # +tracking.tags.a.b=1: a dot nests keys, and a tag's value must be a string
+        key = full_key.group(1)
+        typed_key = next((override_key(o) for o in overrides if override_key(o).startswith(key + ".")), key)
+        value = next((override_value(o) for o in overrides if override_key(o) == typed_key), None)
+        return (f"{typed_key}={value} is not allowed: {key} must be a {nested.group(2)}, not a {nested.group(1)} "
+                "(a dot in a key nests it)")
     if "Ambiguous value for argument" in text:
         key = re.search(r"argument '([^'=]+)", text)
         return (f"{key.group(1) if key else 'a value'}: a comma-separated list sweeps values only in a multirun: "
@@ -266,6 +275,7 @@ IGNORED_WHEN = [
     ("sparsity.weights", _dense),
     ("tracking.uri", _untracked),
     ("tracking.experiment", _untracked),
+    ("tracking.tags.", _untracked),
     ("train.dist_backend", lambda c: int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
      and _get(c, "ray.workers_per_trial") <= 1
      and "one process (read only under torchrun or with ray.workers_per_trial > 1)"),

@@ -61,6 +61,7 @@ def test_every_experiment_is_the_recipe_it_names(tmp_path, hf_tok_dir):
     local = [f"data.path={shard}", f"data.tokenizer=hf:{hf_tok_dir}", "train.device=cpu"]  # no hub, no GPU here
     for name, (model, steps, density) in RECIPES.items():
         cfg = compose([f"experiment={name}", *local])
+        assert cfg.tracking.tags == {"experiment": name}  # the MLflow tag that finds its runs
         run = to_run_config(cfg)
         check_config(run, fit_here=False)
         t, o = run.train, run.optim
@@ -159,7 +160,7 @@ def mlflow_runs(db: Path):
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     proc = cli([*FAST, f"hydra.run.dir={tmp}/run", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-                "train.checkpoint_every=20"], cwd=tmp)
+                "train.checkpoint_every=20", "+tracking.tags.owner=alice"], cwd=tmp)
     return tmp, proc
 
 
@@ -178,6 +179,7 @@ def test_end_to_end_run_is_tracked_in_mlflow(finished_run):
     assert run["params.sparsity.density"] == "0.25" and run["params.method"] == "smet"
     assert run["params.train.max_steps"] == "40" and run["params.optim.betas"] == "[0.9, 0.999]"
     assert run["tags.smet.method"] == "smet" and len(run["tags.smet.data_sha256"]) == 64
+    assert run["tags.owner"] == "alice" and run["params.tracking.tags.owner"] == "alice"
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     loss = client.get_metric_history(run["run_id"], "train/loss")
     assert [m.step for m in loss] == list(range(5, 41, 5))
@@ -243,6 +245,8 @@ BAD_INPUTS = [
     e2e(["model.vocab_size=1000"], "model.vocab_size=1000 is not allowed: ignored with the tokenizer's vocabulary"),
     e2e(["ray.cpus_per_trial=1"], "ray.* keys are read only by sweeps"),
     e2e(["tracking=none", "tracking.experiment=x"], "tracking.experiment=x is not allowed: ignored with tracking.enabled=false"),
+    e2e(["tracking.tags.owner=alice"], "tracking.tags.owner=alice is not allowed: a new tag takes a plus: +tracking.tags.owner=alice"),
+    e2e(["+tracking.tags.run.id=1"], "tracking.tags.run.id=1 is not allowed: tracking.tags.run must be a string, not a dict"),
     # A comma list outside a multirun; a multirun over a group other than method.
     (["sparsity.density=0.1,0.25"], "add -m"),
     (["-m", "model=tiny,small"], "model='tiny,small' is not allowed: a multirun sweeps method= and config values"),

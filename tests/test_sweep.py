@@ -164,10 +164,11 @@ def common(tmp):
 
 @pytest.mark.e2e
 def test_smoke_sweep_parent_and_children_in_mlflow(tmp_path):
-    proc = run_cli([*SMOKE, *common(tmp_path)], cwd=tmp_path)
+    proc = run_cli([*SMOKE, *common(tmp_path), "+tracking.tags.owner=alice"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[sweep smoke] 2/2 done" in proc.stdout
     client, runs = runs_of(tmp_path / "mlflow.db")
+    assert [r.data.tags["owner"] for r in runs] == ["alice"] * 3  # the user's tag on the parent and both trials
     parents = [r for r in runs if r.data.tags.get("smet.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("smet.kind") == "trial"]
     assert len(parents) == 1 and len(children) == 2

@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from helpers import free_port
 from smet_lab.config import ConfigError
-from smet_lab.tracking import (NullTracker, TrackingConfig, check_tracking, flatten, resolve_uri,
-                               start_run, write_run_artifacts)
+from smet_lab.tracking import (NullTracker, TrackingConfig, check_tracking, continue_run, find_or_start_run,
+                               flatten, resolve_uri, start_run, write_run_artifacts)
 
 CONFIG = {
     "model": {"name": "tiny", "dim": 64},
@@ -206,6 +206,41 @@ def test_statuses_never_left_running(db, runs_of):
     for c in children:
         assert status[c.run_id] == "FINISHED" and tag(c, "mlflow.parentRunId") == parent.run_id
     assert runs.at[children[1].run_id, "params.seed"] == "1"
+
+
+def test_own_tags_reach_every_kind_of_run(db, runs_of):
+    uri = f"sqlite:///{db}"
+    cfg = TrackingConfig(uri=uri, experiment="own_tags", tags={"owner": "alice", "study/id": "T-1"})
+    run = start_run(cfg, "run", {}, {"smet.method": "smet"})
+    run.finish()
+    parent = find_or_start_run(cfg, "sweep", {}, {"smet.kind": "sweep"}, match={"smet.sweep_dir": "/s"})
+    child = find_or_start_run(cfg, "trial", {}, {"smet.kind": "trial"}, match={"smet.trial_key": "k"},
+                              parent_run_id=parent.run_id)
+    child.finish()
+    parent.finish()
+    # A resumed sweep (the same runs found again) and a resumed run, both with one more tag.
+    later = TrackingConfig(uri=uri, experiment="own_tags", tags={"owner": "alice", "round": "2"})
+    again = find_or_start_run(later, "sweep", {}, {"smet.kind": "sweep"}, match={"smet.sweep_dir": "/s"})
+    assert again.run_id == parent.run_id
+    again.finish()
+    continue_run(later, run.run_id, {"smet.resumed": "true"}).finish()
+
+    runs = runs_of(uri, "own_tags")
+    assert set(runs.index) == {run.run_id, parent.run_id, child.run_id}
+    assert runs["tags.owner"].eq("alice").all()
+    assert runs["tags.study/id"].eq("T-1").all()
+    assert runs["tags.round"].fillna("-").to_dict() == {run.run_id: "2", parent.run_id: "2", child.run_id: "-"}
+    assert runs.at[run.run_id, "tags.smet.method"] == "smet" and runs.at[child.run_id, "tags.smet.kind"] == "trial"
+
+
+@pytest.mark.parametrize("name, allowed", [("smet.method", "outside smet_lab's and MLflow's own tags"),
+                                           ("mlflow.runName", "outside smet_lab's and MLflow's own tags"),
+                                           ("a:b", "a tag name of letters"), ("../x", "a tag name of letters")])
+def test_a_bad_tag_name_is_refused_before_any_run(tmp_path, name, allowed):
+    with pytest.raises(ConfigError) as e:
+        check_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", tags={name: "v"}))
+    assert str(e.value).startswith(f"tracking.tags.{name}='v' is not allowed: ") and allowed in str(e.value)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_relative_uri_and_no_git(db, monkeypatch, runs_of):

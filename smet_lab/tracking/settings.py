@@ -1,10 +1,11 @@
 """Tracking settings, the fast pre-flight check and config flattening (no MLflow import here)."""
 
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,6 +21,12 @@ class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "smet_lab"
     enabled: bool = True
+    tags: dict[str, str] = field(default_factory=dict)  # on every run: +tracking.tags.owner=alice
+
+
+# MLflow's rule for tag names (mlflow.utils.validation), checked here so that a bad one fails before a run.
+TAG_NAME = re.compile(r"^[/\w.\- ]{1,250}$")
+RESERVED_TAG_PREFIXES = ("smet.", "mlflow.")
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -40,6 +47,13 @@ def check_tracking(cfg: TrackingConfig) -> None:
     """Fail in a second, with one line naming `tracking.uri`, instead of after a training run."""
     if not cfg.enabled:
         return
+    for name in cfg.tags:
+        if not TAG_NAME.match(name) or ".." in name:
+            raise ConfigError(f"tracking.tags.{name}", cfg.tags[name], "a tag name of letters, digits, _ - . / and "
+                              "spaces (MLflow's rule), e.g. +tracking.tags.owner=alice")
+        if name.startswith(RESERVED_TAG_PREFIXES):
+            raise ConfigError(f"tracking.tags.{name}", cfg.tags[name], "a name outside smet_lab's and MLflow's "
+                              f"own tags (those starting with {' or '.join(RESERVED_TAG_PREFIXES)})")
     uri = cfg.uri
     path = sqlite_path(uri)
     if path is not None:

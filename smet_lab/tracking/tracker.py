@@ -66,7 +66,8 @@ class Tracker(NullTracker):
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, []
@@ -149,7 +150,7 @@ def start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: dict[str, 
     uri = resolve_uri(cfg.uri)
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, cfg.experiment, uri)
-    all_tags = {k: str(v) for k, v in tags.items()}
+    all_tags = {k: str(v) for k, v in {**cfg.tags, **tags}.items()}
     sha = git_sha()
     if sha:
         all_tags.setdefault("smet.git_sha", sha)
@@ -184,7 +185,7 @@ def continue_run(cfg: TrackingConfig, run_id: str, tags: dict[str, str]) -> Null
         return None
     client.update_run(run_id, status="RUNNING")
     tracker = Tracker(client, run_id)
-    tracker.set_tags(tags)
+    tracker.set_tags({**cfg.tags, **tags})
     return tracker
 
 
@@ -208,7 +209,7 @@ def find_or_start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: di
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
-        if mark_resumed:
-            client.set_tag(run_id, "smet.resumed", "true")
-        return Tracker(client, run_id)
+        tracker = Tracker(client, run_id)
+        tracker.set_tags({**cfg.tags, **({"smet.resumed": "true"} if mark_resumed else {})})
+        return tracker
     return start_run(cfg, run_name, params, {**tags, **match}, parent_run_id)
