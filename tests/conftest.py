@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers share the cores (pytest -n auto): one torch thread each, inherited by the runs they
+    # start, as two 2-thread processes on 2 cores run several times slower than two 1-thread ones.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
