@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from smet_lab import schema
 from smet_lab.config import ConfigError, RunConfig, run_config_from
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
-                                ignored_setting, multirun_overrides, split_args, unknown_key)
+                                ignored_setting, multirun_overrides, null_group, split_args, unknown_key)
 from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
@@ -75,6 +75,8 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    if null_group(overrides):
+        raise BadInput(null_group(overrides))
     try:
         cfg = compose(overrides)
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

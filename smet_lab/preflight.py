@@ -55,6 +55,9 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+OPTIONAL_GROUPS = ("experiment", "sweep")  # chosen by none of the defaults
+
+
 def config_groups() -> list[str]:
     return sorted({p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"method"})
 
@@ -135,6 +138,17 @@ def unknown_key(container: dict, overrides: list[str]) -> str | None:
     return walk(container, None)
 
 
+def null_group(overrides: list[str]) -> str | None:
+    """One line for GROUP=null (Hydra raises a bare ValueError with a traceback for it), or None."""
+    for o in overrides:
+        key, value = override_key(o), override_value(o)
+        if value is not None and value.lower() == "null" and key in config_groups():
+            typed = o.split("=", 1)[0]
+            return (f"{typed}=null is not allowed: one of {', '.join(group_options(key))} "
+                    f"(leave {typed}= out for {'none' if key in OPTIONAL_GROUPS else 'the default'})")
+    return None
+
+
 def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
     """Hydra's multi-line composition errors as one line: key, value, what is allowed."""
     text = str(exc) + ("\n" + str(exc.__cause__) if exc.__cause__ else "")
@@ -161,6 +175,14 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
         if full.startswith("tracking.tags."):
             return f"{full}={value} is not allowed: a new tag takes a plus: +{full}={value}"
         return unknown_key_message(full, value)
+    required = re.search(r"field '([\w.]+)' is not Optional", text)
+    if required:  # KEY=null on a key that needs a value
+        key = required.group(1)
+        section, name = key.rsplit(".", 1) if "." in key else (None, key)
+        node = _schema_node(section)
+        kind = next((f.type for f in dataclasses.fields(node) if f.name == name), None) if node else None
+        kind = kind if isinstance(kind, str) or kind is None else getattr(kind, "__name__", str(kind))
+        return f"{key}=null is not allowed: a value{f' of type {kind}' if kind else ''} is required, not null"
     typed = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
     full_key = re.search(r"full_key: ([\w.]+)", text)
     if typed and full_key:

@@ -91,6 +91,47 @@ def test_every_experiment_is_the_recipe_it_names(tmp_path, hf_tok_dir):
          (1.0, "dense")]
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model=null", "model=null is not allowed: one of llama_130m, llama_1b, "),
+    ("method=null", "method=null is not allowed: one of dense, naive_dst, smet, smet_no_reset, smet_no_scaling, "
+                    "smet_no_warmup, static (leave method= out for the default)"),
+    ("+sweep=null", "+sweep=null is not allowed: one of ablation, density, grid, "),
+    ("experiment=NULL", "experiment=null is not allowed: one of paper_fig1, released_130m, released_350m "
+                        "(leave experiment= out for none)"),
+    ("data.max_tokens=null", "data.max_tokens=null is not allowed: a value of type int is required, not null"),
+    ("tracking.uri=null", "tracking.uri=null is not allowed: a value of type str is required, not null"),
+    ("optim.betas=null", "optim.betas=null is not allowed: a value of type List[float] is required, not null"),
+])
+def test_null_for_a_group_or_a_required_key_gets_one_line(override, message):
+    from smet_lab.cli import BadInput, preflight
+
+    with pytest.raises(BadInput) as e:
+        preflight([override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.e2e
+def test_an_experiment_trains_at_toy_size_and_tags_its_run(tmp_path, hf_tok_dir):
+    import pandas as pd
+
+    shard = tmp_path / "c4-train.00000-of-01024.json"
+    shard.write_text("".join(f'{{"text": "the cat sat on the mat {"a dog ate the bone " * (i % 7)}"}}\n'
+                             for i in range(300)))
+    toy = ["model=tiny", "train.device=cpu", "train.max_steps=20", "train.batch_size=4", "train.grad_accum=1",
+           "model.seq_len=32", "data.max_tokens=6000", "data.val_fraction=0.1", f"data.cache_dir={tmp_path}/cache"]
+    proc = cli(["experiment=paper_fig1", f"data.path={shard}", f"data.tokenizer=hf:{hf_tok_dir}", *toy,
+                f"hydra.run.dir={tmp_path}/run", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = mlflow_runs(tmp_path / "mlflow.db").to_dict("records")
+    assert run["tags.experiment"] == "paper_fig1" and run["params.train.dtype"] == "bfloat16"
+    assert (run["params.sparsity.density"], run["params.sparsity.prune_rate"]) == ("0.25", "0.2")
+    history = pd.read_parquet(tmp_path / "run" / "metrics.parquet").set_index("step")
+    # The recipe's schedule at step 20: alpha_0 = 1e-3 in a 500-step linear warm-up; every layer's rate
+    # scaled by 1/d = 4 (lr_scaling.scope=all).
+    assert history.at[20, "train/lr"] == pytest.approx(1e-3 * 20 / 500)
+    assert history.at[20, "train/lr_sparse"] == pytest.approx(4 * 1e-3 * 20 / 500)
+
+
 def test_a_sweep_on_cuda_must_give_its_trials_gpus():
     from smet_lab.cli import BadInput, preflight
 
@@ -235,6 +276,7 @@ BAD_INPUTS = [
     (["train.maxsteps=5"], "did you mean train.max_steps?"),
     e2e(["+optim.lr_scalng.rule=none"], "did you mean optim.lr_scaling"),
     e2e(["model=tiyn"], "did you mean tiny?"),
+    e2e(["model=null"], "model=null is not allowed: one of "),
     (["sweep=smoke"], "add it with a plus: +sweep=smoke"),
     # Values that no run would read.
     (["data.path=/tmp"], "data.path=/tmp is not allowed: ignored with data=pysource"),
