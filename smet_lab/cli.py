@@ -21,9 +21,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
-from smet_lab.config import ConfigError, RunConfig, run_config_from
+from smet_lab.config import ConfigError, RunConfig, check_writable_dir, run_config_from
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
-                                ignored_setting, multirun_overrides, null_group, split_args, unknown_key)
+                                ignored_setting, multirun_overrides, null_group, override_key, override_value,
+                                split_args, unknown_key)
 from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
@@ -113,6 +114,8 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
                                   "CPUs Ray has here (ray.num_cpus; lower ray.cpus_per_trial)")
         else:
             check_config(to_run_config(cfg))
+            run_dir = next((override_value(o) for o in overrides if override_key(o) == "hydra.run.dir"), "outputs")
+            check_writable_dir("hydra.run.dir", run_dir)
             configs = [container]
             workers, origin = launched_world_size(), "the launcher's WORLD_SIZE"
         for c in configs:

@@ -132,6 +132,17 @@ def test_an_experiment_trains_at_toy_size_and_tags_its_run(tmp_path, hf_tok_dir)
     assert history.at[20, "train/lr_sparse"] == pytest.approx(4 * 1e-3 * 20 / 500)
 
 
+def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_runs(tmp_path):
+    from smet_lab.cli import BadInput, preflight
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(BadInput) as e:
+        preflight([f"hydra.run.dir={tmp_path}/a_file/run", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert str(e.value) == (f"hydra.run.dir='{tmp_path}/a_file/run' is not allowed: a folder that can be written "
+                            f"({tmp_path}/a_file is a file)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_a_sweep_on_cuda_must_give_its_trials_gpus():
     from smet_lab.cli import BadInput, preflight
 
