@@ -97,21 +97,16 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
         from smet_lab.train.distributed import check_world, launched_world_size
 
         if cfg.get("sweep") is not None:
+            from smet_lab.schema import check_ray
             from smet_lab.sweep.runner import plan
 
             if cfg.train.device == "cuda" and not cfg.ray.gpus_per_trial:  # Ray would hide every GPU from the trials
                 raise ConfigError("ray.gpus_per_trial", cfg.ray.gpus_per_trial,
                                   "> 0 when the trials train on CUDA (train.device=cuda, e.g. train=gpu): Ray shows a "
                                   "trial only the GPUs it gives it (ray.gpus_per_trial=1)")
+            check_ray(cfg.ray, os.cpu_count())
             configs = list(plan(cfg, method_composer(overrides))[2].values())
             workers, origin = cfg.ray.workers_per_trial, "ray.workers_per_trial"
-            if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-                raise ConfigError(origin, workers, "a positive integer (processes per trial; 1 = the trial's own process)")
-            cores = cfg.ray.num_cpus or os.cpu_count()
-            if cfg.ray.address == "local" and workers * cfg.ray.cpus_per_trial > cores:
-                raise ConfigError(origin, workers, f"at most {cores // cfg.ray.cpus_per_trial}: {workers} processes x "
-                                  f"ray.cpus_per_trial={cfg.ray.cpus_per_trial} CPUs do not fit in the {cores} "
-                                  "CPUs Ray has here (ray.num_cpus; lower ray.cpus_per_trial)")
         else:
             check_config(to_run_config(cfg))
             run_dir = next((override_value(o) for o in overrides if override_key(o) == "hydra.run.dir"), "outputs")

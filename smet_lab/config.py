@@ -8,6 +8,7 @@ caught at compose time. Key names are public (docs/design.md section 3).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,12 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """"; did you mean X?" for the closest of `candidates`, or ""."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
 
 
 def cache_root() -> Path:

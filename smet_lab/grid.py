@@ -15,9 +15,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from smet_lab.config import ConfigError
+from smet_lab.config import ConfigError, did_you_mean
 from smet_lab.methods import METHODS
-from smet_lab.metrics import FINAL_VAL_LOSS
+from smet_lab.metrics import FINAL_VAL_LOSS, METRICS, table_metrics
 
 
 @dataclass
@@ -58,6 +58,9 @@ def expand(sweep: SweepConfig) -> List[Trial]:
             raise ConfigError(f"sweep.params.{key}", values, "a non-empty list of values (a grid axis)")
     if not sweep.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in sweep.seeds):
         raise ConfigError("sweep.seeds", sweep.seeds, "a non-empty list of integer seeds, e.g. [0,1,2]")
+    if sweep.metric not in METRICS:
+        raise ConfigError("sweep.metric", sweep.metric, "a registered run-level metric (smet_lab.metrics), such as "
+                          f"{', '.join(table_metrics())}{did_you_mean(sweep.metric, METRICS)}")
     if sweep.mode not in ("min", "max"):
         raise ConfigError("sweep.mode", sweep.mode, "one of min, max")
     if sweep.scheduler not in ("fifo", "asha"):

@@ -12,13 +12,12 @@ a "did you mean" where it helps). Imports no torch, Ray or MLflow.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from smet_lab.config import ConfigError, dataclass_type
+from smet_lab.config import ConfigError, dataclass_type, did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: found from any install
 
@@ -68,11 +67,6 @@ def override_key(override: str) -> str:
 
 def override_value(override: str) -> str | None:
     return override.split("=", 1)[1] if "=" in override else None
-
-
-def did_you_mean(word: str, candidates) -> str:
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]}?" if match else ""
 
 
 # ------------------------------------------------------------------------------- schema keys

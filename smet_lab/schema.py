@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from smet_lab.config import RunConfig
+from smet_lab.config import ConfigError, RunConfig
 from smet_lab.grid import SweepConfig
 from smet_lab.tracking import TrackingConfig
 
@@ -24,6 +24,30 @@ class RayConfig:
     workers_per_trial: int = 1  # > 1: each trial is a Ray Train TorchTrainer with this many processes
     max_concurrent: int = 0  # 0 = as many as the resources allow
     storage: Optional[str] = None  # sweep storage root (shared path or URI on a cluster)
+
+
+def check_ray(ray, cores: int) -> None:
+    """ConfigError for Ray settings a sweep cannot start with, before Ray starts; `cores`: what a local
+    Ray gets when ray.num_cpus is 0."""
+    def integer(key: str, least: int, allowed: str) -> int:
+        value = getattr(ray, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"ray.{key}", value, allowed)
+        return value
+
+    integer("num_cpus", 0, "a non-negative integer (CPUs of a local Ray; 0 = every core)")
+    integer("max_concurrent", 0, "a non-negative integer (trials at once; 0 = as many as the resources allow)")
+    cpus = integer("cpus_per_trial", 1, "a positive integer (CPUs reserved for each trial, or each of its processes)")
+    workers = integer("workers_per_trial", 1, "a positive integer (processes per trial; 1 = the trial's own process)")
+    if ray.gpus_per_trial < 0:
+        raise ConfigError("ray.gpus_per_trial", ray.gpus_per_trial, "a non-negative number (GPUs per trial process)")
+    cores = ray.num_cpus or cores
+    if ray.address == "local" and cpus > cores:  # no trial could ever be placed: the sweep would wait forever
+        raise ConfigError("ray.cpus_per_trial", cpus, f"at most {cores}, the CPUs Ray has here (ray.num_cpus)")
+    if ray.address == "local" and workers * cpus > cores:
+        raise ConfigError("ray.workers_per_trial", workers, f"at most {cores // cpus}: {workers} processes x "
+                          f"ray.cpus_per_trial={cpus} CPUs do not fit in the {cores} CPUs Ray has here "
+                          "(ray.num_cpus; lower ray.cpus_per_trial)")
 
 
 @dataclass

@@ -95,6 +95,40 @@ def test_bad_grid_values_are_caught_before_anything_runs():
                       method_composer(["+sweep=smoke"]))
 
 
+def test_the_sweep_metric_must_be_a_registered_metric():
+    from smet_lab.metrics import METRICS
+    from smet_lab.preflight import group_options
+
+    assert all(sweep_config(compose([f"+sweep={name}"])).metric in METRICS for name in group_options("sweep"))
+    with pytest.raises(ConfigError) as e:
+        expand(sweep_config(compose(["+sweep=smoke", "sweep.metric=summary/final_val_los"])))
+    assert str(e.value).startswith("sweep.metric='summary/final_val_los' is not allowed: a registered run-level metric")
+    assert str(e.value).endswith("; did you mean summary/final_val_loss?")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ray.cpus_per_trial=0", "ray.cpus_per_trial=0 is not allowed: a positive integer"),
+    ("ray.gpus_per_trial=-1", "ray.gpus_per_trial=-1.0 is not allowed: a non-negative number"),
+    ("ray.num_cpus=-2", "ray.num_cpus=-2 is not allowed: a non-negative integer"),
+    ("ray.max_concurrent=-1", "ray.max_concurrent=-1 is not allowed: a non-negative integer"),
+    ("ray.workers_per_trial=0", "ray.workers_per_trial=0 is not allowed: a positive integer"),
+    ("ray.cpus_per_trial=3", "ray.cpus_per_trial=3 is not allowed: at most 2, the CPUs Ray has here"),
+    ("ray.cpus_per_trial=1 ray.workers_per_trial=3", "ray.workers_per_trial=3 is not allowed: at most 2: 3 processes x "
+                                                     "ray.cpus_per_trial=1 CPUs do not fit in the 2 CPUs"),
+    ("ray.num_cpus=3", None),  # fine: 1 process x 2 CPUs fit in 3
+])
+def test_ray_settings_a_sweep_cannot_start_with_are_refused(override, message):
+    from smet_lab.schema import check_ray
+
+    ray = compose(["+sweep=smoke", *override.split()]).ray
+    if message is None:
+        check_ray(ray, cores=2)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_ray(ray, cores=2)
+    assert str(e.value).startswith(message)
+
+
 def test_a_storage_that_cannot_hold_the_sweep_is_refused_without_writing(tmp_path):
     (tmp_path / "a_file").write_text("x")
     for storage, says in ((tmp_path / "a_file" / "sweeps", "is a file"), ("s3://bucket/sweeps", "URIs such as s3://")):
