@@ -446,6 +446,17 @@ def test_report_cli_usage_errors_are_one_line(tmp_path, capsys):
         report_main(["--bogus"])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("smet_lab: error: unrecognized arguments")
     assert report_main(["--tracking-uri", "sqlite:///x.db"]) == 2
+    # A server that does not answer: one line in seconds (MLflow's client would retry for minutes).
+    from helpers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    for args in (["nosuch"], ["--tables"]):
+        capsys.readouterr()
+        assert report_main([*args, "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err
+        assert err == f"smet_lab: error: --tracking-uri {uri}: no MLflow server answers at {uri} " \
+                      "(start one with `mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 " \
+                      "--port 5000` or use sqlite:///mlflow.db)\n"
 
 
 def test_report_of_an_experiment_without_a_sweep_parent(tmp_path, capsys):

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from smet_lab.config import ConfigError, check_writable_dir
     from smet_lab.report.io import ReportError
-    from smet_lab.tracking.settings import quiet_mlflow
+    from smet_lab.tracking.settings import TrackingConfig, check_tracking, quiet_mlflow
 
     quiet_mlflow()
     from smet_lab.report.specs import SpecError
@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         MlflowException = RuntimeError  # noqa: N806
 
     try:
+        if not args.tracking_uri.startswith("sqlite:"):  # a server that does not answer: seconds, not MLflow's retries
+            try:
+                check_tracking(TrackingConfig(uri=args.tracking_uri))
+            except ConfigError as exc:
+                raise ConfigError("--tracking-uri", exc.value, exc.allowed) from None
         if args.out:
             check_writable_dir("--out", args.out)
         if args.tables is not None:
