@@ -65,6 +65,9 @@ def expand(sweep: SweepConfig) -> List[Trial]:
         raise ConfigError("sweep.mode", sweep.mode, "one of min, max")
     if sweep.scheduler not in ("fifo", "asha"):
         raise ConfigError("sweep.scheduler", sweep.scheduler, "one of fifo, asha")
+    if sweep.scheduler == "asha" and sweep.asha_grace_steps < 1:
+        raise ConfigError("sweep.asha_grace_steps", sweep.asha_grace_steps, "a positive number of steps (ASHA stops "
+                          "no trial before it)")
     combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] if axes else [{}]
     for extra in sweep.extra_trials:
         if not isinstance(extra, dict):

@@ -181,6 +181,11 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
     full_key = re.search(r"full_key: ([\w.]+)", text)
     if typed and full_key:
         return f"{full_key.group(1)}={typed.group(1)} is not allowed: must be of type {typed.group(2)}"
+    invalid = re.search(r"Value '([^']*)' is not a valid (\w+)", text)
+    if invalid and full_key:
+        kind = invalid.group(2)
+        return (f"{full_key.group(1)}={invalid.group(1)} is not allowed: must be a {kind}"
+                + (": true or false" if kind == "bool" else ""))
     nested = re.search(r"Cannot convert '(\w+)' to (\w+)", text)
     if nested and full_key:  # +tracking.tags.a.b=1: a dot nests keys, and a tag's value must be a string
         key = full_key.group(1)

@@ -101,12 +101,13 @@ def test_every_experiment_is_the_recipe_it_names(tmp_path, hf_tok_dir):
     ("data.max_tokens=null", "data.max_tokens=null is not allowed: a value of type int is required, not null"),
     ("tracking.uri=null", "tracking.uri=null is not allowed: a value of type str is required, not null"),
     ("optim.betas=null", "optim.betas=null is not allowed: a value of type List[float] is required, not null"),
+    ("+sweep=smoke sweep.resume=maybe", "sweep.resume=maybe is not allowed: must be a bool: true or false"),
 ])
-def test_null_for_a_group_or_a_required_key_gets_one_line(override, message):
+def test_null_or_a_value_of_the_wrong_kind_gets_one_line(override, message):
     from smet_lab.cli import BadInput, preflight
 
     with pytest.raises(BadInput) as e:
-        preflight([override])
+        preflight(override.split())
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 

@@ -90,6 +90,8 @@ def test_bad_grid_values_are_caught_before_anything_runs():
     sweep = sweep_config(compose(["+sweep=smoke", "sweep.seeds=[]"]))
     with pytest.raises(ConfigError, match="sweep.seeds"):
         expand(sweep)
+    with pytest.raises(ConfigError, match="sweep.asha_grace_steps=0 is not allowed: a positive number of steps"):
+        expand(sweep_config(compose(["+sweep=smoke", "sweep.scheduler=asha", "sweep.asha_grace_steps=0"])))
     with pytest.raises(ConfigError, match="unknown key"):
         trial_configs(expand(sweep_config(compose(["+sweep=smoke", "+sweep.params.optim.lrr=[1]"]))),
                       method_composer(["+sweep=smoke"]))
