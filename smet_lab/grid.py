@@ -56,8 +56,15 @@ def expand(sweep: SweepConfig) -> List[Trial]:
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.params.{key}", values, "a non-empty list of values (a grid axis)")
+        if len({repr(v) for v in values}) < len(values):
+            raise ConfigError(f"sweep.params.{key}", values, "distinct values (a repeated value repeats no trial)")
     if not sweep.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in sweep.seeds):
         raise ConfigError("sweep.seeds", sweep.seeds, "a non-empty list of integer seeds, e.g. [0,1,2]")
+    if len(set(sweep.seeds)) < len(sweep.seeds):
+        raise ConfigError("sweep.seeds", sweep.seeds, "distinct seeds (a repeated seed repeats no trial)")
+    if not sweep.name or sweep.name in (".", "..") or "/" in sweep.name or "\\" in sweep.name:
+        raise ConfigError("sweep.name", sweep.name, "a folder name (the sweep's folder in the storage and its "
+                          "MLflow tag): not empty, no / or \\")
     if sweep.metric not in METRICS:
         raise ConfigError("sweep.metric", sweep.metric, "a registered run-level metric (smet_lab.metrics), such as "
                           f"{', '.join(table_metrics())}{did_you_mean(sweep.metric, METRICS)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import os
+import re
 import signal
 import subprocess
 import time
@@ -90,6 +91,13 @@ def test_bad_grid_values_are_caught_before_anything_runs():
     sweep = sweep_config(compose(["+sweep=smoke", "sweep.seeds=[]"]))
     with pytest.raises(ConfigError, match="sweep.seeds"):
         expand(sweep)
+    with pytest.raises(ConfigError, match=r"sweep.seeds=\[0, 1, 0\] is not allowed: distinct seeds"):
+        expand(sweep_config(compose(["+sweep=smoke", "sweep.seeds=[0,1,0]"])))
+    with pytest.raises(ConfigError, match=r"sweep.params.sparsity.density=\[0.1, 0.1\] is not allowed: distinct values"):
+        expand(sweep_config(compose(["+sweep=smoke", "+sweep.params.sparsity.density=[0.1,0.1]"])))
+    for name in ("", "..", "a/b"):
+        with pytest.raises(ConfigError, match=f"sweep.name='{re.escape(name)}' is not allowed: a folder name"):
+            expand(sweep_config(compose(["+sweep=smoke", f"sweep.name={name}"])))
     with pytest.raises(ConfigError, match="sweep.asha_grace_steps=0 is not allowed: a positive number of steps"):
         expand(sweep_config(compose(["+sweep=smoke", "sweep.scheduler=asha", "sweep.asha_grace_steps=0"])))
     with pytest.raises(ConfigError, match="unknown key"):
