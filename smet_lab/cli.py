@@ -76,8 +76,9 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if null_group(overrides):
-        raise BadInput(null_group(overrides))
+    null = null_group(overrides)
+    if null:
+        raise BadInput(null)
     try:
         cfg = compose(overrides)
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
