@@ -43,16 +43,31 @@ def fail(message: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The composed config for these overrides (tests use this too); works inside a running Hydra
-    app (a sweep composes one base config per method) and outside it."""
+def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """The composed config for these overrides (tests use this too), with Hydra's own settings under
+    `hydra` if asked; works inside a running Hydra app (a sweep composes one base config per method)
+    and outside it."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
+
+
+def claim_folder(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... if taken: created here, atomically (mkdir), so two processes
+    never get the same folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
 
 
 def method_composer(overrides: list[str]):
@@ -222,7 +237,7 @@ def hydra_main(cfg: DictConfig) -> None:
         from smet_lab.sweep import run_sweep
 
         try:
-            code = run_sweep(cfg, output_dir, method_composer(list(hydra_cfg.overrides.task)))
+            code = run_sweep(cfg, method_composer(list(hydra_cfg.overrides.task)))
         except ConfigError as exc:  # found only when the sweep starts (e.g. no Ray cluster answers)
             _remove_if_empty(output_dir)
             fail(str(exc))
@@ -305,6 +320,12 @@ def main(argv: list[str] | None = None) -> None:
             cfg = preflight(overrides, compose_only=cfg_only)
         except BadInput as exc:
             fail(str(exc))
+    if (cfg is not None and not cfg_only and cfg.get("sweep") is None and os.environ.get("RANK", "0") == "0"
+            and not any(override_key(o) == "hydra.run.dir" for o in overrides)):
+        # Hydra's default output folder is named by the second: two runs started in the same second
+        # (two terminals, a job array) would write into one folder. Each run claims its own.
+        claimed = claim_folder(Path(compose(overrides, with_hydra=True).hydra.run.dir))
+        argv = [*argv, f"hydra.run.dir={quote(str(claimed))}"]
     sys.argv = [sys.argv[0], *argv]
     if distributed and cfg is not None and not cfg_only:
         sys.exit(run_distributed(cfg))

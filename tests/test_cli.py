@@ -144,6 +144,35 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_runs(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+def test_claim_folder_never_hands_out_a_taken_folder(tmp_path):
+    from smet_lab.cli import claim_folder
+
+    base = tmp_path / "day" / "12-00-00-smet"
+    got = [claim_folder(base) for _ in range(3)]
+    assert got == [base, tmp_path / "day" / "12-00-00-smet-2", tmp_path / "day" / "12-00-00-smet-3"]
+    assert all(p.is_dir() for p in got)
+
+
+def test_a_run_never_writes_into_another_runs_default_folder(tmp_path):
+    # Hydra's default output folder is named by the second, so two runs started in the same second
+    # shared it. Every name the default can take in the next minute and a half is taken here first.
+    import re
+    from datetime import datetime, timedelta
+
+    now = datetime.now()
+    taken = [tmp_path / "outputs" / t.strftime("%Y-%m-%d") / f"{t.strftime('%H-%M-%S')}-smet"
+             for t in (now + timedelta(seconds=s) for s in range(-1, 90))]
+    for d in taken:
+        d.mkdir(parents=True)
+        (d / "other_run.txt").write_text("not yours")
+    proc = cli([*FAST, "train.max_steps=3", "tracking=none"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = Path(re.search(r"results in (\S+)", proc.stdout).group(1))
+    assert out.name.endswith("-smet-2") and out.with_name(out.name[:-2]) in taken
+    assert (out / "metrics.parquet").is_file()
+    assert all([p.name for p in d.iterdir()] == ["other_run.txt"] for d in taken)
+
+
 def test_a_sweep_on_cuda_must_give_its_trials_gpus():
     from smet_lab.cli import BadInput, preflight
 

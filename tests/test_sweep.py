@@ -199,6 +199,39 @@ def test_resuming_with_another_grid_or_setting_is_refused(tmp_path):
     assert (tmp_path / "smoke" / GRID_FILE).is_file()
 
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from smet_lab.sweep.runner import sweep_lock
+with sweep_lock(Path(sys.argv[1]), "smoke"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_driver_of_a_running_sweep_is_refused(tmp_path):
+    """The same sweep started twice (two terminals) would resume it while it runs and train its trials
+    twice into one folder: the second driver gets one line naming the first, and touches nothing."""
+    import sys
+
+    from smet_lab.sweep.runner import sweep_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "sw")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        proc = run_cli(["+sweep=smoke", *common(tmp_path)], cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert proc.stderr.startswith("smet_lab: error: sweep.name='smoke' is not allowed: the name of a sweep that is "
+                                      f"not running already (pid {holder.pid} on ")
+        assert [p.name for p in (tmp_path / "sw").iterdir()] == [".smoke.lock"]
+        assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with sweep_lock(tmp_path / "sw", "smoke"):  # the OS released the killed driver's lock
+        assert (tmp_path / "sw" / ".smoke.lock").read_text() == f"pid {os.getpid()} on {os.uname().nodename}"
+
+
 SMOKE = ["+sweep=smoke", "train.max_steps=40"]
 
 

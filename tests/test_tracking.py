@@ -254,6 +254,35 @@ def test_relative_uri_and_no_git(db, monkeypatch, runs_of):
         assert "tags.smet.git_sha" not in runs
 
 
+OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+import mlflow.store.tracking.sqlalchemy_store  # imported before the start signal, so the opens coincide
+from smet_lab.tracking import TrackingConfig, start_run
+print("ready", flush=True)
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+start_run(TrackingConfig(uri=sys.argv[1], experiment="at_once"), "r", {"a": 1}, {}).finish()
+"""
+
+
+def test_processes_opening_a_new_database_at_once_all_get_their_run(tmp_path, runs_of):
+    # MLflow creates a new SQLite database's tables on first open; two processes doing it at once used
+    # to fail ("table alembic_version already exists"): two runs started in one folder at the same time.
+    uri, go = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, uri, str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        assert p.stdout.readline() == "ready\n"
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    runs = runs_of(uri, "at_once")
+    assert len(runs) == 3 and set(runs["status"]) == {"FINISHED"}
+
+
 def test_disabled(tmp_path):
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/missing/mlflow.db", enabled=False)
     check_tracking(cfg)  # nothing to check

@@ -7,6 +7,8 @@ MLflow runs are reused), `sweep.resume=false` starts fresh.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -177,8 +179,35 @@ def concurrent_trials(cfg: DictConfig) -> int | None:
     return limit
 
 
-def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int:
+@contextlib.contextmanager
+def sweep_lock(root: Path, name: str):
+    """Held while a driver runs the sweep `name`: a second driver of it (the same command in another
+    terminal) would resume it while it runs and train its trials twice into one folder. The lock
+    file sits beside the sweep's folder, so `sweep.resume=false` can delete that folder; the OS
+    releases the lock however the driver ends, and flock works across NFSv4 clients (a cluster)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError("sweep.name", name, f"the name of a sweep that is not running already ({holder} is "
+                              f"running {root / name}); wait for it to end, or give another sweep.name") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
+
+
+def run_sweep(cfg: DictConfig, compose_for_method=None) -> int:
     """Run (or resume) the sweep; returns the exit code (0 ok, 1 a trial failed, 130 interrupted)."""
+    sweep, trials, configs = plan(cfg, compose_for_method)
+    with sweep_lock(storage_root(cfg, sweep), sweep.name):
+        return _run_sweep(cfg, sweep, trials, configs)
+
+
+def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs: dict) -> int:
     import ray
     from ray import tune
 
@@ -187,9 +216,7 @@ def run_sweep(cfg: DictConfig, output_dir: Path, compose_for_method=None) -> int
     from smet_lab.sweep.trainable import run_trial
     from smet_lab.tracking import TrackingConfig
 
-    sweep, trials, configs = plan(cfg, compose_for_method)
-    root = storage_root(cfg, sweep)
-    sweep_dir = root / sweep.name
+    sweep_dir = storage_root(cfg, sweep) / sweep.name
     if cfg.ray.address != "local":
         init_ray(cfg, sweep_dir)  # an unreachable cluster stops the sweep before it touches its folder
     if not sweep.resume and sweep_dir.exists():

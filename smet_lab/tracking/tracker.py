@@ -3,6 +3,8 @@ driver can hold a parent and many child trackers at once). MLflow is imported on
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import subprocess
 import time
@@ -112,6 +114,26 @@ class Tracker(NullTracker):
         return False  # never swallow the exception
 
 
+def mlflow_client(uri: str):
+    """An MlflowClient on `uri`. A new SQLite database gets its tables when the first client opens it,
+    and two processes doing that at once fail ('table alembic_version already exists'), so clients
+    open a database one at a time, under a lock of its folder."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock on folders: go on unlocked, as before
+            pass
+        return MlflowClient(tracking_uri=uri)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -145,10 +167,9 @@ def start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: dict[str, 
     if not cfg.enabled:
         return NullTracker()
     from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
 
     uri = resolve_uri(cfg.uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     exp_id = _experiment_id(client, cfg.experiment, uri)
     all_tags = {k: str(v) for k, v in {**cfg.tags, **tags}.items()}
     sha = git_sha()
@@ -174,9 +195,8 @@ def continue_run(cfg: TrackingConfig, run_id: str, tags: dict[str, str]) -> Null
     if not cfg.enabled:
         return NullTracker()
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=resolve_uri(cfg.uri))
+    client = mlflow_client(resolve_uri(cfg.uri))
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -196,10 +216,8 @@ def find_or_start_run(cfg: TrackingConfig, run_name: str, params: dict, tags: di
     duplicate its runs): it is set RUNNING again. Otherwise start a new run carrying those tags."""
     if not cfg.enabled:
         return NullTracker()
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_uri(cfg.uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     exp_id = _experiment_id(client, cfg.experiment, uri)
     conditions = [f"tags.`{k}` = '{v}'" for k, v in match.items()]
     if parent_run_id:
