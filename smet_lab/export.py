@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def read_checkpoint(path: str | Path) -> tuple[RunConfig, dict, Path]:
     try:
         cfg = from_dict(RunConfig, json.loads(config_file.read_text()))
         state = torch.load(state_file, map_location="cpu", weights_only=False)
-    except (OSError, ValueError, RuntimeError, ConfigError) as exc:
+    except (OSError, ValueError, RuntimeError, ConfigError, EOFError, pickle.UnpicklingError) as exc:
         raise ExportError(f"checkpoint={str(path)!r} is not allowed: unreadable ({str(exc).splitlines()[0]})") from None
     return cfg, state, state_file.parent
 

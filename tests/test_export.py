@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,14 @@ def test_export_cli_and_bad_input(finished, tmp_path):
     if cfg.sparsity.weights == "dense":
         return  # bad input is the same for both layouts: checked once, with the compact run's checkpoint
     (tmp_path / "a_file").write_text("x")
+    cut = tmp_path / "cut" / "step_1"  # a checkpoint truncated (a full disk, a copy that broke off)
+    cut.mkdir(parents=True)
+    (cut / "config.json").write_bytes((Path(ckpt) / "config.json").read_bytes())
+    for n in (1000, 7):  # a broken zip archive; too short to be one (torch then tries the pickle format)
+        (cut / "state.pt").write_bytes((Path(ckpt) / "state.pt").read_bytes()[:n])
+        bad = run(cut, "--out", tmp_path / "x")
+        assert bad.returncode == 2 and bad.stderr.startswith(f"smet_lab: error: checkpoint='{cut}' is not allowed: "
+                                                             "unreadable (") and "Traceback" not in bad.stderr
     for args, says in (([tmp_path / "nowhere", "--out", tmp_path / "x"], "expected a checkpoints/step_<N> folder"),
                        ([ckpt, "--out", tmp_path / "a_file" / "x"], f"a folder that can be written ({tmp_path / 'a_file'} is a file)"),
                        ([ckpt, "--out", tmp_path / "x", "--format", "sparse"], "invalid choice: 'sparse'")):

@@ -158,6 +158,11 @@ def test_resume_refuses_missing_or_foreign_checkpoints(tmp_path):
     other.model.dim = 64
     with pytest.raises(ConfigError, match="model.dim"):
         train(other, corpus=CORPUS, callbacks=QUIET)
+    state = tmp_path / "checkpoints" / "step_10" / "state.pt"
+    assert {p.name for p in state.parent.iterdir()} == {"state.pt", "config.json"}  # no temporary files left
+    state.write_bytes(state.read_bytes()[:1000])  # truncated, e.g. copied from a full disk
+    with pytest.raises(ConfigError, match=r"train.resume_from=.*/state.pt is not a readable checkpoint"):
+        train(small_cfg(steps=20, resume_from=str(state.parent)), corpus=CORPUS, callbacks=QUIET)
 
 
 def test_divergence_stops_the_run_and_marks_it():

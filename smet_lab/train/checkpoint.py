@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -20,10 +21,12 @@ CONFIG_FILE = "config.json"
 def save(run, path: Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (STATE_FILE + ".tmp")
-    torch.save(run.state_dict(), tmp)
-    os.replace(tmp, path / STATE_FILE)
-    (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1, default=str))
+    # config.json first: a state.pt is then always beside the config that check() compares against.
+    for name, write in ((CONFIG_FILE, lambda f: f.write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1, default=str))),
+                        (STATE_FILE, lambda f: torch.save(run.state_dict(), f))):
+        tmp = path / (name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path / name)
     return path
 
 
@@ -38,6 +41,11 @@ def check(path: str | Path, cfg) -> Path:
     state_file = path / STATE_FILE if path.is_dir() else path
     if not state_file.is_file():
         raise ConfigError("train.resume_from", str(path), f"no checkpoint there (expected {STATE_FILE} inside a checkpoints/step_<N> folder)")
+    try:  # torch.save writes a zip archive: its directory is read without loading the tensors
+        zipfile.ZipFile(state_file).close()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ConfigError("train.resume_from", str(path), f"{state_file} is not a readable checkpoint ({exc}: "
+                          "truncated or overwritten?); resume from another checkpoints/step_<N> folder") from None
     config_file = state_file.parent / CONFIG_FILE
     if config_file.is_file():
         saved = json.loads(config_file.read_text())
