@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
-from smet_lab.config import ConfigError, RunConfig, check_writable_dir, run_config_from
+from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_dir, run_config_from
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
                                 ignored_setting, multirun_overrides, null_group, override_key, override_value,
                                 split_args, unknown_key)
@@ -243,8 +243,6 @@ def hydra_main(cfg: DictConfig) -> None:
             fail(str(exc))
         _remove_if_empty(output_dir)  # a sweep writes into its sweep folder, not here
     else:
-        from smet_lab.sparse.criteria import RuleError
-
         try:
             code = run_single(cfg, output_dir)
         except RuleError as exc:  # a user's rule broke its contract: the MLflow run is already FAILED

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -21,6 +22,19 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+
+class RuleError(RuntimeError):
+    """A user's registered rule (smet_lab.extend) raised, or returned what its contract does not
+    allow, during a run (one line; the run ends FAILED)."""
+
+    @classmethod
+    def raised(cls, rule: str, exc: BaseException, fn) -> "RuleError":
+        """'RULE raised TYPE: MESSAGE at FILE:LINE', the line being the deepest one in fn's own file."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        own = getattr(getattr(fn, "__code__", None), "co_filename", None)
+        frame = next((f for f in reversed(frames) if f.filename == own), frames[-1] if frames else None)
+        return cls(f"{rule} raised {type(exc).__name__}: {exc}" + (f" at {frame.filename}:{frame.lineno}" if frame else ""))
 
 
 def did_you_mean(word: str, candidates) -> str:

@@ -22,31 +22,103 @@ installed packages' entry points in the group `smet_lab.extensions`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
+import math
 import sys
 from pathlib import Path
 from typing import Callable
 
-from smet_lab.config import ConfigError, RunConfig
+from smet_lab.config import ConfigError, RuleError, RunConfig
 from smet_lab.metrics import DEFAULT_FMT, METRICS, Metric
 
 ENTRY_POINT_GROUP = "smet_lab.extensions"
 
 
+class RegistrationError(ValueError):
+    """A register_* call that cannot work: a taken name, a function that cannot take its arguments."""
+
+
 def _register(table: dict, kind: str, name: str, value, replace: bool):
     if not isinstance(name, str) or not name:
-        raise ValueError(f"a {kind} needs a non-empty name, got {name!r}")
+        raise RegistrationError(f"a {kind} needs a non-empty name, got {name!r}")
     if name in table and not replace:
-        raise ValueError(f"{kind} {name!r} is already registered; pass replace=True to replace it")
+        raise RegistrationError(f"{kind} {name!r} is already registered; pass replace=True to replace it")
     table[name] = value
 
 
-def _decorator(table: dict, kind: str, name: str, replace: bool, wrap=lambda fn: fn) -> Callable:
+def _check_signature(kind: str, name: str, fn, params: tuple[str, ...]) -> None:
+    """A function that cannot be called as the contract calls it is refused when it registers, not
+    at the first topology update of a run (which loads extensions first: one line, exit code 2)."""
+    if not callable(fn):
+        raise RegistrationError(f"{kind} {name!r} must be a function, got {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some built-ins have none: they are called as they are
+        return
+    try:
+        signature.bind(*params)
+    except TypeError:
+        raise RegistrationError(f"{kind} {name!r}: {getattr(fn, '__name__', 'it')}{signature} must take "
+                         f"({', '.join(params)})") from None
+
+
+def _number(out, allowed: str, ok) -> float:
+    """out as a float when it is a real number that `ok` accepts, else a RuleError saying `allowed`."""
+    try:
+        value = None if isinstance(out, (str, bytes, bool)) else float(out)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several numbers
+        value = None
+    if value is None or not ok(value):
+        raise RuleError(f"returned {_short(out)}; it must return {allowed}")
+    return value
+
+
+def _short(out) -> str:
+    text = repr(out)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _called(label: str, fn, check):
+    """fn, with an exception inside it or a result that `check(out, *args)` refuses turned into one
+    RuleError line naming the rule as a config value (e.g. optim.lr_scaling.rule=half)."""
+    @functools.wraps(fn)
+    def call(*args):
+        try:
+            out = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - the user's code: one line with where it raised
+            raise RuleError.raised(label, exc, fn) from exc
+        try:
+            return check(out, *args)
+        except RuleError as exc:
+            raise RuleError(f"{label} {exc}") from None
+    return call
+
+
+def _decorator(table: dict, kind: str, name: str, replace: bool, params: tuple[str, ...],
+               wrap=lambda fn: fn) -> Callable:
     def deco(fn):
+        _check_signature(kind, name, fn, params)
         _register(table, kind, name, wrap(fn), replace)
         return fn
     return deco
+
+
+# What a rule of each kind must return (checked on every call).
+def _densities(out, shapes, density) -> list[float]:
+    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != len(shapes):
+        raise RuleError(f"returned {_short(out)}; it must return one density per sparse layer ({len(shapes)})")
+    return [_number(d, "densities in (0, 1]", lambda v: 0 < v <= 1) for d in out]
+
+
+def _prune_multiplier(out, progress) -> float:
+    return _number(out, "a finite number >= 0 (a multiplier of sparsity.prune_rate)", lambda v: 0 <= v < math.inf)
+
+
+def _lr_multiplier(out, density, power) -> float:
+    return _number(out, "a finite number > 0 (the sparse layers' lr multiplier)", lambda v: 0 < v < math.inf)
 
 
 def register_growth(name: str, needs_dense_grad: bool = False, replace: bool = False) -> Callable:
@@ -54,35 +126,38 @@ def register_growth(name: str, needs_dense_grad: bool = False, replace: bool = F
     captures the dense weight gradient at update steps and passes it as ctx.dense_grad (RigL)."""
     from smet_lab.sparse.criteria import GROWTH, GrowthRule
 
-    return _decorator(GROWTH, "growth rule", name, replace, lambda fn: GrowthRule(fn, needs_dense_grad))
+    return _decorator(GROWTH, "growth rule", name, replace, ("ctx",), lambda fn: GrowthRule(fn, needs_dense_grad))
 
 
 def register_prune(name: str, replace: bool = False) -> Callable:
     """`fn(ctx: PruneContext) -> int64 slots` (positions in ctx.active) to vacate (sparsity.prune=NAME)."""
     from smet_lab.sparse.criteria import PRUNE
 
-    return _decorator(PRUNE, "prune rule", name, replace)
+    return _decorator(PRUNE, "prune rule", name, replace, ("ctx",))
 
 
 def register_prune_schedule(name: str, replace: bool = False) -> Callable:
     """`fn(progress in [0, 1]) -> multiplier of sparsity.prune_rate` (sparsity.prune_schedule=NAME)."""
     from smet_lab.sparse.schedules import SCHEDULES
 
-    return _decorator(SCHEDULES, "prune schedule", name, replace)
+    return _decorator(SCHEDULES, "prune schedule", name, replace, ("progress",),
+                      lambda fn: _called(f"sparsity.prune_schedule={name}", fn, _prune_multiplier))
 
 
 def register_lr_scaling(name: str, replace: bool = False) -> Callable:
     """`fn(density, power) -> lr multiplier of the sparse layers` (optim.lr_scaling.rule=NAME)."""
     from smet_lab.optim.options import LR_SCALING
 
-    return _decorator(LR_SCALING, "LR-scaling rule", name, replace)
+    return _decorator(LR_SCALING, "LR-scaling rule", name, replace, ("density", "power"),
+                      lambda fn: _called(f"optim.lr_scaling.rule={name}", fn, _lr_multiplier))
 
 
 def register_distribution(name: str, replace: bool = False) -> Callable:
     """`fn(shapes, density) -> one density per sparse layer` (sparsity.distribution=NAME)."""
     from smet_lab.sparse.topology import DISTRIBUTIONS
 
-    return _decorator(DISTRIBUTIONS, "distribution", name, replace)
+    return _decorator(DISTRIBUTIONS, "distribution", name, replace, ("shapes", "density"),
+                      lambda fn: _called(f"sparsity.distribution={name}", fn, _densities))
 
 
 def register_metric(name: str, label: str, fmt: str = DEFAULT_FMT, better: str = "lower", definition: str = "",
@@ -92,7 +167,12 @@ def register_metric(name: str, label: str, fmt: str = DEFAULT_FMT, better: str =
     RunResult.history) makes the trainer log it under `name` at the end of every run, and the report
     recompute it for runs that logged no summary; without one, something else has to log it. better:
     lower | higher | none. Returns the Metric."""
-    metric = Metric(name, label, fmt, better, definition, from_history=compute is not None, compute=compute)
+    if compute is not None:
+        _check_signature("metric", name, compute, ("history_rows",))
+    try:
+        metric = Metric(name, label, fmt, better, definition, from_history=compute is not None, compute=compute)
+    except ValueError as exc:
+        raise RegistrationError(str(exc)) from None
     _register(METRICS, "metric", name, metric, replace)
     return metric
 
@@ -114,7 +194,7 @@ def register_method(name: str, replace: bool = False, **preset_keys) -> dict:
         node = RunConfig()
         for part in dotted.split("."):
             if not hasattr(node, part) or part == "method":
-                raise ValueError(f"method {name!r}: {dotted} is not a config key")
+                raise RegistrationError(f"method {name!r}: {dotted} is not a config key")
             node = getattr(node, part)
     _register(METHODS, "method", name, preset, replace)
     return preset
@@ -169,6 +249,8 @@ def load_extensions(entries=()) -> list[str]:
         try:
             _import(str(entry))
             resolved.append(resolve(str(entry)))
+        except RegistrationError as exc:
+            raise ConfigError("extensions", str(entry), f"it registers what cannot work: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - idem
             raise ConfigError("extensions", str(entry), f"it failed to import ({type(exc).__name__}: {exc}); give "
                               f"an importable module name or a .py file path") from None

@@ -10,8 +10,11 @@ pandas: the report and the trainer both import this.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from smet_lab.config import RuleError
 
 BETTER = ("lower", "higher", "none")
 DEFAULT_FMT = "{:.4g}"
@@ -60,8 +63,19 @@ def label_and_format(name: str) -> tuple[str, str]:
 
 
 def computed(history_rows: list) -> dict[str, float]:
-    """The values of the metrics that have a compute function, from a run's history rows."""
-    return {m.name: float(m.compute(history_rows)) for m in METRICS.values() if m.compute is not None}
+    """The values of the metrics that have a compute function, from a run's history rows. A metric
+    whose compute raises, or returns no number, is left out with one warning line: a bug in a user's
+    metric must not cost a finished run its summary and final checkpoint."""
+    out = {}
+    for m in METRICS.values():
+        if m.compute is None:
+            continue
+        try:
+            out[m.name] = float(m.compute(history_rows))
+        except Exception as exc:  # noqa: BLE001 - the user's code
+            print(f"smet_lab: warning: {RuleError.raised(f'metric {m.name}', exc, m.compute)}; left out",
+                  file=sys.stderr)
+    return out
 
 
 # ------------------------------------------------------------------------- the report's table columns

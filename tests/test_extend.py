@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 
 import pytest
@@ -11,11 +12,10 @@ import torch.nn as nn
 
 from helpers import run_cli as cli
 from smet_lab import extend
-from smet_lab.config import ConfigError, RunConfig
+from smet_lab.config import ConfigError, RuleError, RunConfig
 from smet_lab.methods import METHODS, apply_method
 from smet_lab.optim.options import LR_SCALING
 from smet_lab.sparse import DISTRIBUTIONS, GROWTH, PRUNE, SCHEDULES, DynamicSparsity, SparseTopology
-from smet_lab.sparse.criteria import RuleError
 
 REGISTRIES = (GROWTH, PRUNE, SCHEDULES, LR_SCALING, DISTRIBUTIONS, METHODS)
 
@@ -160,6 +160,115 @@ def test_load_extensions_from_a_file_and_refuse_a_broken_one(tmp_path):
         extend.load_extensions([str(tmp_path / "rules_bad.py")])
 
 
+@pytest.mark.parametrize("register, fn, takes", [
+    (lambda: extend.register_growth("g"), lambda ctx, n: None, "(ctx)"),
+    (lambda: extend.register_prune("p"), lambda: None, "(ctx)"),
+    (lambda: extend.register_prune_schedule("s"), lambda progress, total: 1.0, "(progress)"),
+    (lambda: extend.register_lr_scaling("l"), lambda density: 1.0, "(density, power)"),
+    (lambda: extend.register_distribution("d"), lambda shapes, density, seed: [density], "(shapes, density)"),
+    (lambda: (lambda fn: extend.register_metric("summary/m", "m", definition="M.", compute=fn)), lambda: 0.0,
+     "(history_rows)"),
+])
+def test_a_rule_that_cannot_take_its_arguments_is_refused_when_it_registers(register, fn, takes):
+    from smet_lab.metrics import METRICS
+
+    with pytest.raises(ValueError, match=rf"must take \({takes[1:-1]}\)$"):
+        register()(fn)
+    assert not {"g", "p", "s", "l", "d"} & (set(GROWTH) | set(PRUNE) | set(SCHEDULES) | set(LR_SCALING)
+                                           | set(DISTRIBUTIONS)) and "summary/m" not in METRICS
+
+
+def test_a_file_with_such_a_rule_is_one_line_at_load(tmp_path):
+    (tmp_path / "rules_sig.py").write_text("from smet_lab.extend import register_growth\n"
+                                           "register_growth('two_args')(lambda ctx, n: None)\n")
+    with pytest.raises(ConfigError, match=r"^extensions='.*rules_sig.py' is not allowed: it registers what cannot work: "
+                                          r"growth rule 'two_args': <lambda>\(ctx, n\) must take \(ctx\)$"):
+        extend.load_extensions([str(tmp_path / "rules_sig.py")])
+
+
+@pytest.mark.parametrize("out, says", [
+    ("oops", "returned 'oops'; it must return a finite number > 0 (the sparse layers' lr multiplier)"),
+    (0.0, "returned 0.0; it must return a finite number > 0"),
+    (float("nan"), "returned nan; it must return a finite number > 0"),
+    (True, "returned True; it must return a finite number > 0"),
+    (torch.tensor([1.0, 2.0]), "returned tensor([1., 2.]); it must return a finite number > 0"),
+])
+def test_an_lr_scaling_rule_must_return_a_positive_number(out, says):
+    from smet_lab.optim import SMETAdam
+
+    extend.register_lr_scaling("bad")(lambda density, power: out)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False))
+    with pytest.raises(RuleError, match="^" + re.escape(f"optim.lr_scaling.rule=bad {says}")):
+        SMETAdam(model, SparseTopology.build(model, 0.25, dense_patterns=[]), lr=1e-3, lr_scaling="bad")
+    extend.register_lr_scaling("half", replace=True)(lambda density, power: torch.tensor(0.5))  # a 0-d tensor is a number
+    assert [g["lr"] for g in SMETAdam(model, SparseTopology.build(model, 0.25, dense_patterns=[]), lr=1e-3,
+                                      lr_scaling="half").param_groups] == [5e-4]
+
+
+def test_a_schedule_or_distribution_outside_its_contract_or_raising_is_one_line():
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    extend.register_distribution("short")(lambda shapes, density: [density])
+    with pytest.raises(RuleError, match=r"^sparsity.distribution=short returned \[0.25\]; it must return one "
+                                        r"density per sparse layer \(2\)$"):
+        SparseTopology.build(model, 0.25, distribution="short", dense_patterns=[])
+    extend.register_distribution("over")(lambda shapes, density: [1.5, density])
+    with pytest.raises(RuleError, match=r"^sparsity.distribution=over returned 1.5; it must return densities in \(0, 1\]$"):
+        SparseTopology.build(model, 0.25, distribution="over", dense_patterns=[])
+
+    def crashing(progress):
+        return 1.0 / (progress - progress)
+
+    extend.register_prune_schedule("crash")(crashing)
+    line = crashing.__code__.co_firstlineno + 1
+    topo = SparseTopology.build(Linear(), 0.25, dense_patterns=[])
+    upd = DynamicSparsity(topo, total_steps=1000, update_every=100, prune_rate=0.5, prune_schedule="crash")
+    with pytest.raises(RuleError, match=rf"^sparsity.prune_schedule=crash raised ZeroDivisionError: float division "
+                                        rf"by zero at {re.escape(__file__)}:{line}$"):
+        upd.update(100)
+    extend.register_prune_schedule("negative")(lambda progress: -0.5)
+    upd = DynamicSparsity(topo, total_steps=1000, update_every=100, prune_rate=0.5, prune_schedule="negative")
+    with pytest.raises(RuleError, match=r"^sparsity.prune_schedule=negative returned -0.5; it must return a finite "
+                                        r"number >= 0"):
+        upd.update(100)
+
+
+def test_rules_that_need_no_topology_are_checked_before_a_run_starts():
+    """Pre-flight (what the command line runs before it creates an output folder or an MLflow run)."""
+    from smet_lab.train import check_config
+
+    extend.register_lr_scaling("negative")(lambda density, power: -1.0)
+    extend.register_distribution("short")(lambda shapes, density: [density])
+    extend.register_prune_schedule("ends_badly")(lambda progress: 1.0 if progress < 1 else float("inf"))
+    for key, value, says in (
+            ("optim.lr_scaling.rule", "negative", "returned -1.0; it must return a finite number > 0"),
+            ("sparsity.distribution", "short", "returned [0.25]; it must return one density per sparse layer (14)"),
+            ("sparsity.prune_schedule", "ends_badly", "returned inf; it must return a finite number >= 0")):
+        cfg = RunConfig()
+        section, _, name = key.rpartition(".")
+        node = cfg
+        for part in section.split("."):
+            node = getattr(node, part)
+        setattr(node, name, value)
+        with pytest.raises(ConfigError, match="^" + re.escape(f"{key}={value!r} is not allowed: its rule {says}")):
+            check_config(cfg)
+    cfg = RunConfig()
+    cfg.sparsity.update_every, cfg.sparsity.prune_schedule = 0, "ends_badly"  # a static topology never calls it
+    check_config(cfg)
+
+
+def test_a_prune_rule_that_raises_names_its_line():
+    def broken(ctx):
+        return ctx.weights.topk(ctx.n + 10**9)
+
+    extend.register_prune("broken")(broken)
+    line = broken.__code__.co_firstlineno + 1
+    upd = DynamicSparsity(SparseTopology.build(Linear(), 0.25, dense_patterns=[]), total_steps=1000,
+                          update_every=100, prune_rate=0.5, prune="broken")
+    with pytest.raises(RuleError, match=rf"^sparsity.prune=broken \(layer w\) raised RuntimeError: .* at "
+                                        rf"{re.escape(__file__)}:{line}$"):
+        upd.update(100)
+
+
 # ----------------------------------------------------------------------- from outside the repo
 RULES = '''
 import torch
@@ -177,6 +286,11 @@ def lowest_free(ctx):
 @register_growth("twice_the_first")
 def twice_the_first(ctx):  # a broken rule: one id, ctx.n times
     return lowest_free(ctx)[:1].repeat(ctx.n)
+
+
+@register_growth("typo")
+def typo(ctx):  # a rule with a bug: it raises
+    return lowest_fre(ctx)
 '''
 FAST = ["data=synthetic", "train.max_steps=20", "train.eval_every=10", "sparsity.update_every=10",
         "train.probe_window=5", "train.batch_size=4", "train.eval_batches=2", "train.probe_batch_size=8"]
@@ -210,6 +324,15 @@ def test_the_worked_example_runs_from_outside_the_repository(tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
         "smet_lab: error: sparsity.growth=twice_the_first (layer layers.0.attention.wq.weight) returned duplicate block ids"]
+    line = RULES.splitlines().index("    return lowest_fre(ctx)") + 1
+    raised = cli(["extensions=[my_rules]", "sparsity.growth=typo", *FAST, f"tracking.uri={db}",
+                  f"hydra.run.dir={tmp_path}/raised"], cwd=tmp_path)
+    assert raised.returncode == 1 and raised.stderr.strip().splitlines() == [
+        "smet_lab: error: sparsity.growth=typo (layer layers.0.attention.wq.weight) raised NameError: name "
+        f"'lowest_fre' is not defined at {tmp_path / 'my_rules.py'}:{line}"]
+    failed = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+              if r.data.params.get("sparsity.growth") == "typo"]
+    assert [r.info.status for r in failed] == ["FAILED"]
     missing = cli(["extensions=[not_a_module]", *FAST, f"hydra.run.dir={tmp_path}/x"], cwd=tmp_path)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "extensions='not_a_module' is not allowed: it failed to import" in missing.stderr

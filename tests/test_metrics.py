@@ -58,6 +58,27 @@ def test_registered_metric_is_logged_by_a_real_run(registry):
     assert len(res.history) == 30 and res.summary[NAME] == pytest.approx(expected, rel=1e-12)
 
 
+def test_a_metric_that_raises_or_returns_no_number_is_left_out_with_a_warning(registry, capsys):
+    from smet_lab.metrics import computed
+
+    register_late_loss()
+
+    def broken(rows):
+        return rows[10**6]["train/loss"]
+
+    register_metric("summary/broken", "broken", definition="Raises.", compute=broken)
+    register_metric("summary/text", "text", definition="Not a number.", compute=lambda rows: "high")
+    rows = [{"step": s, "train/loss": float(s)} for s in range(1, 21)]
+    values = computed(rows)
+    assert values[NAME] == pytest.approx(sum(range(11, 21)) / 10)  # the others are still computed
+    assert "summary/broken" not in values and "summary/text" not in values
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert warned[0] == ("smet_lab: warning: metric summary/broken raised IndexError: list index out of range at "
+                         f"{__file__}:{broken.__code__.co_firstlineno + 1}; left out")
+    assert warned[1].startswith("smet_lab: warning: metric summary/text raised ValueError: could not convert string "
+                                "to float: 'high'") and len(warned) == 2
+
+
 def test_registered_metric_shows_in_the_report_tables_and_glossary(registry):
     from smet_lab.report.glossary import glossary
     from smet_lab.report.tables import cell_stats, pivot_table, trial_table

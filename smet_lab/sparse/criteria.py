@@ -16,11 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
+from smet_lab.config import RuleError
 from smet_lab.sparse.ids import blocks_taken, flatnonzero
-
-
-class RuleError(RuntimeError):
-    """A prune or growth rule returned something the contract does not allow (one line)."""
 
 
 @dataclass(frozen=True)
@@ -105,19 +102,26 @@ def _ids(out, rule: str, what: str, n: int, limit: int) -> torch.Tensor:
 BUILT_IN = (prune_magnitude, grow_random, grow_gradient)
 
 
+def _call(fn, ctx, rule: str):
+    """A user's rule on ctx; an exception inside it is one line naming the rule and where it raised."""
+    try:
+        return fn(ctx)
+    except Exception as exc:  # noqa: BLE001 - the user's code
+        raise RuleError.raised(rule, exc, fn) from exc
+
+
 def checked_prune(name: str, ctx: PruneContext) -> torch.Tensor:
-    out = PRUNE[name](ctx)
     if PRUNE[name] in BUILT_IN:
-        return out
-    return _ids(out, f"sparsity.prune={name} (layer {ctx.layer_name})", "slots", ctx.n, ctx.active.numel())
+        return PRUNE[name](ctx)
+    rule = f"sparsity.prune={name} (layer {ctx.layer_name})"
+    return _ids(_call(PRUNE[name], ctx, rule), rule, "slots", ctx.n, ctx.active.numel())
 
 
 def checked_growth(name: str, ctx: GrowthContext) -> torch.Tensor:
-    rule = f"sparsity.growth={name} (layer {ctx.layer_name})"
-    out = GROWTH[name].fn(ctx)
     if GROWTH[name].fn in BUILT_IN:
-        return out
-    out = _ids(out, rule, "block ids", ctx.n, ctx.n_blocks)
+        return GROWTH[name].fn(ctx)
+    rule = f"sparsity.growth={name} (layer {ctx.layer_name})"
+    out = _ids(_call(GROWTH[name].fn, ctx, rule), rule, "block ids", ctx.n, ctx.n_blocks)
     state = torch.zeros(ctx.n_blocks, dtype=torch.uint8, device=ctx.active.device)  # 1 active, 2 excluded
     state[ctx.active] = 1
     state[ctx.excluded.to(state.device, torch.long)] = 2

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from smet_lab.config import ConfigError, RunConfig
+from smet_lab.config import ConfigError, RuleError, RunConfig
 from smet_lab.data import check_data
 from smet_lab.methods import METHODS
 from smet_lab.model import LLaMA, validate_model
-from smet_lab.optim.options import validate_optim_config
-from smet_lab.sparse.topology import check_blocks, sparse_params, validate_patterns, validate_sparsity
+from smet_lab.optim.options import LR_SCALING, validate_optim_config
+from smet_lab.sparse.schedules import SCHEDULES
+from smet_lab.sparse.topology import DISTRIBUTIONS, check_blocks, sparse_params, validate_patterns, validate_sparsity
 from smet_lab.sparse.updater import validate_dynamic
 from smet_lab.train import checkpoint as ckpt
 from smet_lab.train.memory import WEIGHT_BYTES_PER_PARAM, training_floor_bytes
@@ -104,6 +105,24 @@ def memory_bytes(device: torch.device) -> int | None:
         return total
 
 
+def check_rules(cfg: RunConfig, shapes: list[tuple]) -> None:
+    """The rules that depend only on the config and the sparse layers' shapes, called once here: a user's
+    rule that raises or breaks its contract stops the run before anything is created. (Growth and prune
+    rules need a topology: their contract is checked at every update.)"""
+    s, o = cfg.sparsity, cfg.optim
+    calls = [("optim.lr_scaling.rule", o.lr_scaling.rule, lambda: LR_SCALING[o.lr_scaling.rule](s.density, o.lr_scaling.power))]
+    if shapes:
+        calls.append(("sparsity.distribution", s.distribution, lambda: DISTRIBUTIONS[s.distribution](shapes, s.density)))
+    if shapes and s.update_every:
+        calls.append(("sparsity.prune_schedule", s.prune_schedule,
+                      lambda: [SCHEDULES[s.prune_schedule](p) for p in (0.0, 0.5, 1.0)]))
+    for key, name, call in calls:
+        try:
+            call()
+        except RuleError as exc:
+            raise ConfigError(key, name, "its rule " + str(exc).removeprefix(f"{key}={name} ")) from None
+
+
 def check_shapes_and_fit(cfg: RunConfig, vocab_size: int, fit_here: bool = True) -> None:
     """What depends on the model's layer shapes, read from the model built on the meta device (shapes, no
     memory): the sparse layers divide into blocks, something is sparse at density < 1, and (fit_here) the run's
@@ -119,6 +138,7 @@ def check_shapes_and_fit(cfg: RunConfig, vocab_size: int, fit_here: bool = True)
                           f"match every weight matrix: nothing would be sparse at sparsity.density={s.density} "
                           "(method=dense trains the dense model)")
     check_blocks(named, s.block_size)
+    check_rules(cfg, [tuple(p.shape) for _, p in named])
     n_sparse = sum(p.numel() for _, p in named)
     device = resolve_device(cfg.train.device)
     have = memory_bytes(device) if fit_here else None
