@@ -120,7 +120,7 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
                 raise ConfigError("ray.gpus_per_trial", cfg.ray.gpus_per_trial,
                                   "> 0 when the trials train on CUDA (train.device=cuda, e.g. train=gpu): Ray shows a "
                                   "trial only the GPUs it gives it (ray.gpus_per_trial=1)")
-            check_ray(cfg.ray, os.cpu_count())
+            check_ray(cfg.ray)
             configs = list(plan(cfg, method_composer(overrides))[2].values())
             workers, origin = cfg.ray.workers_per_trial, "ray.workers_per_trial"
         else:

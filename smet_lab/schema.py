@@ -7,6 +7,7 @@ time, before any work.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -26,9 +27,13 @@ class RayConfig:
     storage: Optional[str] = None  # sweep storage root (shared path or URI on a cluster)
 
 
-def check_ray(ray, cores: int) -> None:
-    """ConfigError for Ray settings a sweep cannot start with, before Ray starts; `cores`: what a local
-    Ray gets when ray.num_cpus is 0."""
+def local_cpus(ray, cores: int | None = None) -> int:
+    """The CPUs a local Ray gets: ray.num_cpus, or when 0 every core (`cores`, else this machine's)."""
+    return ray.num_cpus or cores or os.cpu_count() or 1
+
+
+def check_ray(ray, cores: int | None = None) -> None:
+    """ConfigError for Ray settings a sweep cannot start with, before Ray starts (`cores`: as in local_cpus)."""
     def integer(key: str, least: int, allowed: str) -> int:
         value = getattr(ray, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -41,7 +46,7 @@ def check_ray(ray, cores: int) -> None:
     workers = integer("workers_per_trial", 1, "a positive integer (processes per trial; 1 = the trial's own process)")
     if ray.gpus_per_trial < 0:
         raise ConfigError("ray.gpus_per_trial", ray.gpus_per_trial, "a non-negative number (GPUs per trial process)")
-    cores = ray.num_cpus or cores
+    cores = local_cpus(ray, cores)
     if ray.address == "local" and cpus > cores:  # no trial could ever be placed: the sweep would wait forever
         raise ConfigError("ray.cpus_per_trial", cpus, f"at most {cores}, the CPUs Ray has here (ray.num_cpus)")
     if ray.address == "local" and workers * cpus > cores:

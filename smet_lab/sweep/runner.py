@@ -134,8 +134,9 @@ def init_ray(cfg: DictConfig, sweep_dir: Path) -> None:
     # it: 1.8 s per report measured here, 0.05 s with this (every process of this job reads it).
     env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")}}
     if cfg.ray.address == "local":
-        num_cpus = cfg.ray.num_cpus or os.cpu_count()
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=0 if not cfg.ray.gpus_per_trial else None,
+        from smet_lab.schema import local_cpus
+
+        ray.init(address="local", num_cpus=local_cpus(cfg.ray), num_gpus=0 if not cfg.ray.gpus_per_trial else None,
                  include_dashboard=False, _temp_dir=ray_temp_dir(sweep_dir), log_to_driver=False,
                  configure_logging=True, logging_level="ERROR", runtime_env=env)
     else:  # an existing cluster: it owns its resources
