@@ -313,6 +313,29 @@ def test_a_cached_corpus_is_the_corpus_read_from_disk(tmp_path, hf_tok_dir, toke
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 3
 
 
+# The tokens the assembler makes of write_tree's documents (byte tokenizer, val_fraction 0.4), per cache
+# FORMAT: sha256 over "train dtype,val dtype,vocab,len train,len val" then the train and val bytes.
+ASSEMBLED = {1: "6e1fa163b3ce4ccf7d2caaa14c0ce32dd20d06358f7a30f96c5c57342fc0c7c3"}
+
+
+def test_the_cache_format_changes_when_the_assembled_tokens_do(tmp_path):
+    """A cache folder is named by the data keys, the tokenizer and the files, plus data.cache.FORMAT for
+    the code that turns documents into tokens. Code that assembles other tokens from the same input
+    (split rule, separators, dtypes) must bump FORMAT, else caches built before it would be read as its
+    output: then this digest changes and FORMAT must be bumped, with the new digest recorded above."""
+    from smet_lab.data.cache import FORMAT
+
+    write_tree(tmp_path / "d")
+    c = load_corpus(DataConfig(name="text_files", path=str(tmp_path / "d"), val_fraction=0.4, tokenizer="byte"))
+    digest = hashlib.sha256(f"{c.train.dtype},{c.val.dtype},{c.vocab_size},{len(c.train)},{len(c.val)}".encode())
+    digest.update(c.train.numpy().tobytes())
+    digest.update(c.val.numpy().tobytes())
+    assert ASSEMBLED.get(FORMAT) == digest.hexdigest(), (
+        f"the assembled tokens changed: bump smet_lab.data.cache.FORMAT to {max(ASSEMBLED) + 1} and record "
+        f"{max(ASSEMBLED) + 1}: {digest.hexdigest()!r} in ASSEMBLED" if FORMAT in ASSEMBLED else
+        f"record {FORMAT}: {digest.hexdigest()!r} in ASSEMBLED")
+
+
 def test_auto_is_the_corpora_folder_of_smet_labs_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SMET_LAB_CACHE", str(tmp_path / "mine"))  # as the C kernel's cache (smet_lab.optim.cbuild)
     corpus = load_corpus(DataConfig(name="synthetic", max_tokens=3000, cache_dir="auto"))
