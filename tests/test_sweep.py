@@ -323,6 +323,24 @@ def test_a_failing_trial_does_not_take_the_others_and_is_retried(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_sweep_without_tracking_still_knows_how_its_trials_ended(tmp_path):
+    """tracking=none: no MLflow at all, and the statuses, trials.csv and exit code are as with it (the
+    statuses were written by the MLflow logger alone: every trial read as unfinished, the sweep as
+    interrupted)."""
+    args = [*SMOKE, "tracking=none", f"ray.storage={tmp_path}/sw", f"hydra.run.dir={tmp_path}/out"]
+    proc = run_cli(args, cwd=tmp_path, env_extra={"SMET_LAB_INJECT_FAILURE": "naive_dst", "SMET_LAB_INJECT_AT_STEP": "25"})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2/2 trials ended (1 finished, 0 diverged, 1 failed)" in proc.stdout and "interrupted" not in proc.stderr
+    rows = {r["method"]: r["status"] for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
+    assert rows == {"naive_dst": "FAILED", "smet": "FINISHED"}
+    retry = run_cli([*args, "sweep.retry_failed=true"], cwd=tmp_path)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    rows = {r["method"]: r["status"] for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
+    assert rows == {"naive_dst": "FINISHED", "smet": "FINISHED"}
+    assert not list(tmp_path.glob("**/mlflow.db")) and not (tmp_path / "sw" / "smoke" / "report").exists()
+
+
+@pytest.mark.e2e
 def test_killed_driver_resumes_to_exactly_the_grid(tmp_path):
     """SIGKILL (no clean-up at all) while the second trial runs; SIGINT: the test below."""
     args = ["+sweep=smoke", "train.max_steps=200", "train.checkpoint_every=50", *common(tmp_path)]

@@ -1,6 +1,7 @@
-"""Driver-side Ray Tune callbacks: the single MLflow writer of a sweep, and a live progress view.
+"""Driver-side Ray Tune callbacks: the single MLflow writer of a sweep, the record of what each trial
+ended as, and a live progress view.
 
-Both are pickled into the experiment state by Tune and come back on `Tuner.restore`, so they keep
+All are pickled into the experiment state by Tune and come back on `Tuner.restore`, so they keep
 only plain settings and find (or create) their MLflow runs again in `setup()`.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from ray import tune
 
+from smet_lab.sweep.trainable import SUMMARY_FILE
 from smet_lab.tracking import TrackingConfig, find_or_start_run
 
 # Trial statuses in our words (MLflow's KILLED/FAILED/FINISHED + diverged) by trial key.
@@ -24,13 +26,27 @@ def numeric_metrics(result: dict) -> dict:
             if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class MlflowSweepLogger(tune.Callback):
-    """One parent run per sweep, one child run per trial (`mlflow.parentRunId`)."""
+class TrialStatuses(tune.Callback):
+    """Records what each trial ended as in the sweep folder (STATUS_FILE), with or without MLflow: the
+    driver's end-of-sweep accounting, the report and resumed sweeps read it."""
+
+    def __init__(self, sweep_dir: str):
+        self.sweep_dir = sweep_dir
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        record_status(self.sweep_dir, trial.config["key"], *trial_outcome(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        record_status(self.sweep_dir, trial.config["key"], "FAILED", first_error_line(trial))
+
+
+class MlflowSweepLogger(TrialStatuses):
+    """One parent run per sweep, one child run per trial (`mlflow.parentRunId`), and the statuses."""
 
     def __init__(self, tracking: TrackingConfig, sweep_name: str, sweep_dir: str, configs: dict, parent_params: dict):
+        super().__init__(sweep_dir)
         self.tracking = tracking
         self.sweep_name = sweep_name
-        self.sweep_dir = sweep_dir
         self.configs = configs
         self.parent_params = parent_params
         self._parent = None
@@ -77,30 +93,20 @@ class MlflowSweepLogger(tune.Callback):
             self.child(key).log_metrics(metrics, int(result.get("step", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        key = trial.config["key"]
-        tracker = self.child(key)
-        status, error = "FINISHED", None
-        checkpoint = trial.checkpoint
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                summary = Path(d) / "summary.json"
-                if summary.is_file():
-                    data = json.loads(summary.read_text())
-                    status, error = data["status"], data["error"]
-                    tracker.log_artifacts([p for p in Path(d).iterdir() if p.name != "summary.json"])
-        if status == "KILLED":
-            status = "FAILED"
+        tracker = self.child(trial.config["key"])
+        if trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as d:
+                if (Path(d) / SUMMARY_FILE).is_file():  # the trial's final checkpoint: its artifacts
+                    tracker.log_artifacts([p for p in Path(d).iterdir() if p.name != SUMMARY_FILE])
         resumed = (trial.last_result or {}).get("smet_resumed_from_step")
         if resumed:
             tracker.set_tags({"smet.resumed_from_step": resumed})
-        tracker.finish(status, error)
-        record_status(self.sweep_dir, key, status, error)
+        tracker.finish(*trial_outcome(trial))
+        super().on_trial_complete(iteration, trials, trial, **info)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        key = trial.config["key"]
-        error = first_error_line(trial)
-        self.child(key).finish("FAILED", error)
-        record_status(self.sweep_dir, key, "FAILED", error)
+        self.child(trial.config["key"]).finish("FAILED", first_error_line(trial))
+        super().on_trial_error(iteration, trials, trial, **info)
 
     def on_experiment_end(self, trials, **info):
         # Stopped by Ctrl-C or a driver shutdown: never leave a child RUNNING. Tune marks the trials it
@@ -108,6 +114,19 @@ class MlflowSweepLogger(tune.Callback):
         # that on_trial_complete/on_trial_error already finished ignores this second finish().
         for tracker in self._children.values():
             tracker.finish("KILLED", "sweep interrupted")
+
+
+def trial_outcome(trial) -> tuple[str, str | None]:
+    """(status, error) of a completed trial from its final checkpoint's summary: FINISHED, DIVERGED or
+    FAILED (a trial that stopped early, KILLED in a single run, did not finish its grid point)."""
+    status, error = "FINISHED", None
+    if trial.checkpoint is not None:
+        with trial.checkpoint.as_directory() as d:
+            summary = Path(d) / SUMMARY_FILE
+            if summary.is_file():
+                data = json.loads(summary.read_text())
+                status, error = data["status"], data["error"]
+    return ("FAILED" if status == "KILLED" else status), error
 
 
 def first_error_line(trial) -> str:

@@ -212,7 +212,7 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
     import ray
     from ray import tune
 
-    from smet_lab.sweep.callbacks import MlflowSweepLogger, SweepProgress, forget_failed, read_statuses
+    from smet_lab.sweep.callbacks import MlflowSweepLogger, SweepProgress, TrialStatuses, forget_failed, read_statuses
     from smet_lab.sweep.train_workers import DRIVER_MEMORY, run_trial_workers
     from smet_lab.sweep.trainable import run_trial
     from smet_lab.tracking import TrackingConfig
@@ -260,7 +260,7 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
                                           max_t=max(c["train"]["max_steps"] for c in configs.values()))
             parent_params = {"sweep": OmegaConf.to_container(cfg.sweep, resolve=True), "n_trials": len(trials)}
             callbacks = [MlflowSweepLogger(tracking, sweep.name, str(sweep_dir), configs, parent_params) if tracking.enabled
-                         else None, SweepProgress(sweep.name, sweep.metric, sweep.mode, len(trials))]
+                         else TrialStatuses(str(sweep_dir)), SweepProgress(sweep.name, sweep.metric, sweep.mode, len(trials))]
             tuner = tune.Tuner(
                 trainable,
                 param_space={"key": tune.grid_search([t.key for t in trials])},
@@ -270,7 +270,7 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
                                             max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(sweep_dir), verbose=0,
-                    callbacks=[c for c in callbacks if c is not None],
+                    callbacks=callbacks,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     failure_config=tune.FailureConfig(max_failures=0)),
             )

@@ -18,6 +18,7 @@ from pathlib import Path
 # given in SMET_LAB_INJECT_AT_STEP (default 5) of this attempt.
 INJECT_ENV = "SMET_LAB_INJECT_FAILURE"
 INJECT_STEP_ENV = "SMET_LAB_INJECT_AT_STEP"
+SUMMARY_FILE = "summary.json"  # in a trial's final checkpoint: its status, error and summary
 
 
 class InjectedFailure(RuntimeError):
@@ -98,7 +99,7 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
     if World.current().is_main:
         artifacts = Path(tempfile.mkdtemp(prefix="smet_artifacts_"))
         write_run_artifacts(result.history, cfg_dict, artifacts, title=key)
-        (artifacts / "summary.json").write_text(json.dumps(
+        (artifacts / SUMMARY_FILE).write_text(json.dumps(
             {"status": result.status, "error": result.error, "summary": result.summary}, default=float))
     metrics = {**result.summary, "step": int(result.summary.get("summary/steps", 0)), **ident,
                "smet_status": result.status, "smet_error": result.error or "", "final": 1,
