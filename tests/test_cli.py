@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -301,6 +302,7 @@ BAD_INPUTS = [
     e2e(["data=text_files", "data.path="], "data.path"),
     e2e(["data.tokenizer=hf:t5-base"], "data.tokenizer"),
     (["train.resume_from=/nonexistent/step_5"], "train.resume_from"),
+    ([f"train.threads={len(os.sched_getaffinity(0)) + 1}"], "train.threads"),
     # 400 B parameters: more memory than any machine has, refused before anything is built
     (["model=llama_7b", "model.ffn_dim=1000000"], "model='llama_7b' is not allowed: its weights, gradients and Adam state"),
     # checked on the loaded corpus, before the output folder or an MLflow run is made

@@ -337,3 +337,16 @@ def test_activation_checkpointing_changes_no_number(weights):
         result = train(cfg, corpus=CORPUS, callbacks=QUIET)
         runs.append((losses(result), result.summary["summary/final_val_loss"]))
     assert len(runs[0][0]) == 25 and runs[0] == runs[1]
+
+
+def test_more_threads_than_cores_are_refused():
+    from smet_lab.train.checks import check_threads
+
+    check_threads(0, 2)  # torch's default
+    check_threads(2, 2)
+    check_threads(1, 2, processes=4)  # one thread per process is never refused
+    with pytest.raises(ConfigError, match=r"^train.threads=3 is not allowed: at most 2: 3 threads exceed the 2 cores"):
+        check_threads(3, 2)
+    with pytest.raises(ConfigError, match=r"^train.threads=2 is not allowed: at most 1: 2 processes x 2 threads exceed "
+                                          r"the 2 cores"):
+        check_threads(2, 2, processes=2)

@@ -80,6 +80,8 @@ def check_config(cfg: RunConfig, fit_here: bool = True) -> int:
         raise ConfigError("sparsity.weights", s.weights, "needs optim.state=compact (dense_masked keeps dense-size state)")
     validate_dynamic(s.update_every, s.prune_rate, s.prune_schedule, s.prune, s.growth)
     validate_optim_config(o)
+    if fit_here:
+        check_threads(cfg.train.threads, usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     tokenizer = check_data(cfg.data)
     check_shapes_and_fit(cfg, tokenizer.vocab_size, fit_here)
     if cfg.train.resume_from:
@@ -87,6 +89,22 @@ def check_config(cfg: RunConfig, fit_here: bool = True) -> int:
         probe.model.vocab_size = tokenizer.vocab_size
         ckpt.check(cfg.train.resume_from, probe)
     return tokenizer.vocab_size
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_threads(threads: int, cores: int, processes: int = 1) -> None:
+    """More torch threads than cores (all processes of a torchrun on this host together) run several
+    times slower than fewer: the threads wait on each other at every parallel op."""
+    if threads > 1 and threads * processes > cores:
+        most = max(1, cores // processes)
+        raise ConfigError("train.threads", threads, f"at most {most}: "
+                          + (f"{processes} processes x {threads} threads" if processes > 1 else f"{threads} threads")
+                          + f" exceed the {cores} cores this process may use, and oversubscribed threads run "
+                          "several times slower (0 = torch's default)")
 
 
 def memory_bytes(device: torch.device) -> int | None:
