@@ -16,7 +16,8 @@ from helpers import all_runs as runs_of, run_cli, start_cli
 from smet_lab.cli import CONF_DIR, compose, method_composer
 from smet_lab.config import ConfigError
 from smet_lab.grid import expand, trial_configs
-from smet_lab.sweep.runner import GRID_FILE, plan, sweep_config, write_grid
+from smet_lab.sweep.folder import GRID_FILE, write_grid
+from smet_lab.sweep.runner import plan, sweep_config
 
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
 
@@ -202,7 +203,7 @@ def test_resuming_with_another_grid_or_setting_is_refused(tmp_path):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from smet_lab.sweep.runner import sweep_lock
+from smet_lab.sweep.folder import sweep_lock
 with sweep_lock(Path(sys.argv[1]), "smoke"):
     print("held", flush=True)
     time.sleep(600)
@@ -214,7 +215,7 @@ def test_a_second_driver_of_a_running_sweep_is_refused(tmp_path):
     twice into one folder: the second driver gets one line naming the first, and touches nothing."""
     import sys
 
-    from smet_lab.sweep.runner import sweep_lock
+    from smet_lab.sweep.folder import sweep_lock
 
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "sw")], stdout=subprocess.PIPE, text=True)
     try:
@@ -433,7 +434,7 @@ def test_a_sweep_interrupted_twice_resumes_to_exactly_the_grid(tmp_path):
 
 def test_a_retry_forgets_only_the_failed_statuses(tmp_path):
     """Trials about to be retried have not ended, so a retry stopped early reads as interrupted."""
-    from smet_lab.sweep.callbacks import forget_failed, read_statuses, record_status
+    from smet_lab.sweep.folder import forget_failed, read_statuses, record_status
 
     record_status(str(tmp_path), "a", "FINISHED", None)
     record_status(str(tmp_path), "b", "FAILED", "boom")

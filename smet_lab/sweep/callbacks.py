@@ -14,12 +14,9 @@ from pathlib import Path
 
 from ray import tune
 
+from smet_lab.sweep.folder import record_status
 from smet_lab.sweep.trainable import SUMMARY_FILE
 from smet_lab.tracking import TrackingConfig, find_or_start_run
-
-# Trial statuses in our words (MLflow's KILLED/FAILED/FINISHED + diverged) by trial key.
-STATUS_FILE = "trial_status.json"
-
 
 def numeric_metrics(result: dict) -> dict:
     return {k: float(v) for k, v in result.items()
@@ -137,31 +134,6 @@ def first_error_line(trial) -> str:
         text = ""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else "trial failed")[:500]
-
-
-def read_statuses(sweep_dir) -> dict:
-    path = Path(sweep_dir) / STATUS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_statuses(sweep_dir, data: dict) -> None:
-    path = Path(sweep_dir) / STATUS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def record_status(sweep_dir: str, key: str, status: str, error: str | None) -> None:
-    """A small file next to Tune's state: what each trial ended as, in our words (FINISHED,
-    DIVERGED, FAILED), for the report and for resumed runs."""
-    data = read_statuses(sweep_dir)
-    data[key] = {"status": status, "error": error}
-    _write_statuses(sweep_dir, data)
-
-
-def forget_failed(sweep_dir: str) -> None:
-    """Trials about to be retried have not ended: an interrupted retry then reads as interrupted."""
-    _write_statuses(sweep_dir, {k: v for k, v in read_statuses(sweep_dir).items() if v["status"] != "FAILED"})
 
 
 class SweepProgress(tune.Callback):

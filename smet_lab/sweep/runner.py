@@ -7,10 +7,7 @@ MLflow runs are reused), `sweep.resume=false` starts fresh.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
-import json
 import os
 import shutil
 import socket
@@ -22,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial, expand, trial_configs
+from smet_lab.sweep.folder import GRID_FILE, check_resume, read_statuses, sweep_lock, write_grid
 
 EXIT_TRIAL_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -55,55 +53,6 @@ def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial],
     check_writable_dir(key, cfg.ray.storage or sweep.storage or "sweeps")
     check_resume(sweep, storage_root(cfg, sweep) / sweep.name, trials, configs)
     return sweep, trials, configs
-
-
-# What a resumed sweep must share with the one it resumes: Tune restores the trials it stored, so a
-# grid or training setting changed on the command line would silently not apply. (tracking and ray
-# settings may change between sessions.)
-GRID_FILE = "grid.json"
-RESUME_SECTIONS = ("method", "model", "data", "sparsity", "optim", "train")
-
-
-def trial_signatures(trials: list[Trial], configs: dict) -> dict:
-    """{trial key: its training config (RESUME_SECTIONS), JSON-normalised}."""
-    return json.loads(json.dumps({t.key: {k: configs[t.key][k] for k in RESUME_SECTIONS if k in configs[t.key]}
-                                  for t in trials}))
-
-
-def _first_difference(old, new, prefix: str = ""):
-    """(dotted key, old value, new value) of the first difference between two nested dicts, or None."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            found = _first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
-            if found:
-                return found
-        return None
-    return None if old == new else (prefix.rstrip("."), old, new)
-
-
-def check_resume(sweep: SweepConfig, sweep_dir: Path, trials: list[Trial], configs: dict) -> None:
-    """ConfigError when resuming would run a different sweep than the one asked for now."""
-    path = sweep_dir / GRID_FILE
-    if not sweep.resume or not path.is_file():
-        return
-    old, new = json.loads(path.read_text()), trial_signatures(trials, configs)
-    fix = "add sweep.resume=false to start it afresh, or sweep.name=OTHER to keep both"
-    if set(old) != set(new):
-        extra = sorted(set(new) - set(old))
-        detail = f"; e.g. {extra[0]} is new" if extra else f"; e.g. {sorted(set(old) - set(new))[0]} is gone"
-        raise ConfigError("sweep", f"{len(new)} trials", f"resuming {sweep_dir} needs its grid of {len(old)} "
-                          f"trials{detail}; {fix}")
-    for key in new:
-        found = _first_difference(old[key], new[key])
-        if found:
-            dotted, was, now = found
-            raise ConfigError(dotted, now, f"resuming {sweep_dir} needs {was!r}, as its trials were started "
-                              f"with (trial {key}); {fix}")
-
-
-def write_grid(sweep_dir: Path, trials: list[Trial], configs: dict) -> None:
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / GRID_FILE).write_text(json.dumps(trial_signatures(trials, configs), indent=1))
 
 
 def storage_root(cfg: DictConfig, sweep: SweepConfig) -> Path:
@@ -180,27 +129,6 @@ def concurrent_trials(cfg: DictConfig) -> int | None:
     return limit
 
 
-@contextlib.contextmanager
-def sweep_lock(root: Path, name: str):
-    """Held while a driver runs the sweep `name`: a second driver of it (the same command in another
-    terminal) would resume it while it runs and train its trials twice into one folder. The lock
-    file sits beside the sweep's folder, so `sweep.resume=false` can delete that folder; the OS
-    releases the lock however the driver ends, and flock works across NFSv4 clients (a cluster)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise ConfigError("sweep.name", name, f"the name of a sweep that is not running already ({holder} is "
-                              f"running {root / name}); wait for it to end, or give another sweep.name") from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        lock.flush()
-        yield
-
-
 def run_sweep(cfg: DictConfig, compose_for_method=None) -> int:
     """Run (or resume) the sweep; returns the exit code (0 ok, 1 a trial failed, 130 interrupted)."""
     sweep, trials, configs = plan(cfg, compose_for_method)
@@ -212,7 +140,8 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
     import ray
     from ray import tune
 
-    from smet_lab.sweep.callbacks import MlflowSweepLogger, SweepProgress, TrialStatuses, forget_failed, read_statuses
+    from smet_lab.sweep.callbacks import MlflowSweepLogger, SweepProgress, TrialStatuses
+    from smet_lab.sweep.folder import forget_failed
     from smet_lab.sweep.train_workers import DRIVER_MEMORY, run_trial_workers
     from smet_lab.sweep.trainable import run_trial
     from smet_lab.tracking import TrackingConfig
