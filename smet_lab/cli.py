@@ -29,6 +29,7 @@ from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
 RUN_FILE = "mlflow_run.json"  # in a run's output folder: the MLflow run a resume continues
+PLAN_FLAG = "--plan"  # print what the command would run (smet_lab.preview), run nothing
 
 schema.register()
 
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, STOP)
     signal.signal(signal.SIGTERM, STOP)
     quiet_mlflow()
+    plan_only = PLAN_FLAG in argv
+    argv = [a for a in argv if a != PLAN_FLAG]
     overrides, hydra_alone, cfg_only = split_args(argv)
     if any(flag in argv for flag in MULTIRUN_FLAGS):  # a multirun is a sweep: Ray Tune, not Hydra's launcher
         try:
@@ -318,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
             cfg = preflight(overrides, compose_only=cfg_only)
         except BadInput as exc:
             fail(str(exc))
+    if plan_only and cfg is not None and not cfg_only:
+        print_plan(cfg, overrides)
+        return
     if (cfg is not None and not cfg_only and cfg.get("sweep") is None and os.environ.get("RANK", "0") == "0"
             and not any(override_key(o) == "hydra.run.dir" for o in overrides)):
         # Hydra's default output folder is named by the second: two runs started in the same second
@@ -332,6 +338,24 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("smet_lab: interrupted (the MLflow run is marked KILLED)", file=sys.stderr)
         sys.exit(130)
+
+
+def print_plan(cfg: DictConfig, overrides: list[str]) -> None:
+    """--plan: what this command would run, and nothing run or written."""
+    from smet_lab.preview import describe_run, describe_sweep
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        if cfg.get("sweep") is not None:
+            print(describe_sweep(cfg, method_composer(overrides)))
+        else:
+            given = next((override_value(o) for o in overrides if override_key(o) == "hydra.run.dir"), None)
+            print(describe_run(cfg, given or f"{compose(overrides, with_hydra=True).hydra.run.dir} (or -2, -3, ... "
+                                              "if a run started in the same second has it)"))
+    except ConfigError as exc:
+        fail(str(exc))
+    print(f"smet_lab: plan only ({PLAN_FLAG}): nothing was started or written")
 
 
 def run_distributed(cfg: DictConfig) -> int:

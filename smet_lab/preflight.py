@@ -340,6 +340,7 @@ Main commands:
   torchrun --standalone --nproc_per_node=4 -m smet_lab train=gpu   one run, data parallel on 4 GPUs (or CPU processes)
   python -m smet_lab +sweep=density ray.workers_per_trial=4   every trial data parallel (Ray Train, 4 processes)
   python -m smet_lab.report SWEEP                          rebuild a sweep's stability report
+  python -m smet_lab +sweep=density --plan                 what it would run (trials, what a resume keeps), run nothing
   python -m smet_lab --cfg job                             print the composed config (every key and value)
   mlflow ui --backend-store-uri sqlite:///mlflow.db         the dashboards
 

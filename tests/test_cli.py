@@ -174,6 +174,20 @@ def test_a_run_never_writes_into_another_runs_default_folder(tmp_path):
     assert all([p.name for p in d.iterdir()] == ["other_run.txt"] for d in taken)
 
 
+def test_plan_of_one_run_says_its_size_and_writes_nothing(tmp_path):
+    proc = cli([*FAST, "model=llama_20m", "--plan", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    d, ffn, layers, _, seq = PRESETS["llama_20m"]
+    n = 2 * 256 * d + layers * (4 * d * d + 3 * d * ffn + 2 * d) + d  # embedding and head, blocks, final norm
+    assert proc.stdout.splitlines()[:2] == [
+        f"one run: smet at density 0.25 (uniform, dense weights), model llama_20m ({n / 1e6:,.1f} M parameters, "
+        "vocabulary 256)",
+        f"  training: 40 steps x 4 sequences x {seq} tokens = {40 * 4 * seq:,} tokens of data=synthetic on cpu"]
+    assert list(tmp_path.iterdir()) == []
+    bad = cli([*FAST, "--plan", "sparsity.density=2"], cwd=tmp_path)  # a plan checks everything a run checks
+    assert bad.returncode == 2 and bad.stderr.startswith("smet_lab: error: sparsity.density=2")
+
+
 def test_a_sweep_on_cuda_must_give_its_trials_gpus():
     from smet_lab.cli import BadInput, preflight
 

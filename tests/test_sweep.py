@@ -233,6 +233,52 @@ def test_a_second_driver_of_a_running_sweep_is_refused(tmp_path):
         assert (tmp_path / "sw" / ".smoke.lock").read_text() == f"pid {os.getpid()} on {os.uname().nodename}"
 
 
+def test_plan_shows_what_a_sweep_would_run_and_writes_nothing(tmp_path):
+    proc = run_cli(["+sweep=smoke", "sweep.seeds=[0,1]", "--plan", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                    f"ray.storage={tmp_path}/sw", f"hydra.run.dir={tmp_path}/out", "ray.cpus_per_trial=1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # smoke: naive_dst and smet, 60 steps of 4 x 64 tokens each (conf/sweep/smoke.yaml, tiny), here with 2 seeds
+    assert lines[0] == "sweep smoke: 4 trials, 60 steps each (61,440 training tokens in all)"
+    assert lines[1] == "  grid:     method [naive_dst, smet] x seed [0, 1]"
+    assert lines[2] == f"  folder:   {tmp_path / 'sw' / 'smoke'} (new)"
+    cpus = os.cpu_count()
+    assert lines[3] == f"  runs on:  a local Ray with {cpus} CPUs, 1 CPUs per trial: {cpus} trial{'s' * (cpus != 1)} at a time"
+    assert [line.split() for line in lines[6:10]] == [[f"method={m},seed={s}", "to", "run"]
+                                                      for m in ("naive_dst", "smet") for s in (0, 1)]
+    assert lines[-1] == "smet_lab: plan only (--plan): nothing was started or written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_plan_of_a_sweep_to_resume_names_what_it_keeps_and_what_it_runs(tmp_path):
+    from smet_lab.preview import describe_sweep
+    from smet_lab.sweep.folder import record_status
+
+    base = ["+sweep=smoke", "sweep.seeds=[0,1]", f"ray.storage={tmp_path}"]
+
+    def described(extra=()):
+        overrides = [*base, *extra]
+        return dict(line.split(None, 1) for line in describe_sweep(compose(overrides), method_composer(overrides))
+                    .split("  trials:\n")[1].splitlines())
+
+    _, trials, configs = plan(compose(base), method_composer(base))
+    write_grid(tmp_path / "smoke", trials, configs)
+    (tmp_path / "smoke" / "tune").mkdir()
+    record_status(str(tmp_path / "smoke"), "method=smet,seed=0", "FINISHED", None)
+    record_status(str(tmp_path / "smoke"), "method=smet,seed=1", "DIVERGED", "loss is nan")
+    record_status(str(tmp_path / "smoke"), "method=naive_dst,seed=0", "FAILED", "boom")
+    assert described() == {"method=naive_dst,seed=0": "failed: kept (sweep.retry_failed=true runs it again)",
+                           "method=smet,seed=0": "finished: kept", "method=smet,seed=1": "diverged: kept",
+                           "method=naive_dst,seed=1": "to run (from its last checkpoint, if it has one)"}
+    assert described(["sweep.retry_failed=true"])["method=naive_dst,seed=0"] == "failed: runs again from its last checkpoint"
+    assert set(described(["sweep.resume=false"]).values()) == {"to run"}
+    overrides = [*base, "sweep.resume=false"]
+    assert f"(starts afresh: sweep.resume=false deletes {tmp_path / 'smoke'} first)" in describe_sweep(
+        compose(overrides), method_composer(overrides))
+    with pytest.raises(ConfigError, match="resuming .* needs 60"):  # the resume check runs as for the sweep itself
+        describe_sweep(compose([*base, "train.max_steps=61"]), method_composer([*base, "train.max_steps=61"]))
+
+
 SMOKE = ["+sweep=smoke", "train.max_steps=40"]
 
 

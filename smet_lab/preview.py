@@ -1,0 +1,113 @@
+"""`--plan`: what a command would run, without running it. For a sweep: its trials and which of them a
+resume would run, where it stores them, how many run at once and where they are tracked; for one run:
+its size. Nothing is started or written (no Ray, no MLflow, no folder)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from smet_lab.grid import leaves
+from smet_lab.schema import local_cpus
+from smet_lab.sweep.folder import read_statuses
+from smet_lab.sweep.runner import plan, storage_root
+
+
+def _tracked(cfg: DictConfig, what: str) -> str:
+    tracking = OmegaConf.to_object(cfg.tracking)
+    if not tracking.enabled:
+        return "not tracked (tracking=none)"
+    return f"MLflow experiment '{tracking.experiment}' at {tracking.uri}: {what}"
+
+
+def describe_run(cfg: DictConfig, output: str) -> str:
+    import dataclasses
+
+    import torch
+
+    from smet_lab.config import run_config_from
+    from smet_lab.model import LLaMA
+    from smet_lab.train import check_config
+    from smet_lab.train.checks import resolve_device
+
+    run = run_config_from(OmegaConf.to_container(cfg, resolve=True))
+    vocab = check_config(run)
+    with torch.device("meta"):  # shapes only
+        n = sum(p.numel() for p in LLaMA(dataclasses.replace(run.model, vocab_size=vocab)).parameters())
+    t, s = run.train, run.sparsity
+    tokens = t.max_steps * t.batch_size * run.model.seq_len
+    sparse = f" ({s.distribution}, {s.weights} weights)" if s.density < 1 else ""
+    return "\n".join([
+        f"one run: {run.method} at density {s.density:g}{sparse}, model {run.model.name} ({_count(n)} parameters, "
+        f"vocabulary {vocab:,})",
+        f"  training: {t.max_steps:,} steps x {t.batch_size} sequences x {run.model.seq_len} tokens = "
+        f"{_count(tokens)} tokens of data={run.data.name} on {resolve_device(t.device)}",
+        f"  output:   {output}",
+        f"  tracking: {_tracked(cfg, 'one run')}"])
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:,.1f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M" if n >= 1e6 else f"{n:,}"
+
+
+def _values(values: list) -> str:
+    return "[" + ", ".join(map(str, values)) + "]"
+
+
+def _trial_states(sweep, sweep_dir, trials) -> tuple[str, dict]:
+    """(what happens to the sweep folder, {trial key: what happens to the trial})."""
+    if not sweep_dir.exists():
+        return "new", {t.key: "to run" for t in trials}
+    if not sweep.resume:
+        return f"starts afresh: sweep.resume=false deletes {sweep_dir} first", {t.key: "to run" for t in trials}
+    if not (sweep_dir / "tune").is_dir():
+        return "new (the folder holds no sweep state yet)", {t.key: "to run" for t in trials}
+    ended = read_statuses(sweep_dir)
+    states = {}
+    for t in trials:
+        status = ended.get(t.key, {}).get("status")
+        if status in ("FINISHED", "DIVERGED"):
+            states[t.key] = f"{status.lower()}: kept"
+        elif status == "FAILED":
+            states[t.key] = ("failed: runs again from its last checkpoint" if sweep.retry_failed
+                             else "failed: kept (sweep.retry_failed=true runs it again)")
+        else:
+            states[t.key] = "to run (from its last checkpoint, if it has one)"
+    todo = sum(s.startswith(("to run", "failed: runs")) for s in states.values())
+    return f"resumes: {len(trials) - todo} of {len(trials)} trials kept, {todo} to run", states
+
+
+def _resources(cfg: DictConfig) -> str:
+    ray = cfg.ray
+    per = ray.cpus_per_trial * ray.workers_per_trial
+    shape = (f"{ray.workers_per_trial} processes x {ray.cpus_per_trial} CPUs" if ray.workers_per_trial > 1
+             else f"{ray.cpus_per_trial} CPUs") + (f" and {ray.gpus_per_trial:g} GPUs"
+                                                   f"{' each' if ray.workers_per_trial > 1 else ''}" if ray.gpus_per_trial else "")
+    cap = f", at most {ray.max_concurrent} at once (ray.max_concurrent)" if ray.max_concurrent else ""
+    if ray.address != "local":
+        return f"the Ray cluster at {ray.address}: {shape} per trial, as many at once as it holds{cap}"
+    cpus = local_cpus(ray)
+    at_once = cpus // per if not ray.max_concurrent else min(cpus // per, ray.max_concurrent)
+    return f"a local Ray with {cpus} CPUs, {shape} per trial: {at_once} trial{'s' * (at_once != 1)} at a time"
+
+
+def describe_sweep(cfg: DictConfig, compose_for_method) -> str:
+    sweep, trials, configs = plan(cfg, compose_for_method)
+    sweep_dir = storage_root(cfg, sweep) / sweep.name
+    state, states = _trial_states(sweep, sweep_dir, trials)
+    steps = sorted({c["train"]["max_steps"] for c in configs.values()})
+    tokens = sum(c["train"]["max_steps"] * c["train"]["batch_size"] * c["model"]["seq_len"] for c in configs.values())
+    grid = [f"{key} {_values(values)}" for key, values in leaves(sweep.params).items()]
+    grid.append(f"seed {_values(sweep.seeds)}")
+    extra = f" + {len(sweep.extra_trials)} extra trial{'s' * (len(sweep.extra_trials) != 1)} per seed" \
+        if sweep.extra_trials else ""
+    tracked = _tracked(cfg, "a parent run and one child run per trial")
+    width = max(len(t.key) for t in trials)
+    lines = [f"sweep {sweep.name}: {len(trials)} trials, {'-'.join(f'{s:,}' for s in steps[::max(1, len(steps) - 1)])} "
+             f"steps each ({_count(tokens)} training tokens in all)",
+             f"  grid:     {' x '.join(grid)}{extra}",
+             f"  folder:   {sweep_dir} ({state})",
+             f"  runs on:  {_resources(cfg)}",
+             f"  tracking: {tracked}",
+             "  trials:"]
+    lines += [f"    {t.key:<{width}}  {states[t.key]}" for t in trials]
+    return "\n".join(lines)
