@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -272,7 +274,10 @@ def test_a_prune_rule_that_raises_names_its_line():
 # ----------------------------------------------------------------------- from outside the repo
 RULES = '''
 import torch
-from smet_lab.extend import register_growth
+from smet_lab.extend import register_growth, register_metric
+
+register_metric("summary/last_train_loss", "last train loss", "{:.3f}", "lower", "The train loss of the run's last step.",
+                compute=lambda rows: rows[-1]["train/loss"])
 
 
 @register_growth("lowest_free")
@@ -318,6 +323,15 @@ def test_the_worked_example_runs_from_outside_the_repository(tmp_path):
     assert {r.data.params["extensions"] for r in trials if r.data.tags["smet.kind"] == "trial"} == \
         {f"[{tmp_path / 'my_rules.py'}]"}
     assert "lowest_free" in (tmp_path / "sw" / "smoke" / "report" / "report.md").read_text()
+    # The user's metric: logged by every trial, and a report rebuilt in a fresh process (which imports the
+    # sweep's extensions from its runs' params) shows it with its label and definition.
+    assert all(r.data.metrics["summary/last_train_loss"] == client.get_metric_history(r.info.run_id, "train/loss")[-1].value
+               for r in trials)
+    rebuilt = subprocess.run([sys.executable, "-m", "smet_lab.report", "smoke", "--tracking-uri", db, "--out",
+                              str(tmp_path / "rebuilt")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rebuilt.returncode == 0 and rebuilt.stderr == "", rebuilt.stderr
+    report = (tmp_path / "rebuilt" / "report.md").read_text()
+    assert "last train loss" in report and "The train loss of the run's last step." in report
 
     bad = cli(["extensions=[my_rules]", "sparsity.growth=twice_the_first", *FAST, f"tracking.uri={db}",
                f"hydra.run.dir={tmp_path}/bad"], cwd=tmp_path)

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return fail("give a sweep name, an experiment name or a parent run id (or --tables)")
         from smet_lab.report.build import report_for_target
 
-        info, out = report_for_target(args.tracking_uri, args.target, args.out, log=not args.no_log)
+        info, out = report_for_target(args.tracking_uri, args.target, args.out, log=not args.no_log,
+                                      warn=lambda line: print(f"smet_lab: warning: {line}", file=sys.stderr))
     except (ReportError, SpecError) as exc:
         return fail(str(exc))
     except ConfigError as exc:

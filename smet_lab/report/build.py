@@ -191,12 +191,29 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
 
 
 # ------------------------------------------------------------------------------------- with MLflow
-def report_for_target(uri: str, target: str, out_dir=None, log: bool = True) -> tuple[SweepInfo, Path]:
+def import_run_extensions(runs: pd.DataFrame, warn) -> None:
+    """Import the extensions the runs trained with (their `extensions` param, e.g. '[/home/me/rules.py]'),
+    so that a user's metrics show with their labels, formats and definitions; `warn(line)` for one that
+    cannot be imported here (its metrics then show under their MLflow keys)."""
+    from smet_lab.config import ConfigError
+    from smet_lab.extend import load_extensions
+
+    listed = runs["extensions"].dropna() if "extensions" in runs else []
+    entries = sorted({e.strip() for v in listed for e in str(v).strip("[]").split(", ") if e.strip()})
+    for entry in entries:
+        try:
+            load_extensions([entry])
+        except ConfigError as exc:
+            warn(f"{exc}; the metrics it registers show under their MLflow keys")
+
+
+def report_for_target(uri: str, target: str, out_dir=None, log: bool = True, warn=print) -> tuple[SweepInfo, Path]:
     """Read `target` (sweep name, experiment or parent run id) from MLflow, build its report (default
     folder: default_out_dir) and log it to the parent run as `report/`."""
     from smet_lab.report.io import load_sweep_runs, log_report
 
     info, runs = load_sweep_runs(uri, target)
+    import_run_extensions(runs, warn)
     out = build_report(info, runs, Path(out_dir) if out_dir else default_out_dir(info))
     if log and info.parent_run_id:
         log_report(info.uri, info.parent_run_id, out)
