@@ -76,18 +76,22 @@ def _trial_states(sweep, sweep_dir, trials) -> tuple[str, dict]:
     return f"resumes: {len(trials) - todo} of {len(trials)} trials kept, {todo} to run", states
 
 
+def _n(k, what: str) -> str:
+    return f"{k:g} {what}{'s' * (k != 1)}"
+
+
 def _resources(cfg: DictConfig) -> str:
     ray = cfg.ray
-    per = ray.cpus_per_trial * ray.workers_per_trial
-    shape = (f"{ray.workers_per_trial} processes x {ray.cpus_per_trial} CPUs" if ray.workers_per_trial > 1
-             else f"{ray.cpus_per_trial} CPUs") + (f" and {ray.gpus_per_trial:g} GPUs"
-                                                   f"{' each' if ray.workers_per_trial > 1 else ''}" if ray.gpus_per_trial else "")
+    shape = _n(ray.cpus_per_trial, "CPU") + (f" and {_n(ray.gpus_per_trial, 'GPU')}" if ray.gpus_per_trial else "")
+    if ray.workers_per_trial > 1:
+        shape = f"{ray.workers_per_trial} processes of {shape}"
     cap = f", at most {ray.max_concurrent} at once (ray.max_concurrent)" if ray.max_concurrent else ""
     if ray.address != "local":
         return f"the Ray cluster at {ray.address}: {shape} per trial, as many at once as it holds{cap}"
     cpus = local_cpus(ray)
-    at_once = cpus // per if not ray.max_concurrent else min(cpus // per, ray.max_concurrent)
-    return f"a local Ray with {cpus} CPUs, {shape} per trial: {at_once} trial{'s' * (at_once != 1)} at a time"
+    at_once = cpus // (ray.cpus_per_trial * ray.workers_per_trial)
+    at_once = min(at_once, ray.max_concurrent) if ray.max_concurrent else at_once
+    return f"a local Ray with {_n(cpus, 'CPU')}, {shape} per trial: {_n(at_once, 'trial')} at a time"
 
 
 def describe_sweep(cfg: DictConfig, compose_for_method) -> str:
@@ -102,8 +106,8 @@ def describe_sweep(cfg: DictConfig, compose_for_method) -> str:
         if sweep.extra_trials else ""
     tracked = _tracked(cfg, "a parent run and one child run per trial")
     width = max(len(t.key) for t in trials)
-    lines = [f"sweep {sweep.name}: {len(trials)} trials, {'-'.join(f'{s:,}' for s in steps[::max(1, len(steps) - 1)])} "
-             f"steps each ({_count(tokens)} training tokens in all)",
+    each = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}"
+    lines = [f"sweep {sweep.name}: {len(trials)} trials, {each} steps each ({_count(tokens)} training tokens in all)",
              f"  grid:     {' x '.join(grid)}{extra}",
              f"  folder:   {sweep_dir} ({state})",
              f"  runs on:  {_resources(cfg)}",

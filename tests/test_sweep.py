@@ -243,7 +243,7 @@ def test_plan_shows_what_a_sweep_would_run_and_writes_nothing(tmp_path):
     assert lines[1] == "  grid:     method [naive_dst, smet] x seed [0, 1]"
     assert lines[2] == f"  folder:   {tmp_path / 'sw' / 'smoke'} (new)"
     cpus = os.cpu_count()
-    assert lines[3] == f"  runs on:  a local Ray with {cpus} CPUs, 1 CPUs per trial: {cpus} trial{'s' * (cpus != 1)} at a time"
+    assert lines[3] == f"  runs on:  a local Ray with {cpus} CPU{'s' * (cpus != 1)}, 1 CPU per trial: {cpus} trial{'s' * (cpus != 1)} at a time"
     assert [line.split() for line in lines[6:10]] == [[f"method={m},seed={s}", "to", "run"]
                                                       for m in ("naive_dst", "smet") for s in (0, 1)]
     assert lines[-1] == "smet_lab: plan only (--plan): nothing was started or written"
