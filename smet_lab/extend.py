@@ -50,8 +50,8 @@ def _register(table: dict, kind: str, name: str, value, replace: bool):
 
 
 def _check_signature(kind: str, name: str, fn, params: tuple[str, ...]) -> None:
-    """A function that cannot be called as the contract calls it is refused when it registers, not
-    at the first topology update of a run (which loads extensions first: one line, exit code 2)."""
+    """A function that cannot be called as the contract calls it is refused when it registers (so the
+    extension registering it is refused in one line before anything runs), not at its first call."""
     if not callable(fn):
         raise RegistrationError(f"{kind} {name!r} must be a function, got {type(fn).__name__}")
     try:
@@ -62,7 +62,7 @@ def _check_signature(kind: str, name: str, fn, params: tuple[str, ...]) -> None:
         signature.bind(*params)
     except TypeError:
         raise RegistrationError(f"{kind} {name!r}: {getattr(fn, '__name__', 'it')}{signature} must take "
-                         f"({', '.join(params)})") from None
+                                f"({', '.join(params)})") from None
 
 
 def _number(out, allowed: str, ok) -> float:
