@@ -378,6 +378,7 @@ def test_a_sweep_without_tracking_still_knows_how_its_trials_ended(tmp_path):
     proc = run_cli(args, cwd=tmp_path, env_extra={"SMET_LAB_INJECT_FAILURE": "naive_dst", "SMET_LAB_INJECT_AT_STEP": "25"})
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2/2 trials ended (1 finished, 0 diverged, 1 failed)" in proc.stdout and "interrupted" not in proc.stderr
+    assert f"no report with tracking=none: the results are in {tmp_path / 'sw' / 'smoke' / 'trials.csv'}" in proc.stdout
     rows = {r["method"]: r["status"] for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
     assert rows == {"naive_dst": "FAILED", "smet": "FINISHED"}
     retry = run_cli([*args, "sweep.retry_failed=true"], cwd=tmp_path)

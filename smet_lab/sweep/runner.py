@@ -260,7 +260,9 @@ def write_trial_table(sweep_dir: Path, trials: list[Trial], statuses: dict, grid
 def write_report(tracking, sweep: SweepConfig, sweep_dir: Path, interrupted: bool) -> None:
     """The stability report into <sweep_dir>/report/, logged as the parent run's artifact report/.
     Never fails the sweep: any error (or a second Ctrl-C while it is built) is one warning line."""
-    if not tracking.enabled:
+    if not tracking.enabled:  # the report reads the trials' histories from MLflow
+        print(f"[sweep {sweep.name}] no report with tracking=none: the results are in {sweep_dir / 'trials.csv'} "
+              "and each trial's final checkpoint (metrics.parquet, loss_curve.png)", flush=True)
         return
     try:
         from smet_lab.report import report_for_sweep_dir
