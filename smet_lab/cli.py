@@ -24,7 +24,7 @@ from smet_lab import schema
 from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_dir, run_config_from
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
                                 ignored_setting, multirun_overrides, null_group, override_key, override_value,
-                                split_args, unknown_key)
+                                split_args, unknown_flag, unknown_key)
 from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:
         print(help_text())
         return
+    flag = unknown_flag(argv)
+    if flag:
+        fail(flag)
     signal.signal(signal.SIGINT, STOP)
     signal.signal(signal.SIGTERM, STOP)
     quiet_mlflow()

@@ -26,6 +26,8 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
                      "--config-dir", "-cd", "--experimental-rerun"}
 _FLAGS_THAT_SKIP = {"--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
 MULTIRUN_FLAGS = ("-m", "--multirun")
+_OTHER_FLAGS = {"--help", "-h", "--resolve", "--run", "-r", "--plan"}
+_DOCUMENTED_FLAGS = ("--plan", "--multirun", "--help", "--cfg", "--hydra-help")  # what a near miss is matched to
 # Free-form parts of the config: their keys are checked where they are read (sweep grid expansion).
 FREE_FORM = ("sweep.params", "sweep.extra_trials")
 
@@ -44,6 +46,22 @@ def split_args(argv: list[str]) -> tuple[list[str], bool, bool]:
             overrides.append(arg)
         i += 1
     return overrides, skip, cfg_only
+
+
+def unknown_flag(argv: list[str]) -> str | None:
+    """One line for a command-line flag neither smet_lab nor Hydra knows (Hydra's own answer is its
+    usage text and an error line), or None."""
+    alone = _FLAGS_THAT_SKIP | set(MULTIRUN_FLAGS) | _OTHER_FLAGS
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if not arg.startswith("-") or flag in _FLAGS_WITH_VALUE or arg in alone:
+            continue
+        if flag in alone:
+            return f"{arg} is not an option: {flag} takes no value"
+        hint = "; did you mean --plan?" if "dry" in flag else did_you_mean(flag, _DOCUMENTED_FLAGS)
+        return (f"{arg} is not an option{hint} (smet_lab's: --plan, -m, --help; Hydra's: --cfg job, --hydra-help; "
+                "a setting is KEY=VALUE without dashes)")
+    return None
 
 
 def group_options(group: str) -> list[str]:

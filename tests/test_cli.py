@@ -145,6 +145,28 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_runs(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--dry-run"], "--dry-run is not an option; did you mean --plan? (smet_lab's: --plan, -m, --help;"),
+    (["--multirn", "a=1"], "--multirn is not an option; did you mean --multirun?"),
+    (["--plan=true"], "--plan=true is not an option: --plan takes no value"),
+    (["-x"], "-x is not an option (smet_lab's"),
+])
+def test_a_flag_nobody_knows_is_one_line(argv, message):
+    from smet_lab.preflight import unknown_flag
+
+    assert unknown_flag(argv).startswith(message)
+
+
+def test_known_flags_pass(tmp_path):
+    from smet_lab.preflight import unknown_flag
+
+    assert unknown_flag(["--cfg", "job", "--cfg=job", "-c", "job", "--plan", "-m", "--multirun", "--hydra-help",
+                         "--resolve", "-cp", "/x", "--config-name=config", "a=1", "~b"]) is None
+    proc = cli(["--dry-run", "train.max_steps=3"], cwd=tmp_path)  # Hydra's answer was its usage text
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "did you mean --plan?" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_claim_folder_never_hands_out_a_taken_folder(tmp_path):
     from smet_lab.cli import claim_folder
 
