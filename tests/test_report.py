@@ -567,14 +567,16 @@ def test_report_cli_resolves_sweep_name_run_id_and_experiment(smoke, tmp_path, c
     runs = independent_runs(tmp)
     parent_id = runs[runs["tags.smet.kind"] == "sweep"].iloc[0]["run_id"]
     reference = pd.read_csv(tmp / "sw" / "smoke" / "report" / "trials.csv")
-    for target in ("smoke", parent_id, "smet_lab"):
-        out = tmp_path / target
+    for target in ("smoke", parent_id, "smet_lab", str(tmp / "sw" / "smoke")):
+        out = tmp_path / Path(target).name
         assert report_main([target, "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
         assert f"report of sweep smoke: {out / 'report.html'}" in capsys.readouterr().out
         pd.testing.assert_frame_equal(pd.read_csv(out / "trials.csv"), reference)
     assert report_main(["nosuch", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert err.startswith("smet_lab: error: no sweep, experiment or parent run 'nosuch'") and err.count("\n") == 1
+    assert report_main([str(tmp_path), "--tracking-uri", uri]) == 2  # a folder that holds no tracked sweep
+    assert capsys.readouterr().err.startswith(f"smet_lab: error: no sweep parent run for the folder {tmp_path} in ")
     from mlflow.tracking import MlflowClient
 
     MlflowClient(uri).create_experiment("empty")

@@ -83,6 +83,13 @@ def resolve(client, target: str):
         if not runs:
             raise ReportError(f"experiment '{target}' has no runs")
         return None, exp, runs
+    if Path(target).is_dir():  # a sweep's folder, e.g. sweeps/density
+        folder = str(Path(target).resolve())
+        parent = _newest(client, experiments, f"tags.`smet.kind` = 'sweep' and tags.`smet.sweep_dir` = '{_q(folder)}'")
+        if parent is not None:
+            return parent, experiments.get(parent.info.experiment_id), None
+        raise ReportError(f"no sweep parent run for the folder {folder} in {client.tracking_uri} (a sweep run "
+                          "with tracking=none has no report: its results are in that folder's trials.csv)")
     parents = client.search_runs(list(experiments), filter_string="tags.`smet.kind` = 'sweep'",
                                  max_results=MAX_RUNS) if experiments else []
     sweeps = sorted({r.data.tags.get("smet.sweep") for r in parents} - {None})
