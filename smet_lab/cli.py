@@ -57,6 +57,16 @@ def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
         return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
 
 
+def given_run_dir(overrides: list[str]) -> str | None:
+    """hydra.run.dir as typed on the command line, or None."""
+    return next((override_value(o) for o in overrides if override_key(o) == "hydra.run.dir"), None)
+
+
+def default_run_dir(overrides: list[str]) -> str:
+    """Hydra's dated output folder for these overrides (conf/config.yaml, hydra.run.dir)."""
+    return compose(overrides, with_hydra=True).hydra.run.dir
+
+
 def claim_folder(path: Path) -> Path:
     """`path`, or `path-2`, `path-3`, ... if taken: created here, atomically (mkdir), so two processes
     never get the same folder."""
@@ -126,8 +136,7 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
             workers, origin = cfg.ray.workers_per_trial, "ray.workers_per_trial"
         else:
             check_config(to_run_config(cfg))
-            run_dir = next((override_value(o) for o in overrides if override_key(o) == "hydra.run.dir"), "outputs")
-            check_writable_dir("hydra.run.dir", run_dir)
+            check_writable_dir("hydra.run.dir", given_run_dir(overrides) or "outputs")
             configs = [container]
             workers, origin = launched_world_size(), "the launcher's WORLD_SIZE"
         for c in configs:
@@ -328,10 +337,10 @@ def main(argv: list[str] | None = None) -> None:
         print_plan(cfg, overrides)
         return
     if (cfg is not None and not cfg_only and cfg.get("sweep") is None and os.environ.get("RANK", "0") == "0"
-            and not any(override_key(o) == "hydra.run.dir" for o in overrides)):
+            and given_run_dir(overrides) is None):
         # Hydra's default output folder is named by the second: two runs started in the same second
         # (two terminals, a job array) would write into one folder. Each run claims its own.
-        claimed = claim_folder(Path(compose(overrides, with_hydra=True).hydra.run.dir))
+        claimed = claim_folder(Path(default_run_dir(overrides)))
         argv = [*argv, f"hydra.run.dir={quote(str(claimed))}"]
     sys.argv = [sys.argv[0], *argv]
     if distributed and cfg is not None and not cfg_only:
@@ -353,9 +362,8 @@ def print_plan(cfg: DictConfig, overrides: list[str]) -> None:
         if cfg.get("sweep") is not None:
             print(describe_sweep(cfg, method_composer(overrides)))
         else:
-            given = next((override_value(o) for o in overrides if override_key(o) == "hydra.run.dir"), None)
-            print(describe_run(cfg, given or f"{compose(overrides, with_hydra=True).hydra.run.dir} (or -2, -3, ... "
-                                              "if a run started in the same second has it)"))
+            print(describe_run(cfg, given_run_dir(overrides) or f"{default_run_dir(overrides)} (or -2, -3, ... "
+                                                                "if a run started in the same second has it)"))
     except ConfigError as exc:
         fail(str(exc))
     print(f"smet_lab: plan only ({PLAN_FLAG}): nothing was started or written")

@@ -197,9 +197,11 @@ def import_run_extensions(runs: pd.DataFrame, warn) -> None:
     cannot be imported here (its metrics then show under their MLflow keys)."""
     from smet_lab.config import ConfigError
     from smet_lab.extend import load_extensions
+    from smet_lab.report.data import _yaml
 
     listed = runs["extensions"].dropna() if "extensions" in runs else []
-    entries = sorted({e.strip() for v in listed for e in str(v).strip("[]").split(", ") if e.strip()})
+    lists = [_yaml(v) for v in listed]  # flatten() wrote each as "[a, b]"
+    entries = sorted({str(e) for found in lists if isinstance(found, list) for e in found if e})
     for entry in entries:
         try:
             load_extensions([entry])

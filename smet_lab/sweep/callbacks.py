@@ -31,10 +31,14 @@ class TrialStatuses(tune.Callback):
         self.sweep_dir = sweep_dir
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        record_status(self.sweep_dir, trial.config["key"], *trial_outcome(trial))
+        self.ended(trial, *trial_outcome(trial), completed=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        record_status(self.sweep_dir, trial.config["key"], "FAILED", first_error_line(trial))
+        self.ended(trial, "FAILED", first_error_line(trial), completed=False)
+
+    def ended(self, trial, status: str, error: str | None, completed: bool) -> None:
+        """A trial ended (`completed`: it returned, else it raised)."""
+        record_status(self.sweep_dir, trial.config["key"], status, error)
 
 
 class MlflowSweepLogger(TrialStatuses):
@@ -89,21 +93,17 @@ class MlflowSweepLogger(TrialStatuses):
         if metrics:
             self.child(key).log_metrics(metrics, int(result.get("step", 0)))
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def ended(self, trial, status: str, error: str | None, completed: bool) -> None:
         tracker = self.child(trial.config["key"])
-        if trial.checkpoint is not None:
+        if completed and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as d:
                 if (Path(d) / SUMMARY_FILE).is_file():  # the trial's final checkpoint: its artifacts
                     tracker.log_artifacts([p for p in Path(d).iterdir() if p.name != SUMMARY_FILE])
-        resumed = (trial.last_result or {}).get("smet_resumed_from_step")
+        resumed = (trial.last_result or {}).get("smet_resumed_from_step") if completed else None
         if resumed:
             tracker.set_tags({"smet.resumed_from_step": resumed})
-        tracker.finish(*trial_outcome(trial))
-        super().on_trial_complete(iteration, trials, trial, **info)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.child(trial.config["key"]).finish("FAILED", first_error_line(trial))
-        super().on_trial_error(iteration, trials, trial, **info)
+        tracker.finish(status, error)
+        super().ended(trial, status, error, completed)
 
     def on_experiment_end(self, trials, **info):
         # Stopped by Ctrl-C or a driver shutdown: never leave a child RUNNING. Tune marks the trials it
