@@ -97,7 +97,7 @@ def test_registered_metric_shows_in_the_report_tables_and_glossary(registry):
 
 
 def test_report_recomputes_a_registered_metric_for_a_run_without_summary(registry):
-    from smet_lab.report.io import from_history
+    from smet_lab.report.data import from_history
 
     register_late_loss()
     steps = np.arange(1, 41)

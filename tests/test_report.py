@@ -268,7 +268,11 @@ def test_partial_note_for_running_interrupted_and_incomplete_sweeps():
     assert "still running" in partial_note(info, complete)
     info.status, info.n_trials = "KILLED", 14
     note = partial_note(info, complete)
-    assert "interrupted (parent run KILLED)" in note and "11 of 14 trials have ended (3 never started)" in note
+    assert "still running" not in note and "11 of 14 trials have ended (3 never started)" in note
+    info.parent_run_id = "p" * 32
+    assert "interrupted (parent run KILLED); run the same command again" in partial_note(info, complete)
+    info.status, info.n_trials = "FAILED", 11  # a sweep that ended with a failed trial was not interrupted
+    assert partial_note(info, complete) is None
 
 
 def test_sweep_info_from_parent_params_gives_axes_seeds_and_the_grid():
@@ -575,8 +579,15 @@ def test_report_cli_resolves_sweep_name_run_id_and_experiment(smoke, tmp_path, c
     assert report_main(["nosuch", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert err.startswith("smet_lab: error: no sweep, experiment or parent run 'nosuch'") and err.count("\n") == 1
-    assert report_main([str(tmp_path), "--tracking-uri", uri]) == 2  # a folder that holds no tracked sweep
-    assert capsys.readouterr().err.startswith(f"smet_lab: error: no sweep parent run for the folder {tmp_path} in ")
+    assert report_main([str(tmp_path), "--tracking-uri", uri]) == 2  # a folder that holds no sweep
+    assert capsys.readouterr().err.startswith(f"smet_lab: error: {tmp_path} is not a sweep's folder (no grid.json")
+    # The same sweep read from its folder alone (its database elsewhere): the same table, no run ids.
+    out = tmp_path / "from_folder"
+    assert report_main([str(tmp / "sw" / "smoke"), "--tracking-uri", f"sqlite:///{tmp_path}/none.db", "--out", str(out)]) == 0
+    assert f"report of sweep smoke: {out / 'report.html'}\n" in capsys.readouterr().out
+    from_folder = pd.read_csv(out / "trials.csv")
+    assert from_folder["run_id"].isna().all()
+    pd.testing.assert_frame_equal(from_folder.drop(columns="run_id"), reference.drop(columns="run_id"))
     from mlflow.tracking import MlflowClient
 
     MlflowClient(uri).create_experiment("empty")

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from helpers import all_runs as runs_of, run_cli, start_cli
 from smet_lab.cli import CONF_DIR, compose, method_composer
@@ -373,19 +374,32 @@ def test_a_failing_trial_does_not_take_the_others_and_is_retried(tmp_path):
 def test_a_sweep_without_tracking_still_knows_how_its_trials_ended(tmp_path):
     """tracking=none: no MLflow at all, and the statuses, trials.csv and exit code are as with it (the
     statuses were written by the MLflow logger alone: every trial read as unfinished, the sweep as
-    interrupted)."""
+    interrupted); the report is read from the folder, the failed trial's numbers from its checkpoint."""
+    folder = tmp_path / "sw" / "smoke"
     args = [*SMOKE, "tracking=none", f"ray.storage={tmp_path}/sw", f"hydra.run.dir={tmp_path}/out"]
     proc = run_cli(args, cwd=tmp_path, env_extra={"SMET_LAB_INJECT_FAILURE": "naive_dst", "SMET_LAB_INJECT_AT_STEP": "25"})
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2/2 trials ended (1 finished, 0 diverged, 1 failed)" in proc.stdout and "interrupted" not in proc.stderr
-    assert f"no report with tracking=none: the results are in {tmp_path / 'sw' / 'smoke' / 'trials.csv'}" in proc.stdout
-    rows = {r["method"]: r["status"] for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
-    assert rows == {"naive_dst": "FAILED", "smet": "FINISHED"}
+    assert f"report: {folder / 'report' / 'report.html'}" in proc.stdout
+    rows = {r["method"]: r for r in csv.DictReader(open(folder / "trials.csv"))}
+    assert {m: r["status"] for m, r in rows.items()} == {"naive_dst": "FAILED", "smet": "FINISHED"}
+    report = {r["method"]: r for r in csv.DictReader(open(folder / "report" / "trials.csv"))}
+    assert {m: r["status"] for m, r in report.items()} == {"naive_dst": "FAILED", "smet": "FINISHED"}
+    # The finished trial: its summary as Tune's last result has it (trials.csv), read from its final checkpoint.
+    assert float(report["smet"]["summary/final_val_loss"]) == float(rows["smet"]["summary/final_val_loss"])
+    # The failed trial (failed at step 25, checkpoint of step 20): its probe jumps from its own checkpoint.
+    state = next(folder.glob("tune/*naive_dst*/checkpoint_*/state.pt"))
+    jumps = [r["stability/probe_jump"] for r in torch.load(state, weights_only=False)["history"] if "stability/probe_jump" in r]
+    assert len(jumps) == 1  # the update at step 10 (step 20's jump is measured probe_window=5 steps later)
+    assert float(report["naive_dst"]["summary/mean_probe_jump"]) == pytest.approx(jumps[0], rel=1e-12)
+    assert report["naive_dst"]["summary/final_val_loss"] == "" and "InjectedFailure" in report["naive_dst"]["error"]
     retry = run_cli([*args, "sweep.retry_failed=true"], cwd=tmp_path)
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
-    rows = {r["method"]: r["status"] for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
+    rows = {r["method"]: r["status"] for r in csv.DictReader(open(folder / "trials.csv"))}
     assert rows == {"naive_dst": "FINISHED", "smet": "FINISHED"}
-    assert not list(tmp_path.glob("**/mlflow.db")) and not (tmp_path / "sw" / "smoke" / "report").exists()
+    report = {r["method"]: r["status"] for r in csv.DictReader(open(folder / "report" / "trials.csv"))}
+    assert report == {"naive_dst": "FINISHED", "smet": "FINISHED"}
+    assert not list(tmp_path.glob("**/mlflow.db"))
 
 
 @pytest.mark.e2e

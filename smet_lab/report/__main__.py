@@ -1,8 +1,9 @@
 """`python -m smet_lab.report`: a sweep's stability report, or the ablation tables.
 
     python -m smet_lab.report TARGET [--tracking-uri URI] [--out DIR] [--no-log]
-        TARGET: a sweep name (its newest parent run), a sweep's folder (sweeps/NAME), an MLflow
-        experiment name, or a parent run id.
+        TARGET: a sweep name (its newest parent run), a sweep's folder (sweeps/NAME; read from its own
+        files when no parent run in the database names it, e.g. a sweep run with tracking=none), an
+        MLflow experiment name, or a parent run id.
         Writes report.md, report.html, tables (.md/.csv/.tex) and plots (.png) into DIR (default:
         <sweep_dir>/report/ when the sweep's folder is on this machine, else reports/<name>/) and logs
         the folder as the parent run's artifact report/ (unless --no-log).
@@ -33,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m smet_lab.report", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("target", nargs="?", help="sweep name, MLflow experiment name or parent run id")
+    p.add_argument("target", nargs="?", help="sweep name, sweep folder, MLflow experiment name or parent run id")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the parent MLflow run")
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tables is not None:
             return tables(args)
         if not args.target:
-            return fail("give a sweep name, an experiment name or a parent run id (or --tables)")
+            return fail("give a sweep name, a sweep folder, an experiment name or a parent run id (or --tables)")
         from smet_lab.report.build import report_for_target
 
         info, out = report_for_target(args.tracking_uri, args.target, args.out, log=not args.no_log,

@@ -111,9 +111,10 @@ def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
     now = now or dt.datetime.now(dt.timezone.utc)
     ended = int(runs["status"].isin(["FINISHED", "DIVERGED", "FAILED"]).sum()) if len(runs) else 0
     total = max(info.n_trials or 0, len(runs))
-    items = [("sweep", info.name), ("experiment", info.experiment or "—"),
-             ("parent run", info.parent_run_id or "— (runs of an experiment without a sweep parent)"),
-             ("parent status", info.status or "—"), ("trials ended", f"{ended}/{total}"),
+    no_parent = "— (read from the sweep's folder)" if info.from_folder else "— (runs of an experiment without a sweep parent)"
+    items = [("sweep", info.name), ("experiment", info.experiment or "—"), ("parent run", info.parent_run_id or no_parent),
+             ("sweep status" if info.from_folder else "parent status", info.status or "—"),
+             ("trials ended", f"{ended}/{total}"),
              ("seeds asked", "[" + ", ".join(fmt_value(s) for s in info.seeds) + "]" if info.seeds else "—"),
              ("swept keys", ", ".join(info.swept) or "—"), ("sweep metric", f"{info.metric} ({info.mode})"),
              ("rules", _rules(runs)),
@@ -191,40 +192,23 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
 
 
 # ------------------------------------------------------------------------------------- with MLflow
-def import_run_extensions(runs: pd.DataFrame, warn) -> None:
-    """Import the extensions the runs trained with (their `extensions` param, e.g. '[/home/me/rules.py]'),
-    so that a user's metrics show with their labels, formats and definitions; `warn(line)` for one that
-    cannot be imported here (its metrics then show under their MLflow keys)."""
-    from smet_lab.config import ConfigError
-    from smet_lab.extend import load_extensions
-    from smet_lab.report.data import _yaml
-
-    listed = runs["extensions"].dropna() if "extensions" in runs else []
-    lists = [_yaml(v) for v in listed]  # flatten() wrote each as "[a, b]"
-    entries = sorted({str(e) for found in lists if isinstance(found, list) for e in found if e})
-    for entry in entries:
-        try:
-            load_extensions([entry])
-        except ConfigError as exc:
-            warn(f"{exc}; the metrics it registers show under their MLflow keys")
-
-
 def report_for_target(uri: str, target: str, out_dir=None, log: bool = True, warn=print) -> tuple[SweepInfo, Path]:
-    """Read `target` (sweep name, experiment or parent run id) from MLflow, build its report (default
-    folder: default_out_dir) and log it to the parent run as `report/`."""
+    """Read `target` (sweep name, experiment, parent run id or sweep folder) from MLflow or its folder,
+    build its report (default folder: default_out_dir) and log it to the parent run as `report/`."""
     from smet_lab.report.io import load_sweep_runs, log_report
 
-    info, runs = load_sweep_runs(uri, target)
-    import_run_extensions(runs, warn)
+    info, runs = load_sweep_runs(uri, target, warn)
     out = build_report(info, runs, Path(out_dir) if out_dir else default_out_dir(info))
     if log and info.parent_run_id:
         log_report(info.uri, info.parent_run_id, out)
     return info, out
 
 
-def report_for_sweep_dir(uri: str, experiment: str, sweep_dir, status: str | None = None, log: bool = True) -> Path:
+def report_for_sweep_dir(uri: str | None, experiment: str, sweep_dir, status: str | None = None,
+                         log: bool = True) -> Path:
     """The sweep runner's hook: the report of the sweep stored in sweep_dir into <sweep_dir>/report/,
-    logged to its parent run. `status` stands for the parent's status, which the runner is about to set."""
+    logged to its parent run (uri None: tracking=none, read from the folder). `status` stands for the
+    parent's status, which the runner is about to set."""
     from smet_lab.report.io import load_sweep_dir, log_report
 
     info, runs = load_sweep_dir(uri, experiment, str(sweep_dir))

@@ -51,6 +51,11 @@ class SweepInfo:
     expected: list | None = None  # [(trial key, {dotted key: value})] of the whole grid, when known
 
     @property
+    def from_folder(self) -> bool:
+        """Read from the sweep's folder (smet_lab.report.folder), not from MLflow."""
+        return not self.uri and self.sweep_dir is not None
+
+    @property
     def seeds_asked(self) -> int | None:
         return len(self.seeds) if self.seeds else None
 
@@ -217,3 +222,33 @@ def histories(runs: pd.DataFrame) -> pd.Series:
     if "history" not in runs:
         return pd.Series([None] * len(runs), index=runs.index, dtype="object")
     return runs["history"].map(lambda h: h if isinstance(h, pd.DataFrame) and not h.empty else None)
+
+
+def from_history(history: pd.DataFrame, logged: dict) -> dict:
+    """The metrics recomputable from the history that the run did not log (failed, killed or still
+    running trials log no summary): spike and probe metrics, and registered metrics with a compute."""
+    from smet_lab.metrics import METRICS, computed
+    from smet_lab.spikes import run_spike_summary
+
+    missing = [k for k, m in METRICS.items() if m.from_history and not math.isfinite(logged.get(k, math.nan))]
+    if not missing:
+        return {}
+    found = run_spike_summary(history) if "train/loss" in history else {}
+    if any(METRICS[k].compute for k in missing):  # compute() takes the trainer's rows: one dict per step, no NaN
+        found.update(computed([{k: v for k, v in row.items() if pd.notna(v)} for row in history.to_dict("records")]))
+    return {k: found[k] for k in missing if k in found}
+
+
+def with_history_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs with from_history's values filled in where a run has a history but did not log them."""
+    runs = runs.copy()
+    for index, history in histories(runs).items():
+        if history is None:
+            continue
+        row = runs.loc[index]
+        logged = {k: v for k, v in row.items() if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)}
+        for key, value in from_history(history, logged).items():
+            if key not in runs:
+                runs[key] = math.nan
+            runs.at[index, key] = value
+    return runs

@@ -8,16 +8,15 @@ with a one-line message.
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from smet_lab.metrics import METRICS, computed
-from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, empty_runs, infer_swept, parse_value,
-                                  sweep_info_from_params)
+from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, _yaml, empty_runs, infer_swept, parse_value,
+                                  sweep_info_from_params, with_history_metrics)
+from smet_lab.report.folder import is_sweep_folder, load_folder
 
 MAX_RUNS = 50000  # MlflowClient.search_runs' largest page
 HISTORY_KEYS = ("train/loss", "val/loss", "topo/density", "stability/probe_loss", "stability/probe_jump")
@@ -26,6 +25,14 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 class ReportError(Exception):
     """A one-line user error: unknown sweep, empty experiment, no database (exit code 2)."""
+
+
+class Untracked(ReportError):
+    """A sweep folder without a parent run in the database: its report is read from the folder."""
+
+    def __init__(self, folder: Path):
+        super().__init__(f"no sweep parent run for the folder {folder}")
+        self.folder = folder
 
 
 def client_for(uri: str):
@@ -88,8 +95,10 @@ def resolve(client, target: str):
         parent = _newest(client, experiments, f"tags.`smet.kind` = 'sweep' and tags.`smet.sweep_dir` = '{_q(folder)}'")
         if parent is not None:
             return parent, experiments.get(parent.info.experiment_id), None
-        raise ReportError(f"no sweep parent run for the folder {folder} in {client.tracking_uri} (a sweep run "
-                          "with tracking=none has no report: its results are in that folder's trials.csv)")
+        if is_sweep_folder(folder):
+            raise Untracked(Path(folder))
+        raise ReportError(f"{folder} is not a sweep's folder (no grid.json there) and no sweep parent run names "
+                          f"it in {client.tracking_uri}")
     parents = client.search_runs(list(experiments), filter_string="tags.`smet.kind` = 'sweep'",
                                  max_results=MAX_RUNS) if experiments else []
     sweeps = sorted({r.data.tags.get("smet.sweep") for r in parents} - {None})
@@ -160,20 +169,6 @@ def trial_status(run) -> str:
     return tags.get("smet.status") or run.info.status
 
 
-def from_history(history: pd.DataFrame, logged: dict) -> dict:
-    """The metrics recomputable from the history that the run did not log (failed, killed or still
-    running trials log no summary): spike and probe metrics, and registered metrics with a compute."""
-    from smet_lab.spikes import run_spike_summary
-
-    missing = [k for k, m in METRICS.items() if m.from_history and not math.isfinite(logged.get(k, math.nan))]
-    if not missing:
-        return {}
-    found = run_spike_summary(history) if "train/loss" in history else {}
-    if any(METRICS[k].compute for k in missing):  # compute() takes the trainer's rows: one dict per step, no NaN
-        found.update(computed([{k: v for k, v in row.items() if pd.notna(v)} for row in history.to_dict("records")]))
-    return {k: found[k] for k in missing if k in found}
-
-
 def runs_frame(client, runs, load_histories: bool = True) -> pd.DataFrame:
     """One row per run (see smet_lab.report.data for the columns)."""
     rows = []
@@ -184,8 +179,6 @@ def runs_frame(client, runs, load_histories: bool = True) -> pd.DataFrame:
             where = Path(tmp, str(i))
             where.mkdir()
             history = read_history(client, run, where) if load_histories else None
-            if history is not None:
-                metrics.update(from_history(history, metrics))
             tags = run.data.tags
             rows.append({**params, **metrics, "method": tags.get("smet.method", params.get("method")),
                          "run_id": run.info.run_id,
@@ -210,26 +203,66 @@ def load_parent(client, uri: str, parent, experiment=None) -> tuple[SweepInfo, p
     return info, runs
 
 
-def load_sweep_runs(uri: str, target: str) -> tuple[SweepInfo, pd.DataFrame]:
-    """(what the sweep asked for, its runs) for a sweep name, an experiment name or a parent run id."""
+def load_sweep_runs(uri: str, target: str, warn=print) -> tuple[SweepInfo, pd.DataFrame]:
+    """(what the sweep asked for, its runs) for a sweep name, an experiment name, a parent run id or a
+    sweep's folder (read from its files when no parent run in `uri` names it, e.g. tracking=none)."""
+    if Path(target).is_dir() and is_sweep_folder(target) and not has_database(uri):
+        return prepared(*load_folder(target), warn)
     client, uri = client_for(uri)
-    parent, exp, loose = resolve(client, target)
+    try:
+        parent, exp, loose = resolve(client, target)
+    except Untracked as exc:
+        return prepared(*load_folder(exc.folder), warn)
     if parent is not None:
-        return load_parent(client, uri, parent, exp)
+        return prepared(*load_parent(client, uri, parent, exp), warn)
     runs = runs_frame(client, loose)
     running = (runs["status"] == RUNNING).any()
     info = SweepInfo(name=exp.name, uri=uri, experiment=exp.name, status=RUNNING if running else None,
                      swept=infer_swept(runs))
-    return info, runs
+    return prepared(info, runs, warn)
 
 
-def load_sweep_dir(uri: str, experiment: str, sweep_dir: str) -> tuple[SweepInfo, pd.DataFrame]:
-    """The sweep stored in sweep_dir (the sweep runner's own hook)."""
+def load_sweep_dir(uri: str | None, experiment: str, sweep_dir: str, warn=print) -> tuple[SweepInfo, pd.DataFrame]:
+    """The sweep stored in sweep_dir (the sweep runner's own hook): from MLflow, or with uri None
+    (tracking=none) from the folder, whose driver is the caller."""
+    if uri is None:
+        return prepared(*load_folder(sweep_dir, running=False), warn)
     client, uri = client_for(uri)
     parent = find_parent_by_dir(client, experiment, sweep_dir)
     if parent is None:
         raise ReportError(f"no parent run with tag smet.sweep_dir={sweep_dir} in experiment '{experiment}'")
-    return load_parent(client, uri, parent)
+    return prepared(*load_parent(client, uri, parent), warn)
+
+
+def has_database(uri: str) -> bool:
+    """False for a sqlite URI whose file does not exist (anything else may hold the sweep)."""
+    from smet_lab.tracking.settings import sqlite_path
+
+    path = sqlite_path(uri)
+    return not uri.startswith("sqlite:") or (path is not None and path.is_file())
+
+
+def prepared(info: SweepInfo, runs: pd.DataFrame, warn) -> tuple[SweepInfo, pd.DataFrame]:
+    """The runs with the extensions they trained with imported (so a user's metrics have their labels
+    and computes), then the metrics that unfinished runs did not log recomputed from their histories."""
+    import_run_extensions(runs, warn)
+    return info, with_history_metrics(runs)
+
+
+def import_run_extensions(runs: pd.DataFrame, warn) -> None:
+    """Import the extensions the runs trained with (their `extensions` param, e.g. '[/home/me/rules.py]');
+    `warn(line)` for one that cannot be imported here (its metrics then show under their MLflow keys)."""
+    from smet_lab.config import ConfigError
+    from smet_lab.extend import load_extensions
+
+    listed = runs["extensions"].dropna() if "extensions" in runs else []
+    lists = [_yaml(v) for v in listed]  # flatten() wrote each as "[a, b]"
+    entries = sorted({str(e) for found in lists if isinstance(found, list) for e in found if e})
+    for entry in entries:
+        try:
+            load_extensions([entry])
+        except ConfigError as exc:
+            warn(f"{exc}; the metrics it registers show under their MLflow keys")
 
 
 def log_report(uri: str, parent_run_id: str, report_dir: Path) -> None:

@@ -223,7 +223,7 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
         for name in spec.sweep:
             if name not in loaded:
                 try:
-                    loaded[name] = load_sweep_runs(uri, name)
+                    loaded[name] = load_sweep_runs(uri, name, warn)
                 except ReportError as exc:
                     loaded[name] = exc
             got = loaded[name]

@@ -246,10 +246,13 @@ def headline(stats: pd.DataFrame, keys: list, runs: pd.DataFrame | None = None) 
 def partial_note(info: SweepInfo, runs: pd.DataFrame) -> str | None:
     """Why the report is partial (sweep running or interrupted, trials missing), or None."""
     reasons = []
+    # (a FAILED parent is a sweep that ended with failed trials: they are listed as such)
     if info.status in (RUNNING, "SCHEDULED"):
-        reasons.append(f"the sweep is still running, or its driver died (parent run {info.status})")
-    elif info.status in ("KILLED", "FAILED"):
-        reasons.append(f"the sweep was interrupted (parent run {info.status}); run the same command again to resume")
+        reasons.append(f"the sweep is still running, or its driver died (parent run {info.status})"
+                       if info.parent_run_id else "the sweep is still running (its driver holds the sweep's lock)")
+    elif info.status == "KILLED":
+        where = f" (parent run {info.status})" if info.parent_run_id else ""
+        reasons.append(f"the sweep was interrupted{where}; run the same command again to resume")
     ended = int(runs["status"].isin(ENDED).sum()) if len(runs) else 0
     total = max(info.n_trials or 0, len(runs))
     if ended < total:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ray import tune
 
 from smet_lab.sweep.folder import record_status
-from smet_lab.sweep.trainable import SUMMARY_FILE
+from smet_lab.sweep.folder import SUMMARY_FILE, TRIAL_FILE
 from smet_lab.tracking import TrackingConfig, find_or_start_run
 
 def numeric_metrics(result: dict) -> dict:
@@ -98,7 +98,7 @@ class MlflowSweepLogger(TrialStatuses):
         if completed and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as d:
                 if (Path(d) / SUMMARY_FILE).is_file():  # the trial's final checkpoint: its artifacts
-                    tracker.log_artifacts([p for p in Path(d).iterdir() if p.name != SUMMARY_FILE])
+                    tracker.log_artifacts([p for p in Path(d).iterdir() if p.name not in (SUMMARY_FILE, TRIAL_FILE)])
         resumed = (trial.last_result or {}).get("smet_resumed_from_step") if completed else None
         if resumed:
             tracker.set_tags({"smet.resumed_from_step": resumed})

@@ -1,6 +1,7 @@
 """A sweep's folder, `<storage>/<name>/`, beside Tune's own state in `tune/`: what the sweep was
-started with (grid.json, which a resume is checked against), how each trial ended (trial_status.json,
-in our words) and the lock a running driver holds. No Ray: the pre-flight and `--plan` read these too."""
+started with (grid.json, which a resume is checked against, and sweep.json), how each trial ended
+(trial_status.json, in our words), the files our checkpoints carry (trial.json, summary.json) and the
+lock a running driver holds. No Ray: the pre-flight, `--plan` and the report read these too."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from smet_lab.grid import SweepConfig, Trial
 
 # Trial statuses in our words (MLflow's KILLED/FAILED/FINISHED + diverged) by trial key.
 STATUS_FILE = "trial_status.json"
+SWEEP_FILE = "sweep.json"  # the sweep section as run, n_trials and extensions: what the report needs without MLflow
+# In every checkpoint a trial reports: {"trial": key} (Tune's folder names cut long keys). The final
+# one also holds SUMMARY_FILE (status, error, summary) beside the run's artifacts.
+TRIAL_FILE = "trial.json"
+SUMMARY_FILE = "summary.json"
 
 
 # What a resumed sweep must share with the one it resumes: Tune restores the trials it stored, so a
@@ -62,9 +68,11 @@ def check_resume(sweep: SweepConfig, sweep_dir: Path, trials: list[Trial], confi
                               f"with (trial {key}); {fix}")
 
 
-def write_grid(sweep_dir: Path, trials: list[Trial], configs: dict) -> None:
+def write_grid(sweep_dir: Path, trials: list[Trial], configs: dict, sweep_params: dict | None = None) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / GRID_FILE).write_text(json.dumps(trial_signatures(trials, configs), indent=1))
+    if sweep_params is not None:
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(sweep_params, indent=1, default=str))
 
 
 @contextlib.contextmanager
@@ -86,6 +94,20 @@ def sweep_lock(root: Path, name: str):
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
         lock.flush()
         yield
+
+
+def sweep_running(sweep_dir) -> bool:
+    """Whether a driver holds the sweep's lock now (read without creating the lock file)."""
+    lock_path = Path(sweep_dir).parent / f".{Path(sweep_dir).name}.lock"
+    if not lock_path.is_file():
+        return False
+    with open(lock_path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
 
 
 def read_statuses(sweep_dir) -> dict:

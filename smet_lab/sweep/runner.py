@@ -180,14 +180,15 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
                 forget_failed(str(sweep_dir))
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=sweep.retry_failed)
         else:
-            write_grid(sweep_dir, trials, configs)  # what a later resume is checked against (check_resume)
+            parent_params = {"sweep": OmegaConf.to_container(cfg.sweep, resolve=True), "n_trials": len(trials)}
+            # grid.json: what a later resume is checked against (check_resume); sweep.json: for the report
+            write_grid(sweep_dir, trials, configs, {**parent_params, "extensions": configs[trials[0].key].get("extensions") or []})
             scheduler = None
             if sweep.scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
 
                 scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.asha_grace_steps,
                                           max_t=max(c["train"]["max_steps"] for c in configs.values()))
-            parent_params = {"sweep": OmegaConf.to_container(cfg.sweep, resolve=True), "n_trials": len(trials)}
             callbacks = [MlflowSweepLogger(tracking, sweep.name, str(sweep_dir), configs, parent_params) if tracking.enabled
                          else TrialStatuses(str(sweep_dir)), SweepProgress(sweep.name, sweep.metric, sweep.mode, len(trials))]
             tuner = tune.Tuner(
@@ -258,16 +259,13 @@ def write_trial_table(sweep_dir: Path, trials: list[Trial], statuses: dict, grid
 
 
 def write_report(tracking, sweep: SweepConfig, sweep_dir: Path, interrupted: bool) -> None:
-    """The stability report into <sweep_dir>/report/, logged as the parent run's artifact report/.
-    Never fails the sweep: any error (or a second Ctrl-C while it is built) is one warning line."""
-    if not tracking.enabled:  # the report reads the trials' histories from MLflow
-        print(f"[sweep {sweep.name}] no report with tracking=none: the results are in {sweep_dir / 'trials.csv'} "
-              "and each trial's final checkpoint (metrics.parquet, loss_curve.png)", flush=True)
-        return
+    """The stability report into <sweep_dir>/report/, logged as the parent run's artifact report/
+    (with tracking=none: read from the folder's files). Never fails the sweep: any error (or a second
+    Ctrl-C while it is built) is one warning line."""
     try:
         from smet_lab.report import report_for_sweep_dir
 
-        out = report_for_sweep_dir(tracking.uri, tracking.experiment, sweep_dir,
+        out = report_for_sweep_dir(tracking.uri if tracking.enabled else None, tracking.experiment, sweep_dir,
                                    status="KILLED" if interrupted else "FINISHED")
         print(f"[sweep {sweep.name}] report: {out / 'report.html'}", flush=True)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - never cost the sweep its exit code or parent

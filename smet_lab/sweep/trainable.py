@@ -18,7 +18,6 @@ from pathlib import Path
 # given in SMET_LAB_INJECT_AT_STEP (default 5) of this attempt.
 INJECT_ENV = "SMET_LAB_INJECT_FAILURE"
 INJECT_STEP_ENV = "SMET_LAB_INJECT_AT_STEP"
-SUMMARY_FILE = "summary.json"  # in a trial's final checkpoint: its status, error and summary
 
 
 class InjectedFailure(RuntimeError):
@@ -55,6 +54,7 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
     from smet_lab.config import run_config_from
     from smet_lab.data import load_corpus
     from smet_lab.extend import load_extensions
+    from smet_lab.sweep.folder import SUMMARY_FILE, TRIAL_FILE
     from smet_lab.tracking import write_run_artifacts
     from smet_lab.train import Callbacks, train
     from smet_lab.train.distributed import World
@@ -77,6 +77,8 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
         report({**metrics, "step": step, **ident})
 
     def on_checkpoint(path: Path | None, step: int) -> None:
+        if path is not None:
+            (path / TRIAL_FILE).write_text(json.dumps({"trial": key}))
         report({"step": step, **ident, "checkpoint_step": step}, path, step)
 
     inject = os.environ.get(INJECT_ENV)
@@ -99,6 +101,7 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
     if World.current().is_main:
         artifacts = Path(tempfile.mkdtemp(prefix="smet_artifacts_"))
         write_run_artifacts(result.history, cfg_dict, artifacts, title=key)
+        (artifacts / TRIAL_FILE).write_text(json.dumps({"trial": key}))
         (artifacts / SUMMARY_FILE).write_text(json.dumps(
             {"status": result.status, "error": result.error, "summary": result.summary}, default=float))
     metrics = {**result.summary, "step": int(result.summary.get("summary/steps", 0)), **ident,

@@ -1,0 +1,130 @@
+"""A sweep read from its folder alone (`<storage>/<name>/`), into the same (SweepInfo, runs DataFrame)
+that smet_lab.report.io reads out of MLflow: for a sweep run with tracking=none, or a folder copied to
+a machine without the sweep's database.
+
+What each trial has there: its config (grid.json), how it ended (trial_status.json) and its checkpoints
+under Tune's `tune/` (and Ray Train's `train/` with ray.workers_per_trial > 1), each naming its trial
+(trial.json). An ended trial's final checkpoint holds summary.json and metrics.parquet; an unfinished
+one's newest checkpoint holds the history so far inside state.pt. No MLflow, no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from smet_lab.report.data import (ENDED, FAILED, FINISHED, KILLED, MISSING, RUNNING, SweepInfo, empty_runs,
+                                  infer_swept, parse_value, sweep_info_from_params)
+from smet_lab.sweep.folder import (GRID_FILE, RESUME_SECTIONS, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, read_statuses,
+                                   sweep_running)
+from smet_lab.tracking.settings import flatten
+
+CHECKPOINT_GLOBS = ("tune/*/checkpoint_*", "train/*/checkpoint_*")
+
+
+def is_sweep_folder(path) -> bool:
+    return (Path(path) / GRID_FILE).is_file()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # a file being written as we read: as if it were not there yet
+        return None
+
+
+def _signature(config: dict) -> str:
+    return json.dumps({k: config[k] for k in RESUME_SECTIONS if k in config}, sort_keys=True, default=str)
+
+
+def _trial_of(checkpoint: Path, by_signature: dict) -> str | None:
+    """The trial a checkpoint belongs to: its trial.json, else (a final checkpoint written before
+    trial.json existed) the grid trial whose config its config.yaml holds."""
+    named = _read_json(checkpoint / TRIAL_FILE)
+    if isinstance(named, dict) and named.get("trial"):
+        return named["trial"]
+    if (checkpoint / "config.yaml").is_file():
+        import yaml
+
+        try:
+            return by_signature.get(_signature(yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}))
+        except yaml.YAMLError:
+            return None
+    return None
+
+
+def newest_checkpoints(sweep_dir: Path, grid: dict) -> dict[str, Path]:
+    """{trial key: its final checkpoint (with summary.json), else its newest one}."""
+    by_signature = {_signature(config): key for key, config in grid.items()}
+    found: dict[str, Path] = {}
+    for pattern in CHECKPOINT_GLOBS:
+        for checkpoint in sorted(sweep_dir.glob(pattern)):  # checkpoint_000000, _000001, ...: oldest first
+            key = _trial_of(checkpoint, by_signature)
+            if key is None:
+                continue
+            if key not in found or not (found[key] / SUMMARY_FILE).is_file():
+                found[key] = checkpoint
+    return found
+
+
+def read_history(checkpoint: Path) -> pd.DataFrame | None:
+    """The run's per-step history: metrics.parquet of a final checkpoint, else the history inside
+    state.pt (memory-mapped: the tensors are not read)."""
+    try:
+        if (checkpoint / "metrics.parquet").is_file():
+            return pd.read_parquet(checkpoint / "metrics.parquet")
+        if (checkpoint / "state.pt").is_file():
+            import torch
+
+            from smet_lab.tracking.artifacts import history_frame
+
+            rows = torch.load(checkpoint / "state.pt", map_location="cpu", mmap=True, weights_only=False)["history"]
+            return history_frame(rows) if rows else None
+    except Exception:  # noqa: BLE001 - a checkpoint cut short or being written: the trial shows without a history
+        return None
+    return None
+
+
+def trial_row(key: str, config: dict, extensions: list, ended: dict | None, checkpoint: Path | None,
+              running: bool) -> dict:
+    """One row of the runs frame (the columns of smet_lab.report.data), as runs_frame builds it from MLflow."""
+    params = {k: parse_value(v) for k, v in flatten({**config, "extensions": extensions}).items()}
+    summary = _read_json(checkpoint / SUMMARY_FILE) if checkpoint is not None else None
+    metrics = {k: float(v) for k, v in (summary or {}).get("summary", {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if ended:
+        status, error = ended["status"], ended.get("error")
+    elif checkpoint is None:
+        status, error = (RUNNING if running else MISSING), None
+    else:
+        status, error = (RUNNING if running else KILLED), None if running else "sweep interrupted"
+    return {**params, **metrics, "run_id": None, "trial": key, "status": status, "error": error,
+            "history": read_history(checkpoint) if checkpoint is not None else None}
+
+
+def load_folder(sweep_dir, running: bool | None = None) -> tuple[SweepInfo, pd.DataFrame]:
+    """(what the sweep asked for, one row per grid trial) from a sweep's folder. `running`: whether its
+    driver runs now (default: whether one holds the sweep's lock)."""
+    sweep_dir = Path(sweep_dir).resolve()
+    grid = json.loads((sweep_dir / GRID_FILE).read_text())
+    meta = _read_json(sweep_dir / SWEEP_FILE) or {}
+    running = sweep_running(sweep_dir) if running is None else running
+    statuses = read_statuses(sweep_dir)
+    checkpoints = newest_checkpoints(sweep_dir, grid)
+    rows = [trial_row(key, config, meta.get("extensions") or [], statuses.get(key), checkpoints.get(key), running)
+            for key, config in grid.items()]
+    runs = pd.DataFrame(rows) if rows else empty_runs()
+    # No parent run here: the sweep's status is what its trials say (a FAILED trial fails it, as in MLflow).
+    ended = runs["status"].isin(ENDED).all()
+    status = RUNNING if running else (FAILED if (runs["status"] == FAILED).any() else FINISHED) if ended else KILLED
+    fields = {"uri": "", "status": status, "sweep_dir": str(sweep_dir)}
+    if meta:
+        name = (meta.get("sweep") or {}).get("name") or sweep_dir.name
+        info = sweep_info_from_params(name, flatten({k: v for k, v in meta.items() if k != "extensions"}), **fields)
+    else:  # a folder from before sweep.json: the grid is all there is
+        info = SweepInfo(name=sweep_dir.name, n_trials=len(grid), **fields)
+    if not info.swept:
+        info.swept = infer_swept(runs)
+    return info, runs

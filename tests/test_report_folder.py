@@ -1,0 +1,159 @@
+"""The report read from a sweep's folder alone (smet_lab.report.folder): tracking=none, or a folder
+without its database. Folders are built by hand here, in the layout the sweep runner writes (the real
+sweep: test_sweep.py::test_a_sweep_without_tracking_still_knows_how_its_trials_ended)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from smet_lab.metrics import METRICS
+from smet_lab.report.folder import load_folder
+from smet_lab.report.io import load_sweep_runs
+from smet_lab.sweep.folder import STATUS_FILE, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, sweep_lock, write_grid
+
+KEYS = ["method=naive_dst,sparsity.density=0.25,seed=0", "method=smet,sparsity.density=0.25,seed=0",
+        "method=smet,sparsity.density=0.5,seed=0"]
+SWEEP = {"sweep": {"name": "dens", "params": {"method": ["naive_dst", "smet"], "sparsity": {"density": [0.25, 0.5]}},
+                   "extra_trials": [], "seeds": [0], "metric": "summary/final_val_loss", "mode": "min"},
+         "n_trials": 4}
+USER_METRIC = "summary/last_train_loss"
+
+
+def config(key: str) -> dict:
+    values = dict(part.split("=") for part in key.split(","))
+    return {"method": values["method"], "sparsity": {"density": float(values["sparsity.density"]), "block_size": 1},
+            "train": {"seed": int(values["seed"]), "max_steps": 30}}
+
+
+def history(jumps: list[float], steps: int = 30) -> list[dict]:
+    """The trainer's rows: a falling train loss, a probe jump at each update (every 10 steps)."""
+    rows = [{"step": s, "train/loss": 5.0 - 0.02 * s} for s in range(1, steps + 1)]
+    for i, jump in enumerate(jumps):
+        rows[10 * (i + 1) - 1].update({"topo/density": 0.25, "stability/probe_jump": jump})
+    return rows
+
+
+def sweep_folder(root, extensions=()) -> object:
+    """Trial 0 finished (final checkpoint with summary.json), trial 1 stopped after its step-20
+    checkpoint (history inside state.pt), trial 2 never started; the grid's 4th trial is not in grid.json."""
+    folder = root / "dens"
+    folder.mkdir(parents=True)
+    (folder / "grid.json").write_text(json.dumps({k: config(k) for k in KEYS}))
+    (folder / SWEEP_FILE).write_text(json.dumps({**SWEEP, "extensions": list(extensions)}))
+    (folder / STATUS_FILE).write_text(json.dumps({KEYS[0]: {"status": "FINISHED", "error": None}}))
+    final = folder / "tune" / "run_trial_0" / "checkpoint_000001"
+    final.mkdir(parents=True)
+    (final / TRIAL_FILE).write_text(json.dumps({"trial": KEYS[0]}))
+    (final / SUMMARY_FILE).write_text(json.dumps({"status": "FINISHED", "error": None,
+                                                  "summary": {"summary/final_val_loss": 4.25, "summary/mean_probe_jump": 0.5}}))
+    pd.DataFrame(history([0.25, 0.75])).to_parquet(final / "metrics.parquet")
+    older = folder / "tune" / "run_trial_0" / "checkpoint_000000"  # an older checkpoint of the same trial
+    older.mkdir()
+    (older / TRIAL_FILE).write_text(json.dumps({"trial": KEYS[0]}))
+    torch.save({"history": history([9.0], steps=10)}, older / "state.pt")
+    stopped = folder / "tune" / "run_trial_1" / "checkpoint_000000"
+    stopped.mkdir(parents=True)
+    (stopped / TRIAL_FILE).write_text(json.dumps({"trial": KEYS[1]}))
+    torch.save({"history": history([0.125, -0.5], steps=20), "model": {"w": torch.zeros(4)}}, stopped / "state.pt")
+    return folder
+
+
+def test_a_folder_gives_every_grid_trial_with_its_status_summary_and_history(tmp_path):
+    info, runs = load_folder(sweep_folder(tmp_path))
+    runs = runs.set_index("trial")
+    assert list(runs.index) == KEYS and list(runs["status"]) == ["FINISHED", "KILLED", "MISSING"]
+    assert (info.name, info.n_trials, info.status, info.seeds, info.swept) == (
+        "dens", 4, "KILLED", [0], ["method", "sparsity.density"])
+    assert sorted(k for k, _ in info.expected) == sorted([*KEYS, "method=naive_dst,sparsity.density=0.5,seed=0"])
+    done, stopped, never = (runs.loc[k] for k in KEYS)
+    assert done["summary/final_val_loss"] == 4.25 and done["sparsity.density"] == 0.25 and done["method"] == "naive_dst"
+    assert list(done["history"]["stability/probe_jump"].dropna()) == [0.25, 0.75]  # the final checkpoint, not the older
+    assert len(stopped["history"]) == 20 and stopped["error"] == "sweep interrupted"
+    assert never["history"] is None and pd.isna(never["summary/final_val_loss"])
+
+
+def test_an_unfinished_trials_metrics_are_recomputed_from_its_checkpoint(tmp_path):
+    _, runs = load_sweep_runs(f"sqlite:///{tmp_path}/no.db", str(sweep_folder(tmp_path)))
+    runs = runs.set_index("trial")
+    assert runs.loc[KEYS[1], "summary/mean_probe_jump"] == pytest.approx(np.mean([0.125, -0.5]))
+    assert runs.loc[KEYS[1], "summary/max_probe_jump"] == pytest.approx(0.125)
+    assert runs.loc[KEYS[0], "summary/mean_probe_jump"] == 0.5  # logged values are kept
+
+
+def test_a_running_driver_makes_unfinished_trials_running(tmp_path):
+    folder = sweep_folder(tmp_path)
+    with sweep_lock(tmp_path, "dens"):
+        info, runs = load_folder(folder)
+    assert info.status == "RUNNING" and list(runs["status"]) == ["FINISHED", "RUNNING", "RUNNING"]
+    info, _ = load_folder(folder)  # the lock released
+    assert info.status == "KILLED"
+
+
+def test_a_final_checkpoint_without_trial_file_is_matched_by_its_config(tmp_path):
+    """Folders written before checkpoints carried trial.json: the final config.yaml names the trial."""
+    folder = sweep_folder(tmp_path)
+    final = folder / "tune" / "run_trial_0" / "checkpoint_000001"
+    (final / TRIAL_FILE).unlink()
+    (final / "config.yaml").write_text(yaml.safe_dump({**config(KEYS[0]), "tracking": {"enabled": False}}))
+    _, runs = load_folder(folder)
+    assert runs.set_index("trial").loc[KEYS[0], "summary/final_val_loss"] == 4.25
+
+
+def test_the_sweeps_extensions_compute_a_users_metric_for_an_unfinished_trial(tmp_path):
+    """The extensions are imported before the metrics are recomputed: a user's metric with a compute
+    gets its value for the trial that logged no summary."""
+    rules = tmp_path / "my_metric.py"
+    rules.write_text("from smet_lab.extend import register_metric\n"
+                     f"register_metric({USER_METRIC!r}, 'last train loss', '{{:.3f}}', 'lower', 'The last train loss.',\n"
+                     "                compute=lambda rows: [r['train/loss'] for r in rows if 'train/loss' in r][-1])\n")
+    saved = dict(METRICS)
+    try:
+        _, runs = load_sweep_runs(f"sqlite:///{tmp_path}/no.db", str(sweep_folder(tmp_path, [str(rules)])))
+    finally:
+        METRICS.clear()
+        METRICS.update(saved)
+    assert runs.set_index("trial").loc[KEYS[1], USER_METRIC] == pytest.approx(5.0 - 0.02 * 20)
+
+
+def test_report_cli_builds_from_a_folder_without_a_database(tmp_path):
+    folder = sweep_folder(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "smet_lab.report", str(folder), "--tracking-uri",
+                           f"sqlite:///{tmp_path}/no.db"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"smet_lab: report of sweep dens: {folder / 'report' / 'report.html'}"
+    md = (folder / "report" / "report.md").read_text()
+    assert "sweep status: KILLED" in md and "Partial report: the sweep was interrupted; run the same command" in md
+    assert "1 of 4 trials have ended" in md and not (tmp_path / "no.db").exists()
+    trials = pd.read_csv(folder / "report" / "trials.csv").set_index("trial")
+    assert trials.loc[KEYS[0], "summary/final_val_loss"] == 4.25 and len(trials) == 4
+
+
+def test_a_folder_that_is_no_sweep_is_one_line(tmp_path):
+    import mlflow
+
+    (tmp_path / "plain").mkdir()
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.MlflowClient(tracking_uri=db).create_experiment("e")
+    proc = subprocess.run([sys.executable, "-m", "smet_lab.report", str(tmp_path / "plain"), "--tracking-uri", db],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{tmp_path / 'plain'} is not a sweep's folder (no grid.json there)" in proc.stderr
+
+
+def test_write_grid_records_the_sweep_for_the_report(tmp_path):
+    from smet_lab.grid import SweepConfig, expand
+
+    trials = expand(SweepConfig(name="s", params={"method": ["smet"]}, seeds=[0, 1]))
+    write_grid(tmp_path, trials, {t.key: {"method": "smet", "train": {"seed": t.values["train.seed"]}} for t in trials},
+               {**SWEEP, "extensions": ["/x/rules.py"]})
+    assert json.loads((tmp_path / SWEEP_FILE).read_text())["extensions"] == ["/x/rules.py"]
+    info, runs = load_folder(tmp_path)
+    assert list(runs["status"]) == ["MISSING", "MISSING"] and list(runs["train.seed"]) == [0, 1]
