@@ -43,7 +43,7 @@ def history(jumps: list[float], steps: int = 30) -> list[dict]:
 
 def sweep_folder(root, extensions=()) -> object:
     """Trial 0 finished (final checkpoint with summary.json), trial 1 stopped after its step-20
-    checkpoint (history inside state.pt), trial 2 never started; the grid's 4th trial is not in grid.json."""
+    checkpoint (history inside state.pt), trial 2 never started; the sweep's 4th trial is not in grid.json."""
     folder = root / "dens"
     folder.mkdir(parents=True)
     (folder / "grid.json").write_text(json.dumps({k: config(k) for k in KEYS}))
@@ -51,18 +51,20 @@ def sweep_folder(root, extensions=()) -> object:
     (folder / STATUS_FILE).write_text(json.dumps({KEYS[0]: {"status": "FINISHED", "error": None}}))
     final = folder / "tune" / "run_trial_0" / "checkpoint_000001"
     final.mkdir(parents=True)
-    (final / TRIAL_FILE).write_text(json.dumps({"trial": KEYS[0]}))
+    (final / TRIAL_FILE).write_text(json.dumps({"trial": KEYS[0], "step": 30}))
     (final / SUMMARY_FILE).write_text(json.dumps({"status": "FINISHED", "error": None,
                                                   "summary": {"summary/final_val_loss": 4.25, "summary/mean_probe_jump": 0.5}}))
     pd.DataFrame(history([0.25, 0.75])).to_parquet(final / "metrics.parquet")
     older = folder / "tune" / "run_trial_0" / "checkpoint_000000"  # an older checkpoint of the same trial
     older.mkdir()
-    (older / TRIAL_FILE).write_text(json.dumps({"trial": KEYS[0]}))
+    (older / TRIAL_FILE).write_text(json.dumps({"trial": KEYS[0], "step": 10}))
     torch.save({"history": history([9.0], steps=10)}, older / "state.pt")
-    stopped = folder / "tune" / "run_trial_1" / "checkpoint_000000"
-    stopped.mkdir(parents=True)
-    (stopped / TRIAL_FILE).write_text(json.dumps({"trial": KEYS[1]}))
-    torch.save({"history": history([0.125, -0.5], steps=20), "model": {"w": torch.zeros(4)}}, stopped / "state.pt")
+    # Trial 1's checkpoints as Ray Train keeps them (ray.workers_per_trial > 1): the newest step wins.
+    for name, steps, jumps in (("checkpoint_000003", 10, [0.125]), ("checkpoint_000004", 20, [0.125, -0.5])):
+        stopped = folder / "train" / "train-1" / "TorchTrainer_0" / name
+        stopped.mkdir(parents=True)
+        (stopped / TRIAL_FILE).write_text(json.dumps({"trial": KEYS[1], "step": steps}))
+        torch.save({"history": history(jumps, steps=steps), "model": {"w": torch.zeros(4)}}, stopped / "state.pt")
     return folder
 
 

@@ -21,7 +21,7 @@ from smet_lab.sweep.folder import (GRID_FILE, RESUME_SECTIONS, SUMMARY_FILE, SWE
                                    sweep_running)
 from smet_lab.tracking.settings import flatten
 
-CHECKPOINT_GLOBS = ("tune/*/checkpoint_*", "train/*/checkpoint_*")
+CHECKPOINT_GLOBS = ("tune/*/checkpoint_*", "train/**/checkpoint_*")  # Tune's trials; Ray Train's runs
 
 
 def is_sweep_folder(path) -> bool:
@@ -39,34 +39,33 @@ def _signature(config: dict) -> str:
     return json.dumps({k: config[k] for k in RESUME_SECTIONS if k in config}, sort_keys=True, default=str)
 
 
-def _trial_of(checkpoint: Path, by_signature: dict) -> str | None:
-    """The trial a checkpoint belongs to: its trial.json, else (a final checkpoint written before
-    trial.json existed) the grid trial whose config its config.yaml holds."""
+def _trial_of(checkpoint: Path, by_signature: dict) -> tuple[str | None, int]:
+    """(the trial a checkpoint belongs to, its step): its trial.json, else (a final checkpoint written
+    before trial.json existed) the grid trial whose config its config.yaml holds."""
     named = _read_json(checkpoint / TRIAL_FILE)
     if isinstance(named, dict) and named.get("trial"):
-        return named["trial"]
+        return named["trial"], int(named.get("step", -1))
     if (checkpoint / "config.yaml").is_file():
         import yaml
 
         try:
-            return by_signature.get(_signature(yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}))
+            return by_signature.get(_signature(yaml.safe_load((checkpoint / "config.yaml").read_text()) or {})), -1
         except yaml.YAMLError:
-            return None
-    return None
+            pass
+    return None, -1
 
 
 def newest_checkpoints(sweep_dir: Path, grid: dict) -> dict[str, Path]:
-    """{trial key: its final checkpoint (with summary.json), else its newest one}."""
+    """{trial key: its final checkpoint (with summary.json), else the one of its latest step}."""
     by_signature = {_signature(config): key for key, config in grid.items()}
-    found: dict[str, Path] = {}
+    found: dict[str, tuple] = {}
     for pattern in CHECKPOINT_GLOBS:
-        for checkpoint in sorted(sweep_dir.glob(pattern)):  # checkpoint_000000, _000001, ...: oldest first
-            key = _trial_of(checkpoint, by_signature)
-            if key is None:
-                continue
-            if key not in found or not (found[key] / SUMMARY_FILE).is_file():
-                found[key] = checkpoint
-    return found
+        for checkpoint in sweep_dir.glob(pattern):
+            key, step = _trial_of(checkpoint, by_signature)
+            rank = ((checkpoint / SUMMARY_FILE).is_file(), step, checkpoint.name)
+            if key is not None and (key not in found or rank > found[key][0]):
+                found[key] = (rank, checkpoint)
+    return {key: checkpoint for key, (_, checkpoint) in found.items()}
 
 
 def read_history(checkpoint: Path) -> pd.DataFrame | None:

@@ -18,7 +18,7 @@ from smet_lab.grid import SweepConfig, Trial
 # Trial statuses in our words (MLflow's KILLED/FAILED/FINISHED + diverged) by trial key.
 STATUS_FILE = "trial_status.json"
 SWEEP_FILE = "sweep.json"  # the sweep section as run, n_trials and extensions: what the report needs without MLflow
-# In every checkpoint a trial reports: {"trial": key} (Tune's folder names cut long keys). The final
+# In every checkpoint a trial reports: {"trial": key, "step": N} (Tune's folder names cut long keys). The final
 # one also holds SUMMARY_FILE (status, error, summary) beside the run's artifacts.
 TRIAL_FILE = "trial.json"
 SUMMARY_FILE = "summary.json"

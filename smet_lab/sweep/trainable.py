@@ -78,7 +78,7 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
 
     def on_checkpoint(path: Path | None, step: int) -> None:
         if path is not None:
-            (path / TRIAL_FILE).write_text(json.dumps({"trial": key}))
+            (path / TRIAL_FILE).write_text(json.dumps({"trial": key, "step": step}))
         report({"step": step, **ident, "checkpoint_step": step}, path, step)
 
     inject = os.environ.get(INJECT_ENV)
@@ -101,7 +101,7 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
     if World.current().is_main:
         artifacts = Path(tempfile.mkdtemp(prefix="smet_artifacts_"))
         write_run_artifacts(result.history, cfg_dict, artifacts, title=key)
-        (artifacts / TRIAL_FILE).write_text(json.dumps({"trial": key}))
+        (artifacts / TRIAL_FILE).write_text(json.dumps({"trial": key, "step": int(result.summary.get("summary/steps", 0))}))
         (artifacts / SUMMARY_FILE).write_text(json.dumps(
             {"status": result.status, "error": result.error, "summary": result.summary}, default=float))
     metrics = {**result.summary, "step": int(result.summary.get("summary/steps", 0)), **ident,
