@@ -125,10 +125,14 @@ def test_the_sweeps_extensions_compute_a_users_metric_for_an_unfinished_trial(tm
     assert runs.set_index("trial").loc[KEYS[1], USER_METRIC] == pytest.approx(5.0 - 0.02 * 20)
 
 
+def report_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "smet_lab.report", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_report_cli_builds_from_a_folder_without_a_database(tmp_path):
-    folder = sweep_folder(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "smet_lab.report", str(folder), "--tracking-uri",
-                           f"sqlite:///{tmp_path}/no.db"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    folder = sweep_folder(tmp_path / "sweeps")
+    proc = report_cli(str(folder), "--tracking-uri", f"sqlite:///{tmp_path}/no.db", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"smet_lab: report of sweep dens: {folder / 'report' / 'report.html'}"
     md = (folder / "report" / "report.md").read_text()
@@ -136,6 +140,16 @@ def test_report_cli_builds_from_a_folder_without_a_database(tmp_path):
     assert "1 of 4 trials have ended" in md and not (tmp_path / "no.db").exists()
     trials = pd.read_csv(folder / "report" / "trials.csv").set_index("trial")
     assert trials.loc[KEYS[0], "summary/final_val_loss"] == 4.25 and len(trials) == 4
+    # By name: the sweep's folder in the default storage (sweeps/NAME), for the report and for the tables.
+    proc = report_cli("dens", "--out", "by_name", cwd=tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "by_name" / "report.md").read_text().startswith("# Stability report: sweep `dens`")
+    (tmp_path / "spec.yaml").write_text("sweep: dens\nrows: method\ncolumns: sparsity.density\nmetric: summary/final_val_loss\n")
+    proc = report_cli("--tables", "spec.yaml", "--out", "tables", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(tmp_path / "tables" / "spec.csv")
+    assert table.values.tolist() == [["naive_dst", "4.2500", "not run"], ["smet", "not run", "not run"]]
+    assert f"Source: sweep dens (folder {folder}, KILLED)." in (tmp_path / "tables" / "spec.md").read_text()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_folder_that_is_no_sweep_is_one_line(tmp_path):
@@ -144,8 +158,7 @@ def test_a_folder_that_is_no_sweep_is_one_line(tmp_path):
     (tmp_path / "plain").mkdir()
     db = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.MlflowClient(tracking_uri=db).create_experiment("e")
-    proc = subprocess.run([sys.executable, "-m", "smet_lab.report", str(tmp_path / "plain"), "--tracking-uri", db],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = report_cli(str(tmp_path / "plain"), "--tracking-uri", db, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"{tmp_path / 'plain'} is not a sweep's folder (no grid.json there)" in proc.stderr
 

@@ -1,9 +1,9 @@
 """`python -m smet_lab.report`: a sweep's stability report, or the ablation tables.
 
     python -m smet_lab.report TARGET [--tracking-uri URI] [--out DIR] [--no-log]
-        TARGET: a sweep name (its newest parent run), a sweep's folder (sweeps/NAME; read from its own
-        files when no parent run in the database names it, e.g. a sweep run with tracking=none), an
-        MLflow experiment name, or a parent run id.
+        TARGET: a sweep name (its newest parent run), a sweep's folder (sweeps/NAME), an MLflow
+        experiment name, or a parent run id. A sweep the database does not know (tracking=none, or
+        its database elsewhere) is read from its folder's own files (a name: sweeps/NAME).
         Writes report.md, report.html, tables (.md/.csv/.tex) and plots (.png) into DIR (default:
         <sweep_dir>/report/ when the sweep's folder is on this machine, else reports/<name>/) and logs
         the folder as the parent run's artifact report/ (unless --no-log).

@@ -17,6 +17,7 @@ import pandas as pd
 from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, _yaml, empty_runs, infer_swept, parse_value,
                                   sweep_info_from_params, with_history_metrics)
 from smet_lab.report.folder import is_sweep_folder, load_folder
+from smet_lab.sweep.folder import DEFAULT_STORAGE
 
 MAX_RUNS = 50000  # MlflowClient.search_runs' largest page
 HISTORY_KEYS = ("train/loss", "val/loss", "topo/density", "stability/probe_loss", "stability/probe_jump")
@@ -25,14 +26,6 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 class ReportError(Exception):
     """A one-line user error: unknown sweep, empty experiment, no database (exit code 2)."""
-
-
-class Untracked(ReportError):
-    """A sweep folder without a parent run in the database: its report is read from the folder."""
-
-    def __init__(self, folder: Path):
-        super().__init__(f"no sweep parent run for the folder {folder}")
-        self.folder = folder
 
 
 def client_for(uri: str):
@@ -95,8 +88,8 @@ def resolve(client, target: str):
         parent = _newest(client, experiments, f"tags.`smet.kind` = 'sweep' and tags.`smet.sweep_dir` = '{_q(folder)}'")
         if parent is not None:
             return parent, experiments.get(parent.info.experiment_id), None
-        if is_sweep_folder(folder):
-            raise Untracked(Path(folder))
+        if is_sweep_folder(folder):  # (load_sweep_runs reads it from its files)
+            raise ReportError(f"no sweep parent run for the folder {folder} in {client.tracking_uri}")
         raise ReportError(f"{folder} is not a sweep's folder (no grid.json there) and no sweep parent run names "
                           f"it in {client.tracking_uri}")
     parents = client.search_runs(list(experiments), filter_string="tags.`smet.kind` = 'sweep'",
@@ -205,14 +198,18 @@ def load_parent(client, uri: str, parent, experiment=None) -> tuple[SweepInfo, p
 
 def load_sweep_runs(uri: str, target: str, warn=print) -> tuple[SweepInfo, pd.DataFrame]:
     """(what the sweep asked for, its runs) for a sweep name, an experiment name, a parent run id or a
-    sweep's folder (read from its files when no parent run in `uri` names it, e.g. tracking=none)."""
-    if Path(target).is_dir() and is_sweep_folder(target) and not has_database(uri):
-        return prepared(*load_folder(target), warn)
+    sweep's folder. A folder, or a name whose folder is in the default storage (sweeps/NAME), that `uri`
+    does not know (tracking=none, or its database elsewhere) is read from its own files."""
+    folder = next((f for f in (Path(target), Path(DEFAULT_STORAGE) / target) if is_sweep_folder(f)), None)
+    if folder is not None and not has_database(uri):
+        return prepared(*load_folder(folder), warn)
     client, uri = client_for(uri)
     try:
         parent, exp, loose = resolve(client, target)
-    except Untracked as exc:
-        return prepared(*load_folder(exc.folder), warn)
+    except ReportError:
+        if folder is None:
+            raise
+        return prepared(*load_folder(folder), warn)
     if parent is not None:
         return prepared(*load_parent(client, uri, parent, exp), warn)
     runs = runs_frame(client, loose)

@@ -233,7 +233,8 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
             info, runs = got
             frames.append(with_missing(runs, info))
             asked.append(info.seeds_asked or 1)
-            sources.append(f"sweep {info.name} (parent run {info.parent_run_id or '—'}, {info.status or 'no parent'})")
+            where = f"folder {info.sweep_dir}" if info.from_folder else f"parent run {info.parent_run_id or '—'}"
+            sources.append(f"sweep {info.name} ({where}, {info.status or 'no parent'})")
         if not frames:
             warn(f"smet_lab: warning: table {spec.name} skipped: {missing[0][1]}")
             continue

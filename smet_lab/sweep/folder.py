@@ -15,6 +15,7 @@ from pathlib import Path
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial
 
+DEFAULT_STORAGE = "sweeps"  # where sweeps/<name>/ go without ray.storage or sweep.storage (in the working dir)
 # Trial statuses in our words (MLflow's KILLED/FAILED/FINISHED + diverged) by trial key.
 STATUS_FILE = "trial_status.json"
 SWEEP_FILE = "sweep.json"  # the sweep section as run, n_trials and extensions: what the report needs without MLflow

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial, expand, trial_configs
-from smet_lab.sweep.folder import GRID_FILE, check_resume, read_statuses, sweep_lock, write_grid
+from smet_lab.sweep.folder import DEFAULT_STORAGE, GRID_FILE, check_resume, read_statuses, sweep_lock, write_grid
 
 EXIT_TRIAL_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -50,13 +50,13 @@ def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial],
         except ConfigError as exc:
             raise ConfigError(exc.key, exc.value, f"{exc.allowed} (in trial {trial.key})") from None
     key = "ray.storage" if cfg.ray.storage else "sweep.storage"
-    check_writable_dir(key, cfg.ray.storage or sweep.storage or "sweeps")
+    check_writable_dir(key, cfg.ray.storage or sweep.storage or DEFAULT_STORAGE)
     check_resume(sweep, storage_root(cfg, sweep) / sweep.name, trials, configs)
     return sweep, trials, configs
 
 
 def storage_root(cfg: DictConfig, sweep: SweepConfig) -> Path:
-    return Path(cfg.ray.storage or sweep.storage or "sweeps").expanduser().resolve()
+    return Path(cfg.ray.storage or sweep.storage or DEFAULT_STORAGE).expanduser().resolve()
 
 
 def ray_temp_dir(sweep_dir: Path) -> str:
