@@ -1,7 +1,11 @@
 """`python -m smet_lab.export`: a trained model out of a training checkpoint, as safetensors.
 
     python -m smet_lab.export CHECKPOINT --out DIR [--format dense|compact] [--eval]
-        CHECKPOINT: a run's checkpoints/step_<N> folder (or the state.pt inside it).
+    python -m smet_lab.export SWEEP_DIR --trial KEY|best --out DIR [...]
+        CHECKPOINT: a run's checkpoints/step_<N> folder (or the state.pt inside it), or a sweep trial's
+                 folder or final checkpoint (its newest training checkpoint is taken).
+        SWEEP_DIR: a sweep's folder (sweeps/NAME); --trial names one of its trials by key, or `best`:
+                 the finished trial best by the sweep's metric (trials.csv).
         dense    model.safetensors with full weight matrices (zeros off the topology), loadable into a
                  plain smet_lab.model.LLaMA: `model, manifest = load_export(DIR)`
         compact  the sparse layers as `<name>.values` [active blocks, B] float32 and `<name>.block_ids`
@@ -45,13 +49,56 @@ def read_checkpoint(path: str | Path) -> tuple[RunConfig, dict, Path]:
     config_file = state_file.parent / ckpt.CONFIG_FILE
     if not state_file.is_file() or not config_file.is_file():
         raise ExportError(f"checkpoint={str(path)!r} is not allowed: expected a checkpoints/step_<N> folder "
-                          f"with {ckpt.STATE_FILE} and {ckpt.CONFIG_FILE}")
+                          f"with {ckpt.STATE_FILE} and {ckpt.CONFIG_FILE}, or a sweep's folder with --trial KEY|best")
     try:
         cfg = from_dict(RunConfig, json.loads(config_file.read_text()))
         state = torch.load(state_file, map_location="cpu", weights_only=False)
     except (OSError, ValueError, RuntimeError, ConfigError, EOFError, pickle.UnpicklingError) as exc:
         raise ExportError(f"checkpoint={str(path)!r} is not allowed: unreadable ({str(exc).splitlines()[0]})") from None
     return cfg, state, state_file.parent
+
+
+def resolve_checkpoint(path: str | Path, trial: str | None = None) -> tuple[Path, str | None]:
+    """(the training checkpoint to export, a note on how it was chosen). A run's checkpoint is taken as
+    given; a sweep's folder needs `trial` (a key or "best"); a trial's folder or its final checkpoint
+    (artifacts, no state.pt) gives that trial. A sweep trial's newest checkpoint with state.pt wins."""
+    import difflib
+
+    from smet_lab.sweep.folder import GRID_FILE, TRIAL_FILE, best_trial, read_json, sweep_folder_of, trial_checkpoints
+
+    path = Path(path)
+    sweep = sweep_folder_of(path) if path.exists() else None
+    if sweep is None or (path / ckpt.STATE_FILE).is_file() or path.is_file():
+        if trial:
+            raise ExportError(f"--trial={trial!r} is not allowed: --trial picks a trial of a sweep's folder, and "
+                              f"{str(path)!r} is {'a checkpoint' if sweep or path.is_file() else 'no sweep folder'}")
+        return path, None
+    if path.resolve() == sweep:
+        keys = list(read_json(sweep / GRID_FILE) or {})
+        if not trial:
+            raise ExportError(f"checkpoint={str(path)!r} is a sweep's folder: add --trial best, or --trial KEY "
+                              f"with KEY one of {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}")
+        note = None
+        if trial == "best":
+            best = best_trial(sweep)
+            if best is None:
+                raise ExportError(f"--trial=best is not allowed: {sweep} has no finished trial with a value of its "
+                                  "sweep metric yet (trials.csv is written when the sweep ends)")
+            trial, note = best[0], f"best by {best[1]} = {best[2]:.6g}"
+        elif trial not in keys:
+            close = difflib.get_close_matches(trial, keys, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (its trials: {', '.join(keys[:4])}, ...)"
+            raise ExportError(f"--trial={trial!r} is not allowed: not a trial of the sweep {sweep}{hint}")
+    else:
+        named = [read_json(c / TRIAL_FILE) for c in (path, *sorted(path.glob("checkpoint_*")))]
+        trial = next((n["trial"] for n in named if isinstance(n, dict) and n.get("trial")), None)
+        if trial is None:  # no trial named there: as a run's checkpoint, the one-line error of read_checkpoint
+            return path, None
+        note = None
+    states = [c for c in trial_checkpoints(sweep).get(trial, []) if (c / ckpt.STATE_FILE).is_file()]
+    if not states:
+        raise ExportError(f"trial {trial!r} of {sweep} has no training checkpoint yet")
+    return states[-1], f"trial {trial}" + (f", {note}" if note else "")
 
 
 def sparse_tensors(cfg: RunConfig, state: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Size]]:
@@ -165,15 +212,17 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="python -m smet_lab.export", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("checkpoint", help="a run's checkpoints/step_<N> folder")
+    p.add_argument("checkpoint", help="a run's checkpoints/step_<N> folder, or a sweep's folder with --trial")
+    p.add_argument("--trial", default=None, help="with a sweep's folder: a trial key, or best")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", default="dense", choices=FORMATS)
     p.add_argument("--eval", action="store_true", help="print the export's loss on the run's validation batches")
     args = p.parse_args(argv)
     try:
         check_writable_dir("--out", args.out)
-        read = read_checkpoint(args.checkpoint)
-        out = export(args.checkpoint, args.out, args.format, read=read)
+        checkpoint, chosen = resolve_checkpoint(args.checkpoint, args.trial)
+        read = read_checkpoint(checkpoint)
+        out = export(checkpoint, args.out, args.format, read=read)
     except ExportError as exc:
         print(f"smet_lab: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -181,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smet_lab: error: {exc.key} {exc.value}: {exc.allowed}", file=sys.stderr)
         return EXIT_BAD_INPUT
     size = sum((out / name).stat().st_size for name in (WEIGHTS, MANIFEST))
-    print(f"smet_lab: exported {args.checkpoint} as {args.format} to {out} ({size / 2**20:,.2f} MiB)")
+    print(f"smet_lab: exported {checkpoint}{f' ({chosen})' if chosen else ''} as {args.format} to {out} "
+          f"({size / 2**20:,.2f} MiB)")
     if args.eval:
         cfg, state, _ = read
         logged = [(r["step"], r["val/loss"]) for r in state["history"] if "val/loss" in r and r["step"] <= state["step"]]

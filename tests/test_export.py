@@ -96,3 +96,54 @@ def test_eval_of_a_checkpoint_between_evaluations_names_the_steps(finished, tmp_
     assert "(the run last evaluated at step 10: " in out and "; this checkpoint is step 15)" in out
     assert main([str(tmp_path / "run" / "checkpoints" / "step_20"), "--out", str(tmp_path / "f"), "--eval"]) == 0
     assert "(the run's val loss at this step: " in capsys.readouterr().out
+
+
+def sweep_of(root: Path, ckpt: Path, mode: str = "min") -> Path:
+    """A sweep's folder in the layout the runner writes: trial a finished with its step-30 training
+    checkpoint and its final (artifacts) checkpoint; trial b finished, its training checkpoints gone."""
+    import shutil
+
+    folder = root / "sw"
+    keys = {"a": "method=smet,seed=0", "b": "method=naive_dst,seed=0"}
+    (folder / "tune").mkdir(parents=True)
+    (folder / "grid.json").write_text(json.dumps({k: {"method": k.split(",")[0][7:]} for k in keys.values()}))
+    (folder / "sweep.json").write_text(json.dumps({"sweep": {"metric": "summary/final_val_loss", "mode": mode}}))
+    (folder / "trials.csv").write_text(f"trial,status,summary/final_val_loss\n\"{keys['a']}\",FINISHED,4.0\n"
+                                       f"\"{keys['b']}\",FINISHED,5.0\n")
+    shutil.copytree(ckpt, folder / "tune" / "trial_a" / "checkpoint_000000")
+    for trial, name, step in (("a", "checkpoint_000000", 30), ("a", "checkpoint_000001", 30), ("b", "checkpoint_000000", 30)):
+        (folder / "tune" / f"trial_{trial}" / name).mkdir(parents=True, exist_ok=True)
+        (folder / "tune" / f"trial_{trial}" / name / "trial.json").write_text(json.dumps({"trial": keys[trial], "step": step}))
+    for trial in ("a", "b"):  # the final checkpoints: artifacts, no state.pt
+        (folder / "tune" / f"trial_{trial}" / ("checkpoint_000001" if trial == "a" else "checkpoint_000000") /
+         "summary.json").write_text('{"status": "FINISHED", "error": null, "summary": {}}')
+    return folder
+
+
+def test_export_a_sweep_trial_by_key_by_best_or_by_its_folder(finished, tmp_path, capsys):
+    from smet_lab.export import main
+
+    cfg, _, ckpt = finished
+    if cfg.sparsity.weights == "compact":
+        pytest.skip("the sweep layout does not depend on the weights' layout: checked with dense weights")
+    folder = sweep_of(tmp_path, ckpt)
+    expected = load_file(str(export(ckpt, tmp_path / "direct") / "model.safetensors"))
+    training = folder / "tune" / "trial_a" / "checkpoint_000000"
+    for i, args in enumerate(([folder, "--trial", "best"], [folder, "--trial", "method=smet,seed=0"],
+                              [folder / "tune" / "trial_a"], [folder / "tune" / "trial_a" / "checkpoint_000001"])):
+        assert main([*map(str, args), "--out", str(tmp_path / f"e{i}")]) == 0
+        assert f"exported {training} (trial method=smet,seed=0" in capsys.readouterr().out
+        got = load_file(str(tmp_path / f"e{i}" / "model.safetensors"))
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    for args, says in (([folder], "is a sweep's folder: add --trial best, or --trial KEY with KEY one of method=smet,seed=0"),
+                       ([folder, "--trial", "method=smet,seed=1"], "did you mean 'method=smet,seed=0'?"),
+                       ([folder, "--trial", "method=naive_dst,seed=0"], "trial 'method=naive_dst,seed=0' of "
+                                                                        f"{folder} has no training checkpoint yet"),
+                       ([ckpt, "--trial", "best"], "--trial picks a trial of a sweep's folder")):
+        assert main([*map(str, args), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "x").exists()
+    folder = sweep_of(tmp_path / "max", ckpt, mode="max")  # the sweep's mode: the best is b now
+    assert main([str(folder), "--trial", "best", "--out", str(tmp_path / "x")]) == 2
+    assert "trial 'method=naive_dst,seed=0'" in capsys.readouterr().err

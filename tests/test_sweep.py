@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -400,6 +401,15 @@ def test_a_sweep_without_tracking_still_knows_how_its_trials_ended(tmp_path):
     report = {r["method"]: r["status"] for r in csv.DictReader(open(folder / "report" / "trials.csv"))}
     assert report == {"naive_dst": "FINISHED", "smet": "FINISHED"}
     assert not list(tmp_path.glob("**/mlflow.db"))
+    # The best trial's model out of the folder: its val loss as the trial's own last evaluation had it.
+    rows = list(csv.DictReader(open(folder / "trials.csv")))
+    best = min(rows, key=lambda r: float(r["summary/final_val_loss"]))
+    export = subprocess.run([sys.executable, "-m", "smet_lab.export", str(folder), "--trial", "best", "--out",
+                             str(tmp_path / "model"), "--eval"], capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr
+    assert f"(trial {best['trial']}, best by summary/final_val_loss = " in export.stdout
+    printed = float(export.stdout.split("val loss of the export: ")[1].split()[0])
+    assert printed == pytest.approx(float(best["summary/final_val_loss"]), abs=1e-5)
 
 
 @pytest.mark.e2e

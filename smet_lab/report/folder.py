@@ -17,55 +17,14 @@ import pandas as pd
 
 from smet_lab.report.data import (ENDED, FAILED, FINISHED, KILLED, MISSING, RUNNING, SweepInfo, empty_runs,
                                   infer_swept, parse_value, sweep_info_from_params)
-from smet_lab.sweep.folder import (GRID_FILE, RESUME_SECTIONS, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, read_statuses,
-                                   sweep_running)
+from smet_lab.sweep.folder import (GRID_FILE, SUMMARY_FILE, SWEEP_FILE, read_json, read_statuses, sweep_running,
+                                   trial_checkpoints)
 from smet_lab.tracking.settings import flatten
 
-CHECKPOINT_GLOBS = ("tune/*/checkpoint_*", "train/**/checkpoint_*")  # Tune's trials; Ray Train's runs
 
 
 def is_sweep_folder(path) -> bool:
     return (Path(path) / GRID_FILE).is_file()
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # a file being written as we read: as if it were not there yet
-        return None
-
-
-def _signature(config: dict) -> str:
-    return json.dumps({k: config[k] for k in RESUME_SECTIONS if k in config}, sort_keys=True, default=str)
-
-
-def _trial_of(checkpoint: Path, by_signature: dict) -> tuple[str | None, int]:
-    """(the trial a checkpoint belongs to, its step): its trial.json, else (a final checkpoint written
-    before trial.json existed) the grid trial whose config its config.yaml holds."""
-    named = _read_json(checkpoint / TRIAL_FILE)
-    if isinstance(named, dict) and named.get("trial"):
-        return named["trial"], int(named.get("step", -1))
-    if (checkpoint / "config.yaml").is_file():
-        import yaml
-
-        try:
-            return by_signature.get(_signature(yaml.safe_load((checkpoint / "config.yaml").read_text()) or {})), -1
-        except yaml.YAMLError:
-            pass
-    return None, -1
-
-
-def newest_checkpoints(sweep_dir: Path, grid: dict) -> dict[str, Path]:
-    """{trial key: its final checkpoint (with summary.json), else the one of its latest step}."""
-    by_signature = {_signature(config): key for key, config in grid.items()}
-    found: dict[str, tuple] = {}
-    for pattern in CHECKPOINT_GLOBS:
-        for checkpoint in sweep_dir.glob(pattern):
-            key, step = _trial_of(checkpoint, by_signature)
-            rank = ((checkpoint / SUMMARY_FILE).is_file(), step, checkpoint.name)
-            if key is not None and (key not in found or rank > found[key][0]):
-                found[key] = (rank, checkpoint)
-    return {key: checkpoint for key, (_, checkpoint) in found.items()}
 
 
 def read_history(checkpoint: Path) -> pd.DataFrame | None:
@@ -90,7 +49,7 @@ def trial_row(key: str, config: dict, extensions: list, ended: dict | None, chec
               running: bool) -> dict:
     """One row of the runs frame (the columns of smet_lab.report.data), as runs_frame builds it from MLflow."""
     params = {k: parse_value(v) for k, v in flatten({**config, "extensions": extensions}).items()}
-    summary = _read_json(checkpoint / SUMMARY_FILE) if checkpoint is not None else None
+    summary = read_json(checkpoint / SUMMARY_FILE) if checkpoint is not None else None
     metrics = {k: float(v) for k, v in (summary or {}).get("summary", {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if ended:
@@ -108,10 +67,10 @@ def load_folder(sweep_dir, running: bool | None = None) -> tuple[SweepInfo, pd.D
     driver runs now (default: whether one holds the sweep's lock)."""
     sweep_dir = Path(sweep_dir).resolve()
     grid = json.loads((sweep_dir / GRID_FILE).read_text())
-    meta = _read_json(sweep_dir / SWEEP_FILE) or {}
+    meta = read_json(sweep_dir / SWEEP_FILE) or {}
     running = sweep_running(sweep_dir) if running is None else running
     statuses = read_statuses(sweep_dir)
-    checkpoints = newest_checkpoints(sweep_dir, grid)
+    checkpoints = {key: found[-1] for key, found in trial_checkpoints(sweep_dir).items()}
     rows = [trial_row(key, config, meta.get("extensions") or [], statuses.get(key), checkpoints.get(key), running)
             for key, config in grid.items()]
     runs = pd.DataFrame(rows) if rows else empty_runs()

@@ -18,6 +18,7 @@ from smet_lab.grid import SweepConfig, Trial
 DEFAULT_STORAGE = "sweeps"  # where sweeps/<name>/ go without ray.storage or sweep.storage (in the working dir)
 # Trial statuses in our words (MLflow's KILLED/FAILED/FINISHED + diverged) by trial key.
 STATUS_FILE = "trial_status.json"
+TRIALS_FILE = "trials.csv"  # one row per trial with its status and metrics, written at the sweep's end
 SWEEP_FILE = "sweep.json"  # the sweep section as run, n_trials and extensions: what the report needs without MLflow
 # In every checkpoint a trial reports: {"trial": key, "step": N} (Tune's folder names cut long keys). The final
 # one also holds SUMMARY_FILE (status, error, summary) beside the run's artifacts.
@@ -134,3 +135,77 @@ def record_status(sweep_dir: str, key: str, status: str, error: str | None) -> N
 def forget_failed(sweep_dir: str) -> None:
     """Trials about to be retried have not ended: an interrupted retry then reads as interrupted."""
     _write_statuses(sweep_dir, {k: v for k, v in read_statuses(sweep_dir).items() if v["status"] != "FAILED"})
+
+
+# ------------------------------------------------------------------------------ trials' checkpoints
+CHECKPOINT_GLOBS = ("tune/*/checkpoint_*", "train/**/checkpoint_*")  # Tune's trials; Ray Train's runs
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # a file being written as we read: as if it were not there yet
+        return None
+
+
+def _signature(config: dict) -> str:
+    return json.dumps({k: config[k] for k in RESUME_SECTIONS if k in config}, sort_keys=True, default=str)
+
+
+def _trial_of(checkpoint: Path, by_signature: dict) -> tuple[str | None, int]:
+    """(the trial a checkpoint belongs to, its step): its trial.json, else (a final checkpoint written
+    before trial.json existed) the grid trial whose config its config.yaml holds."""
+    named = read_json(checkpoint / TRIAL_FILE)
+    if isinstance(named, dict) and named.get("trial"):
+        return named["trial"], int(named.get("step", -1))
+    if (checkpoint / "config.yaml").is_file():
+        import yaml
+
+        try:
+            return by_signature.get(_signature(yaml.safe_load((checkpoint / "config.yaml").read_text()) or {})), -1
+        except yaml.YAMLError:
+            pass
+    return None, -1
+
+
+def trial_checkpoints(sweep_dir) -> dict[str, list[Path]]:
+    """{trial key: its checkpoints by step, oldest first; a final one (with summary.json) last}."""
+    sweep_dir = Path(sweep_dir)
+    grid = read_json(sweep_dir / GRID_FILE) or {}
+    by_signature = {_signature(config): key for key, config in grid.items()}
+    found: dict[str, list] = {}
+    for pattern in CHECKPOINT_GLOBS:
+        for checkpoint in sweep_dir.glob(pattern):
+            key, step = _trial_of(checkpoint, by_signature)
+            if key is not None:
+                found.setdefault(key, []).append(((checkpoint / SUMMARY_FILE).is_file(), step, checkpoint.name, checkpoint))
+    return {key: [c for *_, c in sorted(items)] for key, items in found.items()}
+
+
+def sweep_folder_of(path) -> Path | None:
+    """The sweep folder that holds `path` (itself included), or None."""
+    path = Path(path).resolve()
+    return next((p for p in (path, *path.parents) if (p / GRID_FILE).is_file()), None)
+
+
+def best_trial(sweep_dir, metric: str | None = None, mode: str | None = None) -> tuple[str, str, float] | None:
+    """(trial key, metric, value) of the best FINISHED trial by `metric` and `mode` (default: the sweep's,
+    from sweep.json), from the trial table the sweep writes at its end (trials.csv); None if none."""
+    import math
+
+    import pandas as pd
+
+    sweep = (read_json(Path(sweep_dir) / SWEEP_FILE) or {}).get("sweep") or {}
+    metric, mode = metric or sweep.get("metric", "summary/final_val_loss"), mode or sweep.get("mode", "min")
+    path = Path(sweep_dir) / TRIALS_FILE
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    if metric not in table:
+        return None
+    values = table[table["status"] == "FINISHED"][["trial", metric]].dropna()
+    values = values[values[metric].map(math.isfinite)]
+    if not len(values):
+        return None
+    best = values.loc[values[metric].idxmin() if mode == "min" else values[metric].idxmax()]
+    return best["trial"], metric, float(best[metric])

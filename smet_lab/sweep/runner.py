@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial, expand, trial_configs
-from smet_lab.sweep.folder import DEFAULT_STORAGE, GRID_FILE, check_resume, read_statuses, sweep_lock, write_grid
+from smet_lab.sweep.folder import (DEFAULT_STORAGE, GRID_FILE, TRIALS_FILE, best_trial, check_resume, read_statuses,
+                                  sweep_lock, write_grid)
 
 EXIT_TRIAL_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -251,7 +252,7 @@ def write_trial_table(sweep_dir: Path, trials: list[Trial], statuses: dict, grid
                      metric: m.get(metric), "summary/mean_probe_jump": m.get("summary/mean_probe_jump"),
                      "summary/final_val_loss": m.get("summary/final_val_loss")})
     frame = pd.DataFrame(rows)
-    path = sweep_dir / "trials.csv"
+    path = sweep_dir / TRIALS_FILE
     frame.to_csv(path, index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(frame.drop(columns=["trial"]).to_string(index=False), flush=True)
@@ -277,10 +278,6 @@ def finish_parent(tracking, sweep: SweepConfig, sweep_dir: Path, statuses: dict,
     """The parent run tells the truth: KILLED when interrupted, FAILED when a trial failed, with the
     trial counts and the best value of the sweep metric (and its trial) as metrics, so sweeps compare
     in MLflow's run table."""
-    import math
-
-    import pandas as pd
-
     from smet_lab.tracking import find_or_start_run
 
     if not tracking.enabled:
@@ -288,17 +285,14 @@ def finish_parent(tracking, sweep: SweepConfig, sweep_dir: Path, statuses: dict,
     parent = find_or_start_run(tracking, run_name=f"sweep:{sweep.name}", params={},
                                tags={"smet.kind": "sweep", "smet.sweep": sweep.name},
                                match={"smet.sweep_dir": str(sweep_dir)}, mark_resumed=False)
-    parent.log_artifacts([sweep_dir / "trials.csv"])
+    parent.log_artifacts([sweep_dir / TRIALS_FILE])
     counts = {s: sum(v["status"] == s for v in statuses.values()) for s in ("FINISHED", "DIVERGED", "FAILED")}
     metrics = {"sweep/trials": n_trials, "sweep/trials_finished": counts["FINISHED"],
                "sweep/trials_diverged": counts["DIVERGED"], "sweep/trials_failed": counts["FAILED"]}
-    table = pd.read_csv(sweep_dir / "trials.csv")
-    values = table[table["status"] == "FINISHED"][["trial", sweep.metric]].dropna()
-    values = values[values[sweep.metric].map(math.isfinite)]
-    if len(values):
-        best = values.loc[values[sweep.metric].idxmin() if sweep.mode == "min" else values[sweep.metric].idxmax()]
-        metrics[f"best/{sweep.metric}"] = float(best[sweep.metric])
-        parent.set_tags({"smet.best_trial": best["trial"], "smet.best_metric": f"{sweep.mode} {sweep.metric}"})
+    best = best_trial(sweep_dir, sweep.metric, sweep.mode)
+    if best is not None:
+        metrics[f"best/{sweep.metric}"] = best[2]
+        parent.set_tags({"smet.best_trial": best[0], "smet.best_metric": f"{sweep.mode} {sweep.metric}"})
     parent.log_metrics(metrics, 0)
     status = "KILLED" if interrupted else "FAILED" if counts["FAILED"] else "FINISHED"
     error = "sweep interrupted" if interrupted else f"{counts['FAILED']} trial(s) failed" if counts["FAILED"] else None
