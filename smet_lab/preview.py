@@ -8,14 +8,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab.grid import leaves
 from smet_lab.schema import local_cpus
-from smet_lab.sweep.folder import read_statuses
+from smet_lab.sweep.folder import TRIAL_FILE, read_json, read_statuses, trial_checkpoints
 from smet_lab.sweep.runner import plan, storage_root
 
 
-def _tracked(cfg: DictConfig, what: str) -> str:
+def _tracked(cfg: DictConfig, what: str, untracked: str = "") -> str:
     tracking = OmegaConf.to_object(cfg.tracking)
     if not tracking.enabled:
-        return "not tracked (tracking=none)"
+        return f"not tracked (tracking=none){untracked}"
     return f"MLflow experiment '{tracking.experiment}' at {tracking.uri}: {what}"
 
 
@@ -62,18 +62,32 @@ def _trial_states(sweep, sweep_dir, trials) -> tuple[str, dict]:
     if not (sweep_dir / "tune").is_dir():
         return "new (the folder holds no sweep state yet)", {t.key: "to run" for t in trials}
     ended = read_statuses(sweep_dir)
+    starts = _resume_points(sweep_dir)
     states = {}
     for t in trials:
         status = ended.get(t.key, {}).get("status")
         if status in ("FINISHED", "DIVERGED"):
             states[t.key] = f"{status.lower()}: kept"
         elif status == "FAILED":
-            states[t.key] = ("failed: runs again from its last checkpoint" if sweep.retry_failed
+            states[t.key] = (f"failed: runs again {starts.get(t.key, 'from the start')}" if sweep.retry_failed
                              else "failed: kept (sweep.retry_failed=true runs it again)")
         else:
-            states[t.key] = "to run (from its last checkpoint, if it has one)"
+            states[t.key] = f"to run {starts.get(t.key, 'from the start')}"
     todo = sum(s.startswith(("to run", "failed: runs")) for s in states.values())
     return f"resumes: {len(trials) - todo} of {len(trials)} trials kept, {todo} to run", states
+
+
+def _resume_points(sweep_dir) -> dict[str, str]:
+    """{trial key: "from its step-N checkpoint"} for the trials with a training checkpoint to resume from."""
+    from smet_lab.train.checkpoint import STATE_FILE
+
+    points = {}
+    for key, checkpoints in trial_checkpoints(sweep_dir).items():
+        resumable = [c for c in checkpoints if (c / STATE_FILE).is_file()]
+        if resumable:
+            step = (read_json(resumable[-1] / TRIAL_FILE) or {}).get("step")
+            points[key] = f"from its step-{step} checkpoint" if step is not None else "from its last checkpoint"
+    return points
 
 
 def _n(k, what: str) -> str:
@@ -104,7 +118,7 @@ def describe_sweep(cfg: DictConfig, compose_for_method) -> str:
     grid.append(f"seed {_values(sweep.seeds)}")
     extra = f" + {len(sweep.extra_trials)} extra trial{'s' * (len(sweep.extra_trials) != 1)} per seed" \
         if sweep.extra_trials else ""
-    tracked = _tracked(cfg, "a parent run and one child run per trial")
+    tracked = _tracked(cfg, "a parent run and one child run per trial", "; the report is read from the folder")
     width = max(len(t.key) for t in trials)
     each = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}"
     lines = [f"sweep {sweep.name}: {len(trials)} trials, {each} steps each ({_count(tokens)} training tokens in all)",

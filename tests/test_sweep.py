@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import re
 import signal
@@ -269,10 +270,19 @@ def test_plan_of_a_sweep_to_resume_names_what_it_keeps_and_what_it_runs(tmp_path
     record_status(str(tmp_path / "smoke"), "method=smet,seed=0", "FINISHED", None)
     record_status(str(tmp_path / "smoke"), "method=smet,seed=1", "DIVERGED", "loss is nan")
     record_status(str(tmp_path / "smoke"), "method=naive_dst,seed=0", "FAILED", "boom")
+    # The failed trial left training checkpoints at steps 20 and 40; the unfinished one only a folder
+    # without state.pt (nothing to resume from).
+    for trial, step, files in (("naive_dst,seed=0", 20, ["state.pt"]), ("naive_dst,seed=0", 40, ["state.pt"]),
+                               ("naive_dst,seed=1", 10, ["config.json"])):
+        checkpoint = tmp_path / "smoke" / "tune" / f"trial_{trial}" / f"checkpoint_{step:06d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trial.json").write_text(json.dumps({"trial": f"method={trial}", "step": step}))
+        for name in files:
+            (checkpoint / name).write_bytes(b"")
     assert described() == {"method=naive_dst,seed=0": "failed: kept (sweep.retry_failed=true runs it again)",
                            "method=smet,seed=0": "finished: kept", "method=smet,seed=1": "diverged: kept",
-                           "method=naive_dst,seed=1": "to run (from its last checkpoint, if it has one)"}
-    assert described(["sweep.retry_failed=true"])["method=naive_dst,seed=0"] == "failed: runs again from its last checkpoint"
+                           "method=naive_dst,seed=1": "to run from the start"}
+    assert described(["sweep.retry_failed=true"])["method=naive_dst,seed=0"] == "failed: runs again from its step-40 checkpoint"
     assert set(described(["sweep.resume=false"]).values()) == {"to run"}
     overrides = [*base, "sweep.resume=false"]
     assert f"(starts afresh: sweep.resume=false deletes {tmp_path / 'smoke'} first)" in describe_sweep(
