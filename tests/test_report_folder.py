@@ -149,6 +149,12 @@ def test_report_cli_builds_from_a_folder_without_a_database(tmp_path):
     table = pd.read_csv(tmp_path / "tables" / "spec.csv")
     assert table.values.tolist() == [["naive_dst", "4.2500", "not run"], ["smet", "not run", "not run"]]
     assert f"Source: sweep dens (folder {folder}, KILLED)." in (tmp_path / "tables" / "spec.md").read_text()
+    # A spec whose second sweep is nowhere: built from the first, with how to run the missing one.
+    (tmp_path / "two.yaml").write_text("sweep: [dens, warmup]\nrows: method\nmetric: summary/final_val_loss\n")
+    proc = report_cli("--tables", "two.yaml", "--out", "tables", cwd=tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "tables" / "two.csv").is_file()
+    assert proc.stderr == ("smet_lab: warning: table two: sweep(s) warmup not found; built from the others; "
+                           "run `python -m smet_lab +sweep=warmup`\n")
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -214,6 +214,7 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
     with a warning. Returns the written paths."""
     from smet_lab.report.data import with_missing
     from smet_lab.report.io import ReportError, load_sweep_runs
+    from smet_lab.sweep.folder import DEFAULT_STORAGE
 
     loaded: dict = {}
     written = []
@@ -236,15 +237,25 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
             where = f"folder {info.sweep_dir}" if info.from_folder else f"parent run {info.parent_run_id or '—'}"
             sources.append(f"sweep {info.name} ({where}, {info.status or 'no parent'})")
         if not frames:
-            warn(f"smet_lab: warning: table {spec.name} skipped: {missing[0][1]}")
+            folders = ", ".join(f"{DEFAULT_STORAGE}/{n}/" for n, _ in missing)
+            warn(f"smet_lab: warning: table {spec.name} skipped: {missing[0][1]}; no folder {folders} either"
+                 f"{_run_hint([n for n, _ in missing])}")
             continue
         if missing:
             warn(f"smet_lab: warning: table {spec.name}: sweep(s) {', '.join(n for n, _ in missing)} not found; "
-                 f"built from the others")
+                 f"built from the others{_run_hint([n for n, _ in missing])}")
         keys = [spec.rows] + ([spec.columns] if spec.columns else [])
         runs = merge_sweeps(frames, keys)
         written += write_spec_table(spec, runs, out_dir, max(asked), "; ".join(sources))
     return written
+
+
+def _run_hint(names: list) -> str:
+    """How to run the missing sweeps that ship with smet_lab (conf/sweep/NAME.yaml)."""
+    from smet_lab.preflight import CONF_DIR
+
+    shipped = [n for n in names if (CONF_DIR / "sweep" / f"{n}.yaml").is_file()]
+    return "; run " + " and ".join(f"`python -m smet_lab +sweep={n}`" for n in shipped) if shipped else ""
 
 
 def default_specs() -> list[Path]:
