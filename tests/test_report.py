@@ -445,7 +445,8 @@ def test_glossary_defines_every_metric_the_report_shows(tmp_path):
 def test_report_cli_usage_errors_are_one_line(tmp_path, capsys):
     assert report_main(["nosuch", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("smet_lab: error: no MLflow database at") and err.count("\n") == 1
+    assert err.startswith("smet_lab: error: no sweep folder nosuch or sweeps/nosuch, and no MLflow database at "
+                          f"{tmp_path / 'none.db'}") and err.count("\n") == 1
     with pytest.raises(SystemExit) as exc:
         report_main(["--bogus"])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("smet_lab: error: unrecognized arguments")

@@ -178,3 +178,17 @@ def test_write_grid_records_the_sweep_for_the_report(tmp_path):
     assert json.loads((tmp_path / SWEEP_FILE).read_text())["extensions"] == ["/x/rules.py"]
     info, runs = load_folder(tmp_path)
     assert list(runs["status"]) == ["MISSING", "MISSING"] and list(runs["train.seed"]) == [0, 1]
+
+
+def test_usage_errors_name_the_sweeps_there_are(tmp_path, monkeypatch, capsys):
+    from smet_lab.report.__main__ import main
+
+    sweep_folder(tmp_path / "sweeps")
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    assert capsys.readouterr().err == ("smet_lab: error: give a sweep name, a sweep folder, an experiment name or a "
+                                       "parent run id (or --tables); sweep folders in sweeps/: dens\n")
+    assert main(["dense"]) == 2
+    assert capsys.readouterr().err == ("smet_lab: error: no sweep folder dense or sweeps/dense, and no MLflow database "
+                                       f"at {tmp_path / 'mlflow.db'} (--tracking-uri sqlite:///mlflow.db); sweep "
+                                       "folders in sweeps/: dens\n")

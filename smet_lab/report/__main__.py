@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.tables is not None:
             return tables(args)
         if not args.target:
-            return fail("give a sweep name, a sweep folder, an experiment name or a parent run id (or --tables)")
+            from smet_lab.report.io import known_sweeps
+
+            return fail("give a sweep name, a sweep folder, an experiment name or a parent run id (or --tables)"
+                        + known_sweeps(args.tracking_uri))
         from smet_lab.report.build import report_for_target
 
         info, out = report_for_target(args.tracking_uri, args.target, args.out, log=not args.no_log,

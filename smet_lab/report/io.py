@@ -18,6 +18,7 @@ from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, _yaml, empty_run
                                   sweep_info_from_params, with_history_metrics)
 from smet_lab.report.folder import is_sweep_folder, load_folder
 from smet_lab.sweep.folder import DEFAULT_STORAGE
+from smet_lab.tracking.settings import sqlite_path
 
 MAX_RUNS = 50000  # MlflowClient.search_runs' largest page
 HISTORY_KEYS = ("train/loss", "val/loss", "topo/density", "stability/probe_loss", "stability/probe_jump")
@@ -32,7 +33,7 @@ def client_for(uri: str):
     """An MlflowClient; a sqlite URI must name an existing database (MLflow would create an empty one)."""
     from mlflow.tracking import MlflowClient
 
-    from smet_lab.tracking.settings import resolve_uri, sqlite_path
+    from smet_lab.tracking.settings import resolve_uri
 
     path = sqlite_path(uri)
     if uri.startswith("sqlite:") and (path is None or not path.is_file()):
@@ -92,12 +93,31 @@ def resolve(client, target: str):
             raise ReportError(f"no sweep parent run for the folder {folder} in {client.tracking_uri}")
         raise ReportError(f"{folder} is not a sweep's folder (no grid.json there) and no sweep parent run names "
                           f"it in {client.tracking_uri}")
-    parents = client.search_runs(list(experiments), filter_string="tags.`smet.kind` = 'sweep'",
-                                 max_results=MAX_RUNS) if experiments else []
-    sweeps = sorted({r.data.tags.get("smet.sweep") for r in parents} - {None})
+    sweeps = tracked_sweeps(client, experiments)
     known = f"sweeps there: {', '.join(sweeps)}" if sweeps else "no sweeps there"
     raise ReportError(f"no sweep, experiment or parent run '{target}' in {client.tracking_uri} ({known}; "
-                      f"experiments: {', '.join(sorted(e.name for e in experiments.values()))})")
+                      f"experiments: {', '.join(sorted(e.name for e in experiments.values()))}){folders_note()}")
+
+
+def tracked_sweeps(client, experiments=None) -> list[str]:
+    experiments = _experiments(client) if experiments is None else experiments
+    parents = client.search_runs(list(experiments), filter_string="tags.`smet.kind` = 'sweep'",
+                                 max_results=MAX_RUNS) if experiments else []
+    return sorted({r.data.tags.get("smet.sweep") for r in parents} - {None, ""})
+
+
+def folders_note() -> str:
+    """"; sweep folders in sweeps/: a, b" for the sweeps stored in the default storage, else ""."""
+    names = sorted(p.name for p in Path(DEFAULT_STORAGE).glob("*") if is_sweep_folder(p))
+    return f"; sweep folders in {DEFAULT_STORAGE}/: {', '.join(names)}" if names else ""
+
+
+def known_sweeps(uri: str) -> str:
+    """What a user could name: the sweeps in `uri` and the sweep folders in sweeps/ (for a usage error)."""
+    tracked = []
+    if has_database(uri) and uri.startswith("sqlite:"):  # a server is not asked just to word an error
+        tracked = tracked_sweeps(client_for(uri)[0])
+    return (f"; sweeps in {uri}: {', '.join(tracked)}" if tracked else "") + folders_note()
 
 
 def find_parent_by_dir(client, experiment: str, sweep_dir: str):
@@ -201,8 +221,11 @@ def load_sweep_runs(uri: str, target: str, warn=print) -> tuple[SweepInfo, pd.Da
     sweep's folder. A folder, or a name whose folder is in the default storage (sweeps/NAME), that `uri`
     does not know (tracking=none, or its database elsewhere) is read from its own files."""
     folder = next((f for f in (Path(target), Path(DEFAULT_STORAGE) / target) if is_sweep_folder(f)), None)
-    if folder is not None and not has_database(uri):
-        return prepared(*load_folder(folder), warn)
+    if not has_database(uri):
+        if folder is not None:
+            return prepared(*load_folder(folder), warn)
+        raise ReportError(f"no sweep folder {target} or {DEFAULT_STORAGE}/{target}, and no MLflow database at "
+                          f"{sqlite_path(uri)} (--tracking-uri {uri}){folders_note()}")
     client, uri = client_for(uri)
     try:
         parent, exp, loose = resolve(client, target)
@@ -233,8 +256,6 @@ def load_sweep_dir(uri: str | None, experiment: str, sweep_dir: str, warn=print)
 
 def has_database(uri: str) -> bool:
     """False for a sqlite URI whose file does not exist (anything else may hold the sweep)."""
-    from smet_lab.tracking.settings import sqlite_path
-
     path = sqlite_path(uri)
     return not uri.startswith("sqlite:") or (path is not None and path.is_file())
 
