@@ -159,6 +159,7 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     from smet_lab.data import check_streams, load_corpus
     from smet_lab.tracking import write_run_artifacts
     from smet_lab.train import Callbacks, train
+    from smet_lab.train import checkpoint as ckpt
 
     run_cfg = to_run_config(cfg)
     tracking = OmegaConf.to_object(cfg.tracking)
@@ -183,7 +184,7 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     s = result.summary
     if result.status == "KILLED":
         print(f"smet_lab: {result.error}; checkpoint saved, resume with "
-              f"train.resume_from={output_dir}/checkpoints/step_{int(s['summary/steps'])}", file=sys.stderr)
+              f"train.resume_from={ckpt.folder(output_dir, int(s['summary/steps']))}", file=sys.stderr)
     elif result.status != "FINISHED":
         print(f"smet_lab: error: {result.error} (run marked diverged)", file=sys.stderr)
     else:

@@ -2,8 +2,9 @@
 
     python -m smet_lab.export CHECKPOINT --out DIR [--format dense|compact] [--eval]
     python -m smet_lab.export SWEEP_DIR --trial KEY|best --out DIR [...]
-        CHECKPOINT: a run's checkpoints/step_<N> folder (or the state.pt inside it), or a sweep trial's
-                 folder or final checkpoint (its newest training checkpoint is taken).
+        CHECKPOINT: a run's checkpoints/step_<N> folder (or the state.pt inside it), a run's folder
+                 (its newest checkpoint), or a sweep trial's folder or final checkpoint (its newest
+                 training checkpoint).
         SWEEP_DIR: a sweep's folder (sweeps/NAME); --trial names one of its trials by key, or `best`:
                  the finished trial best by the sweep's metric (trials.csv).
         dense    model.safetensors with full weight matrices (zeros off the topology), loadable into a
@@ -61,13 +62,18 @@ def read_checkpoint(path: str | Path) -> tuple[RunConfig, dict, Path]:
 def resolve_checkpoint(path: str | Path, trial: str | None = None) -> tuple[Path, str | None]:
     """(the training checkpoint to export, a note on how it was chosen). A run's checkpoint is taken as
     given; a sweep's folder needs `trial` (a key or "best"); a trial's folder or its final checkpoint
-    (artifacts, no state.pt) gives that trial. A sweep trial's newest checkpoint with state.pt wins."""
+    (artifacts, no state.pt) gives that trial. A sweep trial's newest checkpoint with state.pt wins; a
+    run's folder gives its newest checkpoints/step_<N>."""
     import difflib
 
     from smet_lab.sweep.folder import GRID_FILE, TRIAL_FILE, best_trial, read_json, sweep_folder_of, trial_checkpoints
 
     path = Path(path)
     sweep = sweep_folder_of(path) if path.exists() else None
+    if sweep is None and not trial and path.is_dir() and not (path / ckpt.STATE_FILE).is_file():
+        newest = ckpt.newest(path.parent if path.name == "checkpoints" else path)  # a run's folder, or its checkpoints/
+        if newest is not None:
+            return newest, f"the run's newest checkpoint, {newest.name}"
     if sweep is None or (path / ckpt.STATE_FILE).is_file() or path.is_file():
         if trial:
             raise ExportError(f"--trial={trial!r} is not allowed: --trial picks a trial of a sweep's folder, and "

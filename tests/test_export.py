@@ -147,3 +147,21 @@ def test_export_a_sweep_trial_by_key_by_best_or_by_its_folder(finished, tmp_path
     folder = sweep_of(tmp_path / "max", ckpt, mode="max")  # the sweep's mode: the best is b now
     assert main([str(folder), "--trial", "best", "--out", str(tmp_path / "x")]) == 2
     assert "trial 'method=naive_dst,seed=0'" in capsys.readouterr().err
+
+
+def test_a_runs_folder_exports_its_newest_checkpoint(finished, tmp_path, capsys):
+    from smet_lab.export import main
+
+    cfg, _, _ = finished
+    if cfg.sparsity.weights == "compact":
+        pytest.skip("the folder lookup does not depend on the weights' layout: checked with dense weights")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=20, checkpoint_every=5))
+    train(cfg, output_dir=tmp_path / "run", callbacks=QUIET)
+    (tmp_path / "run" / "checkpoints" / "step_25").mkdir()  # a checkpoint cut before its state file: not taken
+    expected = load_file(str(export(tmp_path / "run" / "checkpoints" / "step_20", tmp_path / "direct") / "model.safetensors"))
+    for i, given in enumerate((tmp_path / "run", tmp_path / "run" / "checkpoints")):
+        assert main([str(given), "--out", str(tmp_path / f"e{i}")]) == 0
+        assert "(the run's newest checkpoint, step_20)" in capsys.readouterr().out
+        got = load_file(str(tmp_path / f"e{i}" / "model.safetensors"))
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert json.loads((tmp_path / "e0" / "manifest.json").read_text())["step"] == 20

@@ -18,6 +18,18 @@ STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 
 
+def folder(output_dir, step: int) -> Path:
+    """Where a run writes the checkpoint of `step`: <output_dir>/checkpoints/step_<step>."""
+    return Path(output_dir) / "checkpoints" / f"step_{step}"
+
+
+def newest(output_dir) -> Path | None:
+    """A run folder's checkpoint of the latest step (one with its state file), or None."""
+    found = [(int(p.name.removeprefix("step_")), p) for p in Path(output_dir).glob("checkpoints/step_*")
+             if p.name.removeprefix("step_").isdigit() and (p / STATE_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
 def save(run, path: Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

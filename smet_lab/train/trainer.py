@@ -281,7 +281,7 @@ def train(
     def save(step: int, report: bool = True) -> None:
         """The checkpoint of `step`, handed to on_checkpoint when `report`; with several processes the
         first writes it (the state is the same on all) and the others hand on None."""
-        path = ckpt.save(run, Path(output_dir) / "checkpoints" / f"step_{step}") if run.world.is_main else None
+        path = ckpt.save(run, ckpt.folder(output_dir, step)) if run.world.is_main else None
         if report and cb.on_checkpoint:  # a sweep hands it to Ray Tune, the final one included (export takes it)
             cb.on_checkpoint(path, step)
 
