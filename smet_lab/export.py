@@ -79,12 +79,12 @@ def resolve_checkpoint(path: str | Path, trial: str | None = None) -> tuple[Path
             raise ExportError(f"--trial={trial!r} is not allowed: --trial picks a trial of a sweep's folder, and "
                               f"{str(path)!r} is {'a checkpoint' if sweep or path.is_file() else 'no sweep folder'}")
         return path, None
+    note = None
     if path.resolve() == sweep:
         keys = list(read_json(sweep / GRID_FILE) or {})
         if not trial:
             raise ExportError(f"checkpoint={str(path)!r} is a sweep's folder: add --trial best, or --trial KEY "
                               f"with KEY one of {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}")
-        note = None
         if trial == "best":
             best = best_trial(sweep)
             if best is None:
@@ -100,7 +100,6 @@ def resolve_checkpoint(path: str | Path, trial: str | None = None) -> tuple[Path
         trial = next((n["trial"] for n in named if isinstance(n, dict) and n.get("trial")), None)
         if trial is None:  # no trial named there: as a run's checkpoint, the one-line error of read_checkpoint
             return path, None
-        note = None
     states = [c for c in trial_checkpoints(sweep).get(trial, []) if (c / ckpt.STATE_FILE).is_file()]
     if not states:
         raise ExportError(f"trial {trial!r} of {sweep} has no training checkpoint yet")

@@ -191,7 +191,7 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
     return "\n".join(parts)
 
 
-# ------------------------------------------------------------------------------------- with MLflow
+# ------------------------------------------------------------ from MLflow or the sweep's folder
 def report_for_target(uri: str, target: str, out_dir=None, log: bool = True, warn=print) -> tuple[SweepInfo, Path]:
     """Read `target` (sweep name, experiment, parent run id or sweep folder) from MLflow or its folder,
     build its report (default folder: default_out_dir) and log it to the parent run as `report/`."""

@@ -22,7 +22,6 @@ from smet_lab.sweep.folder import (GRID_FILE, SUMMARY_FILE, SWEEP_FILE, read_jso
 from smet_lab.tracking.settings import flatten
 
 
-
 def is_sweep_folder(path) -> bool:
     return (Path(path) / GRID_FILE).is_file()
 
@@ -33,12 +32,14 @@ def read_history(checkpoint: Path) -> pd.DataFrame | None:
     try:
         if (checkpoint / "metrics.parquet").is_file():
             return pd.read_parquet(checkpoint / "metrics.parquet")
-        if (checkpoint / "state.pt").is_file():
+        from smet_lab.train.checkpoint import STATE_FILE
+
+        if (checkpoint / STATE_FILE).is_file():
             import torch
 
             from smet_lab.tracking.artifacts import history_frame
 
-            rows = torch.load(checkpoint / "state.pt", map_location="cpu", mmap=True, weights_only=False)["history"]
+            rows = torch.load(checkpoint / STATE_FILE, map_location="cpu", mmap=True, weights_only=False)["history"]
             return history_frame(rows) if rows else None
     except Exception:  # noqa: BLE001 - a checkpoint cut short or being written: the trial shows without a history
         return None

@@ -214,7 +214,6 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
     with a warning. Returns the written paths."""
     from smet_lab.report.data import with_missing
     from smet_lab.report.io import ReportError, load_sweep_runs
-    from smet_lab.sweep.folder import DEFAULT_STORAGE
 
     loaded: dict = {}
     written = []
@@ -224,7 +223,7 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
         for name in spec.sweep:
             if name not in loaded:
                 try:
-                    loaded[name] = load_sweep_runs(uri, name, warn)
+                    loaded[name] = load_sweep_runs(uri, name, lambda line: warn(f"smet_lab: warning: {line}"))
                 except ReportError as exc:
                     loaded[name] = exc
             got = loaded[name]
@@ -237,9 +236,7 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
             where = f"folder {info.sweep_dir}" if info.from_folder else f"parent run {info.parent_run_id or '—'}"
             sources.append(f"sweep {info.name} ({where}, {info.status or 'no parent'})")
         if not frames:
-            folders = ", ".join(f"{DEFAULT_STORAGE}/{n}/" for n, _ in missing)
-            warn(f"smet_lab: warning: table {spec.name} skipped: {missing[0][1]}; no folder {folders} either"
-                 f"{_run_hint([n for n, _ in missing])}")
+            warn(f"smet_lab: warning: table {spec.name} skipped: {missing[0][1]}{_run_hint([n for n, _ in missing])}")
             continue
         if missing:
             warn(f"smet_lab: warning: table {spec.name}: sweep(s) {', '.join(n for n, _ in missing)} not found; "

@@ -195,8 +195,10 @@ def best_trial(sweep_dir, metric: str | None = None, mode: str | None = None) ->
 
     import pandas as pd
 
+    from smet_lab.metrics import FINAL_VAL_LOSS
+
     sweep = (read_json(Path(sweep_dir) / SWEEP_FILE) or {}).get("sweep") or {}
-    metric, mode = metric or sweep.get("metric", "summary/final_val_loss"), mode or sweep.get("mode", "min")
+    metric, mode = metric or sweep.get("metric", FINAL_VAL_LOSS), mode or sweep.get("mode", "min")
     path = Path(sweep_dir) / TRIALS_FILE
     if not path.is_file():
         return None
