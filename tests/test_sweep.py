@@ -382,6 +382,41 @@ def test_a_failing_trial_does_not_take_the_others_and_is_retried(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_sweep_started_afresh_gets_new_mlflow_runs(tmp_path):
+    """sweep.resume=false in the same folder starts a new parent with new children (the old ones were
+    reused: a child kept the first start's params and held both starts' losses in one history), and
+    a later start without tracking is reported from its folder, not from the first start's runs."""
+    args = ["+sweep=smoke", "sweep.params.method=[smet]", *common(tmp_path)]
+    first = run_cli([*args, "train.max_steps=20"], cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    again = run_cli([*args, "train.max_steps=30", "sweep.resume=false"], cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    client, runs = runs_of(tmp_path / "mlflow.db")
+    parents = sorted((r for r in runs if r.data.tags.get("smet.kind") == "sweep"), key=lambda r: r.info.start_time)
+    children = {r.data.tags["mlflow.parentRunId"]: r for r in runs if r.data.tags.get("smet.kind") == "trial"}
+    assert len(parents) == 2 and set(children) == {p.info.run_id for p in parents}
+    old, new = (children[p.info.run_id] for p in parents)
+    for child, steps in ((old, 20), (new, 30)):
+        assert child.data.params["train.max_steps"] == str(steps) and child.data.metrics["summary/steps"] == steps
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == list(range(5, steps + 1, 5))
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "smoke" / "report" / "trials.csv")))
+    assert [r["run_id"] for r in rows] == [new.info.run_id]
+    third = run_cli(["+sweep=smoke", "sweep.params.method=[smet]", f"ray.storage={tmp_path}/sw", f"hydra.run.dir={tmp_path}/out",
+                     "train.max_steps=10", "sweep.resume=false", "tracking=none"], cwd=tmp_path)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    proc = run_cli_module("smet_lab.report", str(tmp_path / "sw" / "smoke"), "--tracking-uri",
+                          f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "rep"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "trials.csv")))
+    assert [(r["run_id"], float(r["summary/final_val_loss"]) > 0) for r in rows] == [("", True)]
+    assert "sweep status: FINISHED" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def run_cli_module(module: str, *args, cwd):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.e2e
 def test_a_sweep_without_tracking_still_knows_how_its_trials_ended(tmp_path):
     """tracking=none: no MLflow at all, and the statuses, trials.csv and exit code are as with it (the
     statuses were written by the MLflow logger alone: every trial read as unfinished, the sweep as

@@ -81,7 +81,7 @@ def load_folder(sweep_dir, running: bool | None = None) -> tuple[SweepInfo, pd.D
     fields = {"uri": "", "status": status, "sweep_dir": str(sweep_dir)}
     if meta:
         name = (meta.get("sweep") or {}).get("name") or sweep_dir.name
-        info = sweep_info_from_params(name, flatten({k: v for k, v in meta.items() if k != "extensions"}), **fields)
+        info = sweep_info_from_params(name, flatten({k: meta[k] for k in ("sweep", "n_trials") if k in meta}), **fields)
     else:  # a folder from before sweep.json: the grid is all there is
         info = SweepInfo(name=sweep_dir.name, n_trials=len(grid), **fields)
     if not info.swept:

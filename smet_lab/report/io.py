@@ -17,7 +17,7 @@ import pandas as pd
 from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, _yaml, empty_runs, infer_swept, parse_value,
                                   sweep_info_from_params, with_history_metrics)
 from smet_lab.report.folder import is_sweep_folder, load_folder
-from smet_lab.sweep.folder import DEFAULT_STORAGE
+from smet_lab.sweep.folder import DEFAULT_STORAGE, sweep_tags
 from smet_lab.tracking.settings import sqlite_path
 
 MAX_RUNS = 50000  # MlflowClient.search_runs' largest page
@@ -86,7 +86,7 @@ def resolve(client, target: str):
         return None, exp, runs
     if Path(target).is_dir():  # a sweep's folder, e.g. sweeps/density
         folder = str(Path(target).resolve())
-        parent = _newest(client, experiments, f"tags.`smet.kind` = 'sweep' and tags.`smet.sweep_dir` = '{_q(folder)}'")
+        parent = _newest(client, experiments, _parent_filter(folder))
         if parent is not None:
             return parent, experiments.get(parent.info.experiment_id), None
         if is_sweep_folder(folder):  # (load_sweep_runs reads it from its files)
@@ -121,12 +121,18 @@ def known_sweeps(uri: str) -> str:
 
 
 def find_parent_by_dir(client, experiment: str, sweep_dir: str):
-    """The newest parent run of the sweep stored in sweep_dir (tag smet.sweep_dir), or None."""
+    """The newest parent run of the sweep stored in sweep_dir (its sweep_tags), or None."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    return _newest(client, [exp.experiment_id],
-                   f"tags.`smet.kind` = 'sweep' and tags.`smet.sweep_dir` = '{_q(sweep_dir)}'")
+    return _newest(client, [exp.experiment_id], _parent_filter(sweep_dir))
+
+
+def _parent_filter(sweep_dir) -> str:
+    """The parent run of the sweep now in sweep_dir: a parent of an earlier start of the same folder
+    (sweep.resume=false, then tracking=none) is not it."""
+    tags = {"smet.kind": "sweep", **sweep_tags(sweep_dir)}
+    return " and ".join(f"tags.`{k}` = '{_q(v)}'" for k, v in tags.items())
 
 
 # ------------------------------------------------------------------------------------------- runs

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ray import tune
 
-from smet_lab.sweep.folder import record_status
-from smet_lab.sweep.folder import SUMMARY_FILE, TRIAL_FILE
+from smet_lab.sweep.folder import SUMMARY_FILE, TRIAL_FILE, record_status, sweep_tags
 from smet_lab.tracking import TrackingConfig, find_or_start_run
 
 def numeric_metrics(result: dict) -> dict:
@@ -65,7 +64,7 @@ class MlflowSweepLogger(TrialStatuses):
             self._parent = find_or_start_run(
                 self.tracking, run_name=f"sweep:{self.sweep_name}", params=self.parent_params,
                 tags={"smet.kind": "sweep", "smet.sweep": self.sweep_name},
-                match={"smet.sweep_dir": self.sweep_dir})
+                match=sweep_tags(self.sweep_dir))
         return self._parent
 
     def child(self, key: str):

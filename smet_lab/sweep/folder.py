@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import socket
+import uuid
 from pathlib import Path
 
 from smet_lab.config import ConfigError
@@ -19,7 +20,7 @@ DEFAULT_STORAGE = "sweeps"  # where sweeps/<name>/ go without ray.storage or swe
 # Trial statuses in our words (MLflow's KILLED/FAILED/FINISHED + diverged) by trial key.
 STATUS_FILE = "trial_status.json"
 TRIALS_FILE = "trials.csv"  # one row per trial with its status and metrics, written at the sweep's end
-SWEEP_FILE = "sweep.json"  # the sweep section as run, n_trials and extensions: what the report needs without MLflow
+SWEEP_FILE = "sweep.json"  # the sweep section, n_trials, extensions and the id of this start (sweep_tags)
 # In every checkpoint a trial reports: {"trial": key, "step": N} (Tune's folder names cut long keys). The final
 # one also holds SUMMARY_FILE (status, error, summary) beside the run's artifacts.
 TRIAL_FILE = "trial.json"
@@ -71,10 +72,11 @@ def check_resume(sweep: SweepConfig, sweep_dir: Path, trials: list[Trial], confi
 
 
 def write_grid(sweep_dir: Path, trials: list[Trial], configs: dict, sweep_params: dict | None = None) -> None:
+    """grid.json, and sweep.json (`sweep_params` with a new id): the sweep's start."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / GRID_FILE).write_text(json.dumps(trial_signatures(trials, configs), indent=1))
     if sweep_params is not None:
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(sweep_params, indent=1, default=str))
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({**sweep_params, "id": uuid.uuid4().hex}, indent=1, default=str))
 
 
 @contextlib.contextmanager
@@ -96,6 +98,16 @@ def sweep_lock(root: Path, name: str):
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
         lock.flush()
         yield
+
+
+def sweep_tags(sweep_dir) -> dict[str, str]:
+    """The MLflow tags that find this sweep's parent run: its folder, and the id of this start (sweep.json):
+    a sweep started afresh in the same folder (sweep.resume=false) gets new runs, a resumed one its own."""
+    tags = {"smet.sweep_dir": str(sweep_dir)}
+    sweep_id = (read_json(Path(sweep_dir) / SWEEP_FILE) or {}).get("id")
+    if sweep_id:  # (folders from before the id: by the folder alone)
+        tags["smet.sweep_id"] = str(sweep_id)
+    return tags
 
 
 def sweep_running(sweep_dir) -> bool:

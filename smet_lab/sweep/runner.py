@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial, expand, trial_configs
 from smet_lab.sweep.folder import (DEFAULT_STORAGE, GRID_FILE, TRIALS_FILE, best_trial, check_resume, read_statuses,
-                                  sweep_lock, write_grid)
+                                  sweep_lock, sweep_tags, write_grid)
 
 EXIT_TRIAL_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -284,7 +284,7 @@ def finish_parent(tracking, sweep: SweepConfig, sweep_dir: Path, statuses: dict,
         return
     parent = find_or_start_run(tracking, run_name=f"sweep:{sweep.name}", params={},
                                tags={"smet.kind": "sweep", "smet.sweep": sweep.name},
-                               match={"smet.sweep_dir": str(sweep_dir)}, mark_resumed=False)
+                               match=sweep_tags(sweep_dir), mark_resumed=False)
     parent.log_artifacts([sweep_dir / TRIALS_FILE])
     counts = {s: sum(v["status"] == s for v in statuses.values()) for s in ("FINISHED", "DIVERGED", "FAILED")}
     metrics = {"sweep/trials": n_trials, "sweep/trials_finished": counts["FINISHED"],
