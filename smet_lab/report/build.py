@@ -111,8 +111,10 @@ def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
     now = now or dt.datetime.now(dt.timezone.utc)
     ended = int(runs["status"].isin(["FINISHED", "DIVERGED", "FAILED"]).sum()) if len(runs) else 0
     total = max(info.n_trials or 0, len(runs))
-    no_parent = "— (read from the sweep's folder)" if info.from_folder else "— (runs of an experiment without a sweep parent)"
-    items = [("sweep", info.name), ("experiment", info.experiment or "—"), ("parent run", info.parent_run_id or no_parent),
+    no_parent = ("— (read from the sweep's folder)" if info.from_folder
+                 else "— (runs of an experiment without a sweep parent)")
+    items = [("sweep", info.name), ("experiment", info.experiment or "—"),
+             ("parent run", info.parent_run_id or no_parent),
              ("sweep status" if info.from_folder else "parent status", info.status or "—"),
              ("trials ended", f"{ended}/{total}"),
              ("seeds asked", "[" + ", ".join(fmt_value(s) for s in info.seeds) + "]" if info.seeds else "—"),

@@ -183,7 +183,8 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
         else:
             parent_params = {"sweep": OmegaConf.to_container(cfg.sweep, resolve=True), "n_trials": len(trials)}
             # grid.json: what a later resume is checked against (check_resume); sweep.json: for the report
-            write_grid(sweep_dir, trials, configs, {**parent_params, "extensions": configs[trials[0].key].get("extensions") or []})
+            extensions = configs[trials[0].key].get("extensions") or []
+            write_grid(sweep_dir, trials, configs, {**parent_params, "extensions": extensions})
             scheduler = None
             if sweep.scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
