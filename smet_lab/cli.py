@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
-from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_dir, run_config_from
+from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_dir, claim_folder, run_config_from
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
                                 ignored_setting, multirun_overrides, null_group, override_key, override_value,
                                 split_args, unknown_flag, unknown_key)
@@ -65,20 +65,6 @@ def given_run_dir(overrides: list[str]) -> str | None:
 def default_run_dir(overrides: list[str]) -> str:
     """Hydra's dated output folder for these overrides (conf/config.yaml, hydra.run.dir)."""
     return compose(overrides, with_hydra=True).hydra.run.dir
-
-
-def claim_folder(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`, ... if taken: created here, atomically (mkdir), so two processes
-    never get the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
 
 
 def method_composer(overrides: list[str]):

@@ -64,6 +64,20 @@ def check_writable_dir(key: str, path) -> None:
         raise ConfigError(key, str(path), f"a folder that can be written ({p} is {'not writable' if p.is_dir() else 'a file'})")
 
 
+def claim_folder(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... if taken: created here, atomically (mkdir), so two processes
+    never get the same folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"

@@ -168,7 +168,7 @@ def test_known_flags_pass(tmp_path):
 
 
 def test_claim_folder_never_hands_out_a_taken_folder(tmp_path):
-    from smet_lab.cli import claim_folder
+    from smet_lab.config import claim_folder
 
     base = tmp_path / "day" / "12-00-00-smet"
     got = [claim_folder(base) for _ in range(3)]
