@@ -148,6 +148,8 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     from smet_lab.train import checkpoint as ckpt
 
     run_cfg = to_run_config(cfg)
+    if run_cfg.train.resume_from:  # a run's folder means its newest checkpoint, recorded as the one resumed
+        run_cfg.train.resume_from = str(ckpt.resolve(run_cfg.train.resume_from))
     tracking = OmegaConf.to_object(cfg.tracking)
     try:
         corpus = load_corpus(run_cfg.data, progress=print)
@@ -157,10 +159,12 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
         fail(str(exc))
     container = OmegaConf.to_container(cfg, resolve=True)
     container["model"]["vocab_size"] = corpus.vocab_size  # recorded as the run trains: the tokenizer's
+    container["train"]["resume_from"] = run_cfg.train.resume_from
     name = f"{run_cfg.method}-d{run_cfg.sparsity.density}-s{run_cfg.train.seed}"
     tags = {"smet.method": run_cfg.method, "smet.data_sha256": corpus.sha256, "smet.kind": "run",
             "smet.output_dir": str(output_dir)}
-    print(f"smet_lab: {name} on {corpus.name} ({len(corpus.train):,} train tokens), output in {output_dir}")
+    print(f"smet_lab: {name} on {corpus.name} ({len(corpus.train):,} train tokens), output in {output_dir}"
+          + (f", resuming from {run_cfg.train.resume_from}" if run_cfg.train.resume_from else ""))
     with open_tracker(tracking, run_cfg.train.resume_from, name, container, tags, output_dir) as tracker:
         result = train(run_cfg, output_dir=output_dir, corpus=corpus,
                        callbacks=Callbacks(log=tracker.log_metrics, should_stop=STOP.is_set))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import e2e, free_port, run_cli as cli, start_cli
 from smet_lab.cli import CONF_DIR, compose, to_run_config
@@ -31,8 +32,6 @@ def options(group):
 
 
 def test_defaults_list_and_sweep_not_in_it():
-    from omegaconf import OmegaConf
-
     defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
     groups = [next(iter(d)) for d in defaults if not isinstance(d, str) and not next(iter(d)).startswith("override ")]
     assert groups == GROUPS[:2] + ["sparsity", "optim", "train", "tracking", "ray", "experiment", "method"]
@@ -526,10 +525,13 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     client = MlflowClient(db)
     (run,) = client.search_runs([client.get_experiment_by_name("smet_lab").experiment_id])
     assert "smet_lab" in client.get_experiment_by_name("smet_lab").tags["mlflow.note.content"]
-    again = cli([*FAST, "train.max_steps=40", f"train.resume_from={tmp_path}/a/checkpoints/step_20",
+    again = cli([*FAST, "train.max_steps=40", f"train.resume_from={tmp_path}/a",  # the run's folder: its newest
                  f"hydra.run.dir={tmp_path}/b", f"tracking.uri={db}"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from {tmp_path}/a/checkpoints/step_20" in again.stdout
     assert f"tracking to MLflow run {run.info.run_id} (continued)" in again.stdout
+    recorded = OmegaConf.load(tmp_path / "b" / "config.yaml").train.resume_from
+    assert recorded == f"{tmp_path}/a/checkpoints/step_20"
     runs = client.search_runs([run.info.experiment_id])
     assert [r.info.run_id for r in runs] == [run.info.run_id] and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["smet.resumed"] == "true"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from helpers import Died, die_after
 from smet_lab.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from smet_lab.data import load_corpus
 from smet_lab.methods import METHODS, apply_method
-from smet_lab.train import QUIET, Callbacks, lr_factor, train
+from smet_lab.train import QUIET, Callbacks, checkpoint, lr_factor, train
 from smet_lab.train.memory import DENSE_ADAM_BYTES_PER_PARAM
 
 CORPUS = load_corpus(DataConfig(name="synthetic", max_tokens=60_000))
@@ -138,7 +139,12 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, method, stat
         train(cfg, output_dir=tmp_path, corpus=CORPUS, callbacks=Callbacks(progress=None, should_stop=die_after(30)))
     ckpt = tmp_path / "checkpoints" / "step_23"
     assert (ckpt / "state.pt").is_file()
-    cfg2 = small_cfg(method, steps=50, checkpoint_every=23, resume_from=str(ckpt))
+    # the run's folder means its newest checkpoint: step_23, not step_3 (after it by name) nor a
+    # half-written step_40 without its state file
+    shutil.copytree(ckpt, tmp_path / "checkpoints" / "step_3")
+    (tmp_path / "checkpoints" / "step_40").mkdir()
+    assert checkpoint.resolve(tmp_path) == checkpoint.resolve(tmp_path / "checkpoints") == ckpt
+    cfg2 = small_cfg(method, steps=50, checkpoint_every=23, resume_from=str(tmp_path))
     cfg2.optim.state = state
     cfg2.sparsity.growth = cfg.sparsity.growth
     resumed = train(cfg2, output_dir=tmp_path / "b", corpus=CORPUS, callbacks=QUIET)
@@ -153,6 +159,8 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, method, stat
 def test_resume_refuses_missing_or_foreign_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="train.resume_from"):
         train(small_cfg(resume_from=str(tmp_path / "nope")), corpus=CORPUS, callbacks=QUIET)
+    with pytest.raises(ConfigError, match="no checkpoint there .expected a run's output folder"):
+        train(small_cfg(resume_from=str(tmp_path)), corpus=CORPUS, callbacks=QUIET)  # a folder with none
     train(small_cfg(steps=10), output_dir=tmp_path, corpus=CORPUS, callbacks=QUIET)
     other = small_cfg(steps=20, resume_from=str(tmp_path / "checkpoints" / "step_10"))
     other.model.dim = 64

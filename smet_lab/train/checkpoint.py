@@ -30,6 +30,15 @@ def newest(output_dir) -> Path | None:
     return max(found)[1] if found else None
 
 
+def resolve(path: str | Path) -> Path:
+    """A checkpoint as `train.resume_from` names it: a checkpoints/step_<N> folder or its state file as
+    given; a run's output folder, or its checkpoints/, gives the run's newest checkpoint."""
+    path = Path(path)
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        return newest(path.parent if path.name == "checkpoints" else path) or path
+    return path
+
+
 def save(run, path: Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -49,10 +58,11 @@ def load(path: str | Path, cfg) -> dict:
 
 def check(path: str | Path, cfg) -> Path:
     """The checkpoint's state file, if it exists and was written for the same model and layout."""
-    path = Path(path)
+    path = resolve(path)
     state_file = path / STATE_FILE if path.is_dir() else path
     if not state_file.is_file():
-        raise ConfigError("train.resume_from", str(path), f"no checkpoint there (expected {STATE_FILE} inside a checkpoints/step_<N> folder)")
+        raise ConfigError("train.resume_from", str(path), f"no checkpoint there (expected a run's output folder, or "
+                          f"{STATE_FILE} inside a checkpoints/step_<N> folder)")
     try:  # torch.save writes a zip archive: its directory is read without loading the tensors
         zipfile.ZipFile(state_file).close()
     except (zipfile.BadZipFile, OSError) as exc:
