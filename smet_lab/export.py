@@ -89,7 +89,7 @@ def resolve_checkpoint(path: str | Path, trial: str | None = None) -> tuple[Path
             best = best_trial(sweep)
             if best is None:
                 raise ExportError(f"--trial=best is not allowed: {sweep} has no finished trial with a value of its "
-                                  "sweep metric yet (trials.csv is written when the sweep ends)")
+                                  "sweep metric yet; --trial KEY picks any trial")
             trial, note = best[0], f"best by {best[1]} = {best[2]:.6g}"
         elif trial not in keys:
             close = difflib.get_close_matches(trial, keys, n=1, cutoff=0.5)

@@ -100,23 +100,26 @@ def test_eval_of_a_checkpoint_between_evaluations_names_the_steps(finished, tmp_
 
 def sweep_of(root: Path, ckpt: Path, mode: str = "min") -> Path:
     """A sweep's folder in the layout the runner writes: trial a finished with its step-30 training
-    checkpoint and its final (artifacts) checkpoint; trial b finished, its training checkpoints gone."""
+    checkpoint and its final (artifacts) checkpoint; trial b finished, its training checkpoints gone;
+    trial c diverged (its final checkpoint's loss, lower than any, is not a best)."""
     import shutil
 
     folder = root / "sw"
-    keys = {"a": "method=smet,seed=0", "b": "method=naive_dst,seed=0"}
+    keys = {"a": "method=smet,seed=0", "b": "method=naive_dst,seed=0", "c": "method=static,seed=0"}
     (folder / "tune").mkdir(parents=True)
     (folder / "grid.json").write_text(json.dumps({k: {"method": k.split(",")[0][7:]} for k in keys.values()}))
     (folder / "sweep.json").write_text(json.dumps({"sweep": {"metric": "summary/final_val_loss", "mode": mode}}))
-    (folder / "trials.csv").write_text(f"trial,status,summary/final_val_loss\n\"{keys['a']}\",FINISHED,4.0\n"
-                                       f"\"{keys['b']}\",FINISHED,5.0\n")
+    ended = {"a": ("FINISHED", 4.0), "b": ("FINISHED", 5.0), "c": ("DIVERGED", 1.0)}
+    (folder / "trial_status.json").write_text(json.dumps({keys[t]: {"status": s, "error": None}
+                                                          for t, (s, _) in ended.items()}))
     shutil.copytree(ckpt, folder / "tune" / "trial_a" / "checkpoint_000000")
-    for trial, name, step in (("a", "checkpoint_000000", 30), ("a", "checkpoint_000001", 30), ("b", "checkpoint_000000", 30)):
+    finals = {"a": "checkpoint_000001", "b": "checkpoint_000000", "c": "checkpoint_000000"}
+    for trial, name, step in (("a", "checkpoint_000000", 30), *((t, finals[t], 30) for t in keys)):
         (folder / "tune" / f"trial_{trial}" / name).mkdir(parents=True, exist_ok=True)
         (folder / "tune" / f"trial_{trial}" / name / "trial.json").write_text(json.dumps({"trial": keys[trial], "step": step}))
-    for trial in ("a", "b"):  # the final checkpoints: artifacts, no state.pt
-        (folder / "tune" / f"trial_{trial}" / ("checkpoint_000001" if trial == "a" else "checkpoint_000000") /
-         "summary.json").write_text('{"status": "FINISHED", "error": null, "summary": {}}')
+    for trial, (status, loss) in ended.items():  # the final checkpoints: artifacts, no state.pt
+        (folder / "tune" / f"trial_{trial}" / finals[trial] / "summary.json").write_text(
+            json.dumps({"status": status, "error": None, "summary": {"summary/final_val_loss": loss}}))
     return folder
 
 

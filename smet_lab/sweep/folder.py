@@ -202,24 +202,24 @@ def sweep_folder_of(path) -> Path | None:
 
 def best_trial(sweep_dir, metric: str | None = None, mode: str | None = None) -> tuple[str, str, float] | None:
     """(trial key, metric, value) of the best FINISHED trial by `metric` and `mode` (default: the sweep's,
-    from sweep.json), from the trial table the sweep writes at its end (trials.csv); None if none."""
+    from sweep.json), read from the trials' final checkpoints (summary.json): a sweep still running
+    has the best of its trials finished so far. None if none has a finite value."""
     import math
-
-    import pandas as pd
 
     from smet_lab.metrics import FINAL_VAL_LOSS
 
-    sweep = (read_json(Path(sweep_dir) / SWEEP_FILE) or {}).get("sweep") or {}
+    sweep_dir = Path(sweep_dir)
+    sweep = (read_json(sweep_dir / SWEEP_FILE) or {}).get("sweep") or {}
     metric, mode = metric or sweep.get("metric", FINAL_VAL_LOSS), mode or sweep.get("mode", "min")
-    path = Path(sweep_dir) / TRIALS_FILE
-    if not path.is_file():
+    statuses = read_statuses(sweep_dir)
+    values = {}
+    for key, found in trial_checkpoints(sweep_dir).items():
+        ended = read_json(found[-1] / SUMMARY_FILE) or {}
+        value = (ended.get("summary") or {}).get(metric)
+        if (statuses.get(key) or {}).get("status") == "FINISHED" and isinstance(value, (int, float)) \
+                and math.isfinite(value):
+            values[key] = float(value)
+    if not values:
         return None
-    table = pd.read_csv(path)
-    if metric not in table:
-        return None
-    values = table[table["status"] == "FINISHED"][["trial", metric]].dropna()
-    values = values[values[metric].map(math.isfinite)]
-    if not len(values):
-        return None
-    best = values.loc[values[metric].idxmin() if mode == "min" else values[metric].idxmax()]
-    return best["trial"], metric, float(best[metric])
+    key = (min if mode == "min" else max)(values, key=values.get)
+    return key, metric, values[key]
