@@ -25,7 +25,7 @@ from smet_lab.report.specs import _ordered
 from smet_lab.metrics import METRICS, table_metrics
 from smet_lab.report.data import positive_probe_jump, with_positive_jump
 from smet_lab.report.glossary import glossary
-from smet_lab.report.plots import overlay_figure
+from smet_lab.report.plots import loss_curves_figure, overlay_figure
 from smet_lab.report.tables import INDISTINCT, STABILITY_KEYS, pivot_numbers, ranked, trial_notes
 from smet_lab.grid import trial_key
 
@@ -387,8 +387,13 @@ def test_seeds_asked_are_printed_as_a_list(tmp_path):
     for seeds, shown in (([0], "[0]"), ([0, 1, 2], "[0, 1, 2]")):
         info = SweepInfo(name="s", status="FINISHED", seeds=seeds, swept=["method", "sparsity.density"])
         out = build_report(info, runs[runs["train.seed"].isin(seeds)], tmp_path / str(len(seeds)))
-        assert f"- seeds asked: {shown}\n" in (out / "report.md").read_text()
-        assert f"<li>seeds asked: {shown}</li>" in (out / "report.html").read_text()
+        md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+        assert f"- seeds asked: {shown}\n" in md and f"<li>seeds asked: {shown}</li>" in page
+        # one seed: no mean ± std table repeating the trial table, a line saying how to get one instead
+        for text in (md, page):
+            assert ("One seed per cell: the trial table above is each cell" in text) == (len(seeds) == 1)
+            assert ("Mean ± std (ddof=1) over the FINISHED runs" in text) == (len(seeds) > 1)
+        assert len(pd.read_csv(out / "pivot.csv")) == 4  # the files keep the table either way
 
 
 def test_overlay_draws_one_line_per_cell_with_the_mean_over_finished_seeds():
@@ -409,6 +414,35 @@ def test_overlay_draws_one_line_per_cell_with_the_mean_over_finished_seeds():
     assert by_label["naive_dst, sparsity.density=0.5 (1 seed)"].get_ydata() == pytest.approx(history(0)["train/loss"])
     assert by_label["smet, sparsity.density=0.9 (1 seed, none finished: diverged)"].get_linestyle() == "--"
     assert overlay_figure(runs.assign(history=None), info) is None
+
+
+def test_long_curves_are_smoothed_and_the_y_range_leaves_out_the_shared_drop():
+    info, runs = hand_made()
+    runs = runs[(runs["method"] == "smet") & (runs["sparsity.density"] == 0.1)]  # seeds 0 and 1
+    raw = {s: history(s, steps=600)["train/loss"].to_numpy() for s in (0, 1)}
+    runs = runs.assign(history=[history(s, steps=600) for s in runs["train.seed"]])
+
+    def centred(y, half=5):  # 600 points / 60 -> a window of 10, made odd: 11 points, fewer at the ends
+        return np.array([y[max(0, i - half): i + half + 1].mean() for i in range(len(y))])
+
+    fig = overlay_figure(runs, info)
+    ax = fig.axes[0]
+    (line,) = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    expected = centred((raw[0] + raw[1]) / 2)
+    assert line.get_ydata() == pytest.approx(expected) and "centred mean over 11 logged steps" in ax.get_title()
+    # y range: from the lowest point to the value after the first 10 % of the steps (the curve decays)
+    low, high = expected.min(), expected[60]  # step 61 is the first at or after 1 + 0.1 * 599
+    pad = 0.05 * (high - low)
+    assert ax.get_ylim() == pytest.approx((low - pad, high + pad)) and expected[0] > high + pad
+    # The panels: each seed smoothed (labelled) over its raw curve drawn faintly in the same colour.
+    panel = loss_curves_figure(runs, info).axes[0]
+    labelled = {ln.get_label(): ln for ln in panel.get_lines() if not ln.get_label().startswith("_")}
+    faint = [ln for ln in panel.get_lines() if ln.get_alpha() == 0.25]
+    for seed in (0, 1):
+        smooth = labelled[f"sparsity.density=0.1, seed {seed}"]
+        assert smooth.get_ydata() == pytest.approx(centred(raw[seed]))
+        (under,) = [ln for ln in faint if ln.get_color() == smooth.get_color()]
+        assert under.get_ydata() == pytest.approx(raw[seed])
 
 
 def test_glossary_defines_every_metric_the_report_shows(tmp_path):

@@ -79,6 +79,7 @@ def build_report(info: SweepInfo, runs: pd.DataFrame, out_dir, now: dt.datetime 
         "pivot_note": (f"Mean ± std (ddof=1) over the FINISHED runs of each cell; diverged, failed and unfinished "
                        f"runs are never averaged in (column 'not averaged'; they are listed in the trial table). "
                        f"{FLAG} marks a cell with fewer finished seeds than the {asked} asked for."),
+        "one_seed": asked <= 1,  # its mean ± std table would repeat the trial table: a line says so instead
         "meta": _meta(info, runs, now),
         "detectors": lag_table(runs),
     }
@@ -102,6 +103,9 @@ def build_report(info: SweepInfo, runs: pd.DataFrame, out_dir, now: dt.datetime 
     return out
 
 
+ONE_SEED_NOTE = ("One seed per cell: the trial table above is each cell's value, with no spread to average. "
+                 "sweep.seeds=[0,1,2] runs each cell three times and gives mean ± std here (pivot.csv has the "
+                 "one-seed table).")
 DETECTORS_NOTE = ("Every detection of the three detectors in the ended runs (loss events counted at their peak), "
                   "and when it came: within train.probe_window steps after a topology update, and the median "
                   "number of steps since the last update (— before the first update or without detections).")
@@ -150,7 +154,8 @@ def render_markdown(info: SweepInfo, s: dict, figures) -> str:
     lines += ["## Trials", "", to_markdown(s["trials"])]
     if s["notes"]:
         lines += ["Not finished:", ""] + [f"- {n}" for n in s["notes"]] + [""]
-    lines += ["## Mean ± std over seeds", "", to_markdown(s["pivot"]), s["pivot_note"], ""]
+    lines += ["## Mean ± std over seeds", ""]
+    lines += [ONE_SEED_NOTE, ""] if s["one_seed"] else [to_markdown(s["pivot"]), s["pivot_note"], ""]
     if len(s["detectors"]):
         lines += ["## Spike detectors and topology updates", "", to_markdown(s["detectors"]), DETECTORS_NOTE, ""]
     lines += ["## Plots", ""]
@@ -176,8 +181,9 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
     parts += ["<h2>Trials</h2>", f'<div class="scroll">{to_html(s["trials"], s["trial_classes"])}</div>']
     if s["notes"]:
         parts.append("<p>Not finished:</p><ul>" + "".join(f"<li>{e(n)}</li>" for n in s["notes"]) + "</ul>")
-    parts += ["<h2>Mean ± std over seeds</h2>", f'<div class="scroll">{to_html(s["pivot"], s["pivot_classes"])}</div>',
-              f'<p class="meta">{e(s["pivot_note"])}</p>']
+    parts.append("<h2>Mean ± std over seeds</h2>")
+    parts += [f"<p>{e(ONE_SEED_NOTE)}</p>"] if s["one_seed"] else [
+        f'<div class="scroll">{to_html(s["pivot"], s["pivot_classes"])}</div>', f'<p class="meta">{e(s["pivot_note"])}</p>']
     if len(s["detectors"]):
         parts += ["<h2>Spike detectors and topology updates</h2>", f'<div class="scroll">{to_html(s["detectors"])}</div>',
                   f'<p class="meta">{e(DETECTORS_NOTE)}</p>']

@@ -41,6 +41,36 @@ def _update_steps(h: pd.DataFrame) -> np.ndarray:
     return h.loc[h["topo/density"].notna(), "step"].to_numpy() if "topo/density" in h else np.array([])
 
 
+SMOOTH_POINTS = 60  # a smoothed curve averages ~1/60 of its points: per-step train loss is too noisy to compare by eye
+
+
+def smoothed(curve: pd.Series) -> tuple[pd.Series, int]:
+    """(the centred rolling mean of `curve` over an odd window of ~len/SMOOTH_POINTS points, shorter at the
+    ends; the window)."""
+    window = max(1, len(curve) // SMOOTH_POINTS) | 1
+    return curve.rolling(window, center=True, min_periods=1).mean(), window
+
+
+def _zoom_past_the_drop(ax, curves: list[tuple[pd.Series, pd.Series]]) -> None:
+    """y range over the (smoothed, drawn) curves without their first 10 % of steps, the drop every run
+    shares, so their differences show: from the lowest drawn point to the highest after that, a rise
+    capped at 1.3x the smoothed value there (a blow-up before a divergence would flatten the rest)."""
+    lows, highs = [], []
+    for smooth, drawn in curves:
+        if len(smooth) < 10:  # too short to have a drop worth cutting: its whole range
+            lows.append(float(drawn.min()))
+            highs.append(float(drawn.max()))
+            continue
+        start = smooth.index[0] + 0.1 * (smooth.index[-1] - smooth.index[0])
+        cap = 1.3 * float(smooth[smooth.index >= start].iloc[0])
+        lows.append(float(drawn.min()))
+        highs.append(min(float(drawn[drawn.index >= start].max()), cap))
+    if lows:
+        low, high = min(lows), max(highs)
+        pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+        ax.set_ylim(low - pad, high + pad)
+
+
 # ----------------------------------------------------------------------------------- loss curves
 def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
     """One panel per method: each trial's train loss, val loss (dots), its topology updates (ticks on
@@ -55,30 +85,33 @@ def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
     fig = _figure(6.2 * ncols, 3.8 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     others = [k for k in info.swept if k != "method"]
+    window = 1
     for ax, method in zip(axes, methods):
         group = have if method is None else have[have["method"] == method]
-        top = []
+        curves = []
         for _, r in group.iterrows():
             h = r["history"]
             train = h[["step", "train/loss"]].dropna()
-            train = train[np.isfinite(train["train/loss"])]
+            train = train[np.isfinite(train["train/loss"])].set_index("step")["train/loss"]
             label = cell_label(r.to_dict(), others) if others else method or "run"
             if r.get(SEED) is not None and info.seeds_asked and info.seeds_asked > 1:
                 label += f", seed {fmt_value(r.get(SEED))}"
             if r["status"] != FINISHED:
                 label += f" ({r['status']})"
+            smooth, w = smoothed(train)
+            window = max(window, w)
             few = len(train) <= 3  # a trial that failed early: a line alone would not show
-            (line,) = ax.plot(train["step"], train["train/loss"], lw=0.9, alpha=0.85, label=label,
-                              marker="o" if few else None, ms=4)
+            (line,) = ax.plot(smooth.index, smooth.to_numpy(), lw=1.2, label=label, marker="o" if few else None, ms=4)
             color = line.get_color()
-            if len(train):
-                top.append(float(train["train/loss"].iloc[0]))
+            if w > 1:  # the raw curve faintly beneath: its spikes stay visible
+                ax.plot(train.index, train.to_numpy(), lw=0.5, alpha=0.25, color=color)
+            curves.append((smooth, train))
             if "val/loss" in h:
                 val = h[["step", "val/loss"]].dropna()
                 ax.plot(val["step"], val["val/loss"], "o", ms=3.5, color=color)
             updates = _update_steps(h)
             if len(updates) and len(train):
-                ax.plot(updates, np.interp(updates, train["step"], train["train/loss"]), "|", ms=9, mew=1.2,
+                ax.plot(updates, np.interp(updates, smooth.index, smooth.to_numpy()), "|", ms=9, mew=1.2,
                         color=color)
             events = spike_events(h)
             peaks = events[np.isfinite(events["peak_loss"])]
@@ -86,9 +119,7 @@ def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
                 ax.plot(peaks["peak_step"], peaks["peak_loss"], "x", ms=8, mew=2, color="red")
             if r["status"] == DIVERGED and len(h):
                 ax.axvline(h["step"].max(), color="red", ls="--", lw=1)
-        if top:
-            low, high = ax.get_ylim()
-            ax.set_ylim(low, min(high, 1.3 * max(top)))  # a blow-up before a divergence would flatten the rest
+        _zoom_past_the_drop(ax, curves)
         ax.set_title(str(method) if method is not None else "runs", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -96,7 +127,9 @@ def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
         _legend_with_markers(ax)
     for ax in axes[len(methods):]:
         ax.set_visible(False)
-    fig.suptitle("Loss per method (line: train, dots: val, |: topology update, x: spike event)", fontsize=10)
+    fig.suptitle("Loss per method (line: train" + (f", centred mean over {window} logged steps, raw beneath" if window > 1
+                                                    else "") + "; dots: val; |: topology update; x: spike event)",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -113,7 +146,7 @@ def overlay_figure(runs: pd.DataFrame, info: SweepInfo):
     have = sort_runs(have, keys)
     fig = _figure(7.5, 4.6)
     ax = fig.add_subplot()
-    top = []
+    drawn, window = [], 1
     for _, g in have.groupby(keys, dropna=False, sort=False) if keys else [((), have)]:
         finished = g[g["status"] == FINISHED]
         used = finished if len(finished) else g
@@ -126,17 +159,19 @@ def overlay_figure(runs: pd.DataFrame, info: SweepInfo):
         n = len(curves)
         label = f"{cell_label(g.iloc[0].to_dict(), keys)} ({n} seed{'s' if n != 1 else ''}"
         label += ")" if len(finished) else ", none finished: " + ", ".join(used["status"].str.lower()) + ")"
-        ax.plot(mean.index, mean.to_numpy(), lw=1.0, ls="-" if len(finished) else "--", label=label)
-        top.append(float(mean.iloc[0]))
-    if not top:
+        smooth, w = smoothed(mean)
+        window = max(window, w)
+        ax.plot(smooth.index, smooth.to_numpy(), lw=1.2, ls="-" if len(finished) else "--", label=label)
+        drawn.append((smooth, smooth))
+    if not drawn:
         return None
-    low, high = ax.get_ylim()
-    ax.set_ylim(low, min(high, 1.3 * max(top)))  # as in the panels: a blow-up would flatten the rest
+    _zoom_past_the_drop(ax, drawn)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (mean over seeds)")
-    ax.set_title("Train loss of every cell on one axis (mean over its finished seeds)", fontsize=10)
+    ax.set_title("Train loss of every cell on one axis (mean over its finished seeds)"
+                 + (f"\nsmoothed: centred mean over {window} logged steps" if window > 1 else ""), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7 if len(top) <= 12 else 6, ncol=1 if len(top) <= 12 else 2)
+    ax.legend(fontsize=7 if len(drawn) <= 12 else 6, ncol=1 if len(drawn) <= 12 else 2)
     fig.tight_layout()
     return fig
 
@@ -277,9 +312,11 @@ def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric
 
 # Every plot of the report: (file name, caption, builder(runs, info) -> Figure or None).
 FIGURES = [
-    ("loss_curves.png", "Loss curves per method, topology updates and spike events marked.", loss_curves_figure),
-    ("loss_overlay.png", "Train loss of every cell overlaid on one axis: mean over its finished seeds "
-     "(dashed: a cell with no finished run, from its other runs).", overlay_figure),
+    ("loss_curves.png", "Loss curves per method (smoothed, the raw train loss faintly beneath), topology updates and "
+     "spike events marked; the y range leaves out the first 10 % of steps.", loss_curves_figure),
+    ("loss_overlay.png", "Train loss of every cell overlaid on one axis: mean over its finished seeds, smoothed "
+     "(dashed: a cell with no finished run, from its other runs); the y range leaves out the first 10 % of steps, "
+     "the drop every run shares.", overlay_figure),
     ("update_zoom.png", "Probe loss in the steps around topology updates, relative to just before the update.",
      zoom_figure),
     ("probe_jump_vs_warmup.png", "Mean probe jump vs the regrown weights' warm-up length W.",
