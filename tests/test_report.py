@@ -614,6 +614,9 @@ def test_report_cli_resolves_sweep_name_run_id_and_experiment(smoke, tmp_path, c
     assert report_main(["nosuch", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert err.startswith("smet_lab: error: no sweep, experiment or parent run 'nosuch'") and err.count("\n") == 1
+    assert "did you mean" not in err
+    assert report_main(["smokee", "--tracking-uri", uri]) == 2  # a near miss of the sweep's name
+    assert f"'smokee' in {uri}; did you mean smoke? (sweeps there: smoke;" in capsys.readouterr().err
     assert report_main([str(tmp_path), "--tracking-uri", uri]) == 2  # a folder that holds no sweep
     assert capsys.readouterr().err.startswith(f"smet_lab: error: {tmp_path} is not a sweep's folder (no grid.json")
     # The same sweep read from its folder alone (its database elsewhere): the same table, no run ids.

@@ -191,4 +191,4 @@ def test_usage_errors_name_the_sweeps_there_are(tmp_path, monkeypatch, capsys):
     assert main(["dense"]) == 2
     assert capsys.readouterr().err == ("smet_lab: error: no sweep folder dense or sweeps/dense, and no MLflow database "
                                        f"at {tmp_path / 'mlflow.db'} (--tracking-uri sqlite:///mlflow.db); sweep "
-                                       "folders in sweeps/: dens\n")
+                                       "folders in sweeps/: dens; did you mean dens?\n")

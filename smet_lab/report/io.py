@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from smet_lab.config import did_you_mean
 from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, _yaml, empty_runs, infer_swept, parse_value,
                                   sweep_info_from_params, with_history_metrics)
 from smet_lab.report.folder import is_sweep_folder, load_folder
@@ -93,10 +94,11 @@ def resolve(client, target: str):
             raise ReportError(f"no sweep parent run for the folder {folder} in {client.tracking_uri}")
         raise ReportError(f"{folder} is not a sweep's folder (no grid.json there) and no sweep parent run names "
                           f"it in {client.tracking_uri}")
-    sweeps = tracked_sweeps(client, experiments)
+    sweeps, names = tracked_sweeps(client, experiments), sorted(e.name for e in experiments.values())
     known = f"sweeps there: {', '.join(sweeps)}" if sweeps else "no sweeps there"
-    raise ReportError(f"no sweep, experiment or parent run '{target}' in {client.tracking_uri} ({known}; "
-                      f"experiments: {', '.join(sorted(e.name for e in experiments.values()))}){folders_note()}")
+    hint = did_you_mean(target, [*sweeps, *names, *sweep_folders()])
+    raise ReportError(f"no sweep, experiment or parent run '{target}' in {client.tracking_uri}{hint} ({known}; "
+                      f"experiments: {', '.join(names)}){folders_note()}")
 
 
 def tracked_sweeps(client, experiments=None) -> list[str]:
@@ -106,9 +108,14 @@ def tracked_sweeps(client, experiments=None) -> list[str]:
     return sorted({r.data.tags.get("smet.sweep") for r in parents} - {None, ""})
 
 
+def sweep_folders() -> list[str]:
+    """The names of the sweeps stored in the default storage (sweeps/ in the working dir)."""
+    return sorted(p.name for p in Path(DEFAULT_STORAGE).glob("*") if is_sweep_folder(p))
+
+
 def folders_note() -> str:
     """"; sweep folders in sweeps/: a, b" for the sweeps stored in the default storage, else ""."""
-    names = sorted(p.name for p in Path(DEFAULT_STORAGE).glob("*") if is_sweep_folder(p))
+    names = sweep_folders()
     return f"; sweep folders in {DEFAULT_STORAGE}/: {', '.join(names)}" if names else ""
 
 
@@ -231,7 +238,8 @@ def load_sweep_runs(uri: str, target: str, warn=print) -> tuple[SweepInfo, pd.Da
         if folder is not None:
             return prepared(*load_folder(folder), warn)
         raise ReportError(f"no sweep folder {target} or {DEFAULT_STORAGE}/{target}, and no MLflow database at "
-                          f"{sqlite_path(uri)} (--tracking-uri {uri}){folders_note()}")
+                          f"{sqlite_path(uri)} (--tracking-uri {uri}){folders_note()}"
+                          f"{did_you_mean(target, sweep_folders())}")
     client, uri = client_for(uri)
     try:
         parent, exp, loose = resolve(client, target)
