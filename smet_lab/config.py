@@ -43,6 +43,15 @@ def did_you_mean(word: str, candidates) -> str:
     return f"; did you mean {match[0]}?" if match else ""
 
 
+def no_such_path(path) -> str | None:
+    """"no such file or folder" with a did-you-mean among its folder's entries, when `path` does not exist."""
+    path = Path(path)
+    if path.exists():
+        return None
+    entries = [str(path.parent / p.name) for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    return "no such file or folder" + did_you_mean(str(path), entries)
+
+
 def cache_root() -> Path:
     """Where smet_lab keeps what it builds once (the C kernel, tokenized corpora):
     $SMET_LAB_CACHE, else $XDG_CACHE_HOME/smet_lab, else ~/.cache/smet_lab."""

@@ -15,7 +15,7 @@
         per layer, method, step. --eval then loads the export back and prints its loss on the run's
         validation batches (the run's own data and eval settings; equals the run's last val loss).
 
-Bad input (no checkpoint there, an unknown format): one line `smet_lab: error: ...` and exit code 2.
+Bad input (no checkpoint there, a mistyped path, an unknown format): one line `smet_lab: error: ...` and exit code 2.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from smet_lab.config import ConfigError, ModelConfig, RunConfig, check_writable_dir, from_dict
+from smet_lab.config import ConfigError, ModelConfig, RunConfig, check_writable_dir, from_dict, no_such_path
 from smet_lab.train import checkpoint as ckpt
 
 FORMATS = ("dense", "compact")
@@ -69,7 +69,10 @@ def resolve_checkpoint(path: str | Path, trial: str | None = None) -> tuple[Path
     from smet_lab.sweep.folder import GRID_FILE, TRIAL_FILE, best_trial, read_json, sweep_folder_of, trial_checkpoints
 
     path = Path(path)
-    sweep = sweep_folder_of(path) if path.exists() else None
+    missing = no_such_path(path)
+    if missing:
+        raise ExportError(f"checkpoint={str(path)!r} is not allowed: {missing}")
+    sweep = sweep_folder_of(path)
     if sweep is None and not trial and path.is_dir() and not (path / ckpt.STATE_FILE).is_file():
         newest = ckpt.newest(path.parent if path.name == "checkpoints" else path)  # a run's folder, or its checkpoints/
         if newest is not None:

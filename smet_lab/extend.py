@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from smet_lab.config import ConfigError, RuleError, RunConfig
+from smet_lab.config import ConfigError, RuleError, RunConfig, did_you_mean
 from smet_lab.metrics import DEFAULT_FMT, METRICS, Metric
 
 ENTRY_POINT_GROUP = "smet_lab.extensions"
@@ -208,7 +208,7 @@ def _import(entry: str):
         if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
             return sys.modules[name]
         if not path.is_file():
-            raise FileNotFoundError(f"no file {path}")
+            raise FileNotFoundError(f"no file {path}" + did_you_mean(str(path), map(str, path.parent.glob("*.py"))))
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

@@ -60,6 +60,12 @@ def test_a_missing_local_tokenizer_path_is_not_looked_up_on_the_hub(path):
         build_tokenizer(f"hf:{path}")
 
 
+def test_a_mistyped_tokenizer_path_gets_a_did_you_mean(tmp_path):
+    (tmp_path / "t5-tokenizer").mkdir()
+    with pytest.raises(ConfigError, match=f"no such file or folder; did you mean {tmp_path}/t5-tokenizer\\?"):
+        build_tokenizer(f"hf:{tmp_path}/t5_tokenizer")
+
+
 def test_hf_tokenizer_from_file_and_dir(hf_tok_dir):
     from tokenizers import Tokenizer
 
@@ -381,9 +387,11 @@ def test_bad_inputs(tmp_path):
         return str(e.value)
 
     fails("data.path", name="text_files", path=None)
-    fails("data.path", "no file matches", name="text_files", path=str(tmp_path / "missing"))
+    fails("data.path", "no such file or folder$", name="text_files", path=str(tmp_path / "missing"))
     fails("data.path", "no file matches", name="text_files", path=str(tmp_path / "*.txt"))
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    assert fails("data.path", name="text_files", path=str(tmp_path / "bad.json")).endswith(
+        f"no such file or folder; did you mean {tmp_path / 'bad.jsonl'}?")
     msg = fails("data.path", name="text_files", path=str(tmp_path / "bad.jsonl"))
     assert "bad.jsonl:2" in msg and '"text"' in msg
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n\n{not json\n')

@@ -74,7 +74,7 @@ def test_export_cli_and_bad_input(finished, tmp_path):
         bad = run(cut, "--out", tmp_path / "x")
         assert bad.returncode == 2 and bad.stderr.startswith(f"smet_lab: error: checkpoint='{cut}' is not allowed: "
                                                              "unreadable (") and "Traceback" not in bad.stderr
-    for args, says in (([tmp_path / "nowhere", "--out", tmp_path / "x"], "expected a checkpoints/step_<N> folder"),
+    for args, says in (([tmp_path / "nowhere", "--out", tmp_path / "x"], f"'{tmp_path / 'nowhere'}' is not allowed: no such file"),
                        ([ckpt, "--out", tmp_path / "a_file" / "x"], f"a folder that can be written ({tmp_path / 'a_file'} is a file)"),
                        ([ckpt, "--out", tmp_path / "x", "--format", "sparse"], "invalid choice: 'sparse'")):
         bad = run(*args)
@@ -142,7 +142,8 @@ def test_export_a_sweep_trial_by_key_by_best_or_by_its_folder(finished, tmp_path
                        ([folder, "--trial", "method=smet,seed=1"], "did you mean 'method=smet,seed=0'?"),
                        ([folder, "--trial", "method=naive_dst,seed=0"], "trial 'method=naive_dst,seed=0' of "
                                                                         f"{folder} has no training checkpoint yet"),
-                       ([ckpt, "--trial", "best"], "--trial picks a trial of a sweep's folder")):
+                       ([ckpt, "--trial", "best"], "--trial picks a trial of a sweep's folder"),
+                       ([tmp_path / "sw2", "--trial", "best"], f"no such file or folder; did you mean {folder}?")):
         assert main([*map(str, args), "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, err

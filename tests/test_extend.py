@@ -160,6 +160,9 @@ def test_load_extensions_from_a_file_and_refuse_a_broken_one(tmp_path):
     assert SCHEDULES["from_file"](0.25) == 0.75
     with pytest.raises(ConfigError, match=r"^extensions='.*rules_bad.py' is not allowed: it failed to import \(RuntimeError: boom\)"):
         extend.load_extensions([str(tmp_path / "rules_bad.py")])
+    with pytest.raises(ConfigError, match=f"FileNotFoundError: no file {tmp_path}/rule_ok.py; did you mean "
+                                          f"{tmp_path}/rules_ok.py\\?"):
+        extend.load_extensions([str(tmp_path / "rule_ok.py")])
 
 
 @pytest.mark.parametrize("register, fn, takes", [

@@ -159,8 +159,12 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, method, stat
 def test_resume_refuses_missing_or_foreign_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="train.resume_from"):
         train(small_cfg(resume_from=str(tmp_path / "nope")), corpus=CORPUS, callbacks=QUIET)
-    with pytest.raises(ConfigError, match="no checkpoint there .expected a run's output folder"):
+    with pytest.raises(ConfigError, match=r"not allowed: a run's output folder, or a checkpoints/step_<N> folder "
+                                          r"with state.pt \(there is none there\)"):
         train(small_cfg(resume_from=str(tmp_path)), corpus=CORPUS, callbacks=QUIET)  # a folder with none
+    (tmp_path / "run-a").mkdir()
+    with pytest.raises(ConfigError, match=f"not allowed: no such file or folder; did you mean {tmp_path}/run-a\\?"):
+        train(small_cfg(resume_from=str(tmp_path / "run_a")), corpus=CORPUS, callbacks=QUIET)
     train(small_cfg(steps=10), output_dir=tmp_path, corpus=CORPUS, callbacks=QUIET)
     other = small_cfg(steps=20, resume_from=str(tmp_path / "checkpoints" / "step_10"))
     other.model.dim = 64

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from smet_lab.config import ConfigError, DataConfig, check_writable_dir
+from smet_lab.config import ConfigError, DataConfig, check_writable_dir, no_such_path
 from smet_lab.data.tokenizer import build_tokenizer, hub_reachable
 
 Docs = Iterable[tuple[str, str]]
@@ -238,7 +238,8 @@ def _resolve_files(path, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
         files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
     files = [f for f in files if f.endswith(suffixes)]
     if not files:
-        raise ConfigError("data.path", path, f"no file matches; {wanted}")
+        missing = None if glob.has_magic(path) else no_such_path(path)  # "no such file or folder; did you mean X?"
+        raise ConfigError("data.path", path, f"{wanted}; {missing}" if missing else f"no file matches; {wanted}")
     return sorted((os.path.relpath(f, root).replace(os.sep, "/"), f) for f in files)
 
 

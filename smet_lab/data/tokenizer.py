@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from smet_lab.config import ConfigError
+from smet_lab.config import ConfigError, no_such_path
 
 _SPECS = "'byte' or 'hf:<name or path to tokenizer.json>'"
 
@@ -98,8 +98,8 @@ def build_tokenizer(spec: str):
         except Exception as e:
             raise ConfigError("data.tokenizer", spec, f"cannot read {path} as a tokenizer.json ({e})") from None
     if os.path.isdir(name) or name.endswith(".json") or os.path.isabs(name) or name.startswith("."):  # a local path
-        raise ConfigError("data.tokenizer", spec,
-                          f"no tokenizer.json at {path}" + ("" if os.path.exists(name) else " (no such file or folder)"))
+        missing = no_such_path(name)
+        raise ConfigError("data.tokenizer", spec, f"no tokenizer.json at {path}" + (f" ({missing})" if missing else ""))
     if not hub_reachable():
         raise ConfigError("data.tokenizer", spec, f"cannot load Hugging Face tokenizer '{name}': the hub is not "
                           "reachable (offline?); use 'byte' or hf:<path to tokenizer.json>")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from smet_lab.config import ConfigError
+from smet_lab.config import ConfigError, no_such_path
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -61,8 +61,8 @@ def check(path: str | Path, cfg) -> Path:
     path = resolve(path)
     state_file = path / STATE_FILE if path.is_dir() else path
     if not state_file.is_file():
-        raise ConfigError("train.resume_from", str(path), f"no checkpoint there (expected a run's output folder, or "
-                          f"{STATE_FILE} inside a checkpoints/step_<N> folder)")
+        raise ConfigError("train.resume_from", str(path), no_such_path(path) or "a run's output folder, or a "
+                          f"checkpoints/step_<N> folder with {STATE_FILE} (there is none there)")
     try:  # torch.save writes a zip archive: its directory is read without loading the tensors
         zipfile.ZipFile(state_file).close()
     except (zipfile.BadZipFile, OSError) as exc:
