@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab.grid import leaves
 from smet_lab.schema import local_cpus
-from smet_lab.sweep.folder import TRIAL_FILE, read_json, read_statuses, trial_checkpoints
+from smet_lab.sweep.folder import resume_plan
 from smet_lab.sweep.runner import plan, storage_root
 
 
@@ -53,43 +53,6 @@ def _values(values: list) -> str:
     return "[" + ", ".join(map(str, values)) + "]"
 
 
-def _trial_states(sweep, sweep_dir, trials) -> tuple[str, dict]:
-    """(what happens to the sweep folder, {trial key: what happens to the trial})."""
-    if not sweep_dir.exists():
-        return "new", {t.key: "to run" for t in trials}
-    if not sweep.resume:
-        return f"starts afresh: sweep.resume=false deletes {sweep_dir} first", {t.key: "to run" for t in trials}
-    if not (sweep_dir / "tune").is_dir():
-        return "new (the folder holds no sweep state yet)", {t.key: "to run" for t in trials}
-    ended = read_statuses(sweep_dir)
-    starts = _resume_points(sweep_dir)
-    states = {}
-    for t in trials:
-        status = ended.get(t.key, {}).get("status")
-        if status in ("FINISHED", "DIVERGED"):
-            states[t.key] = f"{status.lower()}: kept"
-        elif status == "FAILED":
-            states[t.key] = (f"failed: runs again {starts.get(t.key, 'from the start')}" if sweep.retry_failed
-                             else "failed: kept (sweep.retry_failed=true runs it again)")
-        else:
-            states[t.key] = f"to run {starts.get(t.key, 'from the start')}"
-    todo = sum(s.startswith(("to run", "failed: runs")) for s in states.values())
-    return f"resumes: {len(trials) - todo} of {len(trials)} trials kept, {todo} to run", states
-
-
-def _resume_points(sweep_dir) -> dict[str, str]:
-    """{trial key: "from its step-N checkpoint"} for the trials with a training checkpoint to resume from."""
-    from smet_lab.train.checkpoint import STATE_FILE
-
-    points = {}
-    for key, checkpoints in trial_checkpoints(sweep_dir).items():
-        resumable = [c for c in checkpoints if (c / STATE_FILE).is_file()]
-        if resumable:
-            step = (read_json(resumable[-1] / TRIAL_FILE) or {}).get("step")
-            points[key] = f"from its step-{step} checkpoint" if step is not None else "from its last checkpoint"
-    return points
-
-
 def _n(k, what: str) -> str:
     return f"{k:g} {what}{'s' * (k != 1)}"
 
@@ -111,7 +74,7 @@ def _resources(cfg: DictConfig) -> str:
 def describe_sweep(cfg: DictConfig, compose_for_method) -> str:
     sweep, trials, configs = plan(cfg, compose_for_method)
     sweep_dir = storage_root(cfg, sweep) / sweep.name
-    state, states = _trial_states(sweep, sweep_dir, trials)
+    state, states, _ = resume_plan(sweep, sweep_dir, trials)
     steps = sorted({c["train"]["max_steps"] for c in configs.values()})
     tokens = sum(c["train"]["max_steps"] * c["train"]["batch_size"] * c["model"]["seq_len"] for c in configs.values())
     grid = [f"{key} {_values(values)}" for key, values in leaves(sweep.params).items()]

@@ -478,7 +478,7 @@ def test_killed_driver_resumes_to_exactly_the_grid(tmp_path):
 
     again = run_cli(args, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming from" in again.stdout
+    assert "/tune: 1 of 2 trials kept, 1 to run\n" in again.stdout  # the finished one kept, the killed one to run
     client, runs = runs_of(tmp_path / "mlflow.db")
     assert len(runs) == 3  # one parent + the grid's 2 children: nothing duplicated
     assert {r.info.status for r in runs} == {"FINISHED"}
@@ -490,6 +490,11 @@ def test_killed_driver_resumes_to_exactly_the_grid(tmp_path):
     changed = run_cli([*args, "sweep.seeds=[0,1]"], cwd=tmp_path, timeout=120)
     assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-2000:]
     assert changed.stderr.strip().count("\n") == 0 and "sweep.resume=false" in changed.stderr
+    assert len(runs_of(tmp_path / "mlflow.db")[1]) == 3
+    # Run once more when every trial has ended: it says so, nothing trains, nothing is duplicated.
+    ended = run_cli(args, cwd=tmp_path, timeout=300)
+    assert ended.returncode == 0 and ": 2 of 2 trials kept, 0 to run; every trial has ended, so only the report is " \
+        "rebuilt" in ended.stdout, ended.stdout[-3000:]
     assert len(runs_of(tmp_path / "mlflow.db")[1]) == 3
     # A sweep folder without grid.json (written by an older smet_lab): Tune restores its own grid;
     # the trials it does not have are reported as an error, never a silent success.

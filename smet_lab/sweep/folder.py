@@ -223,3 +223,43 @@ def best_trial(sweep_dir, metric: str | None = None, mode: str | None = None) ->
         return None
     key = (min if mode == "min" else max)(values, key=values.get)
     return key, metric, values[key]
+
+
+# ------------------------------------------------------------------------------ what a resume does
+def resume_plan(sweep, sweep_dir: Path, trials) -> tuple[str, dict, int]:
+    """(what happens to the sweep folder, {trial key: what happens to the trial}, how many trials will run)
+    when the sweep starts now: --plan shows it, the runner says it when it resumes."""
+    if not sweep_dir.exists():
+        return "new", {t.key: "to run" for t in trials}, len(trials)
+    if not sweep.resume:
+        return (f"starts afresh: sweep.resume=false deletes {sweep_dir} first", {t.key: "to run" for t in trials},
+                len(trials))
+    if not (sweep_dir / "tune").is_dir():
+        return "new (the folder holds no sweep state yet)", {t.key: "to run" for t in trials}, len(trials)
+    ended = read_statuses(sweep_dir)
+    starts = resume_points(sweep_dir)
+    states = {}
+    for t in trials:
+        status = ended.get(t.key, {}).get("status")
+        if status in ("FINISHED", "DIVERGED"):
+            states[t.key] = f"{status.lower()}: kept"
+        elif status == "FAILED":
+            states[t.key] = (f"failed: runs again {starts.get(t.key, 'from the start')}" if sweep.retry_failed
+                             else "failed: kept (sweep.retry_failed=true runs it again)")
+        else:
+            states[t.key] = f"to run {starts.get(t.key, 'from the start')}"
+    todo = sum(s.startswith(("to run", "failed: runs")) for s in states.values())
+    return f"resumes: {len(trials) - todo} of {len(trials)} trials kept, {todo} to run", states, todo
+
+
+def resume_points(sweep_dir) -> dict[str, str]:
+    """{trial key: "from its step-N checkpoint"} for the trials with a training checkpoint to resume from."""
+    from smet_lab.train.checkpoint import STATE_FILE
+
+    points = {}
+    for key, checkpoints in trial_checkpoints(sweep_dir).items():
+        resumable = [c for c in checkpoints if (c / STATE_FILE).is_file()]
+        if resumable:
+            step = (read_json(resumable[-1] / TRIAL_FILE) or {}).get("step")
+            points[key] = f"from its step-{step} checkpoint" if step is not None else "from its last checkpoint"
+    return points

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial, expand, trial_configs
 from smet_lab.sweep.folder import (DEFAULT_STORAGE, GRID_FILE, TRIALS_FILE, best_trial, check_resume, read_statuses,
-                                  sweep_lock, sweep_tags, write_grid)
+                                  resume_plan, sweep_lock, sweep_tags, write_grid)
 
 EXIT_TRIAL_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -175,8 +175,11 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
         legacy = False
         if sweep.resume and tune.Tuner.can_restore(exp_dir):
             legacy = not (sweep_dir / GRID_FILE).is_file()  # started by a smet_lab without grid.json
-            print(f"[sweep {sweep.name}] resuming from {exp_dir}"
-                  f"{' (retrying failed trials)' if sweep.retry_failed else ''}", flush=True)
+            kept, _, todo = resume_plan(sweep, sweep_dir, trials)
+            print(f"[sweep {sweep.name}] resuming from {exp_dir}{' (retrying failed trials)' if sweep.retry_failed else ''}"
+                  f": {kept.removeprefix('resumes: ')}" + ("; every trial has ended, so only the report is rebuilt "
+                                                           "(sweep.resume=false starts afresh)" if not todo else ""),
+                  flush=True)
             if sweep.retry_failed:
                 forget_failed(str(sweep_dir))
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=sweep.retry_failed)
