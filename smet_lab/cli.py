@@ -12,9 +12,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -25,6 +23,7 @@ from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_di
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
                                 ignored_setting, multirun_overrides, null_group, override_key, override_value,
                                 split_args, unknown_flag, unknown_key)
+from smet_lab.stopping import STOP, stop_on_signals
 from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
@@ -253,31 +252,6 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the run to stop at the next step boundary (never in the middle of a
-    database write, which could leave the MLflow store locked or a run RUNNING); a second signal
-    stops at once, unless it follows the first within a second: torchrun passes the terminal's Ctrl-C
-    on as SIGTERM to processes that got it already."""
-
-    def __init__(self):
-        self.requested, self.at = False, 0.0
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            if time.monotonic() - self.at < 1.0:
-                return
-            raise KeyboardInterrupt
-        self.requested, self.at = True, time.monotonic()
-        if os.environ.get("RANK", "0") == "0":
-            print("smet_lab: stopping after this step (signal again to stop at once)", file=sys.stderr)
-
-    def is_set(self) -> bool:
-        return self.requested
-
-
-STOP = StopRequest()
-
-
 def quote(value: str) -> str:
     """A string as a Hydra override value (quoted unless plainly safe)."""
     return value if re.fullmatch(r"[\w./-]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -291,8 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     flag = unknown_flag(argv)
     if flag:
         fail(flag)
-    signal.signal(signal.SIGINT, STOP)
-    signal.signal(signal.SIGTERM, STOP)
+    stop_on_signals()
     quiet_mlflow()
     plan_only = PLAN_FLAG in argv
     argv = [a for a in argv if a != PLAN_FLAG]

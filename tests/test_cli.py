@@ -514,6 +514,24 @@ def test_the_recorded_config_is_the_effective_one(tmp_path, hf_tok_dir):
     assert {c["model"]["vocab_size"] for c in configs.values()} == {vocab}
 
 
+def test_a_closed_stdout_stops_the_run_like_ctrl_c(tmp_path):
+    """`python -m smet_lab | head -2`: the reader goes away; the run stops at the next step, checkpointed,
+    its MLflow run KILLED, instead of dying of BrokenPipeError in a print with the run left RUNNING."""
+    proc = start_cli([*FAST, "train.max_steps=400", "train.checkpoint_every=0", f"hydra.run.dir={tmp_path}/run",
+                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
+    line = ""
+    while "tracking to MLflow run" not in line:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, proc.stderr.read()
+    proc.stdout.close()  # the first progress line (every 5 % of the steps: 20) meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "resume with train.resume_from=" in err
+    assert list(mlflow_runs(tmp_path / "mlflow.db")["status"]) == ["KILLED"]
+    (step,) = [int(p.name.removeprefix("step_")) for p in (tmp_path / "run" / "checkpoints").glob("step_*")]
+    assert 20 <= step <= 21, step  # it stopped at the step boundary after that line, not at the end (400)
+
+
 @pytest.mark.e2e  # real processes, ~10-30 s: in CI's set, not in the quick `pytest -q`
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient

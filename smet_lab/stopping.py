@@ -1,0 +1,75 @@
+"""How a job is asked to stop: Ctrl-C, SIGTERM, or its output's reader going away (`| head`). Each
+stops a run at its next step boundary (checkpointed, MLflow run KILLED, resumable) and a sweep as
+Ray Tune stops on Ctrl-C, instead of dying mid-write with its MLflow runs left RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the run to stop at the next step boundary (never in the middle of a
+    database write, which could leave the MLflow store locked or a run RUNNING); a second signal
+    stops at once, unless it follows the first within a second: torchrun passes the terminal's Ctrl-C
+    on as SIGTERM to processes that got it already."""
+
+    def __init__(self):
+        self.requested, self.at = False, 0.0
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            if time.monotonic() - self.at < 1.0:
+                return
+            raise KeyboardInterrupt
+        self.requested, self.at = True, time.monotonic()
+        if os.environ.get("RANK", "0") == "0":
+            print("smet_lab: stopping after this step (signal again to stop at once)", file=sys.stderr)
+
+    def is_set(self) -> bool:
+        return self.requested
+
+
+STOP = StopRequest()
+
+
+
+class ClosedPipeStops:
+    """stdout that, once its reader has gone, sends the output to /dev/null and asks the job to stop
+    as Ctrl-C does (Python would raise BrokenPipeError from whichever print came next). Everything
+    but write and flush is the stream's own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def _closed(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # what is still buffered, and all later output, goes nowhere
+        os.close(devnull)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM set STOP; a closed stdout sends SIGINT (Ray Tune's own handler takes it in a sweep)."""
+    signal.signal(signal.SIGINT, STOP)
+    signal.signal(signal.SIGTERM, STOP)
+    if not isinstance(sys.stdout, ClosedPipeStops):
+        sys.stdout = ClosedPipeStops(sys.stdout)
