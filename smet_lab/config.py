@@ -48,7 +48,10 @@ def no_such_path(path) -> str | None:
     path = Path(path)
     if path.exists():
         return None
-    entries = [str(path.parent / p.name) for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    try:
+        entries = [str(path.parent / p.name) for p in path.parent.iterdir()]
+    except OSError:  # no such folder either, or one we may not list
+        entries = []
     return "no such file or folder" + did_you_mean(str(path), entries)
 
 

@@ -35,7 +35,6 @@ class StopRequest:
 STOP = StopRequest()
 
 
-
 class ClosedPipeStops:
     """stdout that, once its reader has gone, sends the output to /dev/null and asks the job to stop
     as Ctrl-C does (Python would raise BrokenPipeError from whichever print came next). Everything
