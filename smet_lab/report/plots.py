@@ -73,8 +73,8 @@ def _zoom_past_the_drop(ax, curves: list[tuple[pd.Series, pd.Series]]) -> None:
 
 # ----------------------------------------------------------------------------------- loss curves
 def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
-    """One panel per method: each trial's train loss, val loss (dots), its topology updates (ticks on
-    the curve), spike events (red x at the peak) and divergence (dashed red line)."""
+    """One panel per method: each trial's train loss, val loss (dots), its topology updates (ticks along
+    the bottom), spike events (red x at the peak) and divergence (dashed red line)."""
     hist = histories(runs)
     have = runs[hist.map(lambda h: h is not None and "train/loss" in h)]
     if have.empty:
@@ -110,9 +110,9 @@ def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
                 val = h[["step", "val/loss"]].dropna()
                 ax.plot(val["step"], val["val/loss"], "o", ms=3.5, color=color)
             updates = _update_steps(h)
-            if len(updates) and len(train):
-                ax.plot(updates, np.interp(updates, smooth.index, smooth.to_numpy()), "|", ms=9, mew=1.2,
-                        color=color)
+            if len(updates):  # along the bottom edge: on the curve they would hide in it
+                ax.plot(updates, np.full(len(updates), 0.015), "|", ms=7, mew=1.2, color=color,
+                        transform=ax.get_xaxis_transform())
             events = spike_events(h)
             peaks = events[np.isfinite(events["peak_loss"])]
             if len(peaks):
@@ -128,7 +128,7 @@ def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
     for ax in axes[len(methods):]:
         ax.set_visible(False)
     fig.suptitle("Loss per method (line: train" + (f", centred mean over {window} logged steps, raw beneath" if window > 1
-                                                    else "") + "; dots: val; |: topology update; x: spike event)",
+                                                    else "") + "; dots: val; | along the bottom: topology update; x: spike event)",
                  fontsize=10)
     fig.tight_layout()
     return fig
