@@ -443,6 +443,10 @@ def test_long_curves_are_smoothed_and_the_y_range_leaves_out_the_shared_drop():
         assert smooth.get_ydata() == pytest.approx(centred(raw[seed]))
         (under,) = [ln for ln in faint if ln.get_color() == smooth.get_color()]
         assert under.get_ydata() == pytest.approx(raw[seed])
+        # its topology updates (every 10 steps) as ticks along the bottom edge, in axes coordinates
+        (ticks,) = [ln for ln in panel.get_lines() if ln.get_marker() == "|" and ln.get_color() == smooth.get_color()]
+        assert list(ticks.get_xdata()) == list(range(10, 601, 10)) and set(ticks.get_ydata()) == {0.015}
+        assert ticks.get_transform() == panel.get_xaxis_transform()
 
 
 def test_glossary_defines_every_metric_the_report_shows(tmp_path):
