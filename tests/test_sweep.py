@@ -503,6 +503,25 @@ def test_killed_driver_resumes_to_exactly_the_grid(tmp_path):
     assert legacy.returncode == 1 and "2 trial(s) of this grid are not in the resumed experiment" in legacy.stderr
 
 
+@pytest.mark.e2e
+def test_a_closed_stdout_stops_a_sweep_like_ctrl_c(tmp_path):
+    """`python -m smet_lab +sweep=smoke | head`: once the reader has gone, the next progress line stops the
+    sweep as Ctrl-C does (parent KILLED, resumable), not with a BrokenPipeError that leaves it RUNNING."""
+    proc = start_cli(["+sweep=smoke", "train.max_steps=3000", *common(tmp_path)], tmp_path)
+    line = ""
+    while "progress every" not in line:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+    proc.stdout.close()  # the next progress line (every 15 s) meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 130, err[-3000:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-3000:]
+    assert "interrupted: run the same command again to resume" in err
+    _, runs = runs_of(tmp_path / "mlflow.db")
+    assert [r.info.status for r in runs if r.data.tags.get("smet.kind") == "sweep"] == ["KILLED"]
+    assert "RUNNING" not in {r.info.status for r in runs}
+
+
 def _run_until(args, cwd, marker_count, wait_s=0.0, timeout=300):
     """Start the CLI, Ctrl-C it `wait_s` after `marker_count` trials have printed their "done" line;
     returns (returncode, output)."""
