@@ -183,6 +183,27 @@ def test_an_unreachable_cluster_stops_the_sweep_before_it_touches_its_folder(tmp
     assert kept.read_text() == "earlier results" and not (tmp_path / "run").exists()
 
 
+def test_the_trial_table_has_a_number_or_nan_for_every_trial(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from smet_lab.grid import Trial
+    from smet_lab.sweep.runner import write_trial_table
+
+    keys = ["method=smet,seed=0", "method=dense,seed=0", "method=naive_dst,seed=0"]
+    trials = [Trial(k, {"method": k.split(",")[0][7:], "train.seed": 0}) for k in keys]
+    grid = [SimpleNamespace(metrics={"trial_key": keys[0], "summary/final_val_loss": 1.5, "summary/mean_probe_jump": 0.01}),
+            SimpleNamespace(metrics={"trial_key": keys[1], "summary/final_val_loss": 1.4,  # dense: no update,
+                                     "summary/mean_probe_jump": None})]  # so no jump; the third never reported
+    statuses = {keys[0]: {"status": "FINISHED"}, keys[1]: {"status": "FINISHED"}}
+    path = write_trial_table(tmp_path, trials, statuses, grid, "summary/final_val_loss")
+    rows = list(csv.DictReader(open(path)))
+    assert [r["status"] for r in rows] == ["FINISHED", "FINISHED", "UNFINISHED"]
+    assert [r["summary/final_val_loss"] for r in rows] == ["1.5", "1.4", ""]
+    assert [r["summary/mean_probe_jump"] for r in rows] == ["0.01", "", ""]
+    printed = capsys.readouterr().out
+    assert "None" not in printed and printed.count("NaN") == 3  # a numeric column: NaN where there is no value
+
+
 def test_resuming_with_another_grid_or_setting_is_refused(tmp_path):
     """Tune restores the trials it stored: a changed grid or training key would silently not apply."""
     base = ["+sweep=smoke", f"ray.storage={tmp_path}"]

@@ -8,6 +8,7 @@ MLflow runs are reused), `sweep.resume=false` starts fresh.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import socket
@@ -253,8 +254,9 @@ def write_trial_table(sweep_dir: Path, trials: list[Trial], statuses: dict, grid
         m = last.get(t.key, {})
         rows.append({"trial": t.key, **{k: v for k, v in t.values.items()},
                      "status": statuses.get(t.key, {}).get("status", "UNFINISHED"),
-                     metric: m.get(metric), "summary/mean_probe_jump": m.get("summary/mean_probe_jump"),
-                     "summary/final_val_loss": m.get("summary/final_val_loss")})
+                     # NaN, not None, where a trial has no value (no topology update): a numeric column
+                     **{k: math.nan if m.get(k) is None else m[k]
+                        for k in (metric, "summary/mean_probe_jump", "summary/final_val_loss")}})
     frame = pd.DataFrame(rows)
     path = sweep_dir / TRIALS_FILE
     frame.to_csv(path, index=False)
