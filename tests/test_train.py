@@ -362,3 +362,17 @@ def test_more_threads_than_cores_are_refused():
     with pytest.raises(ConfigError, match=r"^train.threads=2 is not allowed: at most 1: 2 processes x 2 threads exceed "
                                           r"the 2 cores"):
         check_threads(2, 2, processes=2)
+
+
+@pytest.mark.parametrize("method,steps", [("smet", 10), ("smet", 11), ("naive_dst", 9), ("static", 30), ("dense", 5)])
+def test_the_no_update_note_says_exactly_when_a_run_makes_no_topology_update(method, steps):
+    import dataclasses
+
+    from smet_lab.train.checks import no_update_note
+
+    cfg = small_cfg(method, steps=steps)  # an update every 10 steps
+    result = train(cfg, corpus=CORPUS, callbacks=QUIET)
+    updates = [r["step"] for r in result.history if r.get("topo/density") is not None]
+    dynamic = method in ("smet", "naive_dst")
+    assert bool(no_update_note(dataclasses.asdict(cfg))) == (dynamic and not updates), updates
+    assert updates == ([10] if (method, steps) == ("smet", 11) else [])

@@ -147,6 +147,7 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
     from smet_lab.sweep.train_workers import DRIVER_MEMORY, run_trial_workers
     from smet_lab.sweep.trainable import run_trial
     from smet_lab.tracking import TrackingConfig
+    from smet_lab.train.checks import no_update_note
 
     sweep_dir = storage_root(cfg, sweep) / sweep.name
     if cfg.ray.address != "local":
@@ -156,6 +157,10 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
     sweep_dir.mkdir(parents=True, exist_ok=True)
     tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
     print(f"[sweep {sweep.name}] {len(trials)} trials -> {sweep_dir}", flush=True)
+    static = [key for key, c in configs.items() if no_update_note(c)]
+    if static:
+        print(f"[sweep {sweep.name}] note: {len(static)} trial(s) (e.g. {static[0]}): {no_update_note(configs[static[0]])}",
+              file=sys.stderr, flush=True)
 
     if cfg.ray.address == "local":
         init_ray(cfg, sweep_dir)  # (its session files go into the sweep folder)

@@ -91,6 +91,17 @@ def check_config(cfg: RunConfig, fit_here: bool = True) -> int:
     return tokenizer.vocab_size
 
 
+def no_update_note(config: dict) -> str | None:
+    """A line when a dynamic sparse run would end before its first topology update (at step
+    sparsity.update_every): it trains a static sparse model, which the method's regrowth settings never
+    touch. Said, not refused: a short try-out run is the usual cause. `config`: the run's config as a dict."""
+    s, t = config["sparsity"], config["train"]
+    if s["density"] < 1 and s["prune_rate"] > 0 and 0 < t["max_steps"] <= s["update_every"]:
+        return (f"no topology update in {t['max_steps']} steps (the first comes at sparsity.update_every="
+                f"{s['update_every']}): the sparse layers keep their first topology, as method=static would")
+    return None
+
+
 def usable_cores() -> int:
     """The CPUs this process may run on (its affinity mask: taskset, a container's cpuset)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
