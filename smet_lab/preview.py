@@ -27,7 +27,7 @@ def describe_run(cfg: DictConfig, output: str) -> str:
     from smet_lab.config import run_config_from
     from smet_lab.model import LLaMA
     from smet_lab.train import check_config
-    from smet_lab.train.checks import resolve_device
+    from smet_lab.train.checks import no_update_note, resolve_device
 
     run = run_config_from(OmegaConf.to_container(cfg, resolve=True))
     vocab = check_config(run)
@@ -36,13 +36,14 @@ def describe_run(cfg: DictConfig, output: str) -> str:
     t, s = run.train, run.sparsity
     tokens = t.max_steps * t.batch_size * run.model.seq_len
     sparse = f" ({s.distribution}, {s.weights} weights)" if s.density < 1 else ""
+    note = no_update_note(dataclasses.asdict(run))
     return "\n".join([
         f"one run: {run.method} at density {s.density:g}{sparse}, model {run.model.name} ({_count(n)} parameters, "
         f"vocabulary {vocab:,})",
         f"  training: {t.max_steps:,} steps x {t.batch_size} sequences x {run.model.seq_len} tokens = "
         f"{_count(tokens)} tokens of data={run.data.name} on {resolve_device(t.device)}",
         f"  output:   {output}",
-        f"  tracking: {_tracked(cfg, 'one run')}"])
+        f"  tracking: {_tracked(cfg, 'one run')}"] + ([f"  note:     {note}"] if note else []))
 
 
 def _count(n: int) -> str:

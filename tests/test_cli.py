@@ -204,7 +204,9 @@ def test_plan_of_one_run_says_its_size_and_writes_nothing(tmp_path):
         f"one run: smet at density 0.25 (uniform, dense weights), model llama_20m ({n / 1e6:,.1f} M parameters, "
         "vocabulary 256)",
         f"  training: 40 steps x 4 sequences x {seq} tokens = {40 * 4 * seq:,} tokens of data=synthetic on cpu"]
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and "note:" not in proc.stdout  # FAST updates every 10 of 40 steps
+    short = cli([*FAST, "--plan", "train.max_steps=10", "tracking=none"], cwd=tmp_path)
+    assert "  note:     no topology update in 10 steps (the first comes at sparsity.update_every=10)" in short.stdout
     bad = cli([*FAST, "--plan", "sparsity.density=2"], cwd=tmp_path)  # a plan checks everything a run checks
     assert bad.returncode == 2 and bad.stderr.startswith("smet_lab: error: sparsity.density=2")
 
