@@ -73,6 +73,8 @@ def _resources(cfg: DictConfig) -> str:
 
 
 def describe_sweep(cfg: DictConfig, compose_for_method) -> str:
+    from smet_lab.train.checks import no_update_note
+
     sweep, trials, configs = plan(cfg, compose_for_method)
     sweep_dir = storage_root(cfg, sweep) / sweep.name
     state, states, _ = resume_plan(sweep, sweep_dir, trials)
@@ -91,5 +93,6 @@ def describe_sweep(cfg: DictConfig, compose_for_method) -> str:
              f"  runs on:  {_resources(cfg)}",
              f"  tracking: {tracked}",
              "  trials:"]
-    lines += [f"    {t.key:<{width}}  {states[t.key]}" for t in trials]
+    lines += [f"    {t.key:<{width}}  {states[t.key]}" + (" (ends before its first topology update: static)"
+                                                           if no_update_note(configs[t.key]) else "") for t in trials]
     return "\n".join(lines)

@@ -272,6 +272,10 @@ def test_plan_shows_what_a_sweep_would_run_and_writes_nothing(tmp_path):
                                                       for m in ("naive_dst", "smet") for s in (0, 1)]
     assert lines[-1] == "smet_lab: plan only (--plan): nothing was started or written"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    short = run_cli(["+sweep=smoke", "--plan", "sparsity.update_every=60", "tracking=none", f"ray.storage={tmp_path}/sw"],
+                    cwd=tmp_path)  # 60 steps, the first update at step 60: none happens
+    trials = [line for line in short.stdout.splitlines() if line.startswith("    method=")]
+    assert len(trials) == 2 and all(t.endswith("to run (ends before its first topology update: static)") for t in trials)
 
 
 def test_plan_of_a_sweep_to_resume_names_what_it_keeps_and_what_it_runs(tmp_path):
