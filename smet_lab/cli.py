@@ -165,8 +165,9 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
             "smet.output_dir": str(output_dir)}
     print(f"smet_lab: {name} on {corpus.name} ({len(corpus.train):,} train tokens), output in {output_dir}"
           + (f", resuming from {run_cfg.train.resume_from}" if run_cfg.train.resume_from else ""))
-    if no_update_note(container):
-        print(f"smet_lab: note: {no_update_note(container)}", file=sys.stderr)
+    note = no_update_note(container)
+    if note:
+        print(f"smet_lab: note: {note}", file=sys.stderr)
     with open_tracker(tracking, run_cfg.train.resume_from, name, container, tags, output_dir) as tracker:
         result = train(run_cfg, output_dir=output_dir, corpus=corpus,
                        callbacks=Callbacks(log=tracker.log_metrics, should_stop=STOP.is_set))

@@ -127,9 +127,9 @@ def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
         _legend_with_markers(ax)
     for ax in axes[len(methods):]:
         ax.set_visible(False)
-    fig.suptitle("Loss per method (line: train" + (f", centred mean over {window} logged steps, raw beneath" if window > 1
-                                                    else "") + "; dots: val; | along the bottom: topology update; x: spike event)",
-                 fontsize=10)
+    smoothing = f", centred mean over {window} logged steps, raw beneath" if window > 1 else ""
+    fig.suptitle(f"Loss per method (line: train{smoothing}; dots: val; | along the bottom: topology update; "
+                 "x: spike event)", fontsize=10)
     fig.tight_layout()
     return fig
 
