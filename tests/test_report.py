@@ -238,8 +238,7 @@ def test_one_seed_per_cell_is_never_told_apart():
                     "runner-up naive_dst (update spike rate 0.90, mean positive probe jump 0.2000, 1 seed) are "
                     "indistinguishable (within the seeds' spread): one seed has no spread, so no difference can be "
                     "claimed. Best: smet (final val ppl 8.00, 1 seed) and the next best naive_dst (final val ppl "
-                    "30.00, 1 seed) are indistinguishable (within the seeds' spread): one seed has no spread, so no "
-                    "difference can be claimed.")
+                    "30.00, 1 seed) are indistinguishable (within the seeds' spread).")  # the reason said once
     # Three seeds against one: still no claim, and the counts are named.
     runs = stability_runs({"smet": [(0.0, 0.001, None, 8.0)] * 3, "naive_dst": [(0.9, 0.2, None, 30.0)]})
     text = headline(cell_stats(runs, ["method"]), ["method"])

@@ -189,6 +189,9 @@ def ranked(stats: pd.DataFrame, metrics) -> pd.DataFrame:
     return done.sort_values(cols, na_position="last", kind="stable") if len(done) else done
 
 
+ONE_SEED_WHY = ": one seed has no spread, so no difference can be claimed"
+
+
 def compare(rows: pd.DataFrame, metrics, keys: list, what: str, runner_up: str, numbers) -> str:
     """"<what>: A (numbers, n seeds)" and its comparison with the runner-up: ahead beyond the seeds'
     spread in the first metric whose means differ, else INDISTINCT (why, when one seed), plus a
@@ -206,7 +209,7 @@ def compare(rows: pd.DataFrame, metrics, keys: list, what: str, runner_up: str, 
     else:
         text += f" and {other} are {INDISTINCT}"
         if min(first["n"], second["n"]) < 2:
-            text += ": one seed has no spread, so no difference can be claimed"
+            text += ONE_SEED_WHY
     if first["n"] != second["n"]:
         text += f"; unequal seed counts ({first['n']} vs {second['n']} seeds)"
     return text
@@ -240,7 +243,12 @@ def headline(stats: pd.DataFrame, keys: list, runs: pd.DataFrame | None = None) 
     n_excluded = int(stats["n_diverged"].sum() + stats["n_failed"].sum())
     if excluded:
         parts.append(f"Not ranked: {' and '.join(excluded)} run{'s' if n_excluded > 1 else ''}")
-    return ". ".join(parts) + "."
+    text = ". ".join(parts) + "."
+    at = text.find(ONE_SEED_WHY)
+    if at >= 0:  # why one seed decides nothing: said once
+        end = at + len(ONE_SEED_WHY)
+        text = text[:end] + text[end:].replace(ONE_SEED_WHY, "")
+    return text
 
 
 def partial_note(info: SweepInfo, runs: pd.DataFrame) -> str | None:
