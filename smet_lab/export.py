@@ -73,10 +73,9 @@ def resolve_checkpoint(path: str | Path, trial: str | None = None) -> tuple[Path
     if missing:
         raise ExportError(f"checkpoint={str(path)!r} is not allowed: {missing}")
     sweep = sweep_folder_of(path)
-    if sweep is None and not trial and path.is_dir() and not (path / ckpt.STATE_FILE).is_file():
-        newest = ckpt.newest(path.parent if path.name == "checkpoints" else path)  # a run's folder, or its checkpoints/
-        if newest is not None:
-            return newest, f"the run's newest checkpoint, {newest.name}"
+    if sweep is None and not trial and ckpt.resolve(path) != path:  # a run's folder, or its checkpoints/
+        newest = ckpt.resolve(path)
+        return newest, f"the run's newest checkpoint, {newest.name}"
     if sweep is None or (path / ckpt.STATE_FILE).is_file() or path.is_file():
         if trial:
             raise ExportError(f"--trial={trial!r} is not allowed: --trial picks a trial of a sweep's folder, and "

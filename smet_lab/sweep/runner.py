@@ -157,10 +157,10 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
     sweep_dir.mkdir(parents=True, exist_ok=True)
     tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
     print(f"[sweep {sweep.name}] {len(trials)} trials -> {sweep_dir}", flush=True)
-    static = [key for key, c in configs.items() if no_update_note(c)]
+    static = {key: note for key, note in ((k, no_update_note(c)) for k, c in configs.items()) if note}
     if static:
-        print(f"[sweep {sweep.name}] note: {len(static)} trial(s) (e.g. {static[0]}): {no_update_note(configs[static[0]])}",
-              file=sys.stderr, flush=True)
+        key, note = next(iter(static.items()))
+        print(f"[sweep {sweep.name}] note: {len(static)} trial(s) (e.g. {key}): {note}", file=sys.stderr, flush=True)
 
     if cfg.ray.address == "local":
         init_ray(cfg, sweep_dir)  # (its session files go into the sweep folder)
