@@ -4,10 +4,13 @@ Ray Tune stops on Ctrl-C, instead of dying mid-write with its MLflow runs left R
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 import time
+
+EXIT_READER_GONE = 141  # what a shell reports for a process that SIGPIPE ended, as `yes | head` does
 
 
 class StopRequest:
@@ -72,3 +75,27 @@ def stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, STOP)
     if not isinstance(sys.stdout, ClosedPipeStops):
         sys.stdout = ClosedPipeStops(sys.stdout)
+
+
+def quiet_when_reader_gone(main):
+    """A command-line entry point whose stdout reader may leave early (`--help | head -3`) or that is
+    interrupted before its job starts: it ends with EXIT_READER_GONE, or 130 and one line, instead of a
+    traceback (from a print, from the flush at exit, or from wherever Ctrl-C landed)."""
+
+    @functools.wraps(main)
+    def entry(*args, **kwargs):
+        try:
+            try:
+                return main(*args, **kwargs)
+            finally:
+                sys.stdout.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere at exit
+            os.close(devnull)
+            sys.exit(EXIT_READER_GONE)
+        except KeyboardInterrupt:
+            print("smet_lab: interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return entry

@@ -27,6 +27,17 @@ def start_cli(args: list[str], cwd, stderr=subprocess.PIPE, env_extra: dict | No
                             text=True, env=cli_env(env_extra), start_new_session=True)
 
 
+def run_to_a_gone_reader(args: list[str], cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`ARGS | head` where head has left before the first byte: stdout is a pipe whose read end is closed."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(args, cwd=cwd, stdout=write, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                              env=cli_env())
+    finally:
+        os.close(write)
+
+
 def e2e(*case):
     """A parametrize case that runs only with -m "not slow" (CI), not in the developer's loop."""
     return pytest.param(*case, marks=pytest.mark.e2e)

@@ -534,6 +534,17 @@ def test_a_closed_stdout_stops_the_run_like_ctrl_c(tmp_path):
     assert 20 <= step <= 21, step  # it stopped at the step boundary after that line, not at the end (400)
 
 
+def test_help_or_plan_to_a_reader_that_has_gone_ends_quietly(tmp_path):
+    """`python -m smet_lab --help | head -1` where head has already left: exit 141 as `yes | head` does, and
+    no BrokenPipeError traceback (Python prints one for the failed print or for the flush at exit)."""
+    from helpers import run_to_a_gone_reader
+
+    for args in (["--help"], ["--plan", "+sweep=density"]):  # a plan is not a job: no "stopping after this step"
+        proc = run_to_a_gone_reader([sys.executable, "-m", "smet_lab", *args], cwd=tmp_path)
+        assert proc.returncode == 141 and proc.stderr == "", (args, proc.stderr)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 @pytest.mark.e2e  # real processes, ~10-30 s: in CI's set, not in the quick `pytest -q`
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient

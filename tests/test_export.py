@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import run_to_a_gone_reader
+
 from smet_lab.config import DataConfig, ModelConfig, RunConfig
 from smet_lab.export import evaluate_export, export, load_export
 from smet_lab.methods import apply_method
@@ -63,6 +65,10 @@ def test_export_cli_and_bad_input(finished, tmp_path):
     assert ok.returncode == 0, ok.stderr
     printed = float(ok.stdout.split("val loss of the export: ")[1].split()[0])
     assert printed == pytest.approx(result.summary["summary/final_val_loss"], abs=1e-6)
+    gone = run_to_a_gone_reader([sys.executable, "-m", "smet_lab.export", str(ckpt), "--out", str(tmp_path / "g")],
+                                cwd=tmp_path)  # `| head -0`: the export is written, no BrokenPipeError traceback
+    assert gone.returncode == 141 and gone.stderr == "", gone.stderr
+    assert (tmp_path / "g" / "model.safetensors").read_bytes() == (tmp_path / "e" / "model.safetensors").read_bytes()
     if cfg.sparsity.weights == "dense":
         return  # bad input is the same for both layouts: checked once, with the compact run's checkpoint
     (tmp_path / "a_file").write_text("x")

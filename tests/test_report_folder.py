@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import run_to_a_gone_reader
 
 from smet_lab.metrics import METRICS
 from smet_lab.report.folder import load_folder
@@ -143,6 +144,11 @@ def test_report_cli_builds_from_a_folder_without_a_database(tmp_path):
     # By name: the sweep's folder in the default storage (sweeps/NAME), for the report and for the tables.
     proc = report_cli("dens", "--out", "by_name", cwd=tmp_path)
     assert proc.returncode == 0 and (tmp_path / "by_name" / "report.md").read_text().startswith("# Stability report: sweep `dens`")
+    # Its one line of output to a reader that has gone (`| head -0`): the report is written all the same.
+    gone = run_to_a_gone_reader([sys.executable, "-m", "smet_lab.report", "dens", "--out", "to_head"], cwd=tmp_path)
+    assert gone.returncode == 141 and gone.stderr == "", gone.stderr
+    undated = lambda folder: [l for l in (tmp_path / folder / "report.md").read_text().splitlines() if "generated" not in l]
+    assert undated("to_head") == undated("by_name")
     (tmp_path / "spec.yaml").write_text("sweep: dens\nrows: method\ncolumns: sparsity.density\nmetric: summary/final_val_loss\n")
     proc = report_cli("--tables", "spec.yaml", "--out", "tables", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
