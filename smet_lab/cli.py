@@ -241,7 +241,8 @@ def hydra_main(cfg: DictConfig) -> None:
         from smet_lab.sweep import run_sweep
 
         try:
-            code = run_sweep(cfg, method_composer(list(hydra_cfg.overrides.task)))
+            own_configs = [o for o in hydra_cfg.overrides.hydra if override_key(o) == "hydra.searchpath"]
+            code = run_sweep(cfg, method_composer([*hydra_cfg.overrides.task, *own_configs]))
         except ConfigError as exc:  # found only when the sweep starts (e.g. no Ray cluster answers)
             _remove_if_empty(output_dir)
             fail(str(exc))

@@ -75,6 +75,13 @@ def group_options(group: str) -> list[str]:
 OPTIONAL_GROUPS = ("experiment", "sweep")  # chosen by none of the defaults
 
 
+def own_config_dirs(overrides: list[str]) -> list[Path]:
+    """The folders of `hydra.searchpath=[file://DIR,...]`: the user's own config files (pkg:// ones are not read)."""
+    value = next((override_value(o) for o in overrides if override_key(o) == "hydra.searchpath"), "")
+    entries = [e.strip(" '\"") for e in value.strip("[]").split(",")]
+    return [Path(e.removeprefix("file://")) for e in entries if e.startswith("file://")]
+
+
 def config_groups() -> list[str]:
     return sorted({p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"method"})
 
@@ -167,8 +174,14 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
     missing = re.search(r"Could not find '([\w-]+)/([^']+)'", text)
     if missing:
         group, option = missing.groups()
-        return (f"{group}={option} is not allowed: one of {', '.join(group_options(group))}"
-                f"{did_you_mean(option, group_options(group))}")
+        own = own_config_dirs(overrides)
+        options = sorted({*group_options(group), *(p.stem for d in own for p in (d / group).glob("*.yaml"))})
+        hint = did_you_mean(option, options)
+        if not hint and own:
+            hint = f"; not in {', '.join(str(d / group) for d in own)} either"
+        elif not hint and group in OPTIONAL_GROUPS:
+            hint = f"; your own {group} is a file conf/{group}/{option}.yaml added with hydra.searchpath=[file://conf]"
+        return f"{group}={option} is not allowed: one of {', '.join(options)}{hint}"
     twice = re.search(r"Multiple values for ([\w-]+)|([\w-]+) appears more than once in the final defaults", text)
     if twice:  # `+experiment=x`: the group is in the defaults list already, so a plus would add it twice
         group = twice.group(1) or twice.group(2)
@@ -365,6 +378,7 @@ Main commands:
 
 Config groups (GROUP=OPTION):
 {groups}
+  your own:    conf/sweep/NAME.yaml (or experiment/, model/, ...) + hydra.searchpath=[file://conf]
 
 Hydra's own flags: python -m smet_lab --hydra-help
 """

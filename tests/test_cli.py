@@ -358,6 +358,7 @@ BAD_INPUTS = [
     e2e(["model=tiyn"], "did you mean tiny?"),
     e2e(["model=null"], "model=null is not allowed: one of "),
     (["sweep=smoke"], "add it with a plus: +sweep=smoke"),
+    e2e(["+sweep=mine"], "your own sweep is a file conf/sweep/mine.yaml added with hydra.searchpath=[file://conf]"),
     # Values that no run would read.
     (["data.path=/tmp"], "data.path=/tmp is not allowed: ignored with data=pysource"),
     e2e(["method=static", "sparsity.growth=gradient"], "sparsity.growth=gradient is not allowed: ignored with sparsity.update_every=0"),

@@ -366,6 +366,27 @@ def test_smoke_sweep_parent_and_children_in_mlflow(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_users_own_sweep_file_outside_the_package(tmp_path):
+    """conf/sweep/mine.yaml in the user's folder, found through hydra.searchpath, inheriting a shipped
+    sweep through `defaults:`; the trials (composed again inside the Hydra job) see it too."""
+    (tmp_path / "conf" / "sweep").mkdir(parents=True)
+    (tmp_path / "conf" / "sweep" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - smoke\nsweep:\n  name: mine\n  params:\n    method: [smet]\n"
+        "    sparsity.density: [0.1, 0.5]\ntrain:\n  max_steps: 20\n")
+    own = "hydra.searchpath=[file://conf]"
+    typo = run_cli(["+sweep=mien", own, *common(tmp_path)], cwd=tmp_path)
+    assert typo.returncode == 2 and typo.stderr.endswith("did you mean mine?\n"), typo.stderr
+    proc = run_cli(["+sweep=mine", own, *common(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = runs_of(tmp_path / "mlflow.db")
+    children = [r for r in runs if r.data.tags.get("smet.kind") == "trial"]
+    assert sorted((c.data.params["method"], float(c.data.params["sparsity.density"]), c.data.params["train.max_steps"],
+                   c.data.params["data.name"]) for c in children) == [("smet", 0.1, "20", "synthetic"),
+                                                                     ("smet", 0.5, "20", "synthetic")]
+    assert (tmp_path / "sw" / "mine" / "report" / "report.md").is_file()
+
+
+@pytest.mark.e2e
 def test_a_failing_trial_does_not_take_the_others_and_is_retried(tmp_path):
     # naive_dst fails at step 25, after its checkpoint at step 20 (smoke checkpoints every 20 steps).
     proc = run_cli([*SMOKE, *common(tmp_path)], cwd=tmp_path,

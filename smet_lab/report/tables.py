@@ -192,10 +192,11 @@ def ranked(stats: pd.DataFrame, metrics) -> pd.DataFrame:
 ONE_SEED_WHY = ": one seed has no spread, so no difference can be claimed"
 
 
-def compare(rows: pd.DataFrame, metrics, keys: list, what: str, runner_up: str, numbers) -> str:
+def compare(rows: pd.DataFrame, metrics, keys: list, what: str, runner_up: str, numbers,
+            explain_one_seed: bool = True) -> str:
     """"<what>: A (numbers, n seeds)" and its comparison with the runner-up: ahead beyond the seeds'
-    spread in the first metric whose means differ, else INDISTINCT (why, when one seed), plus a
-    note when the seed counts differ."""
+    spread in the first metric whose means differ, else INDISTINCT (why, when one seed and
+    explain_one_seed), plus a note when the seed counts differ."""
     first = rows.iloc[0]
     text = f"{what}: {cell_label(first.to_dict(), keys)} ({numbers(first)}, {seeds_text(first['n'])})"
     if len(rows) < 2:
@@ -208,7 +209,7 @@ def compare(rows: pd.DataFrame, metrics, keys: list, what: str, runner_up: str, 
         text += f", ahead of {other} by more than the seeds' spread in {label_and_format(key)[0]}"
     else:
         text += f" and {other} are {INDISTINCT}"
-        if min(first["n"], second["n"]) < 2:
+        if min(first["n"], second["n"]) < 2 and explain_one_seed:
             text += ONE_SEED_WHY
     if first["n"] != second["n"]:
         text += f"; unequal seed counts ({first['n']} vs {second['n']} seeds)"
@@ -236,19 +237,14 @@ def headline(stats: pd.DataFrame, keys: list, runs: pd.DataFrame | None = None) 
                      lambda r: ", ".join(_mean_std(r, m) for m in STABILITY_KEYS if r[f"{m}:n"])) if len(stable)
              else "Stability: no finished run has probe jumps (no topology update), so none is ranked"]
     if len(best):
-        parts.append(compare(best, [quality], keys, "Best", "the next best",
-                             lambda r: _mean_std(r, quality)))
+        parts.append(compare(best, [quality], keys, "Best", "the next best", lambda r: _mean_std(r, quality),
+                             explain_one_seed=ONE_SEED_WHY not in parts[0]))  # said once
     excluded = [f"{int(stats[c].sum())} {word}" for c, word in (("n_diverged", "diverged"), ("n_failed", "failed"))
                 if stats[c].sum()]
     n_excluded = int(stats["n_diverged"].sum() + stats["n_failed"].sum())
     if excluded:
         parts.append(f"Not ranked: {' and '.join(excluded)} run{'s' if n_excluded > 1 else ''}")
-    text = ". ".join(parts) + "."
-    at = text.find(ONE_SEED_WHY)
-    if at >= 0:  # why one seed decides nothing: said once
-        end = at + len(ONE_SEED_WHY)
-        text = text[:end] + text[end:].replace(ONE_SEED_WHY, "")
-    return text
+    return ". ".join(parts) + "."
 
 
 def partial_note(info: SweepInfo, runs: pd.DataFrame) -> str | None:
