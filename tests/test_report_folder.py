@@ -100,14 +100,20 @@ def test_a_running_driver_makes_unfinished_trials_running(tmp_path):
     assert info.status == "KILLED"
 
 
-def test_a_final_checkpoint_without_trial_file_is_matched_by_its_config(tmp_path):
-    """Folders written before checkpoints carried trial.json: the final config.yaml names the trial."""
+def test_a_checkpoint_without_trial_file_is_matched_by_its_config(tmp_path):
+    """Folders written before checkpoints carried trial.json: the config a checkpoint holds names its trial."""
     folder = sweep_folder(tmp_path)
     final = folder / "tune" / "run_trial_0" / "checkpoint_000001"
     (final / TRIAL_FILE).unlink()
     (final / "config.yaml").write_text(yaml.safe_dump({**config(KEYS[0]), "tracking": {"enabled": False}}))
+    for stopped in (folder / "train").glob("**/checkpoint_*"):  # trial 1's training checkpoints: config.json
+        (stopped / TRIAL_FILE).unlink()
+        (stopped / "config.json").write_text(json.dumps({**config(KEYS[1]), "tracking": {"enabled": False}}))
     _, runs = load_folder(folder)
-    assert runs.set_index("trial").loc[KEYS[0], "summary/final_val_loss"] == 4.25
+    runs = runs.set_index("trial")
+    assert runs.loc[KEYS[0], "summary/final_val_loss"] == 4.25
+    assert runs.loc[KEYS[1], "status"] == "KILLED"  # not MISSING: its newest checkpoint (step 20) is read
+    assert list(runs.loc[KEYS[1], "history"]["step"])[-1] == 20
 
 
 def test_the_sweeps_extensions_compute_a_users_metric_for_an_unfinished_trial(tmp_path):

@@ -165,18 +165,21 @@ def _signature(config: dict) -> str:
 
 
 def _trial_of(checkpoint: Path, by_signature: dict) -> tuple[str | None, int]:
-    """(the trial a checkpoint belongs to, its step): its trial.json, else (a final checkpoint written
-    before trial.json existed) the grid trial whose config its config.yaml holds."""
+    """(the trial a checkpoint belongs to, its step): its trial.json, else (a checkpoint written before
+    trial.json existed; its step unknown, Tune's zero-padded folder names then order them) the grid
+    trial whose config it holds: config.yaml in a final checkpoint, config.json in a training one."""
+    import yaml
+
     named = read_json(checkpoint / TRIAL_FILE)
     if isinstance(named, dict) and named.get("trial"):
         return named["trial"], int(named.get("step", -1))
-    if (checkpoint / "config.yaml").is_file():
-        import yaml
-
+    for name, parse in (("config.yaml", yaml.safe_load), ("config.json", json.loads)):
         try:
-            return by_signature.get(_signature(yaml.safe_load((checkpoint / "config.yaml").read_text()) or {})), -1
-        except yaml.YAMLError:
-            pass
+            config = parse((checkpoint / name).read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict):
+            return by_signature.get(_signature(config)), -1
     return None, -1
 
 
