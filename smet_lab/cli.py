@@ -23,7 +23,7 @@ from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_di
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
                                 ignored_setting, multirun_overrides, null_group, override_key, override_value,
                                 split_args, unknown_flag, unknown_key)
-from smet_lab.stopping import STOP, quiet_when_reader_gone, stop_on_signals
+from smet_lab.stopping import STOP, quiet_when_reader_gone, stop_on_signals, stop_when_reader_gone
 from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     flag = unknown_flag(argv)
     if flag:
         fail(flag)
+    stop_on_signals()
     quiet_mlflow()
     plan_only = PLAN_FLAG in argv
     argv = [a for a in argv if a != PLAN_FLAG]
@@ -305,7 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     if plan_only and cfg is not None and not cfg_only:
         print_plan(cfg, overrides)
         return
-    stop_on_signals()  # from here a signal or a closed stdout stops the job at a step boundary
+    if STOP.is_set():  # Ctrl-C while the config was checked: nothing has started
+        print("smet_lab: interrupted before anything started", file=sys.stderr)
+        sys.exit(130)
+    stop_when_reader_gone()  # (not for a plan: its reader leaving is no job to stop)
     if (cfg is not None and not cfg_only and cfg.get("sweep") is None and os.environ.get("RANK", "0") == "0"
             and given_run_dir(overrides) is None):
         # Hydra's default output folder is named by the second: two runs started in the same second

@@ -70,9 +70,13 @@ class ClosedPipeStops:
 
 
 def stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM set STOP; a closed stdout sends SIGINT (Ray Tune's own handler takes it in a sweep)."""
+    """Ctrl-C and SIGTERM set STOP (a request, never an exception in the middle of an import)."""
     signal.signal(signal.SIGINT, STOP)
     signal.signal(signal.SIGTERM, STOP)
+
+
+def stop_when_reader_gone() -> None:
+    """A closed stdout sends SIGINT: STOP in a run, Ray Tune's own handler in a sweep."""
     if not isinstance(sys.stdout, ClosedPipeStops):
         sys.stdout = ClosedPipeStops(sys.stdout)
 

@@ -535,6 +535,16 @@ def test_a_closed_stdout_stops_the_run_like_ctrl_c(tmp_path):
     assert 20 <= step <= 21, step  # it stopped at the step boundary after that line, not at the end (400)
 
 
+def test_ctrl_c_while_the_config_is_checked_starts_nothing(tmp_path):
+    """Ctrl-C before training starts (here: while an extension is imported, before the preflight) is a
+    request like any other, never an exception in the middle of an import; nothing is then started."""
+    (tmp_path / "impatient.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    proc = cli([*FAST, "extensions=[impatient.py]", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.endswith("smet_lab: interrupted before anything started\n") and "Traceback" not in proc.stderr
+    assert {p.name for p in tmp_path.iterdir()} - {"__pycache__"} == {"impatient.py"}  # no output folder, no database
+
+
 def test_help_or_plan_to_a_reader_that_has_gone_ends_quietly(tmp_path):
     """`python -m smet_lab --help | head -1` where head has already left: exit 141 as `yes | head` does, and
     no BrokenPipeError traceback (Python prints one for the failed print or for the flush at exit)."""
