@@ -124,3 +124,21 @@ def test_activation_checkpointing_keeps_only_the_blocks_inputs():
     checkpointed, grads_ckpt = saved_bytes_and_grads(True)
     assert checkpointed < plain / 3
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ckpt))
+
+
+def test_the_meta_model_has_the_real_models_shapes_and_draws_nothing():
+    """The pre-flight checks build the model on the meta device: the same parameter and buffer shapes as
+    the real one, with no initialisation drawn (meta's normal_ and arange import torch._dynamo, ~2 s
+    of every `--plan` and of every refusal)."""
+    import subprocess
+    import sys
+
+    real = LLaMA(model_preset("tiny", vocab_size=300))
+    code = ("import sys, torch; from smet_lab.model import LLaMA, model_preset\n"
+            "with torch.device('meta'):\n    m = LLaMA(model_preset('tiny', vocab_size=300))\n"
+            "print(sorted((n, tuple(t.shape), t.is_meta) for n, t in [*m.named_parameters(), *m.named_buffers()]))\n"
+            "print('torch._dynamo' in sys.modules)")
+    shapes, dynamo = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    timeout=120).stdout.splitlines()
+    assert shapes == str(sorted((n, tuple(t.shape), True) for n, t in [*real.named_parameters(), *real.named_buffers()]))
+    assert dynamo == "False"

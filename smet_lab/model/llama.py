@@ -28,9 +28,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [T, hd/2]
-    return angles.cos(), angles.sin()
+    """cos and sin of every position's angles, computed on the CPU (the same values on every device) and
+    put on the default device (the meta device's own arange would import torch._dynamo: ~2 s)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device="cpu"), inv_freq)  # [T, hd/2]
+    return angles.cos().to(torch.get_default_device()), angles.sin().to(torch.get_default_device())
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,10 @@ class LLaMA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # On the meta device (shapes only) nothing is drawn: its normal_ would import torch._dynamo (~2 s).
+        meta = torch.get_default_device().type == "meta"
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim,
+                                           _weight=torch.empty(cfg.vocab_size, cfg.dim) if meta else None)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -99,7 +104,7 @@ class LLaMA(nn.Module):
     def reset_parameters(self):
         # GaLore/SMET init: N(0, 0.02^2) for every matrix, ones for norms.
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 and not p.is_meta:
                 nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
