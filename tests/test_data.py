@@ -209,6 +209,10 @@ def test_text_files_glob_and_single_file(tmp_path):
     # One document cannot be split per document: its tail (a quarter) is val.
     assert bytes(one.train.tolist()) + bytes(one.val.tolist()) == whole
     assert len(one.val) == len(whole) // 4 and one.n_documents == 1
+    # A file named alone is read as plain text whatever its name (a folder or glob takes only the suffixes).
+    (tmp_path / "notes.md").write_text("# notes\n\nplain *markdown* text, read as it is\n")
+    md = load_corpus(DataConfig(name="text_files", path=str(tmp_path / "notes.md"), val_fraction=0.25))
+    assert bytes(md.train.tolist()) + bytes(md.val.tolist()) == (tmp_path / "notes.md").read_bytes()
 
 
 def test_val_never_empty(tmp_path):
@@ -221,6 +225,21 @@ def test_val_never_empty(tmp_path):
     # ... so the last document (sorted: two.txt) is moved there.
     assert text_of(corpus.val) == "document two.txt"
     assert text_of(corpus.train) == "document one.txt\ndocument three.txt"
+
+
+def test_train_never_empty(tmp_path):
+    """The mirror case: every document's key falls into val (or the only one does)."""
+    names = ["one.txt", "three.txt", "five.txt"]
+    for n in names:
+        (tmp_path / n).write_text(f"document {n}")
+        h = hashlib.sha256(f"0:{n}".encode()).digest()
+        assert int.from_bytes(h[:8], "big") / 2**64 < 0.5  # the rule puts all of them into val
+    corpus = load_corpus(DataConfig(name="text_files", path=str(tmp_path), val_fraction=0.5))
+    assert text_of(corpus.train) == "document three.txt"  # the last one (sorted) is moved to train
+    assert text_of(corpus.val) == "document five.txt\ndocument one.txt"
+    one = load_corpus(DataConfig(name="text_files", path=str(tmp_path / "one.txt"), val_fraction=0.5))
+    whole = b"document one.txt"  # a single document: its tail is val, as when its key falls into train
+    assert bytes(one.train.tolist()) + bytes(one.val.tolist()) == whole and len(one.val) == len(whole) // 2
 
 
 def test_text_files_max_tokens(tmp_path):
@@ -389,6 +408,10 @@ def test_bad_inputs(tmp_path):
     fails("data.path", name="text_files", path=None)
     fails("data.path", "no such file or folder$", name="text_files", path=str(tmp_path / "missing"))
     fails("data.path", "no file matches", name="text_files", path=str(tmp_path / "*.txt"))
+    (tmp_path / "shard.parquet").write_bytes(b"PAR1\0\0binary")  # named alone, but not text
+    assert "not plain text" in fails("data.path", name="text_files", path=str(tmp_path / "shard.parquet"))
+    (tmp_path / "notes.gz").write_bytes(gzip.compress(b"compressed text"))
+    assert "not plain text" in fails("data.path", name="text_files", path=str(tmp_path / "notes.gz"))
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
     assert fails("data.path", name="text_files", path=str(tmp_path / "bad.json")).endswith(
         f"no such file or folder; did you mean {tmp_path / 'bad.jsonl'}?")

@@ -137,13 +137,17 @@ class _Assembler:
 
     def finish(self, name: str, error_key: str, error_value) -> Corpus:
         train_parts, val_parts = self.parts["train"], self.parts["val"]
-        if not val_parts and len(train_parts) > 1:  # guarantee a non-empty val split
-            val_parts.append(train_parts.pop())
-        train, val = self._join(train_parts), self._join(val_parts)
-        if not val_parts and len(train_parts) == 1:
-            # A single document cannot be split per document: its tail becomes val.
-            n_val = max(1, int(len(train) * self.val_fraction))
-            train, val = train[:-n_val], train[-n_val:]
+        if len(train_parts) + len(val_parts) == 1:
+            # A single document cannot be split per document (whichever side its key fell): its tail becomes val.
+            whole = self._join(train_parts + val_parts)
+            n_val = max(1, int(len(whole) * self.val_fraction))
+            train, val = whole[:-n_val], whole[-n_val:]
+        else:  # neither split empty
+            if not val_parts and train_parts:
+                val_parts.append(train_parts.pop())
+            if not train_parts and val_parts:
+                train_parts.append(val_parts.pop())
+            train, val = self._join(train_parts), self._join(val_parts)
         if self.limit is not None:
             train, val = train[: self.limit["train"]], val[: self.limit["val"]]
         if len(train) == 0 or len(val) == 0:
@@ -211,15 +215,18 @@ def _synthetic(cfg: DataConfig, tok) -> Corpus:
                      budget=cfg.max_tokens or 200_000, stop_early=True)
 
 
-# --- local files: .txt (one document per file), JSON lines (one document per line) ------------
+# --- local files: plain text (one document per file), JSON lines (one document per line) ------
 
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
 _JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 
 
-def _resolve_files(path, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
-    """A file, directory (recursive) or glob -> sorted [(key relative to its root, file path)]."""
-    wanted = f"give a {', '.join(suffixes)} file, directory or glob"
+def _resolve_files(path, suffixes: tuple[str, ...], any_named_file: bool = False) -> list[tuple[str, str]]:
+    """A file, directory (recursive) or glob -> sorted [(key relative to its root, file path)]. Folders and
+    globs yield the files with `suffixes`; with any_named_file a file named alone is read as plain
+    text whatever its name (notes.md, a .py), unless it is binary."""
+    wanted = f"give a {', '.join(suffixes)} file, directory or glob" + (" (or any plain-text file by name)"
+                                                                          if any_named_file else "")
     if not path:
         raise ConfigError("data.path", path, f"required for this corpus; {wanted}")
     path = os.path.expanduser(str(path))
@@ -228,6 +235,12 @@ def _resolve_files(path, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
         files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
     elif os.path.isfile(path):
         root, files = os.path.dirname(path) or ".", [path]
+        if any_named_file and not path.endswith(suffixes):
+            with open(path, "rb") as f:
+                head = f.read(8192)
+            if b"\0" in head or head.startswith(b"\x1f\x8b"):  # as git and grep tell binary from text
+                raise ConfigError("data.path", path, f"not plain text (a binary or compressed file); {wanted}")
+            return [(os.path.basename(path), path)]
     else:
         fixed = []  # the glob's leading non-wildcard directories are the root for keys
         for part in path.split(os.sep):
@@ -264,7 +277,7 @@ def _jsonl_docs(key: str, path: str) -> Iterator[tuple[str, str]]:
 
 def _file_docs(files: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
     for key, path in files:
-        if path.endswith(".txt"):
+        if not path.endswith(_JSON_SUFFIXES):
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield key, f.read()
         else:
@@ -272,7 +285,7 @@ def _file_docs(files: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
 
 
 def _text_files(cfg: DataConfig, tok) -> Corpus:
-    files = _resolve_files(cfg.path, _TEXT_SUFFIXES)
+    files = _resolve_files(cfg.path, _TEXT_SUFFIXES, any_named_file=True)
     return _assemble("text_files", _file_docs(files), tok, cfg, error_key="data.path", error_value=cfg.path)
 
 
@@ -365,7 +378,8 @@ def check_data(cfg: DataConfig):
 def data_files(cfg: DataConfig) -> list[str]:
     """The local files the corpus of `cfg` reads (none for pysource, synthetic and C4 from the hub)."""
     if cfg.name == "text_files" or (cfg.name == "c4" and cfg.path):
-        return [p for _, p in _resolve_files(cfg.path, _TEXT_SUFFIXES if cfg.name == "text_files" else _JSON_SUFFIXES)]
+        text = cfg.name == "text_files"
+        return [p for _, p in _resolve_files(cfg.path, _TEXT_SUFFIXES if text else _JSON_SUFFIXES, any_named_file=text)]
     return []
 
 
