@@ -171,11 +171,20 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "dense", read=Non
         "step": state["step"],
         "checkpoint": str(folder.resolve()),
     }
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": fmt})
+    # The manifest goes last, so a folder with one holds a whole export, never an interrupted one's weights
+    # beside an earlier export's manifest.
+    (out / MANIFEST).unlink(missing_ok=True)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(out / WEIGHTS, 0o666 & ~umask)  # safetensors writes 0600; make it as readable as manifest.json
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for name, write in ((WEIGHTS, lambda f: save_file(tensors, str(f), metadata={"format": fmt})),
+                        (MANIFEST, lambda f: f.write_text(json.dumps(manifest, indent=1)))):
+        tmp = out / (name + ".tmp")
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600: as readable as any other file
+            os.replace(tmp, out / name)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -186,6 +195,8 @@ def load_export(path: str | Path):
     from smet_lab.model import LLaMA
 
     path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise ExportError(f"{path} holds no export (no {MANIFEST}: never exported there, or the export was interrupted)")
     manifest = json.loads((path / MANIFEST).read_text())
     tensors = load_file(str(path / WEIGHTS))
     for name, info in manifest["layers"].items():

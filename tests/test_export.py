@@ -89,6 +89,32 @@ def test_export_cli_and_bad_input(finished, tmp_path):
         assert not (tmp_path / "x").exists()
 
 
+def test_an_interrupted_export_leaves_no_mismatched_pair(finished, tmp_path, monkeypatch):
+    """Ctrl-C while the weights are written over an earlier export: the folder then holds no manifest
+    (load_export says so in one line) rather than new weights beside the old export's manifest."""
+    import safetensors.torch
+
+    from smet_lab.export import ExportError
+
+    _, _, ckpt = finished
+    export(ckpt, tmp_path / "e", "compact")
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(ckpt, tmp_path / "e", "dense")
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["model.safetensors"]  # the old weights, no .tmp
+    with pytest.raises(ExportError, match="holds no export .no manifest.json: never exported there, or the export"):
+        load_export(tmp_path / "e")
+    monkeypatch.undo()
+    export(ckpt, tmp_path / "e", "dense")  # done again, whole
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["format"] == "dense"
+    assert load_export(tmp_path / "e")[0].layers[0].attention.wq.weight.shape == (32, 32)
+
+
 def test_eval_of_a_checkpoint_between_evaluations_names_the_steps(finished, tmp_path, capsys):
     """A checkpoint taken between evaluations (a sweep's, say) is not compared with the run's last val
     loss as if they were the same weights: --eval names both steps."""
