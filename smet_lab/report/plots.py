@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -128,8 +129,9 @@ def loss_curves_figure(runs: pd.DataFrame, info: SweepInfo):
     for ax in axes[len(methods):]:
         ax.set_visible(False)
     smoothing = f", centred mean over {window} logged steps, raw beneath" if window > 1 else ""
-    fig.suptitle(f"Loss per method (line: train{smoothing}; dots: val; | along the bottom: topology update; "
-                 "x: spike event)", fontsize=10)
+    title = (f"Loss per method (line: train{smoothing}; dots: val; | along the bottom: topology update; "
+             "x: spike event)")
+    fig.suptitle(textwrap.fill(title, width=int(14 * 6.2 * ncols)), fontsize=10)  # one panel: two lines
     fig.tight_layout()
     return fig
 
