@@ -674,10 +674,18 @@ def test_tables_cli_renders_a_spec_from_the_sweep(smoke, tmp_path, capsys):
     for _, child in runs[runs["tags.smet.kind"] == "trial"].iterrows():
         assert csv.loc[child["params.method"], child["params.sparsity.density"]] == f"{child[f'metrics.{PPL}']:.3f}"
     assert {"smoke_ppl.md", "smoke_ppl.csv", "smoke_ppl.tex"} <= {p.name for p in (tmp_path / "t").iterdir()}
-    # The shipped specs name sweeps this database does not have: a one-line error per table, exit 2.
+    # The shipped specs name sweeps this database does not have: one line naming them all, exit 2.
     assert report_main(["--tables", "--tracking-uri", uri, "--out", str(tmp_path / "none")]) == 2
-    err = capsys.readouterr().err
-    assert "table ablation_components skipped" in err and err.strip().splitlines()[-1].startswith("smet_lab: error:")
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith("smet_lab: error: no table rendered: none of the specs' sweeps (ablation, density, lr_scaling, "
+                          "update_every, warmup) was found; no sweep, experiment or parent run 'ablation' in ")
+    assert err.endswith("; run `python -m smet_lab +sweep=NAME` for each of ablation, density, lr_scaling, update_every, warmup")
+    assert not (tmp_path / "none").exists()
+    # With one of them there (smoke, as a spec beside the shipped ones), the rest are skipped, each with a warning.
+    assert report_main(["--tables", str(spec), *map(str, default_specs()), "--tracking-uri", uri,
+                        "--out", str(tmp_path / "some")]) == 0
+    captured = capsys.readouterr()
+    assert "table ablation_components skipped: " in captured.err and "smoke_ppl.csv" in captured.out
 
 
 @pytest.mark.e2e

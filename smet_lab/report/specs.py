@@ -211,12 +211,13 @@ def write_spec_table(spec: TableSpec, runs: pd.DataFrame, out_dir, seeds_asked: 
 
 def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
     """Every spec whose sweeps are in the tracking store; a spec whose sweeps are all absent is skipped
-    with a warning. Returns the written paths."""
+    with a warning. Returns the written paths; ReportError (one line naming every sweep to run) when
+    none is written."""
     from smet_lab.report.data import with_missing
     from smet_lab.report.io import ReportError, load_sweep_runs
 
     loaded: dict = {}
-    written = []
+    written, skipped = [], []
     for path in spec_paths:
         spec = load_spec(path)
         frames, asked, sources, missing = [], [], [], []
@@ -236,7 +237,7 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
             where = f"folder {info.sweep_dir}" if info.from_folder else f"parent run {info.parent_run_id or '—'}"
             sources.append(f"sweep {info.name} ({where}, {info.status or 'no parent'})")
         if not frames:
-            warn(f"smet_lab: warning: table {spec.name} skipped: {missing[0][1]}{_run_hint([n for n, _ in missing])}")
+            skipped.append(f"smet_lab: warning: table {spec.name} skipped: {missing[0][1]}{_run_hint([n for n, _ in missing])}")
             continue
         if missing:
             warn(f"smet_lab: warning: table {spec.name}: sweep(s) {', '.join(n for n, _ in missing)} not found; "
@@ -244,6 +245,12 @@ def render_tables(uri: str, spec_paths, out_dir, warn=print) -> list[Path]:
         keys = [spec.rows] + ([spec.columns] if spec.columns else [])
         runs = merge_sweeps(frames, keys)
         written += write_spec_table(spec, runs, out_dir, max(asked), "; ".join(sources))
+    absent = [name for name, got in loaded.items() if isinstance(got, ReportError)]
+    if not written and absent:  # one line, not a warning per table that says the same
+        raise ReportError(f"no table rendered: none of the specs' sweeps ({', '.join(absent)}) was found; "
+                          f"{loaded[absent[0]]}{_run_hint(absent)}")
+    for line in skipped:
+        warn(line)
     return written
 
 
@@ -252,6 +259,8 @@ def _run_hint(names: list) -> str:
     from smet_lab.preflight import CONF_DIR
 
     shipped = [n for n in names if (CONF_DIR / "sweep" / f"{n}.yaml").is_file()]
+    if len(shipped) > 2:
+        return f"; run `python -m smet_lab +sweep=NAME` for each of {', '.join(shipped)}"
     return "; run " + " and ".join(f"`python -m smet_lab +sweep={n}`" for n in shipped) if shipped else ""
 
 
