@@ -12,11 +12,8 @@ read, in order, so edits and renames both change it.
 
 from __future__ import annotations
 
-import glob
-import gzip
 import hashlib
 import itertools
-import json
 import os
 import random
 import sysconfig
@@ -27,7 +24,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from smet_lab.config import ConfigError, DataConfig, check_writable_dir, no_such_path
+from smet_lab.config import ConfigError, DataConfig, check_writable_dir
+from smet_lab.data.files import JSON_SUFFIXES, TEXT_SUFFIXES, file_docs, resolve_files
 from smet_lab.data.tokenizer import build_tokenizer, hub_reachable
 
 Docs = Iterable[tuple[str, str]]
@@ -215,78 +213,12 @@ def _synthetic(cfg: DataConfig, tok) -> Corpus:
                      budget=cfg.max_tokens or 200_000, stop_early=True)
 
 
-# --- local files: plain text (one document per file), JSON lines (one document per line) ------
-
-_TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
-_JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
-
-
-def _resolve_files(path, suffixes: tuple[str, ...], any_named_file: bool = False) -> list[tuple[str, str]]:
-    """A file, directory (recursive) or glob -> sorted [(key relative to its root, file path)]. Folders and
-    globs yield the files with `suffixes`; with any_named_file a file named alone is read as plain
-    text whatever its name (notes.md, a .py), unless it is binary."""
-    wanted = f"give a {', '.join(suffixes)} file, directory or glob" + (" (or any plain-text file by name)"
-                                                                          if any_named_file else "")
-    if not path:
-        raise ConfigError("data.path", path, f"required for this corpus; {wanted}")
-    path = os.path.expanduser(str(path))
-    if os.path.isdir(path):
-        root = path
-        files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
-    elif os.path.isfile(path):
-        root, files = os.path.dirname(path) or ".", [path]
-        if any_named_file and not path.endswith(suffixes):
-            with open(path, "rb") as f:
-                head = f.read(8192)
-            if b"\0" in head or head.startswith(b"\x1f\x8b"):  # as git and grep tell binary from text
-                raise ConfigError("data.path", path, f"not plain text (a binary or compressed file); {wanted}")
-            return [(os.path.basename(path), path)]
-    else:
-        fixed = []  # the glob's leading non-wildcard directories are the root for keys
-        for part in path.split(os.sep):
-            if glob.has_magic(part):
-                break
-            fixed.append(part)
-        root = os.sep.join(fixed) or (os.sep if path.startswith(os.sep) else ".")
-        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
-    files = [f for f in files if f.endswith(suffixes)]
-    if not files:
-        missing = None if glob.has_magic(path) else no_such_path(path)  # "no such file or folder; did you mean X?"
-        raise ConfigError("data.path", path, f"{wanted}; {missing}" if missing else f"no file matches; {wanted}")
-    return sorted((os.path.relpath(f, root).replace(os.sep, "/"), f) for f in files)
-
-
-def _jsonl_docs(key: str, path: str) -> Iterator[tuple[str, str]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    lineno = 0
-    try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError("data.path", f"{path}:{lineno}", f"bad JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise ConfigError("data.path", f"{path}:{lineno}", 'each line must be a JSON object with a "text" string')
-                yield f"{key}:{lineno}", rec["text"]
-    except OSError as e:  # unreadable file or corrupt gzip
-        raise ConfigError("data.path", f"{path}:{lineno}", f"cannot read ({e})") from None
-
-
-def _file_docs(files: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-    for key, path in files:
-        if not path.endswith(_JSON_SUFFIXES):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield key, f.read()
-        else:
-            yield from _jsonl_docs(key, path)
+# --- local files (smet_lab/data/files.py) ---------------------------------------------------
 
 
 def _text_files(cfg: DataConfig, tok) -> Corpus:
-    files = _resolve_files(cfg.path, _TEXT_SUFFIXES, any_named_file=True)
-    return _assemble("text_files", _file_docs(files), tok, cfg, error_key="data.path", error_value=cfg.path)
+    files = resolve_files(cfg.path, TEXT_SUFFIXES, any_named_file=True)
+    return _assemble("text_files", file_docs(files), tok, cfg, error_key="data.path", error_value=cfg.path)
 
 
 # --- c4: Hugging Face datasets, streamed ------------------------------------------------------
@@ -316,7 +248,7 @@ def _c4(cfg: DataConfig, tok) -> Corpus:
     except ImportError:
         raise ConfigError("data.name", "c4", "needs the 'datasets' package (pip install smet_lab[hf])") from None
     if cfg.path:
-        files = [p for _, p in _resolve_files(cfg.path, _JSON_SUFFIXES)]
+        files = [p for _, p in resolve_files(cfg.path, JSON_SUFFIXES)]
 
         def bad_file(e: Exception) -> ConfigError:
             return ConfigError("data.path", cfg.path, f"cannot read as JSON lines ({type(e).__name__}: {e})")
@@ -379,7 +311,7 @@ def data_files(cfg: DataConfig) -> list[str]:
     """The local files the corpus of `cfg` reads (none for pysource, synthetic and C4 from the hub)."""
     if cfg.name == "text_files" or (cfg.name == "c4" and cfg.path):
         text = cfg.name == "text_files"
-        return [p for _, p in _resolve_files(cfg.path, _TEXT_SUFFIXES if text else _JSON_SUFFIXES, any_named_file=text)]
+        return [p for _, p in resolve_files(cfg.path, TEXT_SUFFIXES if text else JSON_SUFFIXES, any_named_file=text)]
     return []
 
 
