@@ -23,7 +23,7 @@ from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_di
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
                                 ignored_setting, multirun_overrides, null_group, override_key, override_value,
                                 split_args, unknown_flag, unknown_key)
-from smet_lab.stopping import STOP, quiet_when_reader_gone, stop_on_signals, stop_when_reader_gone
+from smet_lab.stopping import STOP, clean_exit, stop_on_signals, stop_when_reader_gone
 from smet_lab.tracking.settings import quiet_mlflow
 
 EXIT_BAD_INPUT = 2
@@ -262,7 +262,7 @@ def quote(value: str) -> str:
     return value if re.fullmatch(r"[\w./-]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-@quiet_when_reader_gone
+@clean_exit
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:

@@ -32,7 +32,7 @@ import torch
 
 from smet_lab.config import ConfigError, ModelConfig, RunConfig, check_writable_dir, from_dict, no_such_path
 from smet_lab.train import checkpoint as ckpt
-from smet_lab.stopping import quiet_when_reader_gone
+from smet_lab.stopping import clean_exit
 
 FORMATS = ("dense", "compact")
 MANIFEST = "manifest.json"
@@ -228,7 +228,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
-@quiet_when_reader_gone
+@clean_exit
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="python -m smet_lab.export", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]))

@@ -1,6 +1,7 @@
 """How a job is asked to stop: Ctrl-C, SIGTERM, or its output's reader going away (`| head`). Each
 stops a run at its next step boundary (checkpointed, MLflow run KILLED, resumable) and a sweep as
-Ray Tune stops on Ctrl-C, instead of dying mid-write with its MLflow runs left RUNNING."""
+Ray Tune stops on Ctrl-C, instead of dying mid-write with its MLflow runs left RUNNING. Every
+command-line entry point (`clean_exit`) ends with an exit code and at most one line, never a traceback."""
 
 from __future__ import annotations
 
@@ -81,10 +82,10 @@ def stop_when_reader_gone() -> None:
         sys.stdout = ClosedPipeStops(sys.stdout)
 
 
-def quiet_when_reader_gone(main):
+def clean_exit(main):
     """A command-line entry point whose stdout reader may leave early (`--help | head -3`) or that is
-    interrupted before its job starts: it ends with EXIT_READER_GONE, or 130 and one line, instead of a
-    traceback (from a print, from the flush at exit, or from wherever Ctrl-C landed)."""
+    interrupted outside a job's own stop handling: it ends with EXIT_READER_GONE, or 130 and one line,
+    instead of a traceback (from a print, from the flush at exit, or from wherever Ctrl-C landed)."""
 
     @functools.wraps(main)
     def entry(*args, **kwargs):

@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smet_lab.stopping import quiet_when_reader_gone
+from smet_lab.stopping import clean_exit
 
 EXIT_BAD_INPUT = 2
 
@@ -50,7 +50,7 @@ def fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-@quiet_when_reader_gone
+@clean_exit
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from smet_lab.config import ConfigError, check_writable_dir
