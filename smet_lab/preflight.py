@@ -69,7 +69,16 @@ def group_options(group: str) -> list[str]:
         from smet_lab.methods import METHODS
 
         return sorted(METHODS)
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    files = sorted((CONF_DIR / group).glob("*.yaml"))
+    if group == "model":  # by size, as a reader scans them: tiny, small, llama_9m, ..., llama_7b
+        from omegaconf import OmegaConf
+
+        def size(path):
+            m = OmegaConf.load(path)
+            return m.n_layers * (4 * m.dim**2 + 3 * m.dim * m.ffn_dim), m.seq_len
+
+        files.sort(key=size)
+    return [p.stem for p in files]
 
 
 OPTIONAL_GROUPS = ("experiment", "sweep")  # chosen by none of the defaults
@@ -175,7 +184,8 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
     if missing:
         group, option = missing.groups()
         own = own_config_dirs(overrides)
-        options = sorted({*group_options(group), *(p.stem for d in own for p in (d / group).glob("*.yaml"))})
+        options = group_options(group)
+        options += sorted({p.stem for d in own for p in (d / group).glob("*.yaml")} - set(options))
         hint = did_you_mean(option, options)
         if not hint and own:
             hint = f"; not in {', '.join(str(d / group) for d in own)} either"
