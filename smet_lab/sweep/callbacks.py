@@ -136,28 +136,36 @@ def first_error_line(trial) -> str:
 
 
 class SweepProgress(tune.Callback):
-    """A compact live view that reads well in a terminal and in CI logs: one line every
-    `every_s` seconds and one per finished trial."""
+    """A compact live view that reads well in a terminal and in CI logs: one line every `every_s`
+    seconds and one per finished trial, with how far each running trial is and an ETA from the steps
+    trained so far in this session (so it shows before the first trial ends, and counts concurrency)."""
 
-    def __init__(self, name: str, metric: str, mode: str, n_trials: int, every_s: float = 15.0):
-        self.name, self.metric, self.mode, self.n_trials, self.every_s = name, metric, mode, n_trials, every_s
+    def __init__(self, name: str, metric: str, mode: str, steps: dict[str, int], every_s: float = 15.0):
+        self.name, self.metric, self.mode, self.steps, self.every_s = name, metric, mode, steps, every_s
+        self.n_trials = len(steps)
         self._reset()
 
     def _reset(self):
         self.start = time.time()
         self.last = 0.0
         self.best = None
-        self.durations = []
+        self.first, self.latest = {}, {}  # trial key -> first / latest step it reported in this session
         self.ended = {}  # trial key -> "done" | "failed" (Tune's own status lags the callbacks)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(start=0.0, last=0.0, best=None, durations=[], ended={})
+        state.update(start=0.0, last=0.0, best=None, first={}, latest={}, ended={})
         return state
 
     def setup(self, **info):
         self._reset()
         print(f"[sweep {self.name}] {self.n_trials} trials; progress every {self.every_s:.0f}s", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = result.get("step")
+        if isinstance(step, (int, float)) and not isinstance(step, bool):
+            self.first.setdefault(trial.config["key"], step)
+            self.latest[trial.config["key"]] = step
 
     def _consider(self, trial, result):
         value = result.get(self.metric) if result else None
@@ -169,7 +177,6 @@ class SweepProgress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         self._consider(trial, result)
-        self.durations.append(result.get("time_total_s", 0.0))
         self.ended[trial.config["key"]] = "done"
         status = result.get("smet_status", "FINISHED")
         value = result.get(self.metric)
@@ -196,12 +203,14 @@ class SweepProgress(tune.Callback):
                 ended[t.config["key"]] = "done" if t.status == "TERMINATED" else "failed"
         done = sum(v == "done" for v in ended.values())
         failed = len(ended) - done
-        running = sum(t.status == "RUNNING" and t.config["key"] not in ended for t in trials)
-        left = self.n_trials - len(ended)
+        running = [t.config["key"] for t in trials if t.status == "RUNNING" and t.config["key"] not in ended]
+        shares = [f"{100 * self.latest[k] / self.steps[k]:.0f} %" for k in running if k in self.latest and k in self.steps]
+        how_far = f" ({', '.join(shares)})" if 0 < len(shares) <= 4 else ""
         eta = ""
-        if self.durations and left:
-            per = sum(self.durations) / len(self.durations)
-            eta = f", ETA ~{per * left / max(1, running) / 60:.1f} min"
+        trained = sum(self.latest[k] - self.first[k] for k in self.latest)  # steps per second over all trials
+        left = sum(n - self.latest.get(k, 0) for k, n in self.steps.items() if k not in ended)
+        if trained > 0 and left > 0:
+            eta = f", ETA ~{left / (trained / (now - self.start)) / 60:.1f} min"
         best = f", best {self.metric}={self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-        print(f"[sweep {self.name}] {done}/{self.n_trials} done, {running} running, {failed} failed, "
+        print(f"[sweep {self.name}] {done}/{self.n_trials} done, {len(running)} running{how_far}, {failed} failed, "
               f"{now - self.start:.0f}s{eta}{best}", flush=True)

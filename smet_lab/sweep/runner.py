@@ -201,7 +201,8 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
                 scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.asha_grace_steps,
                                           max_t=max(c["train"]["max_steps"] for c in configs.values()))
             callbacks = [MlflowSweepLogger(tracking, sweep.name, str(sweep_dir), configs, parent_params) if tracking.enabled
-                         else TrialStatuses(str(sweep_dir)), SweepProgress(sweep.name, sweep.metric, sweep.mode, len(trials))]
+                         else TrialStatuses(str(sweep_dir)), SweepProgress(sweep.name, sweep.metric, sweep.mode,
+                                       {t.key: configs[t.key]["train"]["max_steps"] for t in trials})]
             tuner = tune.Tuner(
                 trainable,
                 param_space={"key": tune.grid_search([t.key for t in trials])},
