@@ -443,6 +443,7 @@ def test_a_failing_trial_does_not_take_the_others_and_is_retried(tmp_path):
 
     retry = run_cli([*SMOKE, *common(tmp_path), "sweep.retry_failed=true"], cwd=tmp_path)
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    assert " (retrying 1 failed): 1 of 2 trials kept, 1 to run\n" in retry.stdout
     client, runs = runs_of(tmp_path / "mlflow.db")
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # the same runs, all green now
     naive = next(r for r in runs if r.data.tags.get("smet.method") == "naive_dst")

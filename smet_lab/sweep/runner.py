@@ -181,8 +181,10 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
         legacy = False
         if sweep.resume and tune.Tuner.can_restore(exp_dir):
             legacy = not (sweep_dir / GRID_FILE).is_file()  # started by a smet_lab without grid.json
-            kept, _, todo = resume_plan(sweep, sweep_dir, trials)
-            print(f"[sweep {sweep.name}] resuming from {exp_dir}{' (retrying failed trials)' if sweep.retry_failed else ''}"
+            kept, states, todo = resume_plan(sweep, sweep_dir, trials)
+            retry = sum(s.startswith("failed") for s in states.values()) if sweep.retry_failed else None
+            retrying = {None: "", 0: " (no failed trial to retry)"}.get(retry, f" (retrying {retry} failed)")
+            print(f"[sweep {sweep.name}] resuming from {exp_dir}{retrying}"
                   f": {kept.removeprefix('resumes: ')}" + ("; every trial has ended, so only the report is rebuilt "
                                                            "(sweep.resume=false starts afresh)" if not todo else ""),
                   flush=True)
