@@ -20,11 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
 from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_dir, claim_folder, run_config_from
-from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, help_text,
-                                ignored_setting, multirun_overrides, null_group, override_key, override_value,
-                                split_args, unknown_flag, unknown_key)
+from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, ignored_setting,
+                                multirun_overrides, null_group, override_key, override_value, split_args, unknown_flag,
+                                unknown_key)
 from smet_lab.stopping import STOP, clean_exit, stop_on_signals, stop_when_reader_gone
 from smet_lab.tracking.settings import quiet_mlflow
+from smet_lab.usage import help_text
 
 EXIT_BAD_INPUT = 2
 RUN_FILE = "mlflow_run.json"  # in a run's output folder: the MLflow run a resume continues
