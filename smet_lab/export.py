@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from smet_lab.config import ConfigError, ModelConfig, RunConfig, check_writable_dir, from_dict, no_such_path
-from smet_lab.train import checkpoint as ckpt
 from smet_lab.stopping import clean_exit
+from smet_lab.train import checkpoint as ckpt
 
 FORMATS = ("dense", "compact")
 MANIFEST = "manifest.json"
