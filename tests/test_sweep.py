@@ -204,20 +204,22 @@ def test_the_trial_table_has_a_number_or_nan_for_every_trial(tmp_path, capsys):
     assert "None" not in printed and printed.count("NaN") == 3  # a numeric column: NaN where there is no value
 
 
-def test_progress_shows_how_far_running_trials_are_and_an_eta_before_any_trial_ends(capsys):
+def test_progress_shows_how_far_running_trials_are_and_an_eta_before_any_trial_ends(capsys, monkeypatch):
     """The progress line's ETA comes from the steps trained in this session (all trials together), so it
     shows while the first trial runs; a trial that ended in an earlier session counts as done."""
     from types import SimpleNamespace
 
-    from smet_lab.sweep.callbacks import SweepProgress
+    from smet_lab.sweep import callbacks
 
-    progress = SweepProgress("s", "summary/final_val_loss", "min", {"a": 100, "b": 100, "c": 100, "old": 100})
+    clock = [1000.0]  # the callback's clock, so the printed seconds do not depend on this machine's speed
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(time=lambda: clock[0]))
+    progress = callbacks.SweepProgress("s", "summary/final_val_loss", "min", {"a": 100, "b": 100, "c": 100, "old": 100})
     progress.setup()
     trials = [SimpleNamespace(config={"key": k}, status=s, last_result={})
               for k, s in (("a", "RUNNING"), ("b", "PENDING"), ("old", "TERMINATED"))]  # c: not created yet
     for step in range(10, 51, 10):
         progress.on_trial_result(0, trials, trials[0], {"step": step})
-    progress.start = time.time() - 50  # 40 steps trained (10 -> 50) in 50 s: 0.8 steps/s
+    clock[0] += 50  # 40 steps trained (10 -> 50) in 50 s: 0.8 steps/s
     progress.line(trials, force=True)
     # left: 50 of a, 100 of b and of c; 250 / 0.8 = 312.5 s
     assert capsys.readouterr().out.splitlines()[-1] == "[sweep s] 1/4 done, 1 running (50 %), 0 failed, 50s, ETA ~5.2 min"
