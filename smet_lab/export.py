@@ -74,8 +74,7 @@ def resolve_checkpoint(path: str | Path, trial: str | None = None) -> tuple[Path
     if missing:
         raise ExportError(f"checkpoint={str(path)!r} is not allowed: {missing}")
     sweep = sweep_folder_of(path)
-    if sweep is None and not trial and ckpt.resolve(path) != path:  # a run's folder, or its checkpoints/
-        newest = ckpt.resolve(path)
+    if sweep is None and not trial and (newest := ckpt.resolve(path)) != path:  # a run's folder, or its checkpoints/
         return newest, f"the run's newest checkpoint, {newest.name}"
     if sweep is None or (path / ckpt.STATE_FILE).is_file() or path.is_file():
         if trial:

@@ -207,7 +207,7 @@ class SweepProgress(tune.Callback):
         shares = [f"{100 * self.latest[k] / self.steps[k]:.0f} %" for k in running if k in self.latest and k in self.steps]
         how_far = f" ({', '.join(shares)})" if 0 < len(shares) <= 4 else ""
         eta = ""
-        trained = sum(self.latest[k] - self.first[k] for k in self.latest)  # steps per second over all trials
+        trained = sum(self.latest[k] - self.first[k] for k in self.latest)  # steps, all trials, this session
         left = sum(n - self.latest.get(k, 0) for k, n in self.steps.items() if k not in ended)
         if trained > 0 and left > 0:
             eta = f", ETA ~{left / (trained / (now - self.start)) / 60:.1f} min"
