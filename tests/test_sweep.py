@@ -184,19 +184,28 @@ def test_an_unreachable_cluster_stops_the_sweep_before_it_touches_its_folder(tmp
 
 
 def test_the_trial_table_has_a_number_or_nan_for_every_trial(tmp_path, capsys):
-    from types import SimpleNamespace
-
+    """trials.csv reads each trial's final checkpoint (summary.json); a training checkpoint has no summary."""
     from smet_lab.grid import Trial
     from smet_lab.sweep.runner import write_trial_table
 
     keys = ["method=smet,seed=0", "method=dense,seed=0", "method=naive_dst,seed=0"]
     trials = [Trial(k, {"method": k.split(",")[0][7:], "train.seed": 0}) for k in keys]
-    grid = [SimpleNamespace(metrics={"trial_key": keys[0], "summary/final_val_loss": 1.5, "summary/mean_probe_jump": 0.01}),
-            SimpleNamespace(metrics={"trial_key": keys[1], "summary/final_val_loss": 1.4,  # dense: no update,
-                                     "summary/mean_probe_jump": None})]  # so no jump; the third never reported
+
+    def checkpoint(folder: str, key: str, step: int, summary: dict | None = None) -> None:
+        path = tmp_path / "tune" / folder / f"checkpoint_{step:06d}"
+        path.mkdir(parents=True)
+        (path / "trial.json").write_text(json.dumps({"trial": key, "step": step}))
+        if summary is not None:
+            (path / "summary.json").write_text(json.dumps({"status": "FINISHED", "error": None, "summary": summary}))
+
+    checkpoint("t0", keys[0], 50)
+    checkpoint("t0", keys[0], 100, {"summary/final_val_loss": 1.5, "summary/mean_probe_jump": 0.01})
+    checkpoint("t1", keys[1], 100, {"summary/final_val_loss": 1.4, "summary/mean_probe_jump": None})  # dense: no jump
+    checkpoint("t2", keys[2], 50)  # the third was interrupted after its first checkpoint
     statuses = {keys[0]: {"status": "FINISHED"}, keys[1]: {"status": "FINISHED"}}
-    path = write_trial_table(tmp_path, trials, statuses, grid, "summary/final_val_loss")
+    path = write_trial_table(tmp_path, trials, statuses, "summary/final_val_loss")
     rows = list(csv.DictReader(open(path)))
+    assert [r["trial"] for r in rows] == keys and [r["method"] for r in rows] == ["smet", "dense", "naive_dst"]
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED", "UNFINISHED"]
     assert [r["summary/final_val_loss"] for r in rows] == ["1.5", "1.4", ""]
     assert [r["summary/mean_probe_jump"] for r in rows] == ["0.01", "", ""]
@@ -567,11 +576,19 @@ def test_killed_driver_resumes_to_exactly_the_grid(tmp_path):
     assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-2000:]
     assert changed.stderr.strip().count("\n") == 0 and "sweep.resume=false" in changed.stderr
     assert len(runs_of(tmp_path / "mlflow.db")[1]) == 3
-    # Run once more when every trial has ended: it says so, nothing trains, nothing is duplicated.
-    ended = run_cli(args, cwd=tmp_path, timeout=300)
+    # Run once more when every trial has ended: it says so, nothing trains, nothing is duplicated, and Ray is
+    # not started (nothing answers at this cluster address): the table and report come from the folder.
+    (tmp_path / "sw" / "smoke" / "trials.csv").unlink()
+    ended = run_cli([*args, "ray.address=127.0.0.1:1"], cwd=tmp_path, timeout=300)
     assert ended.returncode == 0 and ": 2 of 2 trials kept, 0 to run; every trial has ended, so only the report is " \
-        "rebuilt" in ended.stdout, ended.stdout[-3000:]
+        "rebuilt" in ended.stdout, ended.stdout[-3000:] + ended.stderr[-3000:]
     assert len(runs_of(tmp_path / "mlflow.db")[1]) == 3
+    table = {r["method"]: r for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
+    for run in runs:
+        if run.data.tags.get("smet.kind") != "sweep":
+            row = table[run.data.tags["smet.method"]]
+            assert row["status"] == "FINISHED"
+            assert float(row["summary/final_val_loss"]) == pytest.approx(run.data.metrics["summary/final_val_loss"])
     # A sweep folder without grid.json (written by an older smet_lab): Tune restores its own grid;
     # the trials it does not have are reported as an error, never a silent success.
     (tmp_path / "sw" / "smoke" / "grid.json").unlink()

@@ -248,7 +248,7 @@ def _c4(cfg: DataConfig, tok) -> Corpus:
     except ImportError:
         raise ConfigError("data.name", "c4", "needs the 'datasets' package (pip install smet_lab[hf])") from None
     if cfg.path:
-        files = [p for _, p in resolve_files(cfg.path, JSON_SUFFIXES)]
+        files = data_files(cfg)
 
         def bad_file(e: Exception) -> ConfigError:
             return ConfigError("data.path", cfg.path, f"cannot read as JSON lines ({type(e).__name__}: {e})")

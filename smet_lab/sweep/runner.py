@@ -20,8 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial, expand, trial_configs
-from smet_lab.sweep.folder import (DEFAULT_STORAGE, GRID_FILE, TRIALS_FILE, best_trial, check_resume, read_statuses,
-                                  resume_plan, sweep_lock, sweep_tags, write_grid)
+from smet_lab.metrics import FINAL_VAL_LOSS
+from smet_lab.sweep.folder import (DEFAULT_STORAGE, GRID_FILE, SUMMARY_FILE, TRIALS_FILE, best_trial, check_resume,
+                                  read_json, read_statuses, resume_plan, sweep_lock, sweep_tags, trial_checkpoints,
+                                  write_grid)
 
 EXIT_TRIAL_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -139,96 +141,112 @@ def run_sweep(cfg: DictConfig, compose_for_method=None) -> int:
 
 
 def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs: dict) -> int:
-    import ray
+    from smet_lab.tracking import TrackingConfig
+    from smet_lab.train.checks import no_update_note
+
+    sweep_dir = storage_root(cfg, sweep) / sweep.name
+    tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
+    kept, states, todo = resume_plan(sweep, sweep_dir, trials)
+    resuming = kept.startswith("resumes: ")
+    if resuming and not todo:  # every trial has ended: no Ray (a cluster's sweep reports on a laptop too)
+        print(f"[sweep {sweep.name}] {len(trials)} trials -> {sweep_dir}", flush=True)
+        print(_resuming_line(sweep, sweep_dir, kept, states, todo), flush=True)
+        return _conclude(tracking, sweep, sweep_dir, trials)
+    if cfg.ray.address != "local":
+        init_ray(cfg, sweep_dir)  # an unreachable cluster stops the sweep before it touches its folder
+    if not sweep.resume and sweep_dir.exists():
+        shutil.rmtree(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[sweep {sweep.name}] {len(trials)} trials -> {sweep_dir}", flush=True)
+    static = {key: note for key, note in ((k, no_update_note(c)) for k, c in configs.items()) if note}
+    if static:
+        key, note = next(iter(static.items()))
+        print(f"[sweep {sweep.name}] note: {len(static)} trial(s) (e.g. {key}): {note}", file=sys.stderr, flush=True)
+    if cfg.ray.address == "local":
+        init_ray(cfg, sweep_dir)  # (its session files go into the sweep folder)
+    legacy = resuming and not (sweep_dir / GRID_FILE).is_file()  # started by a smet_lab without grid.json
+    if resuming:
+        print(_resuming_line(sweep, sweep_dir, kept, states, todo), flush=True)
+    try:
+        grid = _fit(cfg, sweep, trials, configs, sweep_dir, tracking, resuming)
+    finally:
+        import ray
+
+        ray.shutdown()
+    ran = {(r.config or {}).get("key") for r in grid} if legacy and grid else set()
+    return _conclude(tracking, sweep, sweep_dir, trials, legacy_ran=ran if legacy else None)
+
+
+def _resuming_line(sweep: SweepConfig, sweep_dir: Path, kept: str, states: dict, todo: int) -> str:
+    retry = sum(s.startswith("failed") for s in states.values()) if sweep.retry_failed else None
+    retrying = {None: "", 0: " (no failed trial to retry)"}.get(retry, f" (retrying {retry} failed)")
+    ended = ("; every trial has ended, so only the report is rebuilt (sweep.resume=false starts afresh)"
+             if not todo else "")
+    return f"[sweep {sweep.name}] resuming from {sweep_dir / 'tune'}{retrying}: {kept.removeprefix('resumes: ')}{ended}"
+
+
+def _fit(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs: dict, sweep_dir: Path, tracking,
+         resuming: bool):
+    """Run (resuming: restore) the Tune experiment in `sweep_dir`/tune; its ResultGrid."""
     from ray import tune
 
     from smet_lab.sweep.callbacks import MlflowSweepLogger, SweepProgress, TrialStatuses
     from smet_lab.sweep.folder import forget_failed
     from smet_lab.sweep.train_workers import DRIVER_MEMORY, run_trial_workers
     from smet_lab.sweep.trainable import run_trial
-    from smet_lab.tracking import TrackingConfig
-    from smet_lab.train.checks import no_update_note
 
-    sweep_dir = storage_root(cfg, sweep) / sweep.name
-    if cfg.ray.address != "local":
-        init_ray(cfg, sweep_dir)  # an unreachable cluster stops the sweep before it touches its folder
-    if not sweep.resume and sweep_dir.exists():
-        shutil.rmtree(sweep_dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
-    print(f"[sweep {sweep.name}] {len(trials)} trials -> {sweep_dir}", flush=True)
-    static = {key: note for key, note in ((k, no_update_note(c)) for k, c in configs.items()) if note}
-    if static:
-        key, note = next(iter(static.items()))
-        print(f"[sweep {sweep.name}] note: {len(static)} trial(s) (e.g. {key}): {note}", file=sys.stderr, flush=True)
+    cpus, gpus, workers = cfg.ray.cpus_per_trial, cfg.ray.gpus_per_trial, cfg.ray.workers_per_trial
+    # A trial's config is looked up by its key in `configs` (handed over through Ray's object store,
+    # and handed again on restore), never stored in Tune's search state: Tune's restore does not
+    # rebuild a sample_from faithfully, and trials not created before an interrupt then failed.
+    if workers > 1:  # each trial a Ray Train run of `workers` processes (smet_lab.sweep.train_workers)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial_workers, configs=configs, cpus=cpus, workers=workers, gpus=gpus,
+                                 storage=str(sweep_dir / "train")), {"memory": DRIVER_MEMORY})
+    else:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, cpus=cpus, configs=configs),
+                                        {"cpu": cpus, "gpu": gpus})
+    exp_dir = str(sweep_dir / "tune")
+    if resuming and tune.Tuner.can_restore(exp_dir):
+        if sweep.retry_failed:
+            forget_failed(str(sweep_dir))
+        return tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True,
+                                  resume_errored=sweep.retry_failed).fit()
+    parent_params = {"sweep": OmegaConf.to_container(cfg.sweep, resolve=True), "n_trials": len(trials)}
+    # grid.json: what a later resume is checked against (check_resume); sweep.json: for the report
+    extensions = configs[trials[0].key].get("extensions") or []
+    write_grid(sweep_dir, trials, configs, {**parent_params, "extensions": extensions})
+    scheduler = None
+    if sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
 
-    if cfg.ray.address == "local":
-        init_ray(cfg, sweep_dir)  # (its session files go into the sweep folder)
-    try:
-        cpus, gpus, workers = cfg.ray.cpus_per_trial, cfg.ray.gpus_per_trial, cfg.ray.workers_per_trial
-        # A trial's config is looked up by its key in `configs` (handed over through Ray's object store,
-        # and handed again on restore), never stored in Tune's search state: Tune's restore does not
-        # rebuild a sample_from faithfully, and trials not created before an interrupt then failed.
-        if workers > 1:  # each trial a Ray Train run of `workers` processes (smet_lab.sweep.train_workers)
-            trainable = tune.with_resources(
-                tune.with_parameters(run_trial_workers, configs=configs, cpus=cpus, workers=workers, gpus=gpus,
-                                     storage=str(sweep_dir / "train")), {"memory": DRIVER_MEMORY})
-        else:
-            trainable = tune.with_resources(tune.with_parameters(run_trial, cpus=cpus, configs=configs),
-                                            {"cpu": cpus, "gpu": gpus})
-        concurrent = concurrent_trials(cfg)
-        exp_dir = str(sweep_dir / "tune")
-        legacy = False
-        if sweep.resume and tune.Tuner.can_restore(exp_dir):
-            legacy = not (sweep_dir / GRID_FILE).is_file()  # started by a smet_lab without grid.json
-            kept, states, todo = resume_plan(sweep, sweep_dir, trials)
-            retry = sum(s.startswith("failed") for s in states.values()) if sweep.retry_failed else None
-            retrying = {None: "", 0: " (no failed trial to retry)"}.get(retry, f" (retrying {retry} failed)")
-            print(f"[sweep {sweep.name}] resuming from {exp_dir}{retrying}"
-                  f": {kept.removeprefix('resumes: ')}" + ("; every trial has ended, so only the report is rebuilt "
-                                                           "(sweep.resume=false starts afresh)" if not todo else ""),
-                  flush=True)
-            if sweep.retry_failed:
-                forget_failed(str(sweep_dir))
-            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=sweep.retry_failed)
-        else:
-            parent_params = {"sweep": OmegaConf.to_container(cfg.sweep, resolve=True), "n_trials": len(trials)}
-            # grid.json: what a later resume is checked against (check_resume); sweep.json: for the report
-            extensions = configs[trials[0].key].get("extensions") or []
-            write_grid(sweep_dir, trials, configs, {**parent_params, "extensions": extensions})
-            scheduler = None
-            if sweep.scheduler == "asha":
-                from ray.tune.schedulers import ASHAScheduler
+        scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.asha_grace_steps,
+                                  max_t=max(c["train"]["max_steps"] for c in configs.values()))
+    callbacks = [MlflowSweepLogger(tracking, sweep.name, str(sweep_dir), configs, parent_params) if tracking.enabled
+                 else TrialStatuses(str(sweep_dir)), SweepProgress(sweep.name, sweep.metric, sweep.mode,
+                                                                   {t.key: configs[t.key]["train"]["max_steps"]
+                                                                    for t in trials})]
+    return tune.Tuner(
+        trainable,
+        param_space={"key": tune.grid_search([t.key for t in trials])},
+        # FIFO by default: ASHA would stop spiking-but-recovering trials and bias the results.
+        tune_config=tune.TuneConfig(scheduler=scheduler, metric="train/loss" if scheduler else None,
+                                    mode="min" if scheduler else None, max_concurrent_trials=concurrent_trials(cfg)),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=callbacks,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    ).fit()
 
-                scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.asha_grace_steps,
-                                          max_t=max(c["train"]["max_steps"] for c in configs.values()))
-            callbacks = [MlflowSweepLogger(tracking, sweep.name, str(sweep_dir), configs, parent_params) if tracking.enabled
-                         else TrialStatuses(str(sweep_dir)), SweepProgress(sweep.name, sweep.metric, sweep.mode,
-                                       {t.key: configs[t.key]["train"]["max_steps"] for t in trials})]
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"key": tune.grid_search([t.key for t in trials])},
-                # FIFO by default: ASHA would stop spiking-but-recovering trials and bias the results.
-                tune_config=tune.TuneConfig(scheduler=scheduler, metric="train/loss" if scheduler else None,
-                                            mode="min" if scheduler else None,
-                                            max_concurrent_trials=concurrent),
-                run_config=tune.RunConfig(
-                    name="tune", storage_path=str(sweep_dir), verbose=0,
-                    callbacks=callbacks,
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    failure_config=tune.FailureConfig(max_failures=0)),
-            )
-        grid = tuner.fit()
-    finally:
-        ray.shutdown()
 
+def _conclude(tracking, sweep: SweepConfig, sweep_dir: Path, trials: list[Trial], legacy_ran: set | None = None) -> int:
+    """The trial table, the report and the parent run's status from the sweep's folder; the exit code.
+    `legacy_ran`: the trial keys Tune restored, for a folder from before grid.json."""
     statuses = read_statuses(sweep_dir)
     statuses = {t.key: statuses[t.key] for t in trials if t.key in statuses}
     failed = [k for k, v in statuses.items() if v["status"] == "FAILED"]
     missing = [t.key for t in trials if t.key not in statuses]
-    write_trial_table(sweep_dir, trials, statuses, grid, sweep.metric)
-    ran = {(r.config or {}).get("key") for r in grid} if grid else set()
-    never = [k for k in missing if k not in ran] if legacy else []
+    write_trial_table(sweep_dir, trials, statuses, sweep.metric)
+    never = [k for k in missing if k not in legacy_ran] if legacy_ran is not None else []
     interrupted = bool(missing) and not never
     write_report(tracking, sweep, sweep_dir, interrupted)
     finish_parent(tracking, sweep, sweep_dir, statuses, len(trials), interrupted)
@@ -250,21 +268,22 @@ def _run_sweep(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs
     return EXIT_TRIAL_FAILED if failed else 0
 
 
-def write_trial_table(sweep_dir: Path, trials: list[Trial], statuses: dict, grid, metric: str) -> Path:
+def write_trial_table(sweep_dir: Path, trials: list[Trial], statuses: dict, metric: str) -> Path:
+    """trials.csv (and the same table printed): each trial's grid values, status and metrics, read from
+    its final checkpoint's summary.json (NaN where a trial has none: it did not finish, or has no update)."""
     import pandas as pd
 
-    last = {}
-    for result in grid or []:
-        if result.metrics and "trial_key" in result.metrics:
-            last[result.metrics["trial_key"]] = result.metrics
+    summaries = {}
+    for key, checkpoints in trial_checkpoints(sweep_dir).items():
+        if (checkpoints[-1] / SUMMARY_FILE).is_file():
+            summaries[key] = (read_json(checkpoints[-1] / SUMMARY_FILE) or {}).get("summary") or {}
     rows = []
     for t in trials:
-        m = last.get(t.key, {})
-        rows.append({"trial": t.key, **{k: v for k, v in t.values.items()},
-                     "status": statuses.get(t.key, {}).get("status", "UNFINISHED"),
-                     # NaN, not None, where a trial has no value (no topology update): a numeric column
-                     **{k: math.nan if m.get(k) is None else m[k]
-                        for k in (metric, "summary/mean_probe_jump", "summary/final_val_loss")}})
+        m = summaries.get(t.key, {})
+        rows.append({"trial": t.key, **t.values, "status": statuses.get(t.key, {}).get("status", "UNFINISHED"),
+                     # NaN, not None, where a trial has no value: a numeric column
+                     **{k: m[k] if isinstance(m.get(k), (int, float)) else math.nan
+                        for k in dict.fromkeys((metric, "summary/mean_probe_jump", FINAL_VAL_LOSS))}})
     frame = pd.DataFrame(rows)
     path = sweep_dir / TRIALS_FILE
     frame.to_csv(path, index=False)
