@@ -14,6 +14,8 @@
         Both write manifest.json: model preset and sizes, vocabulary, tokenizer, block size, density
         per layer, method, step. --eval then loads the export back and prints its loss on the run's
         validation batches (the run's own data and eval settings; equals the run's last val loss).
+        --sample PROMPT then prints what the export writes after PROMPT (the run's tokenizer; --tokens,
+        --temperature, 0 = always the most likely token, --top-k and --seed shape it).
 
 Bad input (no checkpoint there, a mistyped path, an unknown format): one line `smet_lab: error: ...` and exit code 2.
 """
@@ -221,6 +223,28 @@ def evaluate_export(path: str | Path, cfg: RunConfig | None = None, progress=Non
     return mean_loss(model, batches, cfg.train.dtype == "bfloat16")
 
 
+def sample_text(model, tokenizer, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
+    """`prompt` and `tokens` more tokens that `model` writes after it (LLaMA.generate, a seeded generator)."""
+    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    out = model.eval().generate(ids, tokens, temperature, top_k, torch.Generator().manual_seed(seed))
+    return tokenizer.decode(out[0])
+
+
+def _at_least(low, kind=int):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value >= low:  # (NaN too)
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: {'an integer' if kind is int else 'a number'} >= {low}")
+        return value
+    return parse
+
+
+SAMPLING = {"tokens": 200, "temperature": 0.8, "top_k": 40, "seed": 0}  # the defaults of the options read with --sample
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like the main CLI, instead of usage + message
         print(f"smet_lab: error: {message} (see python -m smet_lab.export --help)", file=sys.stderr)
@@ -236,11 +260,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", default="dense", choices=FORMATS)
     p.add_argument("--eval", action="store_true", help="print the export's loss on the run's validation batches")
+    p.add_argument("--sample", metavar="PROMPT", help="print what the export writes after PROMPT")
+    p.add_argument("--tokens", type=_at_least(1), help=f"with --sample: how many tokens (default {SAMPLING['tokens']})")
+    p.add_argument("--temperature", type=_at_least(0.0, float),
+                   help=f"with --sample: 0 = the most likely token each time (default {SAMPLING['temperature']})")
+    p.add_argument("--top-k", type=_at_least(1), help=f"with --sample: among the K most likely (default {SAMPLING['top_k']})")
+    p.add_argument("--seed", type=int, help=f"with --sample: the sampler's seed (default {SAMPLING['seed']})")
     args = p.parse_args(argv)
+    for dest, default in SAMPLING.items():
+        if getattr(args, dest) is not None and args.sample is None:
+            p.error(f"--{dest.replace('_', '-')} is read only with --sample PROMPT")
+        if getattr(args, dest) is not None and dest in ("top_k", "seed") and args.temperature == 0:
+            p.error(f"--{dest.replace('_', '-')} is not read with --temperature 0 (the most likely token each time)")
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     try:
         check_writable_dir("--out", args.out)
         checkpoint, chosen = resolve_checkpoint(args.checkpoint, args.trial)
         read = read_checkpoint(checkpoint)
+        tokenizer = None
+        if args.sample is not None:  # before anything is written: the run's tokenizer and a prompt it encodes
+            from smet_lab.data import build_tokenizer
+
+            tokenizer = build_tokenizer(read[0].data.tokenizer)
+            if not tokenizer.encode(args.sample):
+                raise ExportError(f"--sample={args.sample!r} is not allowed: a prompt of at least one token")
         out = export(checkpoint, args.out, args.format, read=read)
     except ExportError as exc:
         print(f"smet_lab: error: {exc}", file=sys.stderr)
@@ -261,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
             run = (f" (the run last evaluated at step {logged[-1][0]}: {logged[-1][1]:.6f}; "
                    f"this checkpoint is step {state['step']})")
         print(f"smet_lab: val loss of the export: {evaluate_export(out, cfg, progress=print):.6f}{run}")
+    if tokenizer is not None:
+        how = (f"temperature {args.temperature:g}, top-k {args.top_k}, seed {args.seed}" if args.temperature
+               else "the most likely token each time")
+        print(f"smet_lab: sample ({args.tokens} tokens, {how}):")
+        print(sample_text(load_export(out)[0], tokenizer, args.sample, args.tokens, args.temperature, args.top_k,
+                          args.seed))
     return 0
 
 

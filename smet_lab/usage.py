@@ -24,6 +24,7 @@ Main commands:
   python -m smet_lab +sweep=density ray.workers_per_trial=4   every trial data parallel (Ray Train, 4 processes)
   python -m smet_lab.report SWEEP                          rebuild a sweep's stability report
   python -m smet_lab.export sweeps/SWEEP --trial best --out model/   its best trial's weights as safetensors
+  python -m smet_lab.export outputs/<run> --out model/ --sample 'def main('   and what the model writes next
   python -m smet_lab +sweep=density --plan                 what it would run (trials, what a resume keeps), run nothing
   python -m smet_lab --cfg job                             print the composed config (every key and value)
   mlflow ui --backend-store-uri sqlite:///mlflow.db         the dashboards

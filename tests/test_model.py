@@ -142,3 +142,43 @@ def test_the_meta_model_has_the_real_models_shapes_and_draws_nothing():
                                     timeout=120).stdout.splitlines()
     assert shapes == str(sorted((n, tuple(t.shape), True) for n, t in [*real.named_parameters(), *real.named_buffers()]))
     assert dynamo == "False"
+
+
+def _small_model(seed: int = 0, seq_len: int = 16) -> LLaMA:
+    torch.manual_seed(seed)
+    return LLaMA(ModelConfig(name="t", dim=32, n_layers=2, n_heads=2, ffn_dim=64, seq_len=seq_len, vocab_size=50,
+                             init_std=0.5)).eval()  # a wide init: distinct, confident next-token choices
+
+
+def test_greedy_generation_takes_the_argmax_of_one_full_forward_at_every_position():
+    model = _small_model()
+    prompt = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    out = model.generate(prompt, 10, temperature=0)
+    assert out.shape == (2, 15) and torch.equal(out[:, :5], prompt)
+    with torch.no_grad():  # causal: position t's logits in one pass over the whole sequence are what step t saw
+        logits = model(out)
+    assert torch.equal(out[:, 5:], logits[:, 4:-1].argmax(-1))
+
+
+def test_sampling_stays_in_the_top_k_is_seeded_and_top_1_is_greedy():
+    model = _small_model()
+    prompt = torch.tensor([[7, 7, 2]])
+    draw = lambda seed, **kw: model.generate(prompt, 12, generator=torch.Generator().manual_seed(seed), **kw)
+    out = draw(0, temperature=1.0, top_k=3)
+    assert torch.equal(out, draw(0, temperature=1.0, top_k=3))
+    with torch.no_grad():
+        top3 = model(out)[0, 2:-1].topk(3).indices  # the 3 most likely after each prefix
+    assert all(tok in allowed for tok, allowed in zip(out[0, 3:].tolist(), top3.tolist()))
+    assert torch.equal(draw(1, temperature=1.0, top_k=1), model.generate(prompt, 12, temperature=0))
+    # With the whole vocabulary allowed and a high temperature the choices are not all the argmax: it samples.
+    assert not torch.equal(draw(0, temperature=5.0), model.generate(prompt, 12, temperature=0))
+
+
+def test_generation_past_the_context_keeps_the_last_seq_len_tokens():
+    model = _small_model(seq_len=8)
+    prompt = torch.arange(20).unsqueeze(0) % 50  # longer than the context
+    out = model.generate(prompt, 4, temperature=0)
+    assert out.shape == (1, 24)
+    with torch.no_grad():  # the first new token is the argmax after the last 8 prompt tokens alone
+        expected = model(prompt[:, -8:])[0, -1].argmax()
+    assert out[0, 20] == expected

@@ -123,6 +123,25 @@ class LLaMA(nn.Module):
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """`idx` [B, T] continued by `max_new_tokens` tokens, each sampled from the next-token distribution
+        at `temperature` (0: the most likely token) among the `top_k` most likely. The context is the last
+        model.seq_len tokens; no KV cache (every token recomputes its context: a quick look, not serving)."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.seq_len:])[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.size(-1):
+                    kth = torch.topk(logits, top_k).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
