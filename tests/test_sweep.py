@@ -242,6 +242,36 @@ def test_progress_shows_how_far_running_trials_are_and_an_eta_before_any_trial_e
     assert out[1] == "[sweep s] 2/4 done, 1 running, 0 failed, 50s, ETA ~1.9 min, best summary/final_val_loss=1.5000 (a)"
 
 
+def test_the_eta_weighs_each_trials_steps_by_its_cost(capsys, monkeypatch, tmp_path):
+    """A grid over model sizes: the large model's steps cost more, and the ETA counts them so."""
+    from types import SimpleNamespace
+
+    from smet_lab.config import ModelConfig, from_dict
+    from smet_lab.model import LLaMA
+    from smet_lab.sweep import callbacks
+    from smet_lab.sweep.runner import step_work
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(time=lambda: clock[0]))
+    progress = callbacks.SweepProgress("s", "summary/final_val_loss", "min", {"small": 100, "large": 100},
+                                       {"small": 1.0, "large": 4.0})
+    progress.setup()
+    trials = [SimpleNamespace(config={"key": k}, status=s, last_result={}) for k, s in (("small", "RUNNING"),
+                                                                                        ("large", "PENDING"))]
+    progress.on_trial_result(0, trials, trials[0], {"step": 0})
+    progress.on_trial_result(0, trials, trials[0], {"step": 50})
+    clock[0] = 60.0  # 50 small steps in 60 s; left: 50 small steps (60 s) and 100 large ones of 4x the cost (480 s)
+    progress.line(trials, force=True)
+    assert capsys.readouterr().out.splitlines()[-1].endswith(", 60s, ETA ~9.0 min")
+    # The cost per step: parameters (of the model itself) x tokens per step.
+    args = ["+sweep=smoke", "train.batch_size=3", "train.grad_accum=2", f"ray.storage={tmp_path}"]
+    _, trials, configs = plan(compose(args), method_composer(args))
+    cfg = configs[trials[0].key]
+    params = LLaMA(from_dict(ModelConfig, cfg["model"])).num_parameters()
+    tokens = cfg["model"]["seq_len"] * cfg["train"]["batch_size"] * cfg["train"]["grad_accum"]
+    assert step_work(cfg) == params * tokens
+
+
 def test_resuming_with_another_grid_or_setting_is_refused(tmp_path):
     """Tune restores the trials it stored: a changed grid or training key would silently not apply."""
     base = ["+sweep=smoke", f"ray.storage={tmp_path}"]

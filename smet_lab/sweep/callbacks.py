@@ -138,10 +138,13 @@ def first_error_line(trial) -> str:
 class SweepProgress(tune.Callback):
     """A compact live view that reads well in a terminal and in CI logs: one line every `every_s`
     seconds and one per finished trial, with how far each running trial is and an ETA from the steps
-    trained so far in this session (so it shows before the first trial ends, and counts concurrency)."""
+    trained so far in this session (so it shows before the first trial ends, and counts concurrency),
+    each trial's steps weighted by `step_work` (its relative cost per step; default: all alike)."""
 
-    def __init__(self, name: str, metric: str, mode: str, steps: dict[str, int], every_s: float = 15.0):
+    def __init__(self, name: str, metric: str, mode: str, steps: dict[str, int],
+                 step_work: dict[str, float] | None = None, every_s: float = 15.0):
         self.name, self.metric, self.mode, self.steps, self.every_s = name, metric, mode, steps, every_s
+        self.work = {k: (step_work or {}).get(k, 1.0) for k in steps}
         self.n_trials = len(steps)
         self._reset()
 
@@ -207,8 +210,9 @@ class SweepProgress(tune.Callback):
         shares = [f"{100 * self.latest[k] / self.steps[k]:.0f} %" for k in running if k in self.latest and k in self.steps]
         how_far = f" ({', '.join(shares)})" if 0 < len(shares) <= 4 else ""
         eta = ""
-        trained = sum(self.latest[k] - self.first[k] for k in self.latest)  # steps, all trials, this session
-        left = sum(n - self.latest.get(k, 0) for k, n in self.steps.items() if k not in ended)
+        # work = steps x each trial's cost per step, all trials, this session
+        trained = sum((self.latest[k] - self.first[k]) * self.work.get(k, 1.0) for k in self.latest)
+        left = sum((n - self.latest.get(k, 0)) * self.work[k] for k, n in self.steps.items() if k not in ended)
         if trained > 0 and left > 0:
             eta = f", ETA ~{left / (trained / (now - self.start)) / 60:.1f} min"
         best = f", best {self.metric}={self.best[0]:.4f} ({self.best[1]})" if self.best else ""

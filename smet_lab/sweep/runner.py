@@ -222,10 +222,11 @@ def _fit(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs: dict
 
         scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.asha_grace_steps,
                                   max_t=max(c["train"]["max_steps"] for c in configs.values()))
+    progress = SweepProgress(sweep.name, sweep.metric, sweep.mode, {t.key: configs[t.key]["train"]["max_steps"]
+                                                                    for t in trials},
+                             {t.key: step_work(configs[t.key]) for t in trials})
     callbacks = [MlflowSweepLogger(tracking, sweep.name, str(sweep_dir), configs, parent_params) if tracking.enabled
-                 else TrialStatuses(str(sweep_dir)), SweepProgress(sweep.name, sweep.metric, sweep.mode,
-                                                                   {t.key: configs[t.key]["train"]["max_steps"]
-                                                                    for t in trials})]
+                 else TrialStatuses(str(sweep_dir)), progress]
     return tune.Tuner(
         trainable,
         param_space={"key": tune.grid_search([t.key for t in trials])},
@@ -236,6 +237,17 @@ def _fit(cfg: DictConfig, sweep: SweepConfig, trials: list[Trial], configs: dict
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     ).fit()
+
+
+def step_work(cfg: dict) -> float:
+    """A trial's relative cost per step, for the progress ETA: parameters x tokens per step (a step's
+    FLOPs are ~6x that; the sparse layers' matmuls are dense in every layout)."""
+    from smet_lab.config import ModelConfig, from_dict
+    from smet_lab.model import count_parameters
+
+    train = cfg["train"]
+    return float(count_parameters(from_dict(ModelConfig, cfg["model"])) * cfg["model"]["seq_len"]
+                 * train["batch_size"] * train["grad_accum"])
 
 
 def _conclude(tracking, sweep: SweepConfig, sweep_dir: Path, trials: list[Trial], legacy_ran: set | None = None) -> int:
