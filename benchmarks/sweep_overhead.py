@@ -29,13 +29,13 @@ def main() -> None:
     args = ap.parse_args()
     overrides = [f"+sweep={args.sweep}", *args.overrides]
 
-    from smet_lab.cli import compose, method_composer
+    from smet_lab.cli import compose, group_composer
     from smet_lab.config import run_config_from
     from smet_lab.data import load_corpus
     from smet_lab.sweep.runner import plan
     from smet_lab.train import QUIET, train
 
-    _, trials, configs = plan(compose(overrides), method_composer(overrides))
+    _, trials, configs = plan(compose(overrides), group_composer(overrides))
     with tempfile.TemporaryDirectory(prefix="sweepbench_") as tmp:
         work = os.path.abspath(args.workdir) if args.workdir else tmp
         os.makedirs(work, exist_ok=True)

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
 from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_dir, claim_folder, run_config_from
-from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, ignored_setting,
-                                multirun_overrides, null_group, override_key, override_value, split_args, unknown_flag,
-                                unknown_key)
+from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries,
+                                ignored_setting, multirun_overrides, null_group, override_key, override_value, split_args,
+                                trial_groups, unknown_flag, unknown_key)
 from smet_lab.stopping import STOP, clean_exit, stop_on_signals, stop_when_reader_gone
 from smet_lab.tracking.settings import quiet_mlflow
 from smet_lab.usage import help_text
@@ -67,15 +67,28 @@ def default_run_dir(overrides: list[str]) -> str:
     return compose(overrides, with_hydra=True).hydra.run.dir
 
 
-def method_composer(overrides: list[str]):
-    """compose_for_method(m): the config as if `method=m` had been typed with the other overrides."""
-    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "method"]
+def group_composer(overrides: list[str]):
+    """compose_for(choices): the config as if a trial's config-group choices ({"method": "smet", "model":
+    "small"}: its grid keys without a dot) had been typed with the other overrides, which they replace."""
+    from hydra.errors import HydraException
 
-    def compose_for_method(method: str | None) -> dict:
-        cfg = compose(rest + ([f"method={method}"] if method else []))
+    def compose_for(choices: dict) -> dict:
+        for group, option in choices.items():
+            if group not in trial_groups():
+                raise ConfigError(f"sweep.params.{group}", option, "a config group trials may differ in (one of "
+                                  f"{', '.join(trial_groups())}) or a key inside one, e.g. sweep.params.optim.lr")
+        typed = [f"{group}={option}" for group, option in choices.items()]
+        try:
+            cfg = compose([o for o in overrides if override_key(o) not in choices] + typed)
+        except HydraException as exc:  # (an option that is not there: "GROUP=OPTION is not allowed: ...")
+            head, _, allowed = explain_hydra_error(exc, overrides + typed).partition(" is not allowed: ")
+            group, _, option = head.partition("=")
+            if group not in choices or not allowed:
+                raise ConfigError("sweep.params", " ".join(typed), f"composable ({head}{allowed})") from None
+            raise ConfigError(f"sweep.params.{group}", option, allowed) from None
         return OmegaConf.to_container(cfg, resolve=True)
 
-    return compose_for_method
+    return compose_for
 
 
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:
@@ -118,7 +131,7 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
                                   "> 0 when the trials train on CUDA (train.device=cuda, e.g. train=gpu): Ray shows a "
                                   "trial only the GPUs it gives it (ray.gpus_per_trial=1)")
             check_ray(cfg.ray)
-            configs = list(plan(cfg, method_composer(overrides))[2].values())
+            configs = list(plan(cfg, group_composer(overrides))[2].values())
             workers, origin = cfg.ray.workers_per_trial, "ray.workers_per_trial"
         else:
             check_config(to_run_config(cfg))
@@ -243,7 +256,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
         try:
             own_configs = [o for o in hydra_cfg.overrides.hydra if override_key(o) == "hydra.searchpath"]
-            code = run_sweep(cfg, method_composer([*hydra_cfg.overrides.task, *own_configs]))
+            code = run_sweep(cfg, group_composer([*hydra_cfg.overrides.task, *own_configs]))
         except ConfigError as exc:  # found only when the sweep starts (e.g. no Ray cluster answers)
             _remove_if_empty(output_dir)
             fail(str(exc))
@@ -335,7 +348,7 @@ def print_plan(cfg: DictConfig, overrides: list[str]) -> None:
         return
     try:
         if cfg.get("sweep") is not None:
-            print(describe_sweep(cfg, method_composer(overrides)))
+            print(describe_sweep(cfg, group_composer(overrides)))
         else:
             print(describe_run(cfg, given_run_dir(overrides) or f"{default_run_dir(overrides)} (or -2, -3, ... "
                                                                 "if a run started in the same second has it)"))

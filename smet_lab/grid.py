@@ -86,7 +86,8 @@ def expand(sweep: SweepConfig) -> List[Trial]:
             values = {**combo, "train.seed": seed}
             method = values.get("method")
             if method is not None and method not in METHODS:
-                raise ConfigError("sweep.params.method", method, "one of " + ", ".join(METHODS))
+                raise ConfigError("sweep.params.method", method, "one of " + ", ".join(METHODS)
+                                  + did_you_mean(method, METHODS))
             key = trial_key(values)
             if key not in seen:  # an extra trial may repeat a grid point
                 seen.add(key)
@@ -99,20 +100,22 @@ def trial_key(values: Dict[str, Any]) -> str:
     return ",".join(f"{'seed' if k == 'train.seed' else k}={v}" for k, v in ordered)
 
 
-def trial_configs(trials: List[Trial], base_for_method: Callable[[str], Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Each trial's full config dict. `base_for_method(m)` is the config composed as if the user had
-    typed `method=m` with their other overrides (so the precedence is: method preset < sweep file <
-    command line), then the trial's own grid values are set on top."""
-    bases: Dict[str, Dict[str, Any]] = {}
+def trial_configs(trials: List[Trial], compose_for: Callable[[Dict[str, str]], Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Each trial's full config dict. `compose_for(choices)` is the config composed as if the user had
+    typed the trial's config-group choices (its keys without a dot: `method=m`, `model=small`) with their
+    other overrides (so the precedence is: group option and method preset < sweep file < command line),
+    then the trial's other grid values are set on top."""
+    bases: Dict[tuple, Dict[str, Any]] = {}
     out = {}
     for trial in trials:
-        method = trial.values.get("method")
-        if method not in bases:
-            bases[method] = base_for_method(method)
-        cfg = copy.deepcopy(bases[method])
+        choices = {k: v for k, v in trial.values.items() if "." not in k}
+        marker = tuple(sorted(choices.items(), key=str))
+        if marker not in bases:
+            bases[marker] = compose_for(choices)
+        cfg = copy.deepcopy(bases[marker])
         cfg.pop("sweep", None)
         for dotted, value in trial.values.items():
-            if dotted != "method":
+            if dotted not in choices:
                 set_dotted(cfg, dotted, value)
         if cfg["method"] == "dense":
             cfg["sparsity"]["density"] = 1.0  # the dense reference of a sweep trains every weight

@@ -95,6 +95,12 @@ def config_groups() -> list[str]:
     return sorted({p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"method"})
 
 
+def trial_groups() -> list[str]:
+    """The groups a sweep's trials may differ in (a grid axis `sweep.params.model=[tiny,small]`); tracking,
+    ray and sweep are the sweep's own."""
+    return [g for g in config_groups() if g not in ("tracking", "ray", "sweep")]
+
+
 def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -257,16 +263,16 @@ def multirun_overrides(overrides: list[str]) -> list[str]:
     swept = [(o, raw) for o, raw in zip(parsed, overrides) if o.is_sweep_override()]
     if not swept:
         return list(overrides)
-    groups = set(config_groups()) - {"method"}
+    driver = set(config_groups()) - set(trial_groups())
     axes, names, rest = [], [], [raw for o, raw in zip(parsed, overrides) if not o.is_sweep_override()]
     for o, raw in swept:
         key, text = o.key_or_group, override_value(raw)
         if not isinstance(o.value(), ChoiceSweep):
             raise ConfigError(key, text, "a multirun sweeps comma-separated values (KEY=A,B,C); "
                                          "range(), interval() and glob() are not supported")
-        if key in groups:
-            raise ConfigError(key, text, f"a multirun sweeps method= and config values, not the {key} group; "
-                                         f"run one sweep per {key}, or sweep {key}.* keys")
+        if key in driver:
+            raise ConfigError(key, text, f"a multirun sweeps what trials train with; {key} is the sweep's own "
+                                         f"setting: run one sweep per {key}")
         values = f"[{text}]"
         axes.append(f"sweep.seeds={values}" if key == "train.seed" else f"+sweep.params.{key}={values}")
         names.append(key.rsplit(".", 1)[-1])

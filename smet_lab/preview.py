@@ -72,10 +72,10 @@ def _resources(cfg: DictConfig) -> str:
     return f"a local Ray with {_n(cpus, 'CPU')}, {shape} per trial: {_n(at_once, 'trial')} at a time"
 
 
-def describe_sweep(cfg: DictConfig, compose_for_method) -> str:
+def describe_sweep(cfg: DictConfig, compose_for) -> str:
     from smet_lab.train.checks import no_update_note
 
-    sweep, trials, configs = plan(cfg, compose_for_method)
+    sweep, trials, configs = plan(cfg, compose_for)
     sweep_dir = storage_root(cfg, sweep) / sweep.name
     state, states, _ = resume_plan(sweep, sweep_dir, trials)
     steps = sorted({c["train"]["max_steps"] for c in configs.values()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,11 +80,11 @@ def test_every_experiment_is_the_recipe_it_names(tmp_path, hf_tok_dir):
     assert (run.sparsity.density, run.model.name, run.optim.lr_scaling.rule, run.train.max_steps) == \
         (0.1, "tiny", "none", 20_000)
     # A sweep on top: every trial is the recipe, with the grid's density and method.
-    from smet_lab.cli import method_composer
+    from smet_lab.cli import group_composer
     from smet_lab.sweep.runner import plan
 
     overrides = ["experiment=paper_fig1", "+sweep=density", *local, f"ray.storage={tmp_path}"]
-    trials = plan(compose(overrides), method_composer(overrides))[2].values()
+    trials = plan(compose(overrides), group_composer(overrides))[2].values()
     assert {(c["model"]["name"], c["train"]["max_steps"], c["data"]["max_tokens"]) for c in trials} == \
         {("llama_240m", 10_000, 1_310_720_001)}
     assert sorted((c["sparsity"]["density"], c["method"]) for c in trials) == \
@@ -370,9 +371,12 @@ BAD_INPUTS = [
     e2e(["tracking=none", "tracking.experiment=x"], "tracking.experiment=x is not allowed: ignored with tracking.enabled=false"),
     e2e(["tracking.tags.owner=alice"], "tracking.tags.owner=alice is not allowed: a new tag takes a plus: +tracking.tags.owner=alice"),
     e2e(["+tracking.tags.run.id=1"], "tracking.tags.run.id=1 is not allowed: tracking.tags.run must be a string, not a dict"),
-    # A comma list outside a multirun; a multirun over a group other than method.
+    # A comma list outside a multirun; a multirun over the sweep's own settings or a group option not there.
     (["sparsity.density=0.1,0.25"], "add -m"),
-    (["-m", "model=tiny,small"], "model='tiny,small' is not allowed: a multirun sweeps method= and config values"),
+    (["-m", "ray=local,cluster"], "ray='local,cluster' is not allowed: a multirun sweeps what trials train with"),
+    e2e(["-m", "model=tiny,smal"], "sweep.params.model='smal' is not allowed: one of tiny, small, "),
+    # Two trials of a grid that would train the same run.
+    e2e(["-m", "method=dense,smet", "sparsity.density=0.1,0.25"], "give it once, as sweep.extra_trials=[{method:dense}]"),
 ]
 
 
@@ -466,14 +470,47 @@ def test_multirun_overrides_become_a_sweep():
     assert multirun_overrides(["train.max_steps=5"]) == ["train.max_steps=5"]  # nothing swept: one run
     overrides = multirun_overrides(["sparsity.density=0.1,0.25", "method=smet,naive_dst"])
     from smet_lab.sweep.runner import plan
-    from smet_lab.cli import method_composer
+    from smet_lab.cli import group_composer
 
-    sweep, trials, configs = plan(compose(overrides), method_composer(overrides))
+    sweep, trials, configs = plan(compose(overrides), group_composer(overrides))
     assert sweep.name == "multirun-density-method"
     cells = sorted((c["method"], c["sparsity"]["density"]) for c in configs.values())
     assert cells == sorted((m, d) for m in ("smet", "naive_dst") for d in (0.1, 0.25))
     # Each trial is its method's preset with the grid value on top, exactly as `+sweep=` builds it.
     assert all(c["optim"]["lr_scaling"]["rule"] == METHODS[c["method"]]["optim.lr_scaling.rule"] for c in configs.values())
+
+
+def test_a_grid_axis_over_a_config_group_composes_each_option(tmp_path):
+    """`-m model=tiny,small` (or +sweep.params.model=[...]): each trial is composed with its option, under the
+    sweep file and the command line, and a method typed once holds for every trial of a grid without a method axis."""
+    import yaml
+
+    from smet_lab.cli import group_composer
+    from smet_lab.preflight import multirun_overrides
+    from smet_lab.sweep.runner import plan
+
+    overrides = multirun_overrides(["model=tiny,small", "method=naive_dst", "model.n_layers=3",
+                                    f"ray.storage={tmp_path}"])
+    assert "+sweep.params.model=[tiny,small]" in overrides
+    sweep, trials, configs = plan(compose(overrides), group_composer(overrides))
+    assert sweep.name == "multirun-model" and [t.key for t in trials] == ["model=tiny,seed=0", "model=small,seed=0"]
+    for option in ("tiny", "small"):
+        cfg, shipped = configs[f"model={option},seed=0"], yaml.safe_load((CONF_DIR / "model" / f"{option}.yaml").read_text())
+        assert cfg["method"] == "naive_dst"
+        assert cfg["optim"]["lr_scaling"]["rule"] == METHODS["naive_dst"]["optim.lr_scaling.rule"]
+        assert cfg["model"]["n_layers"] == 3  # the command line over the group's option
+        assert {k: cfg["model"][k] for k in ("dim", "ffn_dim", "seq_len")} == {k: shipped[k] for k in ("dim", "ffn_dim", "seq_len")}
+    # Both a method axis and a group axis: one composition per combination, the sweep file's keys on top.
+    overrides = ["+sweep=smoke", "+sweep.params.model=[tiny,small]", f"ray.storage={tmp_path}"]
+    configs = plan(compose(overrides), group_composer(overrides))[2]
+    assert {(c["method"], c["model"]["name"], c["train"]["max_steps"]) for c in configs.values()} == {
+        (m, o, 60) for m in ("naive_dst", "smet") for o in ("tiny", "small")}
+    for bad, says in ((["+sweep.params.tracking=[mlflow,none]"], "sweep.params.tracking='mlflow' is not allowed: "
+                                                                  "a config group trials may differ in"),
+                      (["+sweep.params.data=[pysource,synthetic]"], "these two would train the same run (a setting in "
+                                                                     "the sweep file")):  # smoke sets data.name
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            plan(compose(overrides[:1] + bad + overrides[2:]), group_composer(overrides[:1] + bad + overrides[2:]))
 
 
 def test_a_value_read_by_some_sweep_trials_is_accepted(tmp_path):
@@ -509,11 +546,11 @@ def test_the_recorded_config_is_the_effective_one(tmp_path, hf_tok_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["vocab_size"] == vocab
     assert mlflow_runs(tmp_path / "mlflow.db").iloc[0]["params.model.vocab_size"] == str(vocab)
-    from smet_lab.cli import method_composer
+    from smet_lab.cli import group_composer
     from smet_lab.sweep.runner import plan
 
     overrides = ["+sweep=smoke", f"data.tokenizer=hf:{hf_tok_dir}", f"ray.storage={tmp_path}"]
-    configs = plan(compose(overrides), method_composer(overrides))[2]
+    configs = plan(compose(overrides), group_composer(overrides))[2]
     assert {c["model"]["vocab_size"] for c in configs.values()} == {vocab}
 
 
@@ -592,12 +629,12 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
 def test_a_cluster_sweep_is_not_held_to_the_drivers_memory(tmp_path):
     """A trial too large for this machine is refused by a local sweep, and planned by a sweep on a Ray
     cluster (its trials train on the cluster's nodes, whose memory the driver cannot see)."""
-    from smet_lab.cli import method_composer
+    from smet_lab.cli import group_composer
     from smet_lab.sweep.runner import plan
 
     huge = ["+sweep=smoke", "model=llama_7b", "model.ffn_dim=1000000", f"ray.storage={tmp_path}"]
     with pytest.raises(ConfigError, match="its weights, gradients and Adam state need"):
-        plan(compose(huge), method_composer(huge))
+        plan(compose(huge), group_composer(huge))
     on_cluster = [*huge, "ray=cluster"]
-    configs = plan(compose(on_cluster), method_composer(on_cluster))[2]
+    configs = plan(compose(on_cluster), group_composer(on_cluster))[2]
     assert {c["model"]["ffn_dim"] for c in configs.values()} == {1000000}

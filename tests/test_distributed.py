@@ -255,7 +255,7 @@ def test_a_sweep_of_two_process_trials_matches_one_process_and_resumes_after_ctr
     import time
 
     from helpers import all_runs, start_cli
-    from smet_lab.cli import method_composer
+    from smet_lab.cli import group_composer
     from smet_lab.config import run_config_from
     from smet_lab.sweep.runner import plan
 
@@ -283,7 +283,7 @@ def test_a_sweep_of_two_process_trials_matches_one_process_and_resumes_after_ctr
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
     assert int(children[stopped[0]].data.tags["smet.resumed_from_step"]) >= 50  # from its checkpoint, not step 0
     cfg = compose(args)
-    configs = plan(cfg, method_composer(args))[2]
+    configs = plan(cfg, group_composer(args))[2]
     for key, config in configs.items():
         run = children[config["method"]]
         assert run.data.metrics["summary/world_size"] == 2 and run.data.metrics["summary/steps"] == 300

@@ -92,6 +92,21 @@ def cell(stats, method, density):
     return row.iloc[0]
 
 
+def test_a_config_group_axis_is_a_column_from_the_grid_and_sorts_naturally():
+    """`model=llama_20m` names no config key, so no param holds it: the grid's values make the column, and
+    two models never merge into one cell as if they were seeds."""
+    values = [{"method": "smet", "model": m, "train.seed": 0} for m in ("llama_130m", "llama_20m", "tiny")]
+    info = SweepInfo(name="models", status="FINISHED", n_trials=3, seeds=[0], swept=["method", "model"],
+                     expected=[(trial_key(v), v) for v in values])
+    runs = pd.DataFrame([{"run_id": f"r{i}", "trial": trial_key(v), "status": "FINISHED", "error": None, "history": None,
+                          "method": "smet", "train.seed": 0, PPL: ppl} for i, (v, ppl) in enumerate(zip(values, [9.0, 12.0, 30.0]))])
+    full = with_missing(runs, info)
+    assert list(full["model"]) == ["llama_130m", "llama_20m", "tiny"] and len(full) == 3
+    stats = cell_stats(full, ["method", "model"], seeds_asked=1)
+    assert list(stats["model"]) == ["llama_20m", "llama_130m", "tiny"]  # 20 before 130
+    assert list(stats["n"]) == [1, 1, 1] and list(stats[f"{PPL}:mean"]) == [12.0, 9.0, 30.0]
+
+
 def test_cell_stats_mean_std_seed_counts_and_flags():
     info, runs = hand_made()
     runs = with_missing(runs, info)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import all_runs as runs_of, run_cli, start_cli
-from smet_lab.cli import CONF_DIR, compose, method_composer
+from smet_lab.cli import CONF_DIR, compose, group_composer
 from smet_lab.config import ConfigError
 from smet_lab.grid import expand, trial_configs
 from smet_lab.sweep.folder import GRID_FILE, write_grid
@@ -50,10 +50,10 @@ def test_every_sweep_composes_and_expands(name):
     count = expected_trials(name) * len(seeds)
     overrides = [f"+sweep={name}"]
     cfg = compose(overrides)
-    sweep, trials, configs = plan(cfg, method_composer(overrides))
+    sweep, trials, configs = plan(cfg, group_composer(overrides))
     assert sweep.name == name and len(trials) == count == len(configs)
     assert len({t.key for t in trials}) == count
-    three = plan(compose([*overrides, "sweep.seeds=[0,1,2]"]), method_composer([*overrides, "sweep.seeds=[0,1,2]"]))[1]
+    three = plan(compose([*overrides, "sweep.seeds=[0,1,2]"]), group_composer([*overrides, "sweep.seeds=[0,1,2]"]))[1]
     assert len(three) == 3 * count // len(seeds)
     assert sorted({t.values["train.seed"] for t in three}) == [0, 1, 2]
 
@@ -65,7 +65,7 @@ def test_the_trial_counts_of_the_documented_sweeps():
 
 def test_density_sweep_grid_and_dense_reference():
     overrides = ["+sweep=density"]
-    _, trials, configs = plan(compose(overrides), method_composer(overrides))
+    _, trials, configs = plan(compose(overrides), group_composer(overrides))
     cells = sorted((c["method"], c["sparsity"]["density"]) for c in configs.values())
     assert cells == sorted([(m, d) for m in ("naive_dst", "smet") for d in (0.1, 0.25, 0.5)] + [("dense", 1.0)])
     smet = next(c for c in configs.values() if c["method"] == "smet")
@@ -77,13 +77,13 @@ def test_density_sweep_grid_and_dense_reference():
 def test_precedence_preset_then_sweep_file_then_command_line():
     # smoke.yaml sets train.max_steps=60, which wins over the default; each trial keeps its preset ...
     overrides = ["+sweep=smoke"]
-    configs = plan(compose(overrides), method_composer(overrides))[2]
+    configs = plan(compose(overrides), group_composer(overrides))[2]
     assert configs["method=smet,seed=0"]["optim"]["regrow"]["warmup_steps"] == 100
     assert configs["method=naive_dst,seed=0"]["optim"]["regrow"]["warmup_steps"] == 0
     assert configs["method=smet,seed=0"]["train"]["max_steps"] == 60
     # ... and the command line wins over both; grid values win over everything.
     overrides = ["+sweep=smoke", "optim.regrow.warmup_steps=7", "+sweep.params.optim.lr=[0.002]"]
-    configs = plan(compose(overrides), method_composer(overrides))[2]
+    configs = plan(compose(overrides), group_composer(overrides))[2]
     smet = configs["method=smet,optim.lr=0.002,seed=0"]
     assert smet["optim"]["regrow"]["warmup_steps"] == 7 and smet["optim"]["lr"] == 0.002
 
@@ -91,7 +91,7 @@ def test_precedence_preset_then_sweep_file_then_command_line():
 def test_bad_grid_values_are_caught_before_anything_runs():
     overrides = ["+sweep=density", "sweep.params.sparsity.density=[0.5,1.5]"]
     with pytest.raises(ConfigError, match=r"sparsity.density.*in trial"):
-        plan(compose(overrides), method_composer(overrides))
+        plan(compose(overrides), group_composer(overrides))
     sweep = sweep_config(compose(["+sweep=smoke", "sweep.seeds=[]"]))
     with pytest.raises(ConfigError, match="sweep.seeds"):
         expand(sweep)
@@ -106,7 +106,7 @@ def test_bad_grid_values_are_caught_before_anything_runs():
         expand(sweep_config(compose(["+sweep=smoke", "sweep.scheduler=asha", "sweep.asha_grace_steps=0"])))
     with pytest.raises(ConfigError, match="unknown key"):
         trial_configs(expand(sweep_config(compose(["+sweep=smoke", "+sweep.params.optim.lrr=[1]"]))),
-                      method_composer(["+sweep=smoke"]))
+                      group_composer(["+sweep=smoke"]))
 
 
 def test_the_sweep_metric_must_be_a_registered_metric():
@@ -148,9 +148,9 @@ def test_a_storage_that_cannot_hold_the_sweep_is_refused_without_writing(tmp_pat
     for storage, says in ((tmp_path / "a_file" / "sweeps", "is a file"), ("s3://bucket/sweeps", "URIs such as s3://")):
         overrides = ["+sweep=smoke", f"ray.storage={storage}"]
         with pytest.raises(ConfigError, match=f"ray.storage=.* is not allowed: .*{says}"):
-            plan(compose(overrides), method_composer(overrides))
+            plan(compose(overrides), group_composer(overrides))
     fresh = tmp_path / "new" / "deeper"
-    plan(compose(["+sweep=smoke", f"ray.storage={fresh}"]), method_composer(["+sweep=smoke"]))
+    plan(compose(["+sweep=smoke", f"ray.storage={fresh}"]), group_composer(["+sweep=smoke"]))
     assert not (tmp_path / "new").exists()  # a good storage is only created when the sweep starts
 
 
@@ -265,7 +265,7 @@ def test_the_eta_weighs_each_trials_steps_by_its_cost(capsys, monkeypatch, tmp_p
     assert capsys.readouterr().out.splitlines()[-1].endswith(", 60s, ETA ~9.0 min")
     # The cost per step: parameters (of the model itself) x tokens per step.
     args = ["+sweep=smoke", "train.batch_size=3", "train.grad_accum=2", f"ray.storage={tmp_path}"]
-    _, trials, configs = plan(compose(args), method_composer(args))
+    _, trials, configs = plan(compose(args), group_composer(args))
     cfg = configs[trials[0].key]
     params = LLaMA(from_dict(ModelConfig, cfg["model"])).num_parameters()
     tokens = cfg["model"]["seq_len"] * cfg["train"]["batch_size"] * cfg["train"]["grad_accum"]
@@ -277,7 +277,7 @@ def test_resuming_with_another_grid_or_setting_is_refused(tmp_path):
     base = ["+sweep=smoke", f"ray.storage={tmp_path}"]
 
     def plan_of(extra):
-        return plan(compose([*base, *extra]), method_composer([*base, *extra]))
+        return plan(compose([*base, *extra]), group_composer([*base, *extra]))
 
     _, trials, configs = plan_of([])
     write_grid(tmp_path / "smoke", trials, configs)  # what run_sweep records when the sweep starts
@@ -354,10 +354,10 @@ def test_plan_of_a_sweep_to_resume_names_what_it_keeps_and_what_it_runs(tmp_path
 
     def described(extra=()):
         overrides = [*base, *extra]
-        return dict(line.split(None, 1) for line in describe_sweep(compose(overrides), method_composer(overrides))
+        return dict(line.split(None, 1) for line in describe_sweep(compose(overrides), group_composer(overrides))
                     .split("  trials:\n")[1].splitlines())
 
-    _, trials, configs = plan(compose(base), method_composer(base))
+    _, trials, configs = plan(compose(base), group_composer(base))
     write_grid(tmp_path / "smoke", trials, configs)
     (tmp_path / "smoke" / "tune").mkdir()
     record_status(str(tmp_path / "smoke"), "method=smet,seed=0", "FINISHED", None)
@@ -379,9 +379,9 @@ def test_plan_of_a_sweep_to_resume_names_what_it_keeps_and_what_it_runs(tmp_path
     assert set(described(["sweep.resume=false"]).values()) == {"to run"}
     overrides = [*base, "sweep.resume=false"]
     assert f"(starts afresh: sweep.resume=false deletes {tmp_path / 'smoke'} first)" in describe_sweep(
-        compose(overrides), method_composer(overrides))
+        compose(overrides), group_composer(overrides))
     with pytest.raises(ConfigError, match="resuming .* needs 60"):  # the resume check runs as for the sweep itself
-        describe_sweep(compose([*base, "train.max_steps=61"]), method_composer([*base, "train.max_steps=61"]))
+        describe_sweep(compose([*base, "train.max_steps=61"]), group_composer([*base, "train.max_steps=61"]))
 
 
 SMOKE = ["+sweep=smoke", "train.max_steps=40"]

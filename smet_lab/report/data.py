@@ -16,6 +16,7 @@ The runs DataFrame has one row per trial run, with columns
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,10 +145,18 @@ def empty_runs() -> pd.DataFrame:
 
 
 def with_missing(runs: pd.DataFrame, info: SweepInfo) -> pd.DataFrame:
-    """The runs plus one MISSING row per grid trial that has no run yet (grid known from the parent)."""
+    """The runs with their grid values, plus one MISSING row per grid trial that has no run yet (grid
+    known from the parent). A config-group axis (`model=small`) names no config key, so no param holds
+    its value: the grid does."""
     if not info.expected:
         return runs
     have = set(runs["trial"]) if "trial" in runs else set()
+    groups = {k for _, values in info.expected for k in values if "." not in k and k not in runs}
+    if groups and have:
+        runs = runs.copy()
+        by_trial = dict(info.expected)
+        for key in groups:
+            runs[key] = [by_trial.get(trial, {}).get(key) for trial in runs["trial"]]
     rows = [{"run_id": None, "trial": key, "status": MISSING, "error": None, "history": None, **values}
             for key, values in info.expected if key not in have]
     if not rows:
@@ -169,11 +178,13 @@ def _sort_key(col: pd.Series) -> pd.Series:
     numeric = pd.to_numeric(col, errors="coerce")
     if numeric.notna().sum() == col.notna().sum():
         return numeric
-    return col.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    # Numbers inside names compare as numbers: llama_20m before llama_130m.
+    return col.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v))
+                   else re.sub(r"\d+", lambda m: m.group().zfill(12), str(v)))
 
 
 def sort_runs(runs: pd.DataFrame, keys: list) -> pd.DataFrame:
-    """By the swept keys (methods in their canonical order, numbers numerically), then seed."""
+    """By the swept keys (methods in their canonical order, numbers numerically, names naturally), then seed."""
     keys = [k for k in [*keys, SEED] if k in runs]
     if not keys or runs.empty:
         return runs.reset_index(drop=True)

@@ -2,10 +2,10 @@
 (SweepConfig, expand, trial_configs) is smet_lab.grid: the report reads it too."""
 
 
-def run_sweep(cfg, compose_for_method=None):
+def run_sweep(cfg, compose_for):
     from smet_lab.sweep.runner import run_sweep as _run
 
-    return _run(cfg, compose_for_method)
+    return _run(cfg, compose_for)
 
 
 __all__ = ["run_sweep"]

@@ -71,6 +71,20 @@ def check_resume(sweep: SweepConfig, sweep_dir: Path, trials: list[Trial], confi
                               f"with (trial {key}); {fix}")
 
 
+def check_distinct(trials: list[Trial], configs: dict) -> None:
+    """ConfigError when two trials would train the same run: a setting applied after the grid's values
+    made them equal, and the report would show the same run as two cells."""
+    seen: dict[str, str] = {}
+    for trial in trials:
+        first = seen.setdefault(config_signature(configs[trial.key]), trial.key)
+        if first != trial.key:
+            why = ("method=dense trains every weight (density 1) whatever the other grid values: give it once, as "
+                   "sweep.extra_trials=[{method:dense}]" if configs[first]["method"] == "dense" else
+                   "a setting in the sweep file or on the command line overrides what tells them apart: drop one")
+            raise ConfigError("sweep", f"{first} and {trial.key}", f"trials that differ; these two would train "
+                              f"the same run ({why})")
+
+
 def write_grid(sweep_dir: Path, trials: list[Trial], configs: dict, sweep_params: dict | None = None) -> None:
     """grid.json, and sweep.json (`sweep_params` with a new id): the sweep's start."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +174,8 @@ def read_json(path: Path):
         return None
 
 
-def _signature(config: dict) -> str:
+def config_signature(config: dict) -> str:
+    """A trial config's training sections as one string: equal for configs that train the same run."""
     return json.dumps({k: config[k] for k in RESUME_SECTIONS if k in config}, sort_keys=True, default=str)
 
 
@@ -179,7 +194,7 @@ def _trial_of(checkpoint: Path, by_signature: dict) -> tuple[str | None, int]:
         except (OSError, ValueError, yaml.YAMLError):
             continue
         if isinstance(config, dict):
-            return by_signature.get(_signature(config)), -1
+            return by_signature.get(config_signature(config)), -1
     return None, -1
 
 
@@ -187,7 +202,7 @@ def trial_checkpoints(sweep_dir) -> dict[str, list[Path]]:
     """{trial key: its checkpoints by step, oldest first; a final one (with summary.json) last}."""
     sweep_dir = Path(sweep_dir)
     grid = read_json(sweep_dir / GRID_FILE) or {}
-    by_signature = {_signature(config): key for key, config in grid.items()}
+    by_signature = {config_signature(config): key for key, config in grid.items()}
     found: dict[str, list] = {}
     for pattern in CHECKPOINT_GLOBS:
         for checkpoint in sweep_dir.glob(pattern):

@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial, expand, trial_configs
 from smet_lab.metrics import FINAL_VAL_LOSS
-from smet_lab.sweep.folder import (DEFAULT_STORAGE, GRID_FILE, SUMMARY_FILE, TRIALS_FILE, best_trial, check_resume,
-                                  read_json, read_statuses, resume_plan, sweep_lock, sweep_tags, trial_checkpoints,
-                                  write_grid)
+from smet_lab.sweep.folder import (DEFAULT_STORAGE, GRID_FILE, SUMMARY_FILE, TRIALS_FILE, best_trial, check_distinct,
+                                  check_resume, read_json, read_statuses, resume_plan, sweep_lock, sweep_tags,
+                                  trial_checkpoints, write_grid)
 
 EXIT_TRIAL_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -34,7 +34,7 @@ def sweep_config(cfg: DictConfig | dict) -> SweepConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepConfig), data["sweep"]))
 
 
-def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial], dict]:
+def plan(cfg: DictConfig, compose_for) -> tuple[SweepConfig, list[Trial], dict]:
     """The sweep, its trials and each trial's full config; ConfigError on any bad value (every trial
     is checked before anything starts)."""
     from smet_lab.config import check_writable_dir, run_config_from
@@ -42,7 +42,7 @@ def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial],
 
     sweep = sweep_config(cfg)
     trials = expand(sweep)
-    configs = trial_configs(trials, compose_for_method)
+    configs = trial_configs(trials, compose_for)
     for trial in trials:
         cfg_t = configs[trial.key]
         if cfg_t["train"]["checkpoint_every"] == 0:  # sweeps always checkpoint, so an interrupted trial resumes
@@ -53,6 +53,7 @@ def plan(cfg: DictConfig, compose_for_method) -> tuple[SweepConfig, list[Trial],
             cfg_t["model"]["vocab_size"] = check_config(run_config_from(cfg_t), fit_here=cfg.ray.address == "local")
         except ConfigError as exc:
             raise ConfigError(exc.key, exc.value, f"{exc.allowed} (in trial {trial.key})") from None
+    check_distinct(trials, configs)
     key = "ray.storage" if cfg.ray.storage else "sweep.storage"
     check_writable_dir(key, cfg.ray.storage or sweep.storage or DEFAULT_STORAGE)
     check_resume(sweep, storage_root(cfg, sweep) / sweep.name, trials, configs)
@@ -133,9 +134,9 @@ def concurrent_trials(cfg: DictConfig) -> int | None:
     return limit
 
 
-def run_sweep(cfg: DictConfig, compose_for_method=None) -> int:
+def run_sweep(cfg: DictConfig, compose_for) -> int:
     """Run (or resume) the sweep; returns the exit code (0 ok, 1 a trial failed, 130 interrupted)."""
-    sweep, trials, configs = plan(cfg, compose_for_method)
+    sweep, trials, configs = plan(cfg, compose_for)
     with sweep_lock(storage_root(cfg, sweep), sweep.name):
         return _run_sweep(cfg, sweep, trials, configs)
 
