@@ -18,6 +18,7 @@ Main commands:
   python -m smet_lab experiment=released_130m              a bundle: the released SMET 130M recipe (C4, one GPU)
   python -m smet_lab +sweep=density                        a Ray Tune sweep: MLflow parent + child runs + report
   python -m smet_lab -m sparsity.density=0.1,0.25 method=smet,naive_dst   the same grid as a Hydra multirun
+  python -m smet_lab -m model=tiny,small,llama_9m method=smet,naive_dst   a group is an axis too: a scaling study
   python -m smet_lab +sweep=smoke sweep.retry_failed=true  resume a sweep, re-running its failed trials
   python -m smet_lab train.resume_from=outputs/<run>      resume a run from its newest checkpoint (same MLflow run)
   torchrun --standalone --nproc_per_node=4 -m smet_lab train=gpu   one run, data parallel on 4 GPUs (or CPU processes)
