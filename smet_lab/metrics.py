@@ -136,6 +136,9 @@ KERNEL_COMPILED = _declare("summary/optimizer_kernel_compiled", "compiled optimi
 WORLD_SIZE = _declare("summary/world_size", "processes", "{:g}",
                       "How many processes trained the run together (data parallel; 1 = one process).",
                       better="none", table=False)
+PARAMETERS = _declare("summary/parameters", "parameters", "{:,.0f}",
+                      "The model's size: every weight of the dense model (a sparse layer counts in full).",
+                      better="none", table=False)
 COMM_BYTES = _declare("summary/comm_bytes_per_step", "all-reduced bytes per step", "{:,.0f}",
                       "Bytes each process all-reduces per optimizer step (the sparse layers' gradient buffer, "
                       "active entries only with the compact layout, plus the dense parameters' gradients); "

@@ -103,8 +103,18 @@ def test_a_config_group_axis_is_a_column_from_the_grid_and_sorts_naturally():
     full = with_missing(runs, info)
     assert list(full["model"]) == ["llama_130m", "llama_20m", "tiny"] and len(full) == 3
     stats = cell_stats(full, ["method", "model"], seeds_asked=1)
-    assert list(stats["model"]) == ["llama_20m", "llama_130m", "tiny"]  # 20 before 130
+    assert list(stats["model"]) == ["llama_20m", "llama_130m", "tiny"]  # no sizes: by name, 20 before 130
     assert list(stats["n"]) == [1, 1, 1] and list(stats[f"{PPL}:mean"]) == [12.0, 9.0, 30.0]
+    # The scaling plot: the models in order of their size (summary/parameters), each at its perplexity.
+    from smet_lab.report.plots import MODEL_KEY, metric_vs_axis_figure
+
+    full["summary/parameters"] = [1.3e8, 2.0e7, 1.0e5]
+    assert list(cell_stats(full, ["method", "model"], seeds_asked=1)["model"]) == ["tiny", "llama_20m", "llama_130m"]
+    fig = metric_vs_axis_figure(full, info, MODEL_KEY, PPL, "ppl vs model", order_by="summary/parameters")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["tiny", "llama_20m", "llama_130m"]
+    x, y = ax.lines[0].get_data()
+    assert list(x) == [0, 1, 2] and list(y) == [30.0, 12.0, 9.0]
 
 
 def test_cell_stats_mean_std_seed_counts_and_flags():

@@ -97,6 +97,7 @@ def test_run_logs_the_public_metrics_and_summary():
     n_params = 32 * 256 * 2 + 2 * 32 + 32 + 4 * 32 * 32 + 3 * 32 * 64  # embeddings+head, norms, projections
     assert s["summary/memory/state_ratio_vs_dense_adam"] == pytest.approx(
         s["summary/memory/state_bytes"] / (DENSE_ADAM_BYTES_PER_PARAM * n_params))
+    assert s["summary/parameters"] == n_params  # the dense model's size, sparse layers in full
     assert math.exp(rows[60]["val/loss"]) == pytest.approx(rows[60]["val/ppl"])
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from smet_lab.grid import SweepConfig, expand, leaves
-from smet_lab.metrics import FINAL_VAL_LOSS, MEAN_PROBE_JUMP, POSITIVE_PROBE_JUMP
+from smet_lab.metrics import FINAL_VAL_LOSS, MEAN_PROBE_JUMP, PARAMETERS, POSITIVE_PROBE_JUMP
 
 SEED = "train.seed"
 FINISHED, DIVERGED, FAILED, KILLED, RUNNING, MISSING = "FINISHED", "DIVERGED", "FAILED", "KILLED", "RUNNING", "MISSING"
@@ -184,11 +184,17 @@ def _sort_key(col: pd.Series) -> pd.Series:
 
 
 def sort_runs(runs: pd.DataFrame, keys: list) -> pd.DataFrame:
-    """By the swept keys (methods in their canonical order, numbers numerically, names naturally), then seed."""
+    """By the swept keys (methods in their canonical order, models by size where every run has its size,
+    numbers numerically, names naturally), then seed."""
     keys = [k for k in [*keys, SEED] if k in runs]
     if not keys or runs.empty:
         return runs.reset_index(drop=True)
-    return runs.sort_values(keys, key=_sort_key, kind="stable", na_position="last").reset_index(drop=True)
+    size = pd.to_numeric(runs[PARAMETERS], errors="coerce") if "model" in keys and PARAMETERS in runs else None
+    if size is not None and size.notna().all():
+        keys = ["_size" if k == "model" else k for k in keys]
+        runs = runs.assign(_size=size)
+    out = runs.sort_values(keys, key=_sort_key, kind="stable", na_position="last").reset_index(drop=True)
+    return out.drop(columns="_size", errors="ignore")
 
 
 def cell_label(values: dict, keys: list) -> str:

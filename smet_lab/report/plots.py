@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from smet_lab.metrics import FINAL_VAL_PPL, MEAN_PROBE_JUMP, STATE_RATIO, label_and_format
+from smet_lab.metrics import FINAL_VAL_PPL, MEAN_PROBE_JUMP, PARAMETERS, STATE_RATIO, label_and_format
 from smet_lab.report.data import (DIVERGED, FINISHED, SEED, SweepInfo, cell_label, fmt_value, histories, method_rank,
                                   sort_runs)
 from smet_lab.report import attribution, lr_transfer
@@ -20,6 +20,7 @@ from smet_lab.spikes import spike_events
 
 PROBE = "stability/probe_loss"
 DENSITY_KEY, WARMUP_KEY, UPDATE_KEY = "sparsity.density", "optim.regrow.warmup_steps", "sparsity.update_every"
+MODEL_KEY = "model"  # a config-group axis: the model's option name
 
 
 def _figure(width: float, height: float):
@@ -271,9 +272,11 @@ def zoom_figure(runs: pd.DataFrame, info: SweepInfo):
 
 
 # ---------------------------------------------------------------------------- metric vs a swept key
-def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric: str, title: str):
+def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric: str, title: str,
+                          order_by: str | None = None):
     """Mean ± std over seeds (FINISHED runs) of `metric` against the swept key `axis`, one line per
-    combination of the other swept keys. None when `axis` is not swept or nothing finished has `metric`."""
+    combination of the other swept keys (an axis of names in the order of the runs' `order_by` values,
+    where they have them). None when `axis` is not swept or nothing finished has `metric`."""
     if axis not in info.swept or axis not in runs or metric not in runs:
         return None
     ok = runs[(runs["status"] == FINISHED) & pd.to_numeric(runs[metric], errors="coerce").notna()].copy()
@@ -283,7 +286,9 @@ def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric
     x_num = pd.to_numeric(ok[axis], errors="coerce")
     categorical = x_num.isna().any()
     if categorical:
-        order = list(dict.fromkeys(ok[axis].map(fmt_value)))
+        by = pd.to_numeric(ok[order_by], errors="coerce") if order_by in ok else None
+        ranked = ok.assign(_by=by).sort_values("_by", kind="stable") if by is not None and by.notna().all() else ok
+        order = list(dict.fromkeys(ranked[axis].map(fmt_value)))
         ok["_x"] = ok[axis].map(fmt_value).map(order.index)
     else:
         ok["_x"] = x_num
@@ -330,6 +335,9 @@ FIGURES = [
      lambda runs, info: metric_vs_axis_figure(runs, info, DENSITY_KEY, FINAL_VAL_PPL, "Validation perplexity vs density")),
     ("memory_vs_density.png", "Optimizer-state + gradient memory relative to dense Adam vs density.",
      lambda runs, info: metric_vs_axis_figure(runs, info, DENSITY_KEY, STATE_RATIO, "Training-state memory vs density")),
+    ("val_ppl_vs_model.png", "Final validation perplexity vs model (in order of size), per method: a scaling study.",
+     lambda runs, info: metric_vs_axis_figure(runs, info, MODEL_KEY, FINAL_VAL_PPL, "Validation perplexity vs model",
+                                              order_by=PARAMETERS)),
     ("regrown_update_share.png", "Per-layer attribution of the topology updates: each sparse layer's share of the "
      "regrown weights' squared update norm over the probe window (mean over a method's runs).",
      lambda runs, info: attribution.figure(runs)),

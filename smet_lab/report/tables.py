@@ -17,8 +17,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from smet_lab.metrics import (DEFAULT_FMT, FINAL_VAL_LOSS, FINAL_VAL_PPL, POSITIVE_PROBE_JUMP, UPDATE_SPIKE_RATE,
-                              label_and_format, table_metrics)
+from smet_lab.metrics import (DEFAULT_FMT, FINAL_VAL_LOSS, FINAL_VAL_PPL, PARAMETERS, POSITIVE_PROBE_JUMP,
+                              UPDATE_SPIKE_RATE, label_and_format, table_metrics)
 from smet_lab.report.data import (DIVERGED, ENDED, FAILED, FINISHED, MISSING, RUNNING, SEED, SweepInfo, cell_label,
                                   fmt_value, sort_runs, with_positive_jump)
 
@@ -121,6 +121,8 @@ def cell_stats(runs: pd.DataFrame, keys: list, metrics=None, seeds_asked: int | 
         unfinished = g.loc[~g["status"].isin(ENDED), "status"].map(lambda s: NOT_ENDED_LABEL.get(s, str(s).lower()))
         row["unfinished"] = ", ".join(f"{v} {k}" for k, v in unfinished.value_counts(sort=False).items())
         row["flagged"] = row["n"] < seeds_asked
+        if PARAMETERS in g:  # a model's size, so that models sort by it
+            row[PARAMETERS] = pd.to_numeric(g[PARAMETERS], errors="coerce").max()
         for m in metrics:
             values = pd.to_numeric(ok[m], errors="coerce").astype("float64")
             values = values[np.isfinite(values)]

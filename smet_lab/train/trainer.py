@@ -17,9 +17,9 @@ import torch
 
 from smet_lab.config import RunConfig
 from smet_lab.data import Corpus, TokenBatcher, load_corpus
-from smet_lab.metrics import (COMM_BYTES, FINAL_DENSITY, FINAL_VAL_LOSS, FINAL_VAL_PPL, KERNEL_COMPILED, STEPS,
-                             TOKENS_PER_S, WORLD_SIZE, computed)
-from smet_lab.model import LLaMA
+from smet_lab.metrics import (COMM_BYTES, FINAL_DENSITY, FINAL_VAL_LOSS, FINAL_VAL_PPL, KERNEL_COMPILED, PARAMETERS,
+                             STEPS, TOKENS_PER_S, WORLD_SIZE, computed)
+from smet_lab.model import LLaMA, count_parameters
 from smet_lab.optim import SMETAdam
 from smet_lab.spikes import run_spike_summary
 from smet_lab.sparse import DynamicSparsity, SparseTopology
@@ -330,7 +330,8 @@ def train(
     summary.update(summarize(run))
     summary.update(memory_summary(run.model, run.optimizer))
     summary.update(peak_memory(run.device))
-    summary.update({WORLD_SIZE: float(run.world.size), COMM_BYTES: float(run.comm_bytes)})
+    summary.update({WORLD_SIZE: float(run.world.size), COMM_BYTES: float(run.comm_bytes),
+                    PARAMETERS: float(count_parameters(cfg.model))})
     if status == "DIVERGED":
         summary["summary/diverged"] = 1.0
     if output_dir and status == "FINISHED" and run.step == t.max_steps:
