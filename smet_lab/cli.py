@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from smet_lab import schema
 from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_dir, claim_folder, run_config_from
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries,
-                                ignored_setting, multirun_overrides, null_group, override_key, override_value, split_args,
-                                trial_groups, unknown_flag, unknown_key)
+                                ignored_setting, multirun_overrides, null_group, overridden_by_grid, override_key,
+                                override_value, split_args, trial_groups, unknown_flag, unknown_key)
 from smet_lab.stopping import STOP, clean_exit, stop_on_signals, stop_when_reader_gone
 from smet_lab.tracking.settings import quiet_mlflow
 from smet_lab.usage import help_text
@@ -131,7 +131,11 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
                                   "> 0 when the trials train on CUDA (train.device=cuda, e.g. train=gpu): Ray shows a "
                                   "trial only the GPUs it gives it (ray.gpus_per_trial=1)")
             check_ray(cfg.ray)
-            configs = list(plan(cfg, group_composer(overrides))[2].values())
+            _, trials, by_trial = plan(cfg, group_composer(overrides))
+            overridden = overridden_by_grid(overrides, trials)
+            if overridden:
+                raise BadInput(overridden)
+            configs = list(by_trial.values())
             workers, origin = cfg.ray.workers_per_trial, "ray.workers_per_trial"
         else:
             check_config(to_run_config(cfg))

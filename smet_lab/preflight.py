@@ -352,6 +352,21 @@ IGNORED_WHEN = [
 SWEEP_ONLY = ("ray.",)
 
 
+def overridden_by_grid(overrides: list[str], trials: list) -> str | None:
+    """One line for a value typed on the command line that every trial of a sweep sets itself (a grid
+    axis, the seeds: the trial's value wins, so the typed one would be silently ignored), or None."""
+    for override in overrides:
+        key, value = override_key(override), override_value(override)
+        if value is None or override.startswith("~") or key.startswith(("sweep.", "hydra.")):
+            continue
+        if trials and all(key in t.values for t in trials):
+            values = ", ".join(map(str, dict.fromkeys(t.values[key] for t in trials)))
+            axis = "sweep.seeds" if key == "train.seed" else f"sweep.params.{key}"
+            return (f"{key}={value} is not allowed: every trial of this sweep sets {key} itself ({values}); to run "
+                    f"{value} instead, give it as {axis}=[{value}]")
+    return None
+
+
 def ignored_setting(overrides: list[str], configs: list[dict], is_sweep: bool) -> str | None:
     """One line for a value typed on the command line that no run would read, or None. `configs` are
     the runs' full configs (one for a single run, every trial's for a sweep: ignored by all of them)."""

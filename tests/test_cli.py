@@ -375,6 +375,11 @@ BAD_INPUTS = [
     (["sparsity.density=0.1,0.25"], "add -m"),
     (["-m", "ray=local,cluster"], "ray='local,cluster' is not allowed: a multirun sweeps what trials train with"),
     e2e(["-m", "model=tiny,smal"], "sweep.params.model='smal' is not allowed: one of tiny, small, "),
+    # A value every trial of the sweep sets itself (a grid axis, the seeds): it would be silently ignored.
+    (["+sweep=smoke", "method=smet"], "method=smet is not allowed: every trial of this sweep sets method itself "
+                                      "(naive_dst, smet); to run smet instead, give it as sweep.params.method=[smet]"),
+    e2e(["+sweep=density", "sparsity.density=0.3"], "give it as sweep.params.sparsity.density=[0.3]"),
+    e2e(["+sweep=smoke", "train.seed=3"], "give it as sweep.seeds=[3]"),
     # Two trials of a grid that would train the same run.
     e2e(["-m", "method=dense,smet", "sparsity.density=0.1,0.25"], "give it once, as sweep.extra_trials=[{method:dense}]"),
 ]

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import yaml
 import torch
 
 from helpers import all_runs as runs_of, run_cli, start_cli
@@ -389,6 +390,30 @@ SMOKE = ["+sweep=smoke", "train.max_steps=40"]
 
 def common(tmp):
     return [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"ray.storage={tmp}/sw", f"hydra.run.dir={tmp}/out"]
+
+
+@pytest.mark.e2e
+def test_a_sweep_over_models_a_users_own_among_them(tmp_path):
+    """`-m model=wide,tiny` with `wide` the user's own file: each trial trains its model, and the report has the
+    model column in order of size and the perplexity-vs-model plot."""
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    tiny = (CONF_DIR / "model" / "tiny.yaml").read_text()
+    (tmp_path / "conf" / "model" / "wide.yaml").write_text(tiny.replace("name: tiny", "name: wide").replace("dim: 64", "dim: 96"))
+    proc = run_cli(["-m", "+sweep=smoke", "model=wide,tiny", "sweep.params.method=[smet]", "train.max_steps=20",
+                    f"hydra.searchpath=[file://{tmp_path / 'conf'}]", *common(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = runs_of(tmp_path / "mlflow.db")
+    children = {r.data.params["model.name"]: r for r in runs if r.data.tags.get("smet.kind") == "trial"}
+    assert sorted(children) == ["tiny", "wide"] and children["wide"].data.params["model.dim"] == "96"
+    for run in children.values():  # the run's size is the model's own parameter count
+        from smet_lab.config import ModelConfig, from_dict
+        from smet_lab.model import LLaMA
+
+        model = {k.removeprefix("model."): yaml.safe_load(v) for k, v in run.data.params.items() if k.startswith("model.")}
+        assert run.data.metrics["summary/parameters"] == LLaMA(from_dict(ModelConfig, model)).num_parameters()
+    report = tmp_path / "sw" / "multirun-model" / "report"  # (a -m names the sweep after its swept keys)
+    assert [r["model"] for r in csv.DictReader(open(report / "trials.csv"))] == ["tiny", "wide"]  # by size
+    assert (report / "val_ppl_vs_model.png").is_file()
 
 
 @pytest.mark.e2e
