@@ -264,6 +264,13 @@ def test_the_eta_weighs_each_trials_steps_by_its_cost(capsys, monkeypatch, tmp_p
     clock[0] = 60.0  # 50 small steps in 60 s; left: 50 small steps (60 s) and 100 large ones of 4x the cost (480 s)
     progress.line(trials, force=True)
     assert capsys.readouterr().out.splitlines()[-1].endswith(", 60s, ETA ~9.0 min")
+    # A progress callback pickled by a smet_lab without step_work (Tune restores it on resume) counts steps alike.
+    import pickle
+
+    old = pickle.loads(pickle.dumps(progress))
+    del old.__dict__["work"]
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.work == {"small": 1.0, "large": 1.0}
     # The cost per step: parameters (of the model itself) x tokens per step.
     args = ["+sweep=smoke", "train.batch_size=3", "train.grad_accum=2", f"ray.storage={tmp_path}"]
     _, trials, configs = plan(compose(args), group_composer(args))

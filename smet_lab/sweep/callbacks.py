@@ -160,6 +160,9 @@ class SweepProgress(tune.Callback):
         state.update(start=0.0, last=0.0, best=None, first={}, latest={}, ended={})
         return state
 
+    def __setstate__(self, state):  # (Tune restores the callbacks: one pickled before step_work counts its steps alike)
+        self.__dict__.update({"work": {k: 1.0 for k in state.get("steps", {})}, **state})
+
     def setup(self, **info):
         self._reset()
         print(f"[sweep {self.name}] {self.n_trials} trials; progress every {self.every_s:.0f}s", flush=True)
