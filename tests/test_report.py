@@ -114,7 +114,15 @@ def test_a_config_group_axis_is_a_column_from_the_grid_and_sorts_naturally():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["tiny", "llama_20m", "llama_130m"]
     x, y = ax.lines[0].get_data()
-    assert list(x) == [0, 1, 2] and list(y) == [30.0, 12.0, 9.0]
+    assert list(x) == [1.0e5, 2.0e7, 1.3e8] and list(y) == [30.0, 12.0, 9.0] and ax.get_xscale() == "log"
+    full.loc[0, "summary/parameters"] = 2.0e7  # two models of one size: evenly spaced, in order of size
+    ax = metric_vs_axis_figure(full, info, MODEL_KEY, PPL, "ppl vs model", order_by="summary/parameters").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["tiny", "llama_130m", "llama_20m"]
+    assert list(ax.lines[0].get_data()[1]) == [30.0, 9.0, 12.0] and ax.get_xscale() == "linear"
+    full.loc[0, "summary/parameters"] = math.nan  # a size missing: the names in the runs' order, evenly spaced
+    ax = metric_vs_axis_figure(full, info, MODEL_KEY, PPL, "ppl vs model", order_by="summary/parameters").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["llama_130m", "llama_20m", "tiny"]
+    assert list(ax.lines[0].get_data()[0]) == [0, 1, 2]
 
 
 def test_cell_stats_mean_std_seed_counts_and_flags():

@@ -275,8 +275,9 @@ def zoom_figure(runs: pd.DataFrame, info: SweepInfo):
 def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric: str, title: str,
                           order_by: str | None = None):
     """Mean ± std over seeds (FINISHED runs) of `metric` against the swept key `axis`, one line per
-    combination of the other swept keys (an axis of names in the order of the runs' `order_by` values,
-    where they have them). None when `axis` is not swept or nothing finished has `metric`."""
+    combination of the other swept keys (an axis of names placed at their runs' `order_by` value on a
+    log scale, where each name has one: a model at its size). None when `axis` is not swept or nothing
+    finished has `metric`."""
     if axis not in info.swept or axis not in runs or metric not in runs:
         return None
     ok = runs[(runs["status"] == FINISHED) & pd.to_numeric(runs[metric], errors="coerce").notna()].copy()
@@ -285,11 +286,18 @@ def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric
     ok[metric] = pd.to_numeric(ok[metric], errors="coerce")
     x_num = pd.to_numeric(ok[axis], errors="coerce")
     categorical = x_num.isna().any()
+    placed = None  # (positions, names) of a named axis placed by `order_by`
     if categorical:
-        by = pd.to_numeric(ok[order_by], errors="coerce") if order_by in ok else None
-        ranked = ok.assign(_by=by).sort_values("_by", kind="stable") if by is not None and by.notna().all() else ok
-        order = list(dict.fromkeys(ranked[axis].map(fmt_value)))
-        ok["_x"] = ok[axis].map(fmt_value).map(order.index)
+        names = ok[axis].map(fmt_value)
+        by = pd.to_numeric(ok[order_by], errors="coerce") if order_by in ok else pd.Series(math.nan, index=ok.index)
+        sized = bool((by > 0).all() and by.groupby(names).nunique().max() == 1)
+        at = by.groupby(names).first().sort_values(kind="stable") if sized else None
+        if sized and at.is_unique:
+            ok["_x"] = by
+            placed = (list(at), list(at.index))
+        else:  # evenly spaced: by size where every name has one (two of a size), else as the runs come
+            order = list(at.index) if sized else list(dict.fromkeys(names))
+            ok["_x"] = names.map(order.index)
     else:
         ok["_x"] = x_num
     others = [k for k in info.swept if k != axis and k in ok]
@@ -300,7 +308,12 @@ def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric
         s = g.groupby("_x")[metric].agg(["mean", "std", "count"]).reset_index().sort_values("_x")
         label = cell_label(g.iloc[0].to_dict(), others) if others else metric
         ax.errorbar(s["_x"], s["mean"], yerr=s["std"].fillna(0.0), marker="o", ms=4, capsize=3, label=label)
-    if categorical:
+    if placed:
+        ax.set_xscale("log")
+        ax.set_xticks(*placed)
+        ax.minorticks_off()
+        ax.set_xlabel(f"{axis} (at its {label_and_format(order_by)[0]}, log scale)")
+    elif categorical:
         ax.set_xticks(range(len(order)), order)
     else:
         xs = np.sort(ok["_x"].unique())
@@ -308,7 +321,8 @@ def metric_vs_axis_figure(runs: pd.DataFrame, info: SweepInfo, axis: str, metric
         if len(positive) and xs.max() / positive.min() >= 20:
             ax.set_xscale("symlog", linthresh=float(positive.min()))
         ax.set_xticks(xs, [fmt_value(float(x)) for x in xs])
-    ax.set_xlabel(axis)
+    if not placed:
+        ax.set_xlabel(axis)
     ax.set_ylabel(label_and_format(metric)[0])
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -335,7 +349,8 @@ FIGURES = [
      lambda runs, info: metric_vs_axis_figure(runs, info, DENSITY_KEY, FINAL_VAL_PPL, "Validation perplexity vs density")),
     ("memory_vs_density.png", "Optimizer-state + gradient memory relative to dense Adam vs density.",
      lambda runs, info: metric_vs_axis_figure(runs, info, DENSITY_KEY, STATE_RATIO, "Training-state memory vs density")),
-    ("val_ppl_vs_model.png", "Final validation perplexity vs model (in order of size), per method: a scaling study.",
+    ("val_ppl_vs_model.png", "Final validation perplexity vs model (at its parameter count), per method: a "
+     "scaling study.",
      lambda runs, info: metric_vs_axis_figure(runs, info, MODEL_KEY, FINAL_VAL_PPL, "Validation perplexity vs model",
                                               order_by=PARAMETERS)),
     ("regrown_update_share.png", "Per-layer attribution of the topology updates: each sparse layer's share of the "
