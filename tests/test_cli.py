@@ -643,3 +643,24 @@ def test_a_cluster_sweep_is_not_held_to_the_drivers_memory(tmp_path):
     on_cluster = [*huge, "ray=cluster"]
     configs = plan(compose(on_cluster), group_composer(on_cluster))[2]
     assert {c["model"]["ffn_dim"] for c in configs.values()} == {1000000}
+
+
+@pytest.mark.e2e  # three short runs and a report: ~30 s
+def test_the_report_of_an_experiments_single_runs_counts_a_rerun_once(tmp_path):
+    """`python -m smet_lab.report smet_lab` over single runs: a setting and seed run twice is one row (the
+    newest), named as left out, so the report never calls a re-run a second seed."""
+    db = f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"
+    for i, method in enumerate(("smet", "smet", "naive_dst")):
+        assert cli([*FAST, f"method={method}", db, f"hydra.run.dir={tmp_path}/run{i}"], cwd=tmp_path).returncode == 0
+    runs = mlflow_runs(tmp_path / "mlflow.db").sort_values("start_time")
+    newest_smet = runs[runs["tags.smet.method"] == "smet"].iloc[-1]["run_id"]
+    proc = subprocess.run([sys.executable, "-m", "smet_lab.report", "smet_lab", "--tracking-uri",
+                           f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "rep")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "trials.csv")))
+    assert sorted(r["method"] for r in rows) == ["naive_dst", "smet"]
+    assert next(r["run_id"] for r in rows if r["method"] == "smet") == newest_smet
+    assert "- runs left out: 1 older run(s) of a setting and seed" in (tmp_path / "rep" / "report.md").read_text()

@@ -125,6 +125,23 @@ def test_a_config_group_axis_is_a_column_from_the_grid_and_sorts_naturally():
     assert list(ax.lines[0].get_data()[0]) == [0, 1, 2]
 
 
+def test_an_experiments_rerun_of_a_setting_and_seed_counts_once(tmp_path):
+    """Single runs reported as an experiment: the same setting and seed run twice is one run (the newest; an
+    ended one before an unfinished one), not two seeds with a spread of zero."""
+    from smet_lab.report.data import newest_per_seed
+
+    rows = [run_row("smet", 0.1, 0, ppl=9.0), run_row("smet", 0.1, 0, ppl=8.0), run_row("smet", 0.1, 1, ppl=10.0),
+            run_row("smet", 0.1, 0, "KILLED"), run_row("naive_dst", 0.1, 0, ppl=12.0)]
+    runs = pd.DataFrame(rows).assign(start_time=[1, 2, 3, 4, 5])
+    kept, left_out = newest_per_seed(runs, KEYS)
+    assert left_out == 2 and list(kept["start_time"]) == [2, 3, 5]  # seed 0 of smet: the newest ended run
+    stats = cell_stats(kept, KEYS)
+    assert cell(stats, "smet", 0.1)["seeds"] == [0, 1] and cell(stats, "smet", 0.1)[f"{PPL}:mean"] == 9.0
+    info = SweepInfo(name="smet_lab", experiment="smet_lab", swept=KEYS, left_out=left_out)
+    md = (build_report(info, kept, tmp_path / "rep") / "report.md").read_text()
+    assert "- runs left out: 2 older run(s) of a setting and seed that a newer run repeats" in md
+
+
 def test_cell_stats_mean_std_seed_counts_and_flags():
     info, runs = hand_made()
     runs = with_missing(runs, info)

@@ -126,6 +126,9 @@ def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
              ("rules", _rules(runs)),
              ("tracking URI", info.uri or "—"), ("sweep folder", info.sweep_dir or "—"),
              ("generated", now.strftime("%Y-%m-%d %H:%M:%S %Z"))]
+    if info.left_out:
+        items.insert(5, ("runs left out", f"{info.left_out} older run(s) of a setting and seed that a newer run "
+                                          "repeats (each setting and seed counts once: the newest)"))
     return items
 
 

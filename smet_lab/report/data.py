@@ -50,6 +50,7 @@ class SweepInfo:
     metric: str = FINAL_VAL_LOSS
     mode: str = "min"
     expected: list | None = None  # [(trial key, {dotted key: value})] of the whole grid, when known
+    left_out: int = 0  # an experiment's older runs that a newer run of the same cell and seed repeats
 
     @property
     def from_folder(self) -> bool:
@@ -121,6 +122,20 @@ def sweep_info_from_params(name: str, params: dict[str, str], **fields) -> Sweep
     except Exception:  # a truncated or odd param: the count (n_trials) still says what is missing
         info.expected = None
     return info
+
+
+def newest_per_seed(runs: pd.DataFrame, keys: list) -> tuple[pd.DataFrame, int]:
+    """Of the runs with the same values of `keys` and seed (the same setting run again), the newest, an
+    ended one before an unfinished one: an experiment's report counts a re-run once, never as another
+    seed. Returns (the runs kept, in their order; how many were left out)."""
+    cols = [k for k in [*keys, SEED] if k in runs]
+    if runs.empty or not cols or "start_time" not in runs:
+        return runs, 0
+    same = runs[cols].apply(lambda row: repr(tuple(row)), axis=1)
+    ranked = runs.assign(_same=same, _ended=runs["status"].isin(ENDED)).sort_values(["_ended", "start_time"],
+                                                                                     kind="stable")
+    kept = ranked.drop_duplicates("_same", keep="last").sort_index().drop(columns=["_same", "_ended"])
+    return kept, len(runs) - len(kept)
 
 
 def infer_swept(runs: pd.DataFrame) -> list:

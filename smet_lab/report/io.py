@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from smet_lab.config import did_you_mean
-from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, _yaml, empty_runs, infer_swept, parse_value,
-                                  sweep_info_from_params, with_history_metrics)
+from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, _yaml, empty_runs, infer_swept, newest_per_seed,
+                                  parse_value, sweep_info_from_params, with_history_metrics)
 from smet_lab.report.folder import is_sweep_folder, load_folder
 from smet_lab.sweep.folder import DEFAULT_STORAGE, sweep_tags
 from smet_lab.tracking.settings import sqlite_path
@@ -253,6 +253,7 @@ def load_sweep_runs(uri: str, target: str, warn=print) -> tuple[SweepInfo, pd.Da
     running = (runs["status"] == RUNNING).any()
     info = SweepInfo(name=exp.name, uri=uri, experiment=exp.name, status=RUNNING if running else None,
                      swept=infer_swept(runs))
+    runs, info.left_out = newest_per_seed(runs, info.swept)
     return prepared(info, runs, warn)
 
 
