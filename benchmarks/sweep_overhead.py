@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     overrides = [f"+sweep={args.sweep}", *args.overrides]
 
-    from smet_lab.cli import compose, group_composer
+    from smet_lab.compose import compose, group_composer
     from smet_lab.config import run_config_from
     from smet_lab.data import load_corpus
     from smet_lab.sweep.runner import plan

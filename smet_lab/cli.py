@@ -19,10 +19,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
-from smet_lab.config import ConfigError, RuleError, RunConfig, check_writable_dir, claim_folder, run_config_from
-from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries,
-                                ignored_setting, multirun_overrides, null_group, overridden_by_grid, override_key,
-                                override_value, split_args, trial_groups, unknown_flag, unknown_key)
+from smet_lab.compose import compose, default_run_dir, given_run_dir, group_composer, to_run_config
+from smet_lab.config import ConfigError, RuleError, check_writable_dir, claim_folder
+from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, ignored_setting,
+                                multirun_overrides, null_group, overridden_by_grid, override_key, split_args,
+                                unknown_flag, unknown_key)
 from smet_lab.stopping import STOP, clean_exit, stop_on_signals, stop_when_reader_gone
 from smet_lab.tracking.settings import quiet_mlflow
 from smet_lab.usage import help_text
@@ -30,8 +31,6 @@ from smet_lab.usage import help_text
 EXIT_BAD_INPUT = 2
 RUN_FILE = "mlflow_run.json"  # in a run's output folder: the MLflow run a resume continues
 PLAN_FLAG = "--plan"  # print what the command would run (smet_lab.preview), run nothing
-
-schema.register()
 
 
 class BadInput(Exception):
@@ -42,57 +41,6 @@ def fail(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun the first process speaks for all
         print(f"smet_lab: error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
-
-
-def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
-    """The composed config for these overrides (tests use this too), with Hydra's own settings under
-    `hydra` if asked; works inside a running Hydra app (a sweep composes one base config per method)
-    and outside it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
-
-
-def given_run_dir(overrides: list[str]) -> str | None:
-    """hydra.run.dir as typed on the command line, or None."""
-    return next((override_value(o) for o in overrides if override_key(o) == "hydra.run.dir"), None)
-
-
-def default_run_dir(overrides: list[str]) -> str:
-    """Hydra's dated output folder for these overrides (conf/config.yaml, hydra.run.dir)."""
-    return compose(overrides, with_hydra=True).hydra.run.dir
-
-
-def group_composer(overrides: list[str]):
-    """compose_for(choices): the config as if a trial's config-group choices ({"method": "smet", "model":
-    "small"}: its grid keys without a dot) had been typed with the other overrides, which they replace."""
-    from hydra.errors import HydraException
-
-    def compose_for(choices: dict) -> dict:
-        for group, option in choices.items():
-            if group not in trial_groups():
-                raise ConfigError(f"sweep.params.{group}", option, "a config group trials may differ in (one of "
-                                  f"{', '.join(trial_groups())}) or a key inside one, e.g. sweep.params.optim.lr")
-        typed = [f"{group}={option}" for group, option in choices.items()]
-        try:
-            cfg = compose([o for o in overrides if override_key(o) not in choices] + typed)
-        except HydraException as exc:  # (an option that is not there: "GROUP=OPTION is not allowed: ...")
-            head, _, allowed = explain_hydra_error(exc, overrides + typed).partition(" is not allowed: ")
-            group, _, option = head.partition("=")
-            if group not in choices or not allowed:
-                raise ConfigError("sweep.params", " ".join(typed), f"composable ({head}{allowed})") from None
-            raise ConfigError(f"sweep.params.{group}", option, allowed) from None
-        return OmegaConf.to_container(cfg, resolve=True)
-
-    return compose_for
-
-
-def to_run_config(cfg: DictConfig | dict) -> RunConfig:
-    return run_config_from(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg))
 
 
 def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:

@@ -14,7 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import e2e, free_port, run_cli as cli, start_cli
-from smet_lab.cli import CONF_DIR, compose, to_run_config
+from smet_lab.compose import compose, to_run_config
+from smet_lab.preflight import CONF_DIR
 from smet_lab.config import ConfigError
 from smet_lab.model import PRESETS
 from smet_lab.methods import METHODS
@@ -80,7 +81,7 @@ def test_every_experiment_is_the_recipe_it_names(tmp_path, hf_tok_dir):
     assert (run.sparsity.density, run.model.name, run.optim.lr_scaling.rule, run.train.max_steps) == \
         (0.1, "tiny", "none", 20_000)
     # A sweep on top: every trial is the recipe, with the grid's density and method.
-    from smet_lab.cli import group_composer
+    from smet_lab.compose import group_composer
     from smet_lab.sweep.runner import plan
 
     overrides = ["experiment=paper_fig1", "+sweep=density", *local, f"ray.storage={tmp_path}"]
@@ -475,7 +476,7 @@ def test_multirun_overrides_become_a_sweep():
     assert multirun_overrides(["train.max_steps=5"]) == ["train.max_steps=5"]  # nothing swept: one run
     overrides = multirun_overrides(["sparsity.density=0.1,0.25", "method=smet,naive_dst"])
     from smet_lab.sweep.runner import plan
-    from smet_lab.cli import group_composer
+    from smet_lab.compose import group_composer
 
     sweep, trials, configs = plan(compose(overrides), group_composer(overrides))
     assert sweep.name == "multirun-density-method"
@@ -490,7 +491,7 @@ def test_a_grid_axis_over_a_config_group_composes_each_option(tmp_path):
     sweep file and the command line, and a method typed once holds for every trial of a grid without a method axis."""
     import yaml
 
-    from smet_lab.cli import group_composer
+    from smet_lab.compose import group_composer
     from smet_lab.preflight import multirun_overrides
     from smet_lab.sweep.runner import plan
 
@@ -551,7 +552,7 @@ def test_the_recorded_config_is_the_effective_one(tmp_path, hf_tok_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["vocab_size"] == vocab
     assert mlflow_runs(tmp_path / "mlflow.db").iloc[0]["params.model.vocab_size"] == str(vocab)
-    from smet_lab.cli import group_composer
+    from smet_lab.compose import group_composer
     from smet_lab.sweep.runner import plan
 
     overrides = ["+sweep=smoke", f"data.tokenizer=hf:{hf_tok_dir}", f"ray.storage={tmp_path}"]
@@ -634,7 +635,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
 def test_a_cluster_sweep_is_not_held_to_the_drivers_memory(tmp_path):
     """A trial too large for this machine is refused by a local sweep, and planned by a sweep on a Ray
     cluster (its trials train on the cluster's nodes, whose memory the driver cannot see)."""
-    from smet_lab.cli import group_composer
+    from smet_lab.compose import group_composer
     from smet_lab.sweep.runner import plan
 
     huge = ["+sweep=smoke", "model=llama_7b", "model.ffn_dim=1000000", f"ray.storage={tmp_path}"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import cli_env, e2e, free_port, run_cli
-from smet_lab.cli import compose, to_run_config
+from smet_lab.compose import compose, to_run_config
 from smet_lab.config import ConfigError
 from smet_lab.data import TokenBatcher
 from smet_lab.sparse import SparseTopology
@@ -255,7 +255,7 @@ def test_a_sweep_of_two_process_trials_matches_one_process_and_resumes_after_ctr
     import time
 
     from helpers import all_runs, start_cli
-    from smet_lab.cli import group_composer
+    from smet_lab.compose import group_composer
     from smet_lab.config import run_config_from
     from smet_lab.sweep.runner import plan
 

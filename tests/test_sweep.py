@@ -17,7 +17,8 @@ import yaml
 import torch
 
 from helpers import all_runs as runs_of, run_cli, start_cli
-from smet_lab.cli import CONF_DIR, compose, group_composer
+from smet_lab.compose import compose, group_composer
+from smet_lab.preflight import CONF_DIR
 from smet_lab.config import ConfigError
 from smet_lab.grid import expand, trial_configs
 from smet_lab.sweep.folder import GRID_FILE, write_grid
