@@ -218,6 +218,12 @@ def sweep_folder_of(path) -> Path | None:
     return next((p for p in (path, *path.parents) if (p / GRID_FILE).is_file()), None)
 
 
+def final_summaries(sweep_dir) -> dict[str, dict]:
+    """{trial key: the summary in its final checkpoint's summary.json} for the trials that have one."""
+    found = {key: read_json(checkpoints[-1] / SUMMARY_FILE) for key, checkpoints in trial_checkpoints(sweep_dir).items()}
+    return {key: ended.get("summary") or {} for key, ended in found.items() if isinstance(ended, dict)}
+
+
 def best_trial(sweep_dir, metric: str | None = None, mode: str | None = None) -> tuple[str, str, float] | None:
     """(trial key, metric, value) of the best FINISHED trial by `metric` and `mode` (default: the sweep's,
     from sweep.json), read from the trials' final checkpoints (summary.json): a sweep still running
@@ -231,9 +237,8 @@ def best_trial(sweep_dir, metric: str | None = None, mode: str | None = None) ->
     metric, mode = metric or sweep.get("metric", FINAL_VAL_LOSS), mode or sweep.get("mode", "min")
     statuses = read_statuses(sweep_dir)
     values = {}
-    for key, found in trial_checkpoints(sweep_dir).items():
-        ended = read_json(found[-1] / SUMMARY_FILE) or {}
-        value = (ended.get("summary") or {}).get(metric)
+    for key, summary in final_summaries(sweep_dir).items():
+        value = summary.get(metric)
         if (statuses.get(key) or {}).get("status") == "FINISHED" and isinstance(value, (int, float)) \
                 and math.isfinite(value):
             values[key] = float(value)

@@ -20,10 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial, expand, trial_configs
-from smet_lab.metrics import FINAL_VAL_LOSS
-from smet_lab.sweep.folder import (DEFAULT_STORAGE, GRID_FILE, SUMMARY_FILE, TRIALS_FILE, best_trial, check_distinct,
-                                  check_resume, read_json, read_statuses, resume_plan, sweep_lock, sweep_tags,
-                                  trial_checkpoints, write_grid)
+from smet_lab.metrics import FINAL_VAL_LOSS, MEAN_PROBE_JUMP
+from smet_lab.sweep.folder import (DEFAULT_STORAGE, GRID_FILE, TRIALS_FILE, best_trial, check_distinct, check_resume,
+                                  final_summaries, read_statuses, resume_plan, sweep_lock, sweep_tags, write_grid)
 
 EXIT_TRIAL_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -286,17 +285,14 @@ def write_trial_table(sweep_dir: Path, trials: list[Trial], statuses: dict, metr
     its final checkpoint's summary.json (NaN where a trial has none: it did not finish, or has no update)."""
     import pandas as pd
 
-    summaries = {}
-    for key, checkpoints in trial_checkpoints(sweep_dir).items():
-        if (checkpoints[-1] / SUMMARY_FILE).is_file():
-            summaries[key] = (read_json(checkpoints[-1] / SUMMARY_FILE) or {}).get("summary") or {}
+    summaries = final_summaries(sweep_dir)
     rows = []
     for t in trials:
         m = summaries.get(t.key, {})
         rows.append({"trial": t.key, **t.values, "status": statuses.get(t.key, {}).get("status", "UNFINISHED"),
                      # NaN, not None, where a trial has no value: a numeric column
                      **{k: m[k] if isinstance(m.get(k), (int, float)) else math.nan
-                        for k in dict.fromkeys((metric, "summary/mean_probe_jump", FINAL_VAL_LOSS))}})
+                        for k in dict.fromkeys((metric, MEAN_PROBE_JUMP, FINAL_VAL_LOSS))}})
     frame = pd.DataFrame(rows)
     path = sweep_dir / TRIALS_FILE
     frame.to_csv(path, index=False)
