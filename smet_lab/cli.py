@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
-from smet_lab.compose import compose, default_run_dir, given_run_dir, group_composer, to_run_config
+from smet_lab.compose import compose, default_run_dir, given_run_dir, group_composer, resume_overrides, to_run_config
 from smet_lab.config import ConfigError, RuleError, check_writable_dir, claim_folder
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, ignored_setting,
                                 multirun_overrides, null_group, overridden_by_grid, override_key, split_args,
@@ -131,8 +131,11 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
             "smet.output_dir": str(output_dir)}
     print(f"smet_lab: {name} on {corpus.name} ({len(corpus.train):,} train tokens), output in {output_dir}"
           + (f", resuming from {run_cfg.train.resume_from}" if run_cfg.train.resume_from else ""))
-    note = no_update_note(container)
-    if note:
+    notes = [no_update_note(container)]
+    if run_cfg.train.resume_from:
+        changed = ckpt.changes(run_cfg.train.resume_from, run_cfg)
+        notes.append(changed and "resuming with settings other than the checkpoint's: " + ", ".join(changed))
+    for note in filter(None, notes):
         print(f"smet_lab: note: {note}", file=sys.stderr)
     with open_tracker(tracking, run_cfg.train.resume_from, name, container, tags, output_dir) as tracker:
         result = train(run_cfg, output_dir=output_dir, corpus=corpus,
@@ -249,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
             fail(str(exc))
         argv = [a for a in argv if a not in MULTIRUN_FLAGS and a not in overrides] + swept
         overrides = swept
+    overrides, recorded = resume_overrides(overrides)
+    if recorded:  # `train.resume_from=<run>` continues that run as its command set it up
+        argv = recorded + argv
+        if os.environ.get("RANK", "0") == "0":
+            print(f"smet_lab: resuming with the settings of the run's command: {' '.join(recorded)} "
+                  "(a setting typed now replaces it)", file=sys.stderr)
     try:  # extensions register their rules and methods before anything is validated
         from smet_lab.extend import load_extensions
 

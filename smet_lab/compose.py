@@ -4,6 +4,8 @@ The CLI, the sweep runner and the tests share these."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
@@ -34,6 +36,27 @@ def given_run_dir(overrides: list[str]) -> str | None:
 def default_run_dir(overrides: list[str]) -> str:
     """Hydra's dated output folder for these overrides (conf/config.yaml, hydra.run.dir)."""
     return compose(overrides, with_hydra=True).hydra.run.dir
+
+
+def resume_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """A resumed run's overrides: those of the command that started it (Hydra records them in the run's
+    folder, .hydra/), then the ones typed now, each replacing a recorded one of its key or below it
+    (`model=small` replaces a recorded `model.n_layers=4`). Returns (all, the recorded ones kept); a
+    checkpoint outside a run folder (a sweep trial's, an API run's) has none recorded."""
+    given = next((override_value(o) for o in overrides if override_key(o) == "train.resume_from"), None)
+    if not given or any(override_key(o) == "sweep" for o in overrides):
+        return overrides, []
+    path = Path(given.strip("'\"")).expanduser().absolute()
+    run = next((d / ".hydra" for d in (path, *path.parents[:2]) if (d / ".hydra" / "overrides.yaml").is_file()), None)
+    if run is None:
+        return overrides, []
+    recorded = [str(o) for o in OmegaConf.load(run / "overrides.yaml")]
+    if (run / "hydra.yaml").is_file():  # a user's own config folder (hydra.searchpath) is a hydra override
+        recorded += [str(o) for o in OmegaConf.load(run / "hydra.yaml").hydra.overrides.hydra
+                     if override_key(o) == "hydra.searchpath"]
+    typed = {override_key(o) for o in overrides}
+    kept = [o for o in recorded if not any(override_key(o) == k or override_key(o).startswith(k + ".") for k in typed)]
+    return kept + overrides, kept
 
 
 def group_composer(overrides: list[str]):

@@ -37,13 +37,20 @@ def describe_run(cfg: DictConfig, output: str) -> str:
     tokens = t.max_steps * t.batch_size * run.model.seq_len
     sparse = f" ({s.distribution}, {s.weights} weights)" if s.density < 1 else ""
     note = no_update_note(dataclasses.asdict(run))
+    resumes = []
+    if t.resume_from:
+        from smet_lab.train import checkpoint as ckpt
+
+        changed = ckpt.changes(t.resume_from, run)
+        resumes = [f"  resumes:  {ckpt.resolve(t.resume_from)} (step {ckpt.step_of(t.resume_from)})"
+                   + (f"; changed: {', '.join(changed)}" if changed else "")]
     return "\n".join([
         f"one run: {run.method} at density {s.density:g}{sparse}, model {run.model.name} ({_count(n)} parameters, "
         f"vocabulary {vocab:,})",
         f"  training: {t.max_steps:,} steps x {t.batch_size} sequences x {run.model.seq_len} tokens = "
         f"{_count(tokens)} tokens of data={run.data.name} on {resolve_device(t.device)}",
         f"  output:   {output}",
-        f"  tracking: {_tracked(cfg, 'one run')}"] + ([f"  note:     {note}"] if note else []))
+        f"  tracking: {_tracked(cfg, 'one run')}", *resumes] + ([f"  note:     {note}"] if note else []))
 
 
 def _count(n: int) -> str:

@@ -20,7 +20,7 @@ Main commands:
   python -m smet_lab -m sparsity.density=0.1,0.25 method=smet,naive_dst   the same grid as a Hydra multirun
   python -m smet_lab -m model=tiny,small,llama_9m method=smet,naive_dst   a group is an axis too: a scaling study
   python -m smet_lab +sweep=smoke sweep.retry_failed=true  resume a sweep, re-running its failed trials
-  python -m smet_lab train.resume_from=outputs/<run>      resume a run from its newest checkpoint (same MLflow run)
+  python -m smet_lab train.resume_from=outputs/<run>      resume a run as its command set it up (same MLflow run)
   torchrun --standalone --nproc_per_node=4 -m smet_lab train=gpu   one run, data parallel on 4 GPUs (or CPU processes)
   python -m smet_lab +sweep=density ray.workers_per_trial=4   every trial data parallel (Ray Train, 4 processes)
   python -m smet_lab.report SWEEP                          rebuild a sweep's stability report

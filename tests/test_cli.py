@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import e2e, free_port, run_cli as cli, start_cli
-from smet_lab.compose import compose, to_run_config
+from smet_lab.compose import compose, resume_overrides, to_run_config
 from smet_lab.preflight import CONF_DIR
 from smet_lab.config import ConfigError
 from smet_lab.model import PRESETS
@@ -599,12 +599,34 @@ def test_help_or_plan_to_a_reader_that_has_gone_ends_quietly(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_a_resume_starts_from_the_overrides_of_the_run_it_continues(tmp_path):
+    """Hydra records a run's overrides in its folder (.hydra/); a resume composes them first, and each
+    key typed now replaces the recorded ones of that key and below it."""
+    hydra_dir = tmp_path / "run" / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["method=naive_dst", "model.n_layers=3", "+tracking.tags.owner=alice",
+                                     "tracking.uri=sqlite:///x.db", "train.max_steps=20"]), hydra_dir / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"hydra": ["hydra.run.dir=run", "hydra.searchpath=[file://conf]"]}}}),
+                   hydra_dir / "hydra.yaml")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_20"
+    ckpt.mkdir(parents=True)
+    for given in (tmp_path / "run", ckpt):
+        typed = [f"train.resume_from={given}", "train.max_steps=40", "model=small", "tracking=none"]
+        overrides, kept = resume_overrides(typed)
+        assert kept == ["method=naive_dst", "hydra.searchpath=[file://conf]"]  # model.*, tracking.*, max_steps replaced
+        assert overrides == kept + typed
+    assert resume_overrides(["train.max_steps=40"]) == (["train.max_steps=40"], [])  # no resume
+    elsewhere = [f"train.resume_from={tmp_path}"]  # a checkpoint outside a run folder: nothing recorded
+    assert resume_overrides(elsewhere) == (elsewhere, [])
+
+
 @pytest.mark.e2e  # real processes, ~10-30 s: in CI's set, not in the quick `pytest -q`
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
     db = f"sqlite:///{tmp_path}/mlflow.db"
-    first = cli([*FAST, "train.max_steps=20", f"hydra.run.dir={tmp_path}/a", f"tracking.uri={db}"], cwd=tmp_path)
+    first = cli([*FAST, "train.max_steps=20", "method=naive_dst", "sparsity.density=0.5", f"hydra.run.dir={tmp_path}/a",
+                 f"tracking.uri={db}"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "INFO" not in first.stdout + first.stderr  # a fresh database: no MLflow/alembic chatter
     client = MlflowClient(db)
@@ -615,8 +637,13 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from {tmp_path}/a/checkpoints/step_20" in again.stdout
     assert f"tracking to MLflow run {run.info.run_id} (continued)" in again.stdout
-    recorded = OmegaConf.load(tmp_path / "b" / "config.yaml").train.resume_from
-    assert recorded == f"{tmp_path}/a/checkpoints/step_20"
+    recorded = OmegaConf.load(tmp_path / "b" / "config.yaml")
+    assert recorded.train.resume_from == f"{tmp_path}/a/checkpoints/step_20"
+    # Resumed as its command set it up (method, density and store not typed again), only max_steps changed.
+    expected = compose([*FAST, "method=naive_dst", "sparsity.density=0.5", "train.max_steps=40", f"tracking.uri={db}"])
+    assert {k: recorded[k] for k in ("method", "sparsity", "optim")} == {k: expected[k] for k in ("method", "sparsity", "optim")}
+    assert "resuming with the settings of the run's command: " in again.stderr and "method=naive_dst" in again.stderr
+    assert "resuming with settings other than the checkpoint's: train.max_steps: 20 -> 40" in again.stderr
     runs = client.search_runs([run.info.experiment_id])
     assert [r.info.run_id for r in runs] == [run.info.run_id] and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["smet.resumed"] == "true"

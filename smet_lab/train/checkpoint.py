@@ -30,6 +30,13 @@ def newest(output_dir) -> Path | None:
     return max(found)[1] if found else None
 
 
+def step_of(path: str | Path) -> int | None:
+    """The step a checkpoint was written at (its folder's name, step_<N>), or None for another name."""
+    path = resolve(path)
+    name = (path if path.is_dir() else path.parent).name.removeprefix("step_")
+    return int(name) if name.isdigit() else None
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint as `train.resume_from` names it: a checkpoints/step_<N> folder or its state file as
     given; a run's output folder, or its checkpoints/, gives the run's newest checkpoint."""
@@ -37,6 +44,22 @@ def resolve(path: str | Path) -> Path:
     if path.is_dir() and not (path / STATE_FILE).is_file():
         return newest(path.parent if path.name == "checkpoints" else path) or path
     return path
+
+
+def changes(path: str | Path, cfg) -> list[str]:
+    """'key: old -> new' for each setting of `cfg` other than the checkpoint's (what a resume changes)."""
+    path = resolve(path)
+    config_file = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    if not config_file.is_file():
+        return []
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k: v for key, value in d.items() for k, v in
+                (flat(value, f"{prefix}{key}.").items() if isinstance(value, dict) else [(prefix + key, value)])}
+
+    saved, mine = flat(json.loads(config_file.read_text())), flat(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+    return [f"{k}: {saved[k]!r} -> {mine[k]!r}" for k in mine
+            if k in saved and saved[k] != mine[k] and k not in ("train.resume_from", "model.vocab_size")]
 
 
 def save(run, path: Path) -> Path:

@@ -88,6 +88,11 @@ def check_config(cfg: RunConfig, fit_here: bool = True) -> int:
         probe = copy.deepcopy(cfg)
         probe.model.vocab_size = tokenizer.vocab_size
         ckpt.check(cfg.train.resume_from, probe)
+        step = ckpt.step_of(cfg.train.resume_from)
+        if step is not None and step >= cfg.train.max_steps:
+            raise ConfigError("train.resume_from", cfg.train.resume_from, f"a checkpoint before the run's last step: this "
+                              f"one is at step {step} and train.max_steps={cfg.train.max_steps}, so nothing is left to "
+                              "train (to train on, give a larger train.max_steps)")
     return tokenizer.vocab_size
 
 
