@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ def cache_root() -> Path:
 
 def check_writable_dir(key: str, path) -> None:
     """ConfigError unless a folder can be made (or written) at `path`: its nearest existing ancestor is
-    a writable folder. Checked without creating anything, so that bad input leaves nothing behind."""
+    a writable folder (a probe folder is made there and removed), so that bad input leaves nothing behind."""
     if "://" in str(path):
         raise ConfigError(key, str(path), "a folder path (every node mounting it at the same path, e.g. NFS); "
                           "URIs such as s3:// are not supported")
@@ -74,6 +75,10 @@ def check_writable_dir(key: str, path) -> None:
         p = p.parent
     if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
         raise ConfigError(key, str(path), f"a folder that can be written ({p} is {'not writable' if p.is_dir() else 'a file'})")
+    try:  # what access() cannot tell (root on /proc or a read-only mount): made and removed at once
+        tempfile.TemporaryDirectory(dir=p).cleanup()
+    except OSError as exc:
+        raise ConfigError(key, str(path), f"a folder that can be written (making one in {p} failed: {exc.strerror})") from None
 
 
 def claim_folder(path: Path) -> Path:

@@ -390,3 +390,16 @@ def test_http_server(server, tmp_path):
         assert got == [(r["step"], r[key]) for r in history if key in r], key
     files = rest(server, f"/api/2.0/mlflow/artifacts/list?run_id={tracker.run_id}")["files"]
     assert sorted(f["path"] for f in files) == ["config.yaml", "loss_curve.png", "metrics.parquet"]
+
+
+def test_a_folder_is_writable_only_where_one_can_be_made(tmp_path):
+    from smet_lab.config import check_writable_dir
+
+    check_writable_dir("--out", tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []  # the probe folder is gone again
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_writable_dir("--out", tmp_path / "file" / "sub")
+    if Path("/proc/self").is_dir():  # access() says yes to root there, mkdir says no
+        with pytest.raises(ConfigError, match=r"making one in /proc failed"):
+            check_writable_dir("--out", "/proc/smet_lab_out")
