@@ -675,7 +675,7 @@ def test_report_cli_resolves_sweep_name_run_id_and_experiment(smoke, tmp_path, c
     # The same sweep read from its folder alone (its database elsewhere): the same table, no run ids.
     out = tmp_path / "from_folder"
     assert report_main([str(tmp / "sw" / "smoke"), "--tracking-uri", f"sqlite:///{tmp_path}/none.db", "--out", str(out)]) == 0
-    assert f"report of sweep smoke: {out / 'report.html'}\n" in capsys.readouterr().out
+    assert f"report of sweep smoke: {out / 'report.html'} (read from its folder's files: " in capsys.readouterr().out
     from_folder = pd.read_csv(out / "trials.csv")
     assert from_folder["run_id"].isna().all()
     pd.testing.assert_frame_equal(from_folder.drop(columns="run_id"), reference.drop(columns="run_id"))

@@ -141,7 +141,8 @@ def test_report_cli_builds_from_a_folder_without_a_database(tmp_path):
     folder = sweep_folder(tmp_path / "sweeps")
     proc = report_cli(str(folder), "--tracking-uri", f"sqlite:///{tmp_path}/no.db", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"smet_lab: report of sweep dens: {folder / 'report' / 'report.html'}"
+    assert proc.stdout.strip() == (f"smet_lab: report of sweep dens: {folder / 'report' / 'report.html'} (read from "
+                                   f"its folder's files: sqlite:///{tmp_path}/no.db does not have it)")
     md = (folder / "report" / "report.md").read_text()
     assert "sweep status: KILLED" in md and "Partial report: the sweep was interrupted; run the same command" in md
     assert "1 of 4 trials have ended" in md and not (tmp_path / "no.db").exists()
