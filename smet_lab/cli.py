@@ -135,6 +135,8 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     if run_cfg.train.resume_from:
         changed = ckpt.changes(run_cfg.train.resume_from, run_cfg)
         notes.append(changed and "resuming with settings other than the checkpoint's: " + ", ".join(changed))
+        if changed:  # a continued MLflow run keeps its first params (MLflow's are immutable): the tag says what changed
+            tags["smet.resume_changes"] = "; ".join(changed)[:5000]
     for note in filter(None, notes):
         print(f"smet_lab: note: {note}", file=sys.stderr)
     with open_tracker(tracking, run_cfg.train.resume_from, name, container, tags, output_dir) as tracker:

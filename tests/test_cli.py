@@ -647,6 +647,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     runs = client.search_runs([run.info.experiment_id])
     assert [r.info.run_id for r in runs] == [run.info.run_id] and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["smet.resumed"] == "true"
+    assert runs[0].data.tags["smet.resume_changes"] == "train.max_steps: 20 -> 40"  # params keep the first start's
     # One contiguous history: every 5th step once, 5..20 from the first process, 25..40 from the second.
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(5, 41, 5))
     # Another store does not have that run: a new run that names the one it resumed.
