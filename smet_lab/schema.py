@@ -55,6 +55,27 @@ def check_ray(ray, cores: int | None = None) -> None:
                           "(ray.num_cpus; lower ray.cpus_per_trial)")
 
 
+def check_cluster_fits(ray, nodes: list[dict]) -> None:
+    """ConfigError when the cluster's nodes (ray.nodes(): "Alive", "Resources") cannot hold one trial: a
+    process's CPUs and GPUs on one node, ray.workers_per_trial such processes in all. Tune would wait for
+    them without a word; an autoscaling cluster, which may add nodes, is not asked this."""
+    have = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes if n.get("Alive")]
+    cpus, gpus, workers = ray.cpus_per_trial, ray.gpus_per_trial, ray.workers_per_trial
+    fits = [min(c // cpus, g // gpus if gpus else workers) for c, g in have]
+    if sum(fits) >= workers:
+        return
+    largest = max(have, default=(0, 0))
+    short = "gpus_per_trial" if gpus and not any(g >= gpus for _, g in have) else (
+        "cpus_per_trial" if not any(fits) else "workers_per_trial")
+    need = f"{cpus} CPU{'s' * (cpus != 1)} and {gpus:g} GPU{'s' * (gpus != 1)}"
+    held = f"{int(sum(fits))} of them" if any(fits) else "none"
+    raise ConfigError(f"ray.{short}", getattr(ray, short),
+                      f"what the cluster at {ray.address} can hold: a trial's {workers} process(es) need {need} each, "
+                      f"on one node, and its {len(have)} node(s) hold {held} (the largest: {largest[0]:g} CPUs, "
+                      f"{largest[1]:g} GPUs), so the sweep would wait forever; lower ray.cpus_per_trial or "
+                      "ray.gpus_per_trial (0 trains on CPU), or add nodes")
+
+
 @dataclass
 class AppConfig(RunConfig):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

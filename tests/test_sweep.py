@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -167,6 +168,32 @@ def test_a_cluster_address_where_nothing_listens_fails_in_seconds():
     check_cluster_address("auto")  # Ray's own lookup, which fails fast by itself
 
 
+def test_a_cluster_that_cannot_hold_a_trial_is_refused():
+    """Tune would wait for such a trial forever without a word (on a fixed cluster): one line instead,
+    naming the setting that asks too much."""
+    from smet_lab.schema import check_cluster_fits
+
+    def node(cpus, gpus=0, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}
+
+    def ray(**kw):
+        return compose(["+sweep=smoke", "ray=cluster", *(f"ray.{k}={v}" for k, v in kw.items())]).ray
+
+    for cfg, nodes, short in [
+        (ray(), [node(2)], "ray.gpus_per_trial=1.0"),  # ray=cluster's default: 4 CPUs + 1 GPU per trial
+        (ray(), [node(2, gpus=1), node(8)], "ray.cpus_per_trial=4"),  # the GPU node lacks the CPUs
+        (ray(), [node(8, gpus=1, alive=False)], "ray.gpus_per_trial=1.0"),  # a dead node holds nothing
+        (ray(gpus_per_trial=0, cpus_per_trial=2, workers_per_trial=3), [node(4), node(1)], "ray.workers_per_trial=3"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            check_cluster_fits(cfg, nodes)
+        assert str(e.value).startswith(f"{short} is not allowed: what the cluster at auto can hold"), str(e.value)
+        assert "the sweep would wait forever" in str(e.value)
+    check_cluster_fits(ray(), [node(2), node(4, gpus=1)])  # one node holds a trial
+    check_cluster_fits(ray(gpus_per_trial=0, cpus_per_trial=2, workers_per_trial=3), [node(4), node(2)])  # 2 + 1
+    check_cluster_fits(ray(gpus_per_trial=0.5, workers_per_trial=2), [node(8, gpus=1)])  # two half-GPU processes
+
+
 # ------------------------------------------------------------------------------- end to end
 @pytest.mark.e2e
 def test_an_unreachable_cluster_stops_the_sweep_before_it_touches_its_folder(tmp_path):
@@ -183,6 +210,52 @@ def test_an_unreachable_cluster_stops_the_sweep_before_it_touches_its_folder(tmp
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "ray.address" in proc.stderr and "nothing answers" in proc.stderr and "Traceback" not in proc.stderr
     assert kept.read_text() == "earlier results" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.e2e
+def test_a_sweep_on_an_existing_ray_cluster(tmp_path):
+    """`ray start --head` (2 CPUs, no GPU), then `ray=cluster`: its default request per trial (4 CPUs and a GPU)
+    is refused at once instead of waiting forever; asked for what the cluster holds, the trials train on it,
+    to the losses of the same configs trained here, and the cluster outlives the driver."""
+    import shutil
+    import tempfile
+
+    from helpers import free_port
+    from smet_lab.config import run_config_from
+    from smet_lab.train import Callbacks, train
+
+    ray_bin, port = str(Path(sys.executable).parent / "ray"), free_port()
+    temp = tempfile.mkdtemp(prefix="smetray_")  # short: Ray's socket paths must fit in 107 bytes
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    status = [ray_bin, "status", f"--address=127.0.0.1:{port}"]
+    try:
+        deadline = time.time() + 120
+        while subprocess.run(status, env=env, capture_output=True).returncode != 0:
+            assert time.time() < deadline and head.poll() is None, "the Ray head did not start"
+            time.sleep(0.5)
+        args = ["+sweep=smoke", "ray=cluster", f"ray.address=127.0.0.1:{port}", "tracking=none",
+                f"ray.storage={tmp_path}/sw", f"hydra.run.dir={tmp_path}/out"]
+        refused = run_cli(args, cwd=tmp_path, timeout=120)
+        assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+        assert refused.stderr.startswith("smet_lab: error: ray.gpus_per_trial=1.0 is not allowed: what the cluster")
+        assert "(the largest: 2 CPUs, 0 GPUs)" in refused.stderr and not (tmp_path / "sw" / "smoke").exists()
+        fits = [*args, "ray.gpus_per_trial=0", "ray.cpus_per_trial=1"]
+        ran = run_cli(fits, cwd=tmp_path, timeout=300)
+        assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+        assert subprocess.run(status, env=env, capture_output=True).returncode == 0  # still up: not the driver's
+        rows = {r["trial"]: r for r in csv.DictReader(open(tmp_path / "sw" / "smoke" / "trials.csv"))}
+        _, trials, configs = plan(compose(fits), group_composer(fits))
+        assert sorted(rows) == sorted(t.key for t in trials)
+        for key, config in configs.items():
+            here = train(run_config_from(config), callbacks=Callbacks(progress=None)).summary["summary/final_val_loss"]
+            assert float(rows[key]["summary/final_val_loss"]) == pytest.approx(here, rel=1e-5), key
+    finally:
+        head.terminate()  # `ray start --block` stops what it started
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_the_trial_table_has_a_number_or_nan_for_every_trial(tmp_path, capsys):
@@ -678,9 +751,9 @@ def test_a_closed_stdout_stops_a_sweep_like_ctrl_c(tmp_path):
     assert "RUNNING" not in {r.info.status for r in runs}
 
 
-def _run_until(args, cwd, marker_count, wait_s=0.0, timeout=300):
-    """Start the CLI, Ctrl-C it `wait_s` after `marker_count` trials have printed their "done" line;
-    returns (returncode, output)."""
+def _run_until(args, cwd, marker_count, wait_s=0.0, timeout=300, signum=signal.SIGINT):
+    """Start the CLI, Ctrl-C it (or send `signum`) `wait_s` after `marker_count` trials have printed their
+    "done" line; returns (returncode, output)."""
     proc = start_cli(args, cwd, stderr=subprocess.STDOUT)
     deadline, seen, done = time.time() + timeout, "", 0
     while time.time() < deadline and done < marker_count:
@@ -691,7 +764,7 @@ def _run_until(args, cwd, marker_count, wait_s=0.0, timeout=300):
         done += "] done method=" in line
     assert done == marker_count, seen[-3000:]
     time.sleep(wait_s)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, seen + out
 
@@ -706,8 +779,9 @@ def test_a_sweep_interrupted_twice_resumes_to_exactly_the_grid(tmp_path):
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs if r.data.tags.get("smet.kind") == "sweep"] == ["KILLED"]
     assert not (tmp_path / "out").exists()  # the sweep writes into its sweep folder, no empty Hydra folder
-    # The second session finishes one more trial and is stopped while the next one trains.
-    code, out = _run_until(args, tmp_path, 1, wait_s=3)
+    # The second session finishes one more trial and is stopped while the next one trains, by SIGTERM
+    # (a scheduler's stop, `kill`), which Ray's driver would otherwise die of on the spot, its runs RUNNING.
+    code, out = _run_until(args, tmp_path, 1, wait_s=3, signum=signal.SIGTERM)
     assert code == 130 and "resuming from" in out, out[-3000:]
     _, runs = runs_of(tmp_path / "mlflow.db")
     statuses = {r.info.run_name: r.info.status for r in runs}

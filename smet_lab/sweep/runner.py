@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -99,6 +100,14 @@ def init_ray(cfg: DictConfig, sweep_dir: Path) -> None:
         except ConnectionError as exc:
             raise ConfigError("ray.address", cfg.ray.address, f"no Ray cluster answers ({str(exc).splitlines()[0]}); "
                               "start one with `ray start --head`, or give ray.address=ray://<head>:10001") from None
+        # The cluster launcher's file, Ray Tune's own sign of an autoscaler: nodes may still join.
+        if not Path("~/ray_bootstrap_config.yaml").expanduser().exists():
+            from smet_lab.schema import check_cluster_fits
+
+            check_cluster_fits(cfg.ray, ray.nodes())
+    # ray.init makes SIGTERM (`kill`, Slurm's or Kubernetes' stop) end the driver on the spot, its MLflow
+    # runs left RUNNING: it stops the sweep as Ctrl-C does instead, resumable.
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
 
 
 def check_cluster_address(address: str, timeout: float = 5.0) -> None:
