@@ -253,8 +253,11 @@ def test_a_sweep_on_an_existing_ray_cluster(tmp_path):
             here = train(run_config_from(config), callbacks=Callbacks(progress=None)).summary["summary/final_val_loss"]
             assert float(rows[key]["summary/final_val_loss"]) == pytest.approx(here, rel=1e-5), key
     finally:
-        head.terminate()  # `ray start --block` stops what it started
-        head.wait(timeout=60)
+        head.terminate()  # `ray start --block` drains (<= 30 s) and stops what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 
 
