@@ -163,7 +163,8 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     print(f"smet_lab: results in {output_dir}")
     if tracking.enabled:
         print(f"smet_lab: MLflow run {tracker.run_id} in experiment '{tracking.experiment}' at {tracking.uri}; "
-              f"dashboards: mlflow ui --backend-store-uri {tracking.uri}")
+              "dashboards: " + (tracking.uri if tracking.uri.startswith(("http://", "https://"))  # the server's own UI
+                                else f"mlflow ui --backend-store-uri {tracking.uri}"))
     return {"FINISHED": 0, "KILLED": 130}.get(result.status, 1)
 
 

@@ -569,13 +569,20 @@ def test_report_of_an_experiment_without_a_sweep_parent(tmp_path, capsys):
         for step in range(1, 6):
             client.log_metric(run_id, "train/loss", 5.0 - 0.1 * step, step=step)
         client.set_terminated(run_id)
+    # A sweep in the same experiment (as `smet_lab` holds both by default): the experiment's report is of its
+    # single runs, never of the sweep's parent or trials.
+    parent = client.create_run(exp, tags={"smet.kind": "sweep", "smet.sweep": "other"}).info.run_id
+    trial = client.create_run(exp, tags={"smet.kind": "trial", "mlflow.parentRunId": parent}).info.run_id
+    client.log_param(trial, "method", "dense")
+    client.log_metric(trial, PPL, 10.0)
     assert report_main(["single", "--tracking-uri", uri, "--out", str(tmp_path / "rep")]) == 0
-    assert "report of sweep single" in capsys.readouterr().out
+    assert "report of experiment single" in capsys.readouterr().out
     trials = pd.read_csv(tmp_path / "rep" / "trials.csv")
     assert list(trials.columns[:5]) == ["trial", "method", "sparsity.density", "train.seed", "status"]
     assert trials[PPL].tolist() == [30.0, 25.0, 20.0, 18.0] and set(trials["status"]) == {"FINISHED"}
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "swept keys: method, sparsity.density" in md and "Best: smet, sparsity.density=0.5" in md
+    assert md.startswith("# Stability report: the single runs of experiment `single`")
     assert "loss_curves.png" in md  # drawn from MLflow's metric history (no metrics.parquet artifact)
 
 

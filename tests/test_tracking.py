@@ -392,6 +392,32 @@ def test_http_server(server, tmp_path):
     assert sorted(f["path"] for f in files) == ["config.yaml", "loss_curve.png", "metrics.parquet"]
 
 
+@pytest.mark.e2e
+def test_a_sweep_a_run_and_their_reports_on_a_tracking_server(server, tmp_path):
+    """The cluster set-up's tracking (`tracking.uri=http://...`): a sweep's parent and children and a single
+    run land on the server, the run's last line points at the server's own UI, and the reports read it back."""
+    from helpers import run_cli
+
+    uri = f"tracking.uri={server}"
+    sweep = run_cli(["+sweep=smoke", uri, "tracking.experiment=served", f"ray.storage={tmp_path}/sw",
+                     f"hydra.run.dir={tmp_path}/o1"], cwd=tmp_path, timeout=400)
+    assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
+    single = run_cli(["train.max_steps=20", "data=synthetic", uri, "tracking.experiment=served",
+                      f"hydra.run.dir={tmp_path}/o2"], cwd=tmp_path, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert single.stdout.rstrip().endswith(f"in experiment 'served' at {server}; dashboards: {server}")
+    exp = rest(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=served")["experiment"]
+    runs = rest(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    kinds = sorted({t["key"]: t["value"] for t in r["data"]["tags"]}["smet.kind"] for r in runs)
+    assert kinds == ["run", "sweep", "trial", "trial"] and {r["info"]["status"] for r in runs} == {"FINISHED"}
+    for target, rows in (("smoke", 2), ("served", 1)):  # the sweep; the experiment's single run
+        proc = subprocess.run([sys.executable, "-m", "smet_lab.report", target, "--tracking-uri", server,
+                               "--out", str(tmp_path / target)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        trials = (tmp_path / target / "trials.csv").read_text().strip().splitlines()
+        assert len(trials) == 1 + rows, trials
+
+
 def test_a_folder_is_writable_only_where_one_can_be_made(tmp_path):
     from smet_lab.config import check_writable_dir
 

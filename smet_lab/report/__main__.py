@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except MlflowException as exc:
         return fail(f"MLflow ({args.tracking_uri}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     where = (f"; logged to parent run {info.parent_run_id} as report/" if info.parent_run_id and not args.no_log
-             else "" if info.parent_run_id else f" (read from its folder's files: {args.tracking_uri} does not have it)")
-    print(f"smet_lab: report of sweep {info.name}: {out / 'report.html'}{where}")
+             else f" (read from its folder's files: {args.tracking_uri} does not have it)" if info.from_folder else "")
+    print(f"smet_lab: report of {info.kind} {info.name}: {out / 'report.html'}{where}")
     return 0
 
 

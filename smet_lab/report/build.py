@@ -111,13 +111,18 @@ DETECTORS_NOTE = ("Every detection of the three detectors in the ended runs (los
                   "number of steps since the last update (— before the first update or without detections).")
 
 
+def _of(info: SweepInfo) -> str:
+    return "sweep" if info.kind == "sweep" else "the single runs of experiment"
+
+
 def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
     now = now or dt.datetime.now(dt.timezone.utc)
     ended = int(runs["status"].isin(["FINISHED", "DIVERGED", "FAILED"]).sum()) if len(runs) else 0
     total = max(info.n_trials or 0, len(runs))
     no_parent = ("— (read from the sweep's folder)" if info.from_folder
                  else "— (runs of an experiment without a sweep parent)")
-    items = [("sweep", info.name), ("experiment", info.experiment or "—"),
+    items = [("sweep", info.name)] if info.kind == "sweep" else []
+    items += [("experiment", info.experiment or "—"),
              ("parent run", info.parent_run_id or no_parent),
              ("sweep status" if info.from_folder else "parent status", info.status or "—"),
              ("trials ended", f"{ended}/{total}"),
@@ -149,7 +154,7 @@ def _rules(runs: pd.DataFrame) -> str:
 
 
 def render_markdown(info: SweepInfo, s: dict, figures) -> str:
-    lines = [f"# Stability report: sweep `{info.name}`", ""]
+    lines = [f"# Stability report: {_of(info)} `{info.name}`", ""]
     if s["partial"]:
         lines += [f"> **{s['partial']}**", ""]
     lines += [f"**{s['headline']}**", ""]
@@ -176,7 +181,7 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
     e = html.escape
     parts = ["<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
              f"<title>Stability report: {e(info.name)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
-             f"<h1>Stability report: sweep <code>{e(info.name)}</code></h1>"]
+             f"<h1>Stability report: {_of(info)} <code>{e(info.name)}</code></h1>"]
     if s["partial"]:
         parts.append(f'<p class="partial">{e(s["partial"])}</p>')
     parts.append(f'<p class="headline">{e(s["headline"])}</p>')

@@ -58,6 +58,11 @@ class SweepInfo:
         return not self.uri and self.sweep_dir is not None
 
     @property
+    def kind(self) -> str:
+        """What the report is of: a sweep (a parent run or a sweep's folder), or an experiment's single runs."""
+        return "sweep" if self.parent_run_id or self.from_folder else "experiment"
+
+    @property
     def seeds_asked(self) -> int | None:
         return len(self.seeds) if self.seeds else None
 

@@ -77,14 +77,15 @@ def resolve(client, target: str):
     if parent is not None:
         return parent, experiments.get(parent.info.experiment_id), None
     exp = next((e for e in experiments.values() if e.name == target), None)
-    if exp is not None:
+    if exp is not None:  # its single runs (sweeps share the experiment, `smet_lab` by default), else its newest sweep
+        runs = [r for r in client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
+                if r.data.tags.get("smet.kind") not in ("sweep", "trial")]
+        if runs:
+            return None, exp, runs
         parent = _newest(client, [exp.experiment_id], "tags.`smet.kind` = 'sweep'")
         if parent is not None:
             return parent, exp, None
-        runs = client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
-        if not runs:
-            raise ReportError(f"experiment '{target}' has no runs")
-        return None, exp, runs
+        raise ReportError(f"experiment '{target}' has no runs")
     if Path(target).is_dir():  # a sweep's folder, e.g. sweeps/density
         folder = str(Path(target).resolve())
         parent = _newest(client, experiments, _parent_filter(folder))
