@@ -47,7 +47,7 @@ def resume_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     if not given or any(override_key(o) == "sweep" for o in overrides):
         return overrides, []
     path = Path(given.strip("'\"")).expanduser().absolute()
-    run = next((d / ".hydra" for d in (path, *path.parents[:2]) if (d / ".hydra" / "overrides.yaml").is_file()), None)
+    run = next((d / ".hydra" for d in (path, *path.parents[:3]) if (d / ".hydra" / "overrides.yaml").is_file()), None)
     if run is None:
         return overrides, []
     recorded = [str(o) for o in OmegaConf.load(run / "overrides.yaml")]

@@ -610,7 +610,7 @@ def test_a_resume_starts_from_the_overrides_of_the_run_it_continues(tmp_path):
                    hydra_dir / "hydra.yaml")
     ckpt = tmp_path / "run" / "checkpoints" / "step_20"
     ckpt.mkdir(parents=True)
-    for given in (tmp_path / "run", ckpt):
+    for given in (tmp_path / "run", ckpt, ckpt / "state.pt"):
         typed = [f"train.resume_from={given}", "train.max_steps=40", "model=small", "tracking=none"]
         overrides, kept = resume_overrides(typed)
         assert kept == ["method=naive_dst", "hydra.searchpath=[file://conf]"]  # model.*, tracking.*, max_steps replaced
