@@ -418,7 +418,8 @@ def test_resume_from_a_checkpoint_of_another_model(finished_run, tmp_path):
     assert good.returncode == 0, good.stderr[-2000:]
 
 
-def test_ctrl_c_marks_the_run_killed(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, e2e(signal.SIGTERM)])  # SIGTERM: `kill`, a scheduler's stop
+def test_ctrl_c_marks_the_run_killed(tmp_path, signum):
     proc = start_cli([*FAST, "train.max_steps=100000", f"hydra.run.dir={tmp_path}/run",
                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
     deadline = time.time() + 120
@@ -427,7 +428,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path):
         line = proc.stdout.readline()
     assert "tracking to MLflow run" in line
     time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "resume with train.resume_from=" in err
