@@ -348,6 +348,7 @@ IGNORED_WHEN = [
      and _get(c, "ray.workers_per_trial") <= 1
      and "one process (read only under torchrun or with ray.workers_per_trial > 1)"),
     ("ray.num_cpus", lambda c: _get(c, "ray.address") != "local" and "ray.address is a cluster (it owns its CPUs)"),
+    ("ray.autoscaling", lambda c: _get(c, "ray.address") == "local" and "ray.address=local (a Ray of this machine)"),
 ]
 SWEEP_ONLY = ("ray.",)
 

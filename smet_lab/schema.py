@@ -25,6 +25,7 @@ class RayConfig:
     workers_per_trial: int = 1  # > 1: each trial is a Ray Train TorchTrainer with this many processes
     max_concurrent: int = 0  # 0 = as many as the resources allow
     storage: Optional[str] = None  # sweep storage root (shared path or URI on a cluster)
+    autoscaling: bool = False  # a cluster that adds nodes on demand: trials wait for them (no fit check)
 
 
 def local_cpus(ray, cores: int | None = None) -> int:
@@ -73,7 +74,8 @@ def check_cluster_fits(ray, nodes: list[dict]) -> None:
                       f"what the cluster at {ray.address} can hold: a trial's {workers} process(es) need {need} each, "
                       f"on one node, and its {len(have)} node(s) hold {held} (the largest: {largest[0]:g} CPUs, "
                       f"{largest[1]:g} GPUs), so the sweep would wait forever; lower ray.cpus_per_trial or "
-                      "ray.gpus_per_trial (0 trains on CPU), or add nodes")
+                      "ray.gpus_per_trial (0 trains on CPU), add nodes, or on a cluster that adds them on demand "
+                      "give ray.autoscaling=true")
 
 
 @dataclass

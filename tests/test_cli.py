@@ -369,6 +369,7 @@ BAD_INPUTS = [
     e2e(["method=dense", "sparsity.weights=compact"], "sparsity.weights=compact is not allowed: ignored with"),
     e2e(["model.vocab_size=1000"], "model.vocab_size=1000 is not allowed: ignored with the tokenizer's vocabulary"),
     e2e(["ray.cpus_per_trial=1"], "ray.* keys are read only by sweeps"),
+    e2e(["+sweep=smoke", "ray.autoscaling=true"], "ray.autoscaling=true is not allowed: ignored with ray.address=local"),
     e2e(["tracking=none", "tracking.experiment=x"], "tracking.experiment=x is not allowed: ignored with tracking.enabled=false"),
     e2e(["tracking.tags.owner=alice"], "tracking.tags.owner=alice is not allowed: a new tag takes a plus: +tracking.tags.owner=alice"),
     e2e(["+tracking.tags.run.id=1"], "tracking.tags.run.id=1 is not allowed: tracking.tags.run must be a string, not a dict"),

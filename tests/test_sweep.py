@@ -242,6 +242,14 @@ def test_a_sweep_on_an_existing_ray_cluster(tmp_path):
         assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
         assert refused.stderr.startswith("smet_lab: error: ray.gpus_per_trial=1.0 is not allowed: what the cluster")
         assert "(the largest: 2 CPUs, 0 GPUs)" in refused.stderr and not (tmp_path / "sw" / "smoke").exists()
+        # A cluster that adds nodes on demand: the trials wait for them (here for ever), and Ctrl-C stops that.
+        waiting = start_cli([*args, "ray.autoscaling=true", "sweep.name=waits"], tmp_path, stderr=subprocess.STDOUT)
+        line = ""
+        while "0/2 done, 0 running" not in line:
+            line = waiting.stdout.readline()
+            assert line, "the sweep ended instead of waiting"
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=120) == 130
         fits = [*args, "ray.gpus_per_trial=0", "ray.cpus_per_trial=1"]
         ran = run_cli(fits, cwd=tmp_path, timeout=300)
         assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]

@@ -100,8 +100,8 @@ def init_ray(cfg: DictConfig, sweep_dir: Path) -> None:
         except ConnectionError as exc:
             raise ConfigError("ray.address", cfg.ray.address, f"no Ray cluster answers ({str(exc).splitlines()[0]}); "
                               "start one with `ray start --head`, or give ray.address=ray://<head>:10001") from None
-        # The cluster launcher's file, Ray Tune's own sign of an autoscaler: nodes may still join.
-        if not Path("~/ray_bootstrap_config.yaml").expanduser().exists():
+        # ~/ray_bootstrap_config.yaml: the cluster launcher's file, Ray Tune's own sign of an autoscaler
+        if not cfg.ray.autoscaling and not Path("~/ray_bootstrap_config.yaml").expanduser().exists():
             from smet_lab.schema import check_cluster_fits
 
             check_cluster_fits(cfg.ray, ray.nodes())
