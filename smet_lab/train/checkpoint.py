@@ -23,18 +23,28 @@ def folder(output_dir, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step}"
 
 
+def _step(folder: Path) -> int | None:
+    """N of a step_<N> folder, or None for another name."""
+    name = folder.name.removeprefix("step_")
+    return int(name) if name.isdigit() else None
+
+
 def newest(output_dir) -> Path | None:
     """A run folder's checkpoint of the latest step (one with its state file), or None."""
-    found = [(int(p.name.removeprefix("step_")), p) for p in Path(output_dir).glob("checkpoints/step_*")
-             if p.name.removeprefix("step_").isdigit() and (p / STATE_FILE).is_file()]
+    found = [(_step(p), p) for p in Path(output_dir).glob("checkpoints/step_*")
+             if _step(p) is not None and (p / STATE_FILE).is_file()]
     return max(found)[1] if found else None
+
+
+def _folder(path: str | Path) -> Path:
+    """The checkpoint folder that `train.resume_from` names (resolve), also when it names the state file."""
+    path = resolve(path)
+    return path if path.is_dir() else path.parent
 
 
 def step_of(path: str | Path) -> int | None:
     """The step a checkpoint was written at (its folder's name, step_<N>), or None for another name."""
-    path = resolve(path)
-    name = (path if path.is_dir() else path.parent).name.removeprefix("step_")
-    return int(name) if name.isdigit() else None
+    return _step(_folder(path))
 
 
 def resolve(path: str | Path) -> Path:
@@ -48,8 +58,7 @@ def resolve(path: str | Path) -> Path:
 
 def changes(path: str | Path, cfg) -> list[str]:
     """'key: old -> new' for each setting of `cfg` other than the checkpoint's (what a resume changes)."""
-    path = resolve(path)
-    config_file = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    config_file = _folder(path) / CONFIG_FILE
     if not config_file.is_file():
         return []
 
