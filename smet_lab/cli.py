@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from smet_lab import schema
 from smet_lab.compose import compose, default_run_dir, given_run_dir, group_composer, resume_overrides, to_run_config
 from smet_lab.config import ConfigError, RuleError, check_writable_dir, claim_folder
-from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, explain_hydra_error, extension_entries, ignored_setting,
-                                multirun_overrides, null_group, overridden_by_grid, override_key, split_args,
-                                unknown_flag, unknown_key)
+from smet_lab.keys import explain_hydra_error, hydra_setting, null_group, unknown_key
+from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, extension_entries, ignored_setting, multirun_overrides,
+                                overridden_by_grid, override_key, split_args, unknown_flag)
 from smet_lab.stopping import STOP, clean_exit, stop_on_signals, stop_when_reader_gone
 from smet_lab.tracking.settings import quiet_mlflow
 from smet_lab.usage import help_text
@@ -49,9 +49,9 @@ def preflight(overrides: list[str], compose_only: bool = False) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    null = null_group(overrides)
-    if null:
-        raise BadInput(null)
+    refused = null_group(overrides) or hydra_setting(overrides)
+    if refused:
+        raise BadInput(refused)
     try:
         cfg = compose(overrides)
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -10,7 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
 from smet_lab.config import ConfigError, RunConfig, run_config_from
-from smet_lab.preflight import CONF_DIR, explain_hydra_error, override_key, override_value, trial_groups
+from smet_lab.keys import explain_hydra_error
+from smet_lab.preflight import CONF_DIR, override_key, override_value, trial_groups
 
 schema.register()
 

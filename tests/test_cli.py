@@ -113,6 +113,41 @@ def test_null_or_a_value_of_the_wrong_kind_gets_one_line(override, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("hydra/job_logging=disabeld", "hydra/job_logging=disabeld is not allowed: one of default, disabled, none, stdout; "
+                                   "did you mean disabled?"),
+    ("hydra/job_loging=none", "hydra/job_loging=none is not allowed: no such config group; did you mean hydra/job_logging?"),
+    ("+hydra/job_logging=stdout", "+hydra/job_logging=stdout is not allowed: hydra/job_logging is in the defaults list; "
+                                  "choose it without the plus: hydra/job_logging=stdout"),
+    ("hydra.job.nme=x", "hydra.job.nme=x is not allowed: unknown key; did you mean hydra.job.name?; known keys of "
+                        "hydra.job: name, chdir, "),
+    ("hydra.job.env_set.OMP_NUM_THREADS=1", "hydra.job.env_set.OMP_NUM_THREADS=1 is not allowed: a new key of "
+                                            "hydra.job.env_set takes a plus: +hydra.job.env_set.OMP_NUM_THREADS=1"),
+    ("hydra.job.chdir=true", "hydra.job.chdir=true is not allowed: only false: smet_lab stays in the folder it is "
+                             "started from, where relative paths are read"),
+    ("hydra.mode=MULTIRUN", "hydra.mode=MULTIRUN is not allowed: -m (or --multirun) runs the values of KEY=A,B"),
+    ("+hydra.launcher.n_jobs=2", "hydra.launcher.n_jobs=2 is not allowed: smet_lab runs a -m multirun as a Ray Tune sweep"),
+    ("~hydra/sweeper", "~hydra/sweeper is not allowed: smet_lab runs a -m multirun"),
+    ("hydra.sweep.dir=/tmp/x", "hydra.sweep.dir=/tmp/x is not allowed: not read: a sweep writes into sweeps/<sweep.name>, "
+                               "or <ray.storage>/<sweep.name> with ray.storage=DIR"),
+])
+def test_hydra_settings_smet_lab_does_not_read_get_one_line(override, message):
+    """Hydra would accept these and nothing would change (the run in the output folder's own MLflow
+    database with chdir, a launcher that never launches), or answer with a traceback or a garbled line."""
+    from smet_lab.cli import BadInput, preflight
+
+    with pytest.raises(BadInput) as e:
+        preflight([override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_hydra_settings_it_reads_pass():
+    from smet_lab.cli import preflight
+
+    cfg = preflight(["hydra.job.chdir=false", "+hydra.job.env_set.OMP_NUM_THREADS=1", "hydra/job_logging=stdout"])
+    assert cfg.train.max_steps > 0
+
+
 @pytest.mark.e2e
 def test_an_experiment_trains_at_toy_size_and_tags_its_run(tmp_path, hf_tok_dir):
     import pandas as pd
@@ -371,8 +406,13 @@ BAD_INPUTS = [
     e2e(["ray.cpus_per_trial=1"], "ray.* keys are read only by sweeps"),
     e2e(["+sweep=smoke", "ray.autoscaling=true"], "ray.autoscaling=true is not allowed: ignored with ray.address=local"),
     e2e(["tracking=none", "tracking.experiment=x"], "tracking.experiment=x is not allowed: ignored with tracking.enabled=false"),
-    e2e(["tracking.tags.owner=alice"], "tracking.tags.owner=alice is not allowed: a new tag takes a plus: +tracking.tags.owner=alice"),
+    e2e(["tracking.tags.owner=alice"], "tracking.tags.owner=alice is not allowed: a new key of tracking.tags takes a plus: "
+                                       "+tracking.tags.owner=alice"),
     e2e(["+tracking.tags.run.id=1"], "tracking.tags.run.id=1 is not allowed: tracking.tags.run must be a string, not a dict"),
+    # Hydra's own settings that smet_lab does not read (one used to end in a traceback).
+    (["-m", "hydra/launcher=joblib", "sparsity.density=0.1,0.25"], "hydra/launcher=joblib is not allowed: smet_lab runs"),
+    e2e(["hydra.sweeper.params.x=1"], "hydra.sweeper.params.x=1 is not allowed: smet_lab runs a -m multirun as a Ray"),
+    e2e(["+sweep=smoke"], "hydra.run.dir="),  # (the test adds it) a sweep writes into its sweep folder
     # A comma list outside a multirun; a multirun over the sweep's own settings or a group option not there.
     (["sparsity.density=0.1,0.25"], "add -m"),
     (["-m", "ray=local,cluster"], "ray='local,cluster' is not allowed: a multirun sweeps what trials train with"),

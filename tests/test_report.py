@@ -591,8 +591,7 @@ def test_report_of_an_experiment_without_a_sweep_parent(tmp_path, capsys):
 def smoke(tmp_path_factory):
     """One `+sweep=smoke` run (40 steps, two methods) in a subprocess; its report is built by the runner."""
     tmp = tmp_path_factory.mktemp("report_smoke")
-    args = ["+sweep=smoke", "train.max_steps=40", f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"ray.storage={tmp}/sw",
-            f"hydra.run.dir={tmp}/out"]
+    args = ["+sweep=smoke", "train.max_steps=40", f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"ray.storage={tmp}/sw"]
     proc = run_cli(args, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return tmp, proc

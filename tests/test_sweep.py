@@ -205,11 +205,11 @@ def test_an_unreachable_cluster_stops_the_sweep_before_it_touches_its_folder(tmp
     kept.parent.mkdir(parents=True)
     kept.write_text("earlier results")
     proc = run_cli(["+sweep=smoke", "ray=cluster", f"ray.address=127.0.0.1:{free_port()}", f"ray.storage={tmp_path}/st",
-                    "sweep.resume=false", f"hydra.run.dir={tmp_path}/run", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                    "sweep.resume=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
                    cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "ray.address" in proc.stderr and "nothing answers" in proc.stderr and "Traceback" not in proc.stderr
-    assert kept.read_text() == "earlier results" and not (tmp_path / "run").exists()
+    assert kept.read_text() == "earlier results" and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.e2e
@@ -237,7 +237,7 @@ def test_a_sweep_on_an_existing_ray_cluster(tmp_path):
             assert time.time() < deadline and head.poll() is None, "the Ray head did not start"
             time.sleep(0.5)
         args = ["+sweep=smoke", "ray=cluster", f"ray.address=127.0.0.1:{port}", "tracking=none",
-                f"ray.storage={tmp_path}/sw", f"hydra.run.dir={tmp_path}/out"]
+                f"ray.storage={tmp_path}/sw"]
         refused = run_cli(args, cwd=tmp_path, timeout=120)
         assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
         assert refused.stderr.startswith("smet_lab: error: ray.gpus_per_trial=1.0 is not allowed: what the cluster")
@@ -410,7 +410,7 @@ def test_a_second_driver_of_a_running_sweep_is_refused(tmp_path):
         assert proc.stderr.startswith("smet_lab: error: sweep.name='smoke' is not allowed: the name of a sweep that is "
                                       f"not running already (pid {holder.pid} on ")
         assert [p.name for p in (tmp_path / "sw").iterdir()] == [".smoke.lock"]
-        assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+        assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
     finally:
         holder.kill()
         holder.wait()
@@ -420,7 +420,7 @@ def test_a_second_driver_of_a_running_sweep_is_refused(tmp_path):
 
 def test_plan_shows_what_a_sweep_would_run_and_writes_nothing(tmp_path):
     proc = run_cli(["+sweep=smoke", "sweep.seeds=[0,1]", "--plan", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                    f"ray.storage={tmp_path}/sw", f"hydra.run.dir={tmp_path}/out", "ray.cpus_per_trial=1"], cwd=tmp_path)
+                    f"ray.storage={tmp_path}/sw", "ray.cpus_per_trial=1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     # smoke: naive_dst and smet, 60 steps of 4 x 64 tokens each (conf/sweep/smoke.yaml, tiny), here with 2 seeds
@@ -481,7 +481,7 @@ SMOKE = ["+sweep=smoke", "train.max_steps=40"]
 
 
 def common(tmp):
-    return [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"ray.storage={tmp}/sw", f"hydra.run.dir={tmp}/out"]
+    return [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"ray.storage={tmp}/sw"]
 
 
 @pytest.mark.e2e
@@ -633,8 +633,8 @@ def test_a_sweep_started_afresh_gets_new_mlflow_runs(tmp_path):
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == list(range(5, steps + 1, 5))
     rows = list(csv.DictReader(open(tmp_path / "sw" / "smoke" / "report" / "trials.csv")))
     assert [r["run_id"] for r in rows] == [new.info.run_id]
-    third = run_cli(["+sweep=smoke", "sweep.params.method=[smet]", f"ray.storage={tmp_path}/sw", f"hydra.run.dir={tmp_path}/out",
-                     "train.max_steps=10", "sweep.resume=false", "tracking=none"], cwd=tmp_path)
+    third = run_cli(["+sweep=smoke", "sweep.params.method=[smet]", f"ray.storage={tmp_path}/sw", "train.max_steps=10",
+                     "sweep.resume=false", "tracking=none"], cwd=tmp_path)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     proc = run_cli_module("smet_lab.report", str(tmp_path / "sw" / "smoke"), "--tracking-uri",
                           f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "rep"), cwd=tmp_path)
@@ -654,7 +654,7 @@ def test_a_sweep_without_tracking_still_knows_how_its_trials_ended(tmp_path):
     statuses were written by the MLflow logger alone: every trial read as unfinished, the sweep as
     interrupted); the report is read from the folder, the failed trial's numbers from its checkpoint."""
     folder = tmp_path / "sw" / "smoke"
-    args = [*SMOKE, "tracking=none", f"ray.storage={tmp_path}/sw", f"hydra.run.dir={tmp_path}/out"]
+    args = [*SMOKE, "tracking=none", f"ray.storage={tmp_path}/sw"]
     proc = run_cli(args, cwd=tmp_path, env_extra={"SMET_LAB_INJECT_FAILURE": "naive_dst", "SMET_LAB_INJECT_AT_STEP": "25"})
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2/2 trials ended (1 finished, 0 diverged, 1 failed)" in proc.stdout and "interrupted" not in proc.stderr
@@ -789,7 +789,7 @@ def test_a_sweep_interrupted_twice_resumes_to_exactly_the_grid(tmp_path):
     assert code == 130, out[-3000:]
     _, runs = runs_of(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs if r.data.tags.get("smet.kind") == "sweep"] == ["KILLED"]
-    assert not (tmp_path / "out").exists()  # the sweep writes into its sweep folder, no empty Hydra folder
+    assert not (tmp_path / "outputs").exists()  # the sweep writes into its sweep folder, no empty Hydra folder
     # The second session finishes one more trial and is stopped while the next one trains, by SIGTERM
     # (a scheduler's stop, `kill`), which Ray's driver would otherwise die of on the spot, its runs RUNNING.
     code, out = _run_until(args, tmp_path, 1, wait_s=3, signum=signal.SIGTERM)

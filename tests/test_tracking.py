@@ -399,8 +399,8 @@ def test_a_sweep_a_run_and_their_reports_on_a_tracking_server(server, tmp_path):
     from helpers import run_cli
 
     uri = f"tracking.uri={server}"
-    sweep = run_cli(["+sweep=smoke", uri, "tracking.experiment=served", f"ray.storage={tmp_path}/sw",
-                     f"hydra.run.dir={tmp_path}/o1"], cwd=tmp_path, timeout=400)
+    sweep = run_cli(["+sweep=smoke", uri, "tracking.experiment=served", f"ray.storage={tmp_path}/sw"],
+                    cwd=tmp_path, timeout=400)
     assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
     single = run_cli(["train.max_steps=20", "data=synthetic", uri, "tracking.experiment=served",
                       f"hydra.run.dir={tmp_path}/o2"], cwd=tmp_path, timeout=300)
