@@ -41,7 +41,7 @@ def main() -> None:
         os.makedirs(work, exist_ok=True)
         tic = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "smet_lab", *overrides, f"ray.storage={work}/sweeps",
-                               f"tracking.uri=sqlite:///{work}/mlflow.db", f"hydra.run.dir={work}/outputs/{args.sweep}"],
+                               f"tracking.uri=sqlite:///{work}/mlflow.db"],
                               cwd=work, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         swept = time.perf_counter() - tic
         if proc.returncode != 0:
