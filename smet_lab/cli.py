@@ -109,6 +109,7 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     """One training run, tracked in MLflow. Returns the process exit code."""
     from smet_lab.data import check_streams, load_corpus
     from smet_lab.tracking import write_run_artifacts
+    from smet_lab.tracking.artifacts import write_summary
     from smet_lab.train import Callbacks, train
     from smet_lab.train import checkpoint as ckpt
     from smet_lab.train.checks import no_update_note
@@ -143,6 +144,7 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
         result = train(run_cfg, output_dir=output_dir, corpus=corpus,
                        callbacks=Callbacks(log=tracker.log_metrics, should_stop=STOP.is_set))
         paths = write_run_artifacts(result.history, container, output_dir, title=name)
+        write_summary(output_dir, result.status, result.error, result.summary)  # for a report of the folder
         tracker.log_artifacts(paths)
         tracker.finish(result.status, result.error)
     s = result.summary
@@ -154,7 +156,7 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     else:
         jump = s.get("summary/mean_probe_jump")
         print(f"smet_lab: done: final val loss {s.get('summary/final_val_loss', float('nan')):.4f}, "
-              f"mean probe jump {'n/a (no topology update)' if jump is None else f'{jump:.4f}'}, "
+              f"mean probe jump {no_jump_reason(result.history, run_cfg) if jump is None else f'{jump:.4f}'}, "
               f"state memory {s['summary/memory/state_ratio_vs_dense_adam']:.3f} x dense Adam "
               f"(with the weights {s['summary/memory/training_ratio_vs_dense_adam']:.3f} x), "
               f"optimizer kernel {'compiled' if s.get('summary/optimizer_kernel_compiled') else 'eager'}"
@@ -166,6 +168,16 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
               "dashboards: " + (tracking.uri if tracking.uri.startswith(("http://", "https://"))  # the server's own UI
                                 else f"mlflow ui --backend-store-uri {tracking.uri}"))
     return {"FINISHED": 0, "KILLED": 130}.get(result.status, 1)
+
+
+def no_jump_reason(history: list[dict], run_cfg) -> str:
+    """Why a run has no probe jump: no topology update, no probes, or its last update's window ran past the end."""
+    if not any("topo/density" in row for row in history):
+        return "n/a (no topology update)"
+    if run_cfg.train.probe_window == 0:
+        return "n/a (train.probe_window=0: no probes)"
+    return (f"n/a (the run ended within train.probe_window={run_cfg.train.probe_window} steps of its topology update, "
+            "before its probe window closed)")
 
 
 def open_tracker(tracking, resume_from: str | None, name: str, params: dict, tags: dict, output_dir: Path):

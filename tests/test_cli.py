@@ -383,6 +383,8 @@ BAD_INPUTS = [
     (["data.max_tokens=100"], "train.batch_size=16 is not allowed: between 1 and 1 (the number of seq_len+1=65 token windows)"),
     e2e(["model.seq_len=100000000"], "model.seq_len=100000000 is not allowed: between 1 and"),
     e2e(["sparsity.block_size=7"], "sparsity.block_size=7 is not allowed: must divide the size of"),
+    # probes of 20 steps after updates every 10: each window would be cut short, no probe jump measured
+    e2e(["sparsity.update_every=10"], "train.probe_window=20 is not allowed: at most sparsity.update_every=10"),
     e2e(["sparsity.dense_patterns=['(']"], "sparsity.dense_patterns='(' is not allowed: a regular expression"),
     e2e(["method=dense", "sparsity.density=0.5"], "sparsity.density"),
     e2e(["sparsity.weights=sparse"], "sparsity.weights='sparse' is not allowed: one of dense, compact"),

@@ -194,7 +194,7 @@ def rules(tmp_path) -> Path:
 @pytest.mark.e2e  # 2 processes, ~15 s: the dying process below is the developer's loop's multi-process case
 def test_diverging_topologies_stop_the_run_with_one_line(tmp_path, rules):
     proc = torchrun([f"extensions=[{rules}]", "sparsity.growth=per_process", "train.max_steps=20",
-                     "sparsity.update_every=5", "train.threads=1", f"hydra.run.dir={tmp_path}/run",
+                     "sparsity.update_every=5", "train.probe_window=5", "train.threads=1", f"hydra.run.dir={tmp_path}/run",
                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], tmp_path, timeout=180)
     assert proc.returncode != 0
     assert "the topology after the update at step 5 differs between the 2 processes" in proc.stderr
@@ -207,7 +207,7 @@ def test_diverging_topologies_stop_the_run_with_one_line(tmp_path, rules):
 
 def test_a_dying_process_fails_the_run_without_a_hang(tmp_path, rules):
     proc = torchrun([f"extensions=[{rules}]", "sparsity.growth=fails_on_rank_1", "train.max_steps=20",
-                     "sparsity.update_every=5", "train.threads=1", f"hydra.run.dir={tmp_path}/run",
+                     "sparsity.update_every=5", "train.probe_window=5", "train.threads=1", f"hydra.run.dir={tmp_path}/run",
                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], tmp_path, timeout=180)
     assert proc.returncode != 0
     assert "rank 1 ran out of memory" in proc.stderr and "rank      : 1" in proc.stderr  # torchrun's summary

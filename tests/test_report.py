@@ -302,7 +302,8 @@ def test_cells_without_probe_jumps_are_not_ranked_for_stability():
                            "0.0000, 2 seeds) (no other cell to compare). Best: dense (final val ppl 7.00 ± 0.00")
     dense = stability_runs({"dense": [(math.nan, math.nan, None, 7.0)] * 2})
     assert headline(cell_stats(dense, ["method"]), ["method"]).startswith(
-        "Stability: no finished run has probe jumps (no topology update), so none is ranked. Best: dense")
+        "Stability: no finished run has probe jumps (no topology update, or none followed by a whole probe window), "
+        "so none is ranked. Best: dense")
 
 
 def test_partial_note_for_running_interrupted_and_incomplete_sweeps():

@@ -5,6 +5,7 @@ sweep: test_sweep.py::test_a_sweep_without_tracking_still_knows_how_its_trials_e
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from helpers import run_to_a_gone_reader
 
 from smet_lab.metrics import METRICS
 from smet_lab.report.folder import load_folder
-from smet_lab.report.io import load_sweep_runs
+from smet_lab.report.io import load_run_dirs, load_sweep_runs
 from smet_lab.sweep.folder import STATUS_FILE, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, sweep_lock, write_grid
 
 KEYS = ["method=naive_dst,sparsity.density=0.25,seed=0", "method=smet,sparsity.density=0.25,seed=0",
@@ -179,7 +180,52 @@ def test_a_folder_that_is_no_sweep_is_one_line(tmp_path):
     mlflow.MlflowClient(tracking_uri=db).create_experiment("e")
     proc = report_cli(str(tmp_path / "plain"), "--tracking-uri", db, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"{tmp_path / 'plain'} is not a sweep's folder (no grid.json there)" in proc.stderr
+    assert f"{tmp_path / 'plain'} is neither a sweep's folder (no grid.json there) nor a run's" in proc.stderr
+
+
+def run_folder(root, name: str, method: str, jumps: list[float], ended: bool, mtime: float):
+    """A single run's output folder as run_single leaves it: config.yaml, checkpoints/, and at its end
+    metrics.parquet and summary.json; a run killed hard has only its checkpoint (history in state.pt)."""
+    folder = root / name
+    step = folder / "checkpoints" / "step_20"
+    step.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({**config(f"method={method},sparsity.density=0.25,seed=0"),
+                                                        "tracking": {"enabled": False}, "extensions": []}))
+    rows = history(jumps, steps=20)
+    torch.save({"history": rows}, step / "state.pt")
+    if ended:
+        pd.DataFrame(rows).to_parquet(folder / "metrics.parquet")
+        (folder / SUMMARY_FILE).write_text(json.dumps({"status": "FINISHED", "error": None,
+                                                       "summary": {"summary/final_val_loss": 4.5}}))
+    os.utime(folder / "config.yaml", (mtime, mtime))
+    return folder
+
+
+def test_run_folders_are_one_report_a_rerun_counted_once(tmp_path):
+    """Two finished runs of one setting and seed (the newer counts) and a run killed hard: its status,
+    and its metrics recomputed from its checkpoint's history."""
+    old = run_folder(tmp_path, "old-smet", "smet", [9.0, 9.0], ended=True, mtime=1_000)
+    new = run_folder(tmp_path, "new-smet", "smet", [0.25, 0.75], ended=True, mtime=2_000)
+    hard = run_folder(tmp_path, "killed-naive", "naive_dst", [0.5, -0.25], ended=False, mtime=1_500)
+    info, runs = load_run_dirs([old, hard, new])
+    assert (info.kind, info.name, info.left_out, info.swept) == ("runs", "3 runs", 1, ["method"])
+    runs = runs.set_index("trial")
+    assert list(runs.index) == [str(hard), str(new)] and list(runs["status"]) == ["KILLED", "FINISHED"]
+    assert runs.loc[str(new), "summary/final_val_loss"] == 4.5
+    assert runs.loc[str(new), "summary/mean_probe_jump"] == pytest.approx(0.5)  # (0.25 + 0.75) / 2
+    assert runs.loc[str(hard), "summary/mean_probe_jump"] == pytest.approx(0.125)  # from state.pt's history
+    assert runs.loc[str(hard), "error"].startswith("no summary.json: stopped before its end")
+    proc = report_cli(str(old), str(hard), str(new), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (out,) = (tmp_path / "reports").iterdir()
+    assert proc.stdout.strip() == f"smet_lab: report of 3 runs: reports/{out.name}/report.html (read from the runs' folders)"
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Stability report: 3 runs\n") and "- runs left out: 1 older run(s)" in md
+    one = report_cli(str(new), cwd=tmp_path)
+    assert one.returncode == 0 and (new / "report" / "report.md").read_text().startswith("# Stability report: run `new-smet`")
+    mixed = report_cli(str(new), str(sweep_folder(tmp_path)), cwd=tmp_path)
+    assert mixed.returncode == 2 and mixed.stderr.strip().count("\n") == 0
+    assert f"{tmp_path / 'dens'}: a sweep's folder (a report of several targets reads single runs' output" in mixed.stderr
 
 
 def test_write_grid_records_the_sweep_for_the_report(tmp_path):
@@ -205,3 +251,31 @@ def test_usage_errors_name_the_sweeps_there_are(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ("smet_lab: error: no sweep folder dense or sweeps/dense, and no MLflow database "
                                        f"at {tmp_path / 'mlflow.db'} (--tracking-uri sqlite:///mlflow.db); sweep "
                                        "folders in sweeps/: dens; did you mean dens?\n")
+
+
+@pytest.mark.e2e
+def test_real_runs_report_the_numbers_they_printed(tmp_path):
+    """Two real runs (tracking=none) and the report of their folders: each row's final val loss is the
+    one its run printed, its mean probe jump the mean of the jumps in its metrics.parquet."""
+    import re
+
+    from helpers import run_cli
+
+    folders, printed = [], {}
+    for method in ("smet", "naive_dst"):
+        folder = tmp_path / method
+        proc = run_cli(["train.max_steps=30", "sparsity.update_every=10", "train.probe_window=10", "tracking=none",
+                        f"method={method}",
+                        f"hydra.run.dir={folder}"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        printed[str(folder)] = float(re.search(r"final val loss ([\d.]+)", proc.stdout).group(1))
+        folders.append(str(folder))
+    proc = report_cli(*folders, "--out", str(tmp_path / "rep"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = pd.read_csv(tmp_path / "rep" / "trials.csv").set_index("trial")
+    assert sorted(rows.index) == sorted(folders) and set(rows["status"]) == {"FINISHED"}
+    for folder in folders:
+        jumps = pd.read_parquet(f"{folder}/metrics.parquet")["stability/probe_jump"].dropna()
+        assert len(jumps) == 2  # updates at steps 10 and 20
+        assert rows.loc[folder, "summary/final_val_loss"] == pytest.approx(printed[folder], abs=5e-5)
+        assert rows.loc[folder, "summary/mean_probe_jump"] == pytest.approx(jumps.mean())

@@ -7,6 +7,9 @@
         Writes report.md, report.html, tables (.md/.csv/.tex) and plots (.png) into DIR (default:
         <sweep_dir>/report/ when the sweep's folder is on this machine, else reports/<name>/) and logs
         the folder as the parent run's artifact report/ (unless --no-log).
+    python -m smet_lab.report RUN_FOLDER [RUN_FOLDER ...] [--out DIR]
+        Single runs' output folders (outputs/<date>/<time>-<method>), read from their files, compared as
+        one report's cells (default DIR: <run>/report/ for one, reports/runs-<hash>/ for several).
     python -m smet_lab.report --tables [SPEC.yaml ...] [--tracking-uri URI] [--out DIR]
         Renders each table spec (default: the shipped smet_lab/report/table_specs/*.yaml) as Markdown,
         CSV and LaTeX into DIR (default: analysis/tables/ in the working directory).
@@ -36,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m smet_lab.report", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("target", nargs="?", help="sweep name, sweep folder, MLflow experiment name or parent run id")
+    p.add_argument("target", nargs="*", help="sweep name, sweep folder, MLflow experiment name or parent run id; "
+                                             "or one or more single runs' output folders")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the parent MLflow run")
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                         + known_sweeps(args.tracking_uri))
         from smet_lab.report.build import report_for_target
 
-        info, out = report_for_target(args.tracking_uri, args.target, args.out, log=not args.no_log,
+        target = args.target[0] if len(args.target) == 1 else args.target
+        info, out = report_for_target(args.tracking_uri, target, args.out, log=not args.no_log,
                                       warn=lambda line: print(f"smet_lab: warning: {line}", file=sys.stderr))
     except (ReportError, SpecError) as exc:
         return fail(str(exc))
@@ -91,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     except MlflowException as exc:
         return fail(f"MLflow ({args.tracking_uri}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     where = (f"; logged to parent run {info.parent_run_id} as report/" if info.parent_run_id and not args.no_log
-             else f" (read from its folder's files: {args.tracking_uri} does not have it)" if info.from_folder else "")
-    print(f"smet_lab: report of {info.kind} {info.name}: {out / 'report.html'}{where}")
+             else f" (read from its folder's files: {args.tracking_uri} does not have it)" if info.from_folder
+             else " (read from the runs' folders)" if info.run_dirs else "")
+    what = info.name if info.kind == "runs" else f"{info.kind} {info.name}"  # "2 runs", "sweep density"
+    print(f"smet_lab: report of {what}: {out / 'report.html'}{where}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import html
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ import pandas as pd
 from smet_lab.report.data import SEED, SweepInfo, fmt_value, with_missing, with_positive_jump
 from smet_lab.report.glossary import glossary
 from smet_lab.report.detectors import lag_table
+from smet_lab.report.folder import is_run_folder
 from smet_lab.report.plots import FIGURES, png_bytes, report_figures
 from smet_lab.report.tables import (FLAG, cell_stats, headline, partial_note, pivot_numbers, pivot_table, to_html,
                                     to_latex, to_markdown, trial_notes, trial_numbers, trial_table)
@@ -52,9 +54,14 @@ def report_keys(info: SweepInfo, runs: pd.DataFrame) -> list:
 
 
 def default_out_dir(info: SweepInfo) -> Path:
-    """<sweep_dir>/report when the sweep's folder is on this machine, else reports/<name>/."""
+    """<sweep_dir>/report when the sweep's folder is on this machine (a run's: <run>/report), else
+    reports/<name>/ (several runs: reports/runs-<hash of their folders>/, the same for the same runs)."""
     if info.sweep_dir and Path(info.sweep_dir).is_dir():
         return Path(info.sweep_dir) / "report"
+    if len(info.run_dirs) == 1:
+        return Path(info.run_dirs[0]) / "report"
+    if info.run_dirs:
+        return Path("reports") / f"runs-{hashlib.sha1(' '.join(sorted(info.run_dirs)).encode()).hexdigest()[:8]}"
     return Path("reports") / re.sub(r"[^\w.-]+", "_", info.name)
 
 
@@ -111,30 +118,38 @@ DETECTORS_NOTE = ("Every detection of the three detectors in the ended runs (los
                   "number of steps since the last update (— before the first update or without detections).")
 
 
-def _of(info: SweepInfo) -> str:
-    return "sweep" if info.kind == "sweep" else "the single runs of experiment"
+def _title(info: SweepInfo, code) -> str:
+    """What the report is of, its name set by `code` (Markdown backticks or HTML <code>)."""
+    if info.kind == "runs":
+        return f"{len(info.run_dirs)} runs"
+    return f"{ {'experiment': 'the single runs of experiment'}.get(info.kind, info.kind)} {code(info.name)}"
 
 
 def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
     now = now or dt.datetime.now(dt.timezone.utc)
     ended = int(runs["status"].isin(["FINISHED", "DIVERGED", "FAILED"]).sum()) if len(runs) else 0
     total = max(info.n_trials or 0, len(runs))
-    no_parent = ("— (read from the sweep's folder)" if info.from_folder
-                 else "— (runs of an experiment without a sweep parent)")
-    items = [("sweep", info.name)] if info.kind == "sweep" else []
-    items += [("experiment", info.experiment or "—"),
-             ("parent run", info.parent_run_id or no_parent),
-             ("sweep status" if info.from_folder else "parent status", info.status or "—"),
-             ("trials ended", f"{ended}/{total}"),
-             ("seeds asked", "[" + ", ".join(fmt_value(s) for s in info.seeds) + "]" if info.seeds else "—"),
-             ("swept keys", ", ".join(info.swept) or "—"), ("sweep metric", f"{info.metric} ({info.mode})"),
-             ("rules", _rules(runs)),
-             ("tracking URI", info.uri or "—"), ("sweep folder", info.sweep_dir or "—"),
-             ("generated", now.strftime("%Y-%m-%d %H:%M:%S %Z"))]
+    if info.run_dirs:  # single runs' folders: no sweep, parent run or tracking URI to name
+        items = [("run folder" if len(info.run_dirs) == 1 else "run folders", ", ".join(info.run_dirs)),
+                 ("runs ended", f"{ended}/{total}"), ("differing keys", ", ".join(info.swept) or "—"),
+                 ("rules", _rules(runs))]
+    else:
+        no_parent = ("— (read from the sweep's folder)" if info.from_folder
+                     else "— (runs of an experiment without a sweep parent)")
+        items = [("sweep", info.name)] if info.kind == "sweep" else []
+        items += [("experiment", info.experiment or "—"),
+                  ("parent run", info.parent_run_id or no_parent),
+                  ("sweep status" if info.from_folder else "parent status", info.status or "—"),
+                  ("trials ended", f"{ended}/{total}"),
+                  ("seeds asked", "[" + ", ".join(fmt_value(s) for s in info.seeds) + "]" if info.seeds else "—"),
+                  ("swept keys", ", ".join(info.swept) or "—"), ("sweep metric", f"{info.metric} ({info.mode})"),
+                  ("rules", _rules(runs)),
+                  ("tracking URI", info.uri or "—"), ("sweep folder", info.sweep_dir or "—")]
     if info.left_out:
-        items.insert(5, ("runs left out", f"{info.left_out} older run(s) of a setting and seed that a newer run "
-                                          "repeats (each setting and seed counts once: the newest)"))
-    return items
+        after_ended = next(i for i, (key, _) in enumerate(items) if key.endswith(" ended")) + 1
+        items.insert(after_ended, ("runs left out", f"{info.left_out} older run(s) of a setting and seed that a "
+                                                    "newer run repeats (each setting and seed counts once: the newest)"))
+    return items + [("generated", now.strftime("%Y-%m-%d %H:%M:%S %Z"))]
 
 
 # The rule options a reader needs to know what ran (a user's registered rule shows up here by name).
@@ -154,7 +169,7 @@ def _rules(runs: pd.DataFrame) -> str:
 
 
 def render_markdown(info: SweepInfo, s: dict, figures) -> str:
-    lines = [f"# Stability report: {_of(info)} `{info.name}`", ""]
+    lines = [f"# Stability report: {_title(info, lambda name: f'`{name}`')}", ""]
     if s["partial"]:
         lines += [f"> **{s['partial']}**", ""]
     lines += [f"**{s['headline']}**", ""]
@@ -181,7 +196,7 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
     e = html.escape
     parts = ["<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
              f"<title>Stability report: {e(info.name)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
-             f"<h1>Stability report: {_of(info)} <code>{e(info.name)}</code></h1>"]
+             f"<h1>Stability report: {_title(info, lambda name: f'<code>{e(name)}</code>')}</h1>"]
     if s["partial"]:
         parts.append(f'<p class="partial">{e(s["partial"])}</p>')
     parts.append(f'<p class="headline">{e(s["headline"])}</p>')
@@ -208,12 +223,17 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
 
 
 # ------------------------------------------------------------ from MLflow or the sweep's folder
-def report_for_target(uri: str, target: str, out_dir=None, log: bool = True, warn=print) -> tuple[SweepInfo, Path]:
-    """Read `target` (sweep name, experiment, parent run id or sweep folder) from MLflow or its folder,
-    build its report (default folder: default_out_dir) and log it to the parent run as `report/`."""
-    from smet_lab.report.io import load_sweep_runs, log_report
+def report_for_target(uri: str, target, out_dir=None, log: bool = True, warn=print) -> tuple[SweepInfo, Path]:
+    """Read `target` (sweep name, experiment, parent run id or sweep folder; or single runs' output
+    folders, one or a list) from MLflow or its folder, build its report (default folder: default_out_dir)
+    and log it to the parent run as `report/`."""
+    from smet_lab.report.io import load_run_dirs, load_sweep_runs, log_report
 
-    info, runs = load_sweep_runs(uri, target, warn)
+    targets = [target] if isinstance(target, (str, Path)) else list(target)
+    if len(targets) > 1 or is_run_folder(targets[0]):
+        info, runs = load_run_dirs(targets, warn)
+    else:
+        info, runs = load_sweep_runs(uri, str(targets[0]), warn)
     out = build_report(info, runs, Path(out_dir) if out_dir else default_out_dir(info))
     if log and info.parent_run_id:
         log_report(info.uri, info.parent_run_id, out)

@@ -51,6 +51,7 @@ class SweepInfo:
     mode: str = "min"
     expected: list | None = None  # [(trial key, {dotted key: value})] of the whole grid, when known
     left_out: int = 0  # an experiment's older runs that a newer run of the same cell and seed repeats
+    run_dirs: list = field(default_factory=list)  # single runs' output folders it was read from
 
     @property
     def from_folder(self) -> bool:
@@ -59,7 +60,10 @@ class SweepInfo:
 
     @property
     def kind(self) -> str:
-        """What the report is of: a sweep (a parent run or a sweep's folder), or an experiment's single runs."""
+        """What the report is of: a sweep (a parent run or a sweep's folder), an experiment's single runs,
+        or single runs' output folders (a run, runs)."""
+        if self.run_dirs:
+            return "run" if len(self.run_dirs) == 1 else "runs"
         return "sweep" if self.parent_run_id or self.from_folder else "experiment"
 
     @property

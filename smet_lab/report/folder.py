@@ -1,6 +1,6 @@
 """A sweep read from its folder alone (`<storage>/<name>/`), into the same (SweepInfo, runs DataFrame)
 that smet_lab.report.io reads out of MLflow: for a sweep run with tracking=none, or a folder copied to
-a machine without the sweep's database.
+a machine without the sweep's database. Single runs' output folders are read the same way.
 
 What each trial has there: its config (grid.json), how it ended (trial_status.json) and its checkpoints
 under Tune's `tune/` (and Ray Train's `train/` with ray.workers_per_trial > 1), each naming its trial
@@ -16,14 +16,19 @@ from pathlib import Path
 import pandas as pd
 
 from smet_lab.report.data import (ENDED, FAILED, FINISHED, KILLED, MISSING, RUNNING, SweepInfo, empty_runs,
-                                  infer_swept, parse_value, sweep_info_from_params)
-from smet_lab.sweep.folder import (GRID_FILE, SUMMARY_FILE, SWEEP_FILE, read_json, read_statuses, sweep_running,
-                                   trial_checkpoints)
+                                  infer_swept, newest_per_seed, parse_value, sweep_info_from_params)
+from smet_lab.sweep.folder import (GRID_FILE, RESUME_SECTIONS, SUMMARY_FILE, SWEEP_FILE, read_json, read_statuses,
+                                   sweep_running, trial_checkpoints)
 from smet_lab.tracking.settings import flatten
 
 
 def is_sweep_folder(path) -> bool:
     return (Path(path) / GRID_FILE).is_file()
+
+
+def is_run_folder(path) -> bool:
+    """A single run's output folder (outputs/<date>/<time>-<method>): its config and checkpoints."""
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
 
 
 def read_history(checkpoint: Path) -> pd.DataFrame | None:
@@ -87,3 +92,29 @@ def load_folder(sweep_dir, running: bool | None = None) -> tuple[SweepInfo, pd.D
     if not info.swept:
         info.swept = infer_swept(runs)
     return info, runs
+
+
+def load_run_folders(folders: list) -> tuple[SweepInfo, pd.DataFrame]:
+    """(the runs as one report's cells, one row per run) from single runs' output folders: the config
+    they trained with (config.yaml), how each ended and its summary (summary.json, written at its end),
+    its history (metrics.parquet, or the newest checkpoint's of a run stopped before it wrote one).
+    Runs of the same setting and seed count once: the newest (SweepInfo.left_out says how many not)."""
+    from omegaconf import OmegaConf
+
+    from smet_lab.train.checkpoint import newest
+
+    rows = []
+    for folder in map(Path, folders):
+        config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+        core = {k: v for k, v in config.items() if k in RESUME_SECTIONS}
+        ended = read_json(folder / SUMMARY_FILE)
+        source = folder if (folder / "metrics.parquet").is_file() else newest(folder)
+        row = trial_row(str(folder), core, config.get("extensions") or [], ended, source, running=False)
+        if ended is None:
+            row["error"] = "no summary.json: stopped before its end, still running, or from an older smet_lab"
+        rows.append({**row, "start_time": (folder / "config.yaml").stat().st_mtime})
+    runs = pd.DataFrame(rows)
+    name = Path(folders[0]).name if len(folders) == 1 else f"{len(folders)} runs"
+    info = SweepInfo(name=name, run_dirs=[str(Path(f).resolve()) for f in folders], swept=infer_swept(runs))
+    runs, info.left_out = newest_per_seed(runs, info.swept)
+    return info, runs.drop(columns="start_time")

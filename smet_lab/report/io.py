@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from smet_lab.config import did_you_mean
+from smet_lab.config import did_you_mean, no_such_path
 from smet_lab.report.data import (DIVERGED, RUNNING, SweepInfo, _yaml, empty_runs, infer_swept, newest_per_seed,
                                   parse_value, sweep_info_from_params, with_history_metrics)
-from smet_lab.report.folder import is_sweep_folder, load_folder
+from smet_lab.report.folder import is_run_folder, is_sweep_folder, load_folder, load_run_folders
 from smet_lab.sweep.folder import DEFAULT_STORAGE, sweep_tags
 from smet_lab.tracking.settings import sqlite_path
 
@@ -93,8 +93,8 @@ def resolve(client, target: str):
             return parent, experiments.get(parent.info.experiment_id), None
         if is_sweep_folder(folder):  # (load_sweep_runs reads it from its files)
             raise ReportError(f"no sweep parent run for the folder {folder} in {client.tracking_uri}")
-        raise ReportError(f"{folder} is not a sweep's folder (no grid.json there) and no sweep parent run names "
-                          f"it in {client.tracking_uri}")
+        raise ReportError(f"{folder} is neither a sweep's folder (no grid.json there) nor a run's (no config.yaml "
+                          f"and checkpoints/), and no sweep parent run names it in {client.tracking_uri}")
     sweeps, names = tracked_sweeps(client, experiments), sorted(e.name for e in experiments.values())
     known = f"sweeps there: {', '.join(sweeps)}" if sweeps else "no sweeps there"
     hint = did_you_mean(target, [*sweeps, *names, *sweep_folders()])
@@ -256,6 +256,16 @@ def load_sweep_runs(uri: str, target: str, warn=print) -> tuple[SweepInfo, pd.Da
                      swept=infer_swept(runs))
     runs, info.left_out = newest_per_seed(runs, info.swept)
     return prepared(info, runs, warn)
+
+
+def load_run_dirs(folders: list, warn=print) -> tuple[SweepInfo, pd.DataFrame]:
+    """Single runs' output folders as one report's runs; anything else among them is one line."""
+    for folder in folders:
+        if not is_run_folder(folder):
+            what = "a sweep's folder" if is_sweep_folder(folder) else no_such_path(folder) or "not a run's output folder"
+            raise ReportError(f"{folder}: {what} (a report of several targets reads single runs' output folders, "
+                              "outputs/<date>/<time>-<method>, each with config.yaml and checkpoints/)")
+    return prepared(*load_run_folders(folders), warn)
 
 
 def load_sweep_dir(uri: str | None, experiment: str, sweep_dir: str, warn=print) -> tuple[SweepInfo, pd.DataFrame]:

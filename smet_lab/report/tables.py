@@ -237,7 +237,8 @@ def headline(stats: pd.DataFrame, keys: list, runs: pd.DataFrame | None = None) 
     stable, best = ranked(stats, STABILITY_KEYS), ranked(stats, [quality])
     parts = [compare(stable, STABILITY_KEYS, keys, "Most stable", "the runner-up",
                      lambda r: ", ".join(_mean_std(r, m) for m in STABILITY_KEYS if r[f"{m}:n"])) if len(stable)
-             else "Stability: no finished run has probe jumps (no topology update), so none is ranked"]
+             else "Stability: no finished run has probe jumps (no topology update, or none followed by a whole probe "
+                  "window), so none is ranked"]
     if len(best):
         parts.append(compare(best, [quality], keys, "Best", "the next best", lambda r: _mean_std(r, quality),
                              explain_one_seed=ONE_SEED_WHY not in parts[0]))  # said once
@@ -262,7 +263,7 @@ def partial_note(info: SweepInfo, runs: pd.DataFrame) -> str | None:
     ended = int(runs["status"].isin(ENDED).sum()) if len(runs) else 0
     total = max(info.n_trials or 0, len(runs))
     if ended < total:
-        reasons.append(f"{ended} of {total} trials have ended")
+        reasons.append(f"{ended} of {total} {'runs' if info.run_dirs else 'trials'} have ended")
     unfinished = runs[~runs["status"].isin(ENDED)] if len(runs) else runs
     if len(unfinished):
         counts = unfinished["status"].map(lambda s: NOT_ENDED_LABEL.get(s, str(s).lower())).value_counts()

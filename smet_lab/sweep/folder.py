@@ -15,6 +15,7 @@ from pathlib import Path
 
 from smet_lab.config import ConfigError
 from smet_lab.grid import SweepConfig, Trial
+from smet_lab.tracking.artifacts import SUMMARY_FILE
 
 DEFAULT_STORAGE = "sweeps"  # where sweeps/<name>/ go without ray.storage or sweep.storage (in the working dir)
 # Trial statuses in our words (MLflow's KILLED/FAILED/FINISHED + diverged) by trial key.
@@ -24,7 +25,6 @@ SWEEP_FILE = "sweep.json"  # the sweep section, n_trials, extensions and the id 
 # In every checkpoint a trial reports: {"trial": key, "step": N} (Tune's folder names cut long keys). The final
 # one also holds SUMMARY_FILE (status, error, summary) beside the run's artifacts.
 TRIAL_FILE = "trial.json"
-SUMMARY_FILE = "summary.json"
 
 
 # What a resumed sweep must share with the one it resumes: Tune restores the trials it stored, so a

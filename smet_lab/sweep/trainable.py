@@ -54,8 +54,9 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
     from smet_lab.config import run_config_from
     from smet_lab.data import load_corpus
     from smet_lab.extend import load_extensions
-    from smet_lab.sweep.folder import SUMMARY_FILE, TRIAL_FILE
+    from smet_lab.sweep.folder import TRIAL_FILE
     from smet_lab.tracking import write_run_artifacts
+    from smet_lab.tracking.artifacts import write_summary
     from smet_lab.train import Callbacks, train
     from smet_lab.train.distributed import World
 
@@ -102,8 +103,7 @@ def train_and_report(cfg_dict: dict, key: str, cpus: int, report, restored) -> d
         artifacts = Path(tempfile.mkdtemp(prefix="smet_artifacts_"))
         write_run_artifacts(result.history, cfg_dict, artifacts, title=key)
         (artifacts / TRIAL_FILE).write_text(json.dumps({"trial": key, "step": int(result.summary.get("summary/steps", 0))}))
-        (artifacts / SUMMARY_FILE).write_text(json.dumps(
-            {"status": result.status, "error": result.error, "summary": result.summary}, default=float))
+        write_summary(artifacts, result.status, result.error, result.summary)
     metrics = {**result.summary, "step": int(result.summary.get("summary/steps", 0)), **ident,
                "smet_status": result.status, "smet_error": result.error or "", "final": 1,
                "smet_resumed_from_step": int(restored_step)}

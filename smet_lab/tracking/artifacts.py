@@ -1,9 +1,19 @@
-"""The per-run artifact files: config.yaml, metrics.parquet (full history), loss_curve.png."""
+"""The per-run artifact files: config.yaml, metrics.parquet (full history), loss_curve.png, and
+summary.json (how the run ended and its summary metrics: what a report reads from a folder)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_summary(out_dir: Path, status: str, error: str | None, summary: dict) -> Path:
+    path = Path(out_dir) / SUMMARY_FILE
+    path.write_text(json.dumps({"status": status, "error": error, "summary": summary}, default=float))
+    return path
 
 
 def history_frame(history: list[dict]):

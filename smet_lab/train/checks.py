@@ -79,6 +79,11 @@ def check_config(cfg: RunConfig, fit_here: bool = True) -> int:
     if s.weights == "compact" and o.state != "compact" and s.density < 1.0:
         raise ConfigError("sparsity.weights", s.weights, "needs optim.state=compact (dense_masked keeps dense-size state)")
     validate_dynamic(s.update_every, s.prune_rate, s.prune_schedule, s.prune, s.growth)
+    if s.density < 1 and s.update_every > 0 and s.prune_rate > 0 and cfg.train.probe_window > s.update_every:
+        # An update opens a new probe window: the one the update before opened would never close.
+        raise ConfigError("train.probe_window", cfg.train.probe_window,
+                          f"at most sparsity.update_every={s.update_every} (0: no probes): each topology update would cut "
+                          "short the probe window of the one before, so no probe jump would ever be measured")
     validate_optim_config(o)
     if fit_here:
         check_threads(cfg.train.threads, usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
