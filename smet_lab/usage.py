@@ -24,6 +24,7 @@ Main commands:
   torchrun --standalone --nproc_per_node=4 -m smet_lab train=gpu   one run, data parallel on 4 GPUs (or CPU processes)
   python -m smet_lab +sweep=density ray.workers_per_trial=4   every trial data parallel (Ray Train, 4 processes)
   python -m smet_lab.report SWEEP                          rebuild a sweep's stability report
+  python -m smet_lab.report outputs/<run> outputs/<run2>   single runs' folders compared in one report
   python -m smet_lab.export sweeps/SWEEP --trial best --out model/   its best trial's weights as safetensors
   python -m smet_lab.export outputs/<run> --out model/ --sample 'def main('   and what the model writes next
   python -m smet_lab +sweep=density --plan                 what it would run (trials, what a resume keeps), run nothing
