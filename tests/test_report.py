@@ -678,7 +678,7 @@ def test_report_cli_resolves_sweep_name_run_id_and_experiment(smoke, tmp_path, c
     assert report_main(["smokee", "--tracking-uri", uri]) == 2  # a near miss of the sweep's name
     assert f"'smokee' in {uri}; did you mean smoke? (sweeps there: smoke;" in capsys.readouterr().err
     assert report_main([str(tmp_path), "--tracking-uri", uri]) == 2  # a folder that holds no sweep
-    assert capsys.readouterr().err.startswith(f"smet_lab: error: {tmp_path} is not a sweep's folder (no grid.json")
+    assert capsys.readouterr().err.startswith(f"smet_lab: error: {tmp_path} is neither a sweep's folder (no grid.json")
     # The same sweep read from its folder alone (its database elsewhere): the same table, no run ids.
     out = tmp_path / "from_folder"
     assert report_main([str(tmp / "sw" / "smoke"), "--tracking-uri", f"sqlite:///{tmp_path}/none.db", "--out", str(out)]) == 0
