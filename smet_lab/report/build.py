@@ -131,7 +131,8 @@ def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
     total = max(info.n_trials or 0, len(runs))
     if info.run_dirs:  # single runs' folders: no sweep, parent run or tracking URI to name
         items = [("run folder" if len(info.run_dirs) == 1 else "run folders", ", ".join(info.run_dirs)),
-                 ("runs ended", f"{ended}/{total}"), ("differing keys", ", ".join(info.swept) or "—"),
+                 ("runs ended", f"{ended}/{total}"),
+                 ("differing keys", ", ".join(k for k in info.swept if runs[k].map(repr).nunique() > 1) or "—"),
                  ("rules", _rules(runs))]
     else:
         no_parent = ("— (read from the sweep's folder)" if info.from_folder
