@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 import torch
 
 from helpers import all_runs as runs_of, run_cli, start_cli
@@ -89,6 +90,18 @@ def test_precedence_preset_then_sweep_file_then_command_line():
     configs = plan(compose(overrides), group_composer(overrides))[2]
     smet = configs["method=smet,optim.lr=0.002,seed=0"]
     assert smet["optim"]["regrow"]["warmup_steps"] == 7 and smet["optim"]["lr"] == 0.002
+
+
+@pytest.mark.parametrize("bundle", [f"+sweep={p.stem}" for p in sorted((CONF_DIR / "sweep").glob("*.yaml"))]
+                         + [f"experiment={p.stem}" for p in sorted((CONF_DIR / "experiment").glob("*.yaml"))])
+def test_a_group_typed_on_the_command_line_wins_over_every_sweep_and_experiment_file(bundle):
+    """A file that set data.name itself (smoke.yaml did) silently beat a typed data=text_files, leaving a
+    mix of both options; files choose groups in their defaults list, which the command line overrides."""
+    cfg = compose([bundle, "data=text_files", "data.path=corpus.txt", "model=small", "train=default"])
+    options = {group: OmegaConf.load(CONF_DIR / group / f"{name}.yaml") for group, name in
+               (("data", "text_files"), ("model", "small"))}
+    assert cfg.data.name == "text_files" and cfg.model.name == "small"
+    assert cfg.data.tokenizer == options["data"].tokenizer and cfg.model.dim == options["model"].dim
 
 
 def test_bad_grid_values_are_caught_before_anything_runs():
