@@ -20,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
 from smet_lab.compose import compose, default_run_dir, given_run_dir, group_composer, resume_overrides, to_run_config
-from smet_lab.config import ConfigError, RuleError, check_writable_dir, claim_folder
+from smet_lab.config import ConfigError, RuleError, anchor_config, check_writable_dir, claim_folder
 from smet_lab.keys import explain_hydra_error, hydra_setting, null_group, unknown_key
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, extension_entries, ignored_setting, multirun_overrides,
-                                overridden_by_grid, override_key, split_args, unknown_flag)
+                                overridden_by_grid, override_key, quote, split_args, unknown_flag)
 from smet_lab.stopping import STOP, clean_exit, stop_on_signals, stop_when_reader_gone
 from smet_lab.tracking.settings import quiet_mlflow
 from smet_lab.usage import help_text
@@ -114,7 +114,9 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     from smet_lab.train import checkpoint as ckpt
     from smet_lab.train.checks import no_update_note
 
-    run_cfg = to_run_config(cfg)
+    # Paths recorded absolute (config, MLflow params, checkpoints): the same files whoever reads them, from anywhere.
+    container = anchor_config(OmegaConf.to_container(cfg, resolve=True), Path.cwd())
+    run_cfg = to_run_config(container)
     if run_cfg.train.resume_from:  # a run's folder means its newest checkpoint, recorded as the one resumed
         run_cfg.train.resume_from = str(ckpt.resolve(run_cfg.train.resume_from))
     tracking = OmegaConf.to_object(cfg.tracking)
@@ -124,7 +126,6 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     except ConfigError as exc:
         _remove_if_empty(output_dir)
         fail(str(exc))
-    container = OmegaConf.to_container(cfg, resolve=True)
     container["model"]["vocab_size"] = corpus.vocab_size  # recorded as the run trains: the tokenizer's
     container["train"]["resume_from"] = run_cfg.train.resume_from
     name = f"{run_cfg.method}-d{run_cfg.sparsity.density}-s{run_cfg.train.seed}"
@@ -239,11 +240,6 @@ def hydra_main(cfg: DictConfig) -> None:
             code = 1
     if code:
         sys.exit(code)
-
-
-def quote(value: str) -> str:
-    """A string as a Hydra override value (quoted unless plainly safe)."""
-    return value if re.fullmatch(r"[\w./-]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 @clean_exit

@@ -4,14 +4,15 @@ The CLI, the sweep runner and the tests share these."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
-from smet_lab.config import ConfigError, RunConfig, run_config_from
+from smet_lab.config import ConfigError, RunConfig, anchored, run_config_from
 from smet_lab.keys import explain_hydra_error
-from smet_lab.preflight import CONF_DIR, override_key, override_value, trial_groups
+from smet_lab.preflight import CONF_DIR, override_key, override_value, quote, trial_groups
 
 schema.register()
 
@@ -44,6 +45,9 @@ def resume_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     folder, .hydra/), then the ones typed now, each replacing a recorded one of its key or below it
     (`model=small` replaces a recorded `model.n_layers=4`). Returns (all, the recorded ones kept); a
     checkpoint outside a run folder (a sweep trial's, an API run's) has none recorded."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     given = next((override_value(o) for o in overrides if override_key(o) == "train.resume_from"), None)
     if not given or any(override_key(o) == "sweep" for o in overrides):
         return overrides, []
@@ -53,11 +57,34 @@ def resume_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
         return overrides, []
     recorded = [str(o) for o in OmegaConf.load(run / "overrides.yaml")]
     if (run / "hydra.yaml").is_file():  # a user's own config folder (hydra.searchpath) is a hydra override
-        recorded += [str(o) for o in OmegaConf.load(run / "hydra.yaml").hydra.overrides.hydra
-                     if override_key(o) == "hydra.searchpath"]
+        hydra_cfg = OmegaConf.load(run / "hydra.yaml").hydra
+        recorded += [str(o) for o in hydra_cfg.overrides.hydra if override_key(o) == "hydra.searchpath"]
+        started_in = Path(OmegaConf.select(hydra_cfg, "runtime.cwd") or Path.cwd())
+        if started_in != Path.cwd():  # its relative paths, the default MLflow database's too, are read from there
+            recorded = [_anchored_override(o, started_in) for o in recorded]
+            try:
+                tracking = compose(recorded).tracking
+            except (HydraException, OmegaConfBaseException):  # the preflight says what is wrong with them
+                tracking = None
+            if tracking and tracking.enabled and not any(override_key(o) == "tracking.uri" for o in recorded):
+                recorded.append(f"tracking.uri={quote(anchored('tracking.uri', tracking.uri, started_in))}")
     typed = {override_key(o) for o in overrides}
     kept = [o for o in recorded if not any(override_key(o) == k or override_key(o).startswith(k + ".") for k in typed)]
     return kept + overrides, kept
+
+
+def _anchored_override(override: str, cwd: Path) -> str:
+    """A recorded `KEY=VALUE` with a relative path in it made absolute against `cwd` (config.PATH_KEYS and
+    the file:// folders of hydra.searchpath)."""
+    key, value = override_key(override), override_value(override)
+    if value is None:
+        return override
+    head = override.split("=", 1)[0]
+    if key == "hydra.searchpath":
+        return f"{head}=" + re.sub(r"file://(?![/~])([^,\]'\"]+)", lambda m: f"file://{cwd / m.group(1)}", value)
+    bare = value.strip("'\"")
+    new = anchored(key, bare, cwd)
+    return override if new == bare else f"{head}={quote(new)}"
 
 
 def group_composer(overrides: list[str]):

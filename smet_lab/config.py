@@ -24,6 +24,9 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is not allowed: {allowed}")
 
+    def __reduce__(self):  # pickled from a Ray trial's process: rebuilt from its three parts, not its message
+        return type(self), (self.key, self.value, self.allowed)
+
 
 class RuleError(RuntimeError):
     """A user's registered rule (smet_lab.extend) raised, or returned what its contract does not
@@ -93,6 +96,33 @@ def claim_folder(path: Path) -> Path:
             return candidate
         except FileExistsError:
             n += 1
+
+
+# Config values that name a file or folder (after a prefix), read from the folder a command starts in.
+# A sweep's trials run in other folders and a run may be resumed from elsewhere: both get them absolute.
+PATH_KEYS = {"data.path": "", "data.cache_dir": "", "data.tokenizer": "hf:", "train.resume_from": "",
+             "tracking.uri": "sqlite:///"}
+
+
+def anchored(key: str, value: Any, cwd) -> Any:
+    """A PATH_KEYS value with its relative path made absolute against `cwd`; anything else as it is
+    (another key, None, `auto`, an absolute or ~ path, a hub name such as hf:t5-base)."""
+    prefix = PATH_KEYS.get(key)
+    if prefix is None or not isinstance(value, str) or not value.startswith(prefix):
+        return value
+    rest = value[len(prefix):]
+    if rest in ("", "auto") or rest.startswith(("/", "~")) or (prefix == "hf:" and not (Path(cwd) / rest).exists()):
+        return value
+    return prefix + str(Path(cwd) / rest)
+
+
+def anchor_config(container: dict, cwd) -> dict:
+    """The config dict with every PATH_KEYS value anchored at `cwd` (in place; returned for chaining)."""
+    for key in PATH_KEYS:
+        section, _, name = key.partition(".")
+        if isinstance(container.get(section), dict) and name in container[section]:
+            container[section][name] = anchored(key, container[section][name], cwd)
+    return container
 
 
 @dataclass

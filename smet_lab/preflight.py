@@ -11,6 +11,7 @@ Unknown keys and Hydra's own errors are smet_lab/keys.py's.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from smet_lab.config import ConfigError, did_you_mean
@@ -103,6 +104,11 @@ def override_key(override: str) -> str:
 
 def override_value(override: str) -> str | None:
     return override.split("=", 1)[1] if "=" in override else None
+
+
+def quote(value: str) -> str:
+    """A string as a Hydra override value (quoted unless plainly safe)."""
+    return value if re.fullmatch(r"[\w./-]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 # ------------------------------------------------------------------------------------ multirun

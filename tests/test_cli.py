@@ -212,6 +212,33 @@ def test_claim_folder_never_hands_out_a_taken_folder(tmp_path):
     assert all(p.is_dir() for p in got)
 
 
+def test_path_settings_are_anchored_at_the_folder_a_command_started_in(tmp_path):
+    from smet_lab.config import anchor_config, anchored
+
+    (tmp_path / "tok").mkdir()
+    cases = [("data.path", "shards/*.json.gz", f"{tmp_path}/shards/*.json.gz"), ("data.path", "/abs.txt", "/abs.txt"),
+             ("data.path", "~/c4", "~/c4"), ("data.cache_dir", "auto", "auto"), ("data.cache_dir", None, None),
+             ("data.tokenizer", "byte", "byte"), ("data.tokenizer", "hf:t5-base", "hf:t5-base"),  # a hub name
+             ("data.tokenizer", "hf:tok", f"hf:{tmp_path}/tok"), ("tracking.uri", "sqlite:///mlflow.db",
+             f"sqlite:///{tmp_path}/mlflow.db"), ("tracking.uri", "http://host:5000", "http://host:5000"),
+             ("train.resume_from", "outputs/x", f"{tmp_path}/outputs/x"), ("model.name", "tiny", "tiny")]
+    for key, value, expected in cases:
+        assert anchored(key, value, tmp_path) == expected, (key, value)
+    config = {"data": {"path": "a.txt", "cache_dir": "cache"}, "train": {"resume_from": None}, "tracking": {}}
+    assert anchor_config(config, tmp_path) == {"data": {"path": f"{tmp_path}/a.txt", "cache_dir": f"{tmp_path}/cache"},
+                                               "train": {"resume_from": None}, "tracking": {}}
+
+
+def test_a_config_error_survives_the_trip_from_a_ray_trial():
+    """Ray pickles a trial's exception to the driver; rebuilt from its message alone, a ConfigError became
+    "TypeError: ConfigError.__init__() missing 2 required positional arguments"."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ConfigError("data.path", "corpus.txt", "no such file")))
+    assert (error.key, error.value, error.allowed) == ("data.path", "corpus.txt", "no such file")
+    assert str(error) == "data.path='corpus.txt' is not allowed: no such file"
+
+
 def test_a_run_never_writes_into_another_runs_default_folder(tmp_path):
     # Hydra's default output folder is named by the second, so two runs started in the same second
     # shared it. Every name the default can take in the next minute and a half is taken here first.
@@ -664,6 +691,32 @@ def test_a_resume_starts_from_the_overrides_of_the_run_it_continues(tmp_path):
     assert resume_overrides(elsewhere) == (elsewhere, [])
 
 
+def test_a_resume_from_another_folder_reads_the_runs_relative_paths_from_where_it_started(tmp_path, monkeypatch):
+    """The recorded relative paths (and the default MLflow database, which a run names relative to its
+    folder) are anchored at the folder the run started in, which Hydra records (runtime.cwd)."""
+    started, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    hydra_dir = started / "run" / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    elsewhere.mkdir()
+    for folder in ("my data", "conf", "shared"):
+        (started / folder).mkdir()
+    OmegaConf.save(OmegaConf.create(["data=text_files", "data.path='my data/*.txt'", "data.tokenizer=hf:t5-base",
+                                     "data.cache_dir=auto"]), hydra_dir / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"cwd": str(started)}, "overrides": {
+        "hydra": [f"hydra.searchpath=[file://conf,file://{started}/shared]"]}}}), hydra_dir / "hydra.yaml")
+    monkeypatch.chdir(elsewhere)
+    _, kept = resume_overrides([f"train.resume_from={started / 'run'}"])
+    assert kept == ["data=text_files", f"data.path='{started}/my data/*.txt'", "data.tokenizer=hf:t5-base",
+                    "data.cache_dir=auto", f"hydra.searchpath=[file://{started}/conf,file://{started}/shared]",
+                    f"tracking.uri='sqlite:///{started}/mlflow.db'"]
+    _, kept = resume_overrides([f"train.resume_from={started / 'run'}", "tracking=none"])
+    assert not any(k.startswith("tracking") for k in kept)  # a store typed now wins
+    monkeypatch.chdir(started)  # from where it started: the overrides as recorded
+    _, kept = resume_overrides([f"train.resume_from={started / 'run'}"])
+    assert kept == ["data=text_files", "data.path='my data/*.txt'", "data.tokenizer=hf:t5-base", "data.cache_dir=auto",
+                    f"hydra.searchpath=[file://conf,file://{started}/shared]"]
+
+
 @pytest.mark.e2e  # real processes, ~10-30 s: in CI's set, not in the quick `pytest -q`
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient
@@ -702,6 +755,38 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     other_client = MlflowClient(other)
     (new,) = other_client.search_runs([other_client.get_experiment_by_name("smet_lab").experiment_id])
     assert new.info.run_id != run.info.run_id and new.data.tags["smet.resumed_from_run"] == run.info.run_id
+
+
+@pytest.mark.e2e
+def test_relative_paths_reach_sweep_trials_and_a_resume_from_another_folder(tmp_path):
+    """`data.path=corpus.txt` in a sweep: Ray runs each trial in a folder of its own, where the file is not
+    (both trials FAILED with a TypeError, the ConfigError unpicklable). A run started in one folder and
+    resumed from another reads the same corpus and continues its MLflow run in the first folder's database."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 300)
+    data = ["data=text_files", "data.path=corpus.txt"]
+    sweep = cli(["+sweep=smoke", *data, "train.max_steps=10", "tracking=none"], cwd=project)
+    assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
+    assert "2/2 trials ended (2 finished, 0 diverged, 0 failed)" in sweep.stdout
+    grid = json.loads((project / "sweeps" / "smoke" / "grid.json").read_text())
+    assert {c["data"]["path"] for c in grid.values()} == {str(project / "corpus.txt")}
+    first = cli([*data, "train.max_steps=20", "train.eval_every=10", "hydra.run.dir=run"], cwd=project)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = cli([f"train.resume_from={project}/run", "train.max_steps=30", "train.eval_every=10"], cwd=elsewhere)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"data.path={project}/corpus.txt tracking.uri='sqlite:///{project}/mlflow.db'" in again.stderr
+    assert "settings other than the checkpoint's: train.max_steps: 20 -> 30\n" in again.stderr  # the same corpus
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("smet_lab").experiment_id])
+    assert f"tracking to MLflow run {run.info.run_id} (continued)" in again.stdout
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [10, 20, 30]
+    assert not (elsewhere / "mlflow.db").exists()
 
 
 def test_a_cluster_sweep_is_not_held_to_the_drivers_memory(tmp_path):

@@ -37,14 +37,14 @@ def sweep_config(cfg: DictConfig | dict) -> SweepConfig:
 def plan(cfg: DictConfig, compose_for) -> tuple[SweepConfig, list[Trial], dict]:
     """The sweep, its trials and each trial's full config; ConfigError on any bad value (every trial
     is checked before anything starts)."""
-    from smet_lab.config import check_writable_dir, run_config_from
+    from smet_lab.config import anchor_config, check_writable_dir, run_config_from
     from smet_lab.train import check_config
 
     sweep = sweep_config(cfg)
     trials = expand(sweep)
     configs = trial_configs(trials, compose_for)
     for trial in trials:
-        cfg_t = configs[trial.key]
+        cfg_t = anchor_config(configs[trial.key], Path.cwd())  # Ray runs each trial in a folder of its own
         if cfg_t["train"]["checkpoint_every"] == 0:  # sweeps always checkpoint, so an interrupted trial resumes
             cfg_t["train"]["checkpoint_every"] = max(1, cfg_t["train"]["max_steps"] // 5)
         try:
