@@ -184,20 +184,27 @@ def test_a_folder_that_is_no_sweep_is_one_line(tmp_path):
 
 
 def run_folder(root, name: str, method: str, jumps: list[float], ended: bool, mtime: float):
-    """A single run's output folder as run_single leaves it: config.yaml, checkpoints/, and at its end
-    metrics.parquet and summary.json; a run killed hard has only its checkpoint (history in state.pt)."""
+    """A single run's output folder as run_single leaves it: .hydra/, checkpoints/ (each with the run's
+    config.json and its history in state.pt), and at its end config.yaml, metrics.parquet and
+    summary.json; a run killed hard has only the first two."""
     folder = root / name
     step = folder / "checkpoints" / "step_20"
     step.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({**config(f"method={method},sparsity.density=0.25,seed=0"),
-                                                        "tracking": {"enabled": False}, "extensions": []}))
+    (folder / ".hydra").mkdir()
+    run_config = config(f"method={method},sparsity.density=0.25,seed=0")
+    (step / "config.json").write_text(json.dumps(run_config))
     rows = history(jumps, steps=20)
     torch.save({"history": rows}, step / "state.pt")
+    written = [step / "config.json", step / "state.pt"]
     if ended:
+        (folder / "config.yaml").write_text(yaml.safe_dump({**run_config, "tracking": {"enabled": False},
+                                                            "extensions": []}))
         pd.DataFrame(rows).to_parquet(folder / "metrics.parquet")
         (folder / SUMMARY_FILE).write_text(json.dumps({"status": "FINISHED", "error": None,
                                                        "summary": {"summary/final_val_loss": 4.5}}))
-    os.utime(folder / "config.yaml", (mtime, mtime))
+        written.append(folder / "config.yaml")
+    for path in written:
+        os.utime(path, (mtime, mtime))
     return folder
 
 
@@ -215,6 +222,7 @@ def test_run_folders_are_one_report_a_rerun_counted_once(tmp_path):
     assert runs.loc[str(new), "summary/mean_probe_jump"] == pytest.approx(0.5)  # (0.25 + 0.75) / 2
     assert runs.loc[str(hard), "summary/mean_probe_jump"] == pytest.approx(0.125)  # from state.pt's history
     assert runs.loc[str(hard), "error"].startswith("no summary.json: stopped before its end")
+    assert runs.loc[str(hard), "sparsity.density"] == 0.25  # its config from its checkpoint (no config.yaml)
     proc = report_cli(str(old), str(hard), str(new), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (out,) = (tmp_path / "reports").iterdir()

@@ -27,8 +27,10 @@ def is_sweep_folder(path) -> bool:
 
 
 def is_run_folder(path) -> bool:
-    """A single run's output folder (outputs/<date>/<time>-<method>): its config and checkpoints."""
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
+    """A single run's output folder (outputs/<date>/<time>-<method>): checkpoints/ beside the config.yaml
+    written at its end, or beside Hydra's .hydra/ (a run killed before its end)."""
+    path = Path(path)
+    return (path / "checkpoints").is_dir() and ((path / "config.yaml").is_file() or (path / ".hydra").is_dir())
 
 
 def read_history(checkpoint: Path) -> pd.DataFrame | None:
@@ -101,18 +103,22 @@ def load_run_folders(folders: list) -> tuple[SweepInfo, pd.DataFrame]:
     Runs of the same setting and seed count once: the newest (SweepInfo.left_out says how many not)."""
     from omegaconf import OmegaConf
 
-    from smet_lab.train.checkpoint import newest
+    from smet_lab.train.checkpoint import CONFIG_FILE, newest
 
     rows = []
     for folder in map(Path, folders):
-        config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+        checkpoint, written = newest(folder), folder / "config.yaml"
+        # A run killed before its end has no config.yaml: its newest checkpoint holds its config.
+        config = (OmegaConf.to_container(OmegaConf.load(written)) if written.is_file()
+                  else read_json(checkpoint / CONFIG_FILE) if checkpoint else None) or {}
         core = {k: v for k, v in config.items() if k in RESUME_SECTIONS}
         ended = read_json(folder / SUMMARY_FILE)
-        source = folder if (folder / "metrics.parquet").is_file() else newest(folder)
+        source = folder if (folder / "metrics.parquet").is_file() else checkpoint
         row = trial_row(str(folder), core, config.get("extensions") or [], ended, source, running=False)
         if ended is None:
             row["error"] = "no summary.json: stopped before its end, still running, or from an older smet_lab"
-        rows.append({**row, "start_time": (folder / "config.yaml").stat().st_mtime})
+        stamps = [p.stat().st_mtime for p in (written, checkpoint) if p is not None and p.exists()]
+        rows.append({**row, "start_time": max(stamps, default=0.0)})  # orders re-runs: the newest counts
     runs = pd.DataFrame(rows)
     name = Path(folders[0]).name if len(folders) == 1 else f"{len(folders)} runs"
     info = SweepInfo(name=name, run_dirs=[str(Path(f).resolve()) for f in folders], swept=infer_swept(runs))
