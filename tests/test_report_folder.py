@@ -255,8 +255,8 @@ def test_usage_errors_name_the_sweeps_there_are(tmp_path, monkeypatch, capsys):
     sweep_folder(tmp_path / "sweeps")
     monkeypatch.chdir(tmp_path)
     assert main([]) == 2
-    assert capsys.readouterr().err == ("smet_lab: error: give a sweep name, a sweep folder, an experiment name or a "
-                                       "parent run id (or --tables); sweep folders in sweeps/: dens\n")
+    assert capsys.readouterr().err == ("smet_lab: error: give a sweep name, a sweep folder, an experiment name, a "
+                                       "parent run id or run folders (or --tables); sweep folders in sweeps/: dens\n")
     assert main(["dense"]) == 2
     assert capsys.readouterr().err == ("smet_lab: error: no sweep folder dense or sweeps/dense, and no MLflow database "
                                        f"at {tmp_path / 'mlflow.db'} (--tracking-uri sqlite:///mlflow.db); sweep "

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.target:
             from smet_lab.report.io import known_sweeps
 
-            return fail("give a sweep name, a sweep folder, an experiment name or a parent run id (or --tables)"
+            return fail("give a sweep name, a sweep folder, an experiment name, a parent run id or run folders "
+                        "(or --tables)"
                         + known_sweeps(args.tracking_uri))
         from smet_lab.report.build import report_for_target
 
