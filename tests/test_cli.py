@@ -582,10 +582,14 @@ def test_a_grid_axis_over_a_config_group_composes_each_option(tmp_path):
     configs = plan(compose(overrides), group_composer(overrides))[2]
     assert {(c["method"], c["model"]["name"], c["train"]["max_steps"]) for c in configs.values()} == {
         (m, o, 60) for m in ("naive_dst", "smet") for o in ("tiny", "small")}
+    data_axis = ["+sweep=smoke", "+sweep.params.data=[pysource,synthetic]", f"ray.storage={tmp_path}"]  # over smoke's own
+    configs = plan(compose(data_axis), group_composer(data_axis))[2]
+    assert {(c["data"]["name"], c["data"]["max_tokens"]) for c in configs.values()} == {("pysource", 60000),
+                                                                                       ("synthetic", 60000)}
     for bad, says in ((["+sweep.params.tracking=[mlflow,none]"], "sweep.params.tracking='mlflow' is not allowed: "
                                                                   "a config group trials may differ in"),
-                      (["+sweep.params.data=[pysource,synthetic]"], "these two would train the same run (a setting in "
-                                                                     "the sweep file")):  # smoke sets data.name
+                      (["+sweep.params.sparsity=[uniform,erk]", "sparsity.distribution=uniform"],  # what tells them apart
+                       "these two would train the same run (a setting in the sweep file or on the command line")):
         with pytest.raises(ConfigError, match=re.escape(says)):
             plan(compose(overrides[:1] + bad + overrides[2:]), group_composer(overrides[:1] + bad + overrides[2:]))
 
