@@ -229,7 +229,7 @@ def test_run_folders_are_one_report_a_rerun_counted_once(tmp_path):
     assert proc.stdout.strip() == f"smet_lab: report of 3 runs: reports/{out.name}/report.html (read from the runs' folders)"
     md = (out / "report.md").read_text()
     assert md.startswith("# Stability report: 3 runs\n") and "- runs left out: 1 older run(s)" in md
-    assert "\n- differing keys: method\n" in md
+    assert "\n- differing keys: method\n" in md and "Running each setting again with train.seed=1" in md
     one = report_cli(str(new), cwd=tmp_path)
     md = (new / "report" / "report.md").read_text()
     assert one.returncode == 0 and md.startswith("# Stability report: run `new-smet`") and "- differing keys: —\n" in md

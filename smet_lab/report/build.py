@@ -110,9 +110,13 @@ def build_report(info: SweepInfo, runs: pd.DataFrame, out_dir, now: dt.datetime 
     return out
 
 
-ONE_SEED_NOTE = ("One seed per cell: the trial table above is each cell's value, with no spread to average. "
-                 "sweep.seeds=[0,1,2] runs each cell three times and gives mean ± std here (pivot.csv has the "
-                 "one-seed table).")
+def one_seed_note(info: SweepInfo) -> str:
+    more = ("sweep.seeds=[0,1,2] runs each cell three times and gives" if info.kind == "sweep" else
+            "Running each setting again with train.seed=1 and train.seed=2 gives")
+    return (f"One seed per cell: the trial table above is each cell's value, with no spread to average. {more} "
+            "mean ± std here (pivot.csv has the one-seed table).")
+
+
 DETECTORS_NOTE = ("Every detection of the three detectors in the ended runs (loss events counted at their peak), "
                   "and when it came: within train.probe_window steps after a topology update, and the median "
                   "number of steps since the last update (— before the first update or without detections).")
@@ -179,7 +183,7 @@ def render_markdown(info: SweepInfo, s: dict, figures) -> str:
     if s["notes"]:
         lines += ["Not finished:", ""] + [f"- {n}" for n in s["notes"]] + [""]
     lines += ["## Mean ± std over seeds", ""]
-    lines += [ONE_SEED_NOTE, ""] if s["one_seed"] else [to_markdown(s["pivot"]), s["pivot_note"], ""]
+    lines += [one_seed_note(info), ""] if s["one_seed"] else [to_markdown(s["pivot"]), s["pivot_note"], ""]
     if len(s["detectors"]):
         lines += ["## Spike detectors and topology updates", "", to_markdown(s["detectors"]), DETECTORS_NOTE, ""]
     lines += ["## Plots", ""]
@@ -206,7 +210,7 @@ def render_html(info: SweepInfo, s: dict, figures) -> str:
     if s["notes"]:
         parts.append("<p>Not finished:</p><ul>" + "".join(f"<li>{e(n)}</li>" for n in s["notes"]) + "</ul>")
     parts.append("<h2>Mean ± std over seeds</h2>")
-    parts += [f"<p>{e(ONE_SEED_NOTE)}</p>"] if s["one_seed"] else [
+    parts += [f"<p>{e(one_seed_note(info))}</p>"] if s["one_seed"] else [
         f'<div class="scroll">{to_html(s["pivot"], s["pivot_classes"])}</div>', f'<p class="meta">{e(s["pivot_note"])}</p>']
     if len(s["detectors"]):
         parts += ["<h2>Spike detectors and topology updates</h2>", f'<div class="scroll">{to_html(s["detectors"])}</div>',
