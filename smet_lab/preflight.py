@@ -49,8 +49,13 @@ def unknown_flag(argv: list[str]) -> str | None:
     """One line for a command-line flag neither smet_lab nor Hydra knows (Hydra's own answer is its
     usage text and an error line), or None."""
     alone = _FLAGS_THAT_SKIP | set(MULTIRUN_FLAGS) | _OTHER_FLAGS
-    for arg in argv:
+    for i, arg in enumerate(argv):
         flag = arg.split("=", 1)[0]
+        if flag in ("--cfg", "-c"):  # Hydra's answer to another value is its usage text
+            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1] if i + 1 < len(argv) else ""
+            if value not in ("job", "hydra", "all"):
+                return f"{flag} {value or '(nothing)'} is not an option: {flag} takes job, hydra or all" + \
+                    did_you_mean(value, ("job", "hydra", "all"))
         if not arg.startswith("-") or flag in _FLAGS_WITH_VALUE or arg in alone:
             continue
         if flag in alone:

@@ -186,6 +186,9 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_runs(tm
     (["--multirn", "a=1"], "--multirn is not an option; did you mean --multirun?"),
     (["--plan=true"], "--plan=true is not an option: --plan takes no value"),
     (["-x"], "-x is not an option (smet_lab's"),
+    (["--cfg", "jobb"], "--cfg jobb is not an option: --cfg takes job, hydra or all; did you mean job?"),
+    (["--cfg=hydr"], "--cfg hydr is not an option: --cfg takes job, hydra or all; did you mean hydra?"),
+    (["model=small", "-c"], "-c (nothing) is not an option: -c takes job, hydra or all"),
 ])
 def test_a_flag_nobody_knows_is_one_line(argv, message):
     from smet_lab.preflight import unknown_flag
