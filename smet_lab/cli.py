@@ -347,7 +347,8 @@ def run_distributed(cfg: DictConfig) -> int:
             return 0
         from smet_lab.train import Callbacks, train
 
-        result = train(to_run_config(cfg), callbacks=Callbacks(progress=None, should_stop=STOP.is_set))
+        container = anchor_config(OmegaConf.to_container(cfg, resolve=True), Path.cwd())  # as the first's
+        result = train(to_run_config(container), callbacks=Callbacks(progress=None, should_stop=STOP.is_set))
         return {"FINISHED": 0, "KILLED": 130}.get(result.status, 1)
 
     try:
