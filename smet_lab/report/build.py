@@ -126,7 +126,8 @@ def _title(info: SweepInfo, code) -> str:
     """What the report is of, its name set by `code` (Markdown backticks or HTML <code>)."""
     if info.kind == "runs":
         return f"{len(info.run_dirs)} runs"
-    return f"{ {'experiment': 'the single runs of experiment'}.get(info.kind, info.kind)} {code(info.name)}"
+    what = "the single runs of experiment" if info.kind == "experiment" else info.kind  # sweep, run
+    return f"{what} {code(info.name)}"
 
 
 def _meta(info: SweepInfo, runs: pd.DataFrame, now) -> list[tuple[str, str]]:
