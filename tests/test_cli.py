@@ -144,8 +144,11 @@ def test_hydra_settings_smet_lab_does_not_read_get_one_line(override, message):
 def test_hydra_settings_it_reads_pass():
     from smet_lab.cli import preflight
 
-    cfg = preflight(["hydra.job.chdir=false", "+hydra.job.env_set.OMP_NUM_THREADS=1", "hydra/job_logging=stdout"])
-    assert cfg.train.max_steps > 0
+    overrides = ["hydra.job.chdir=false", "+hydra.job.env_set.OMP_NUM_THREADS=1", "hydra/job_logging=stdout"]
+    preflight(overrides)  # no BadInput
+    hydra_cfg = compose(overrides, with_hydra=True).hydra
+    assert (hydra_cfg.job.chdir, dict(hydra_cfg.job.env_set), hydra_cfg.runtime.choices["hydra/job_logging"]) == (
+        False, {"OMP_NUM_THREADS": "1"}, "stdout")
 
 
 @pytest.mark.e2e
