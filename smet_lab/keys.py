@@ -17,6 +17,7 @@ from smet_lab.config import dataclass_type, did_you_mean
 from smet_lab.preflight import (FREE_FORM, OPTIONAL_GROUPS, SWEEP_FOLDER, config_groups, group_options, override_key,
                                 override_value, own_config_dirs)
 
+
 def _fields(cls) -> dict[str, Any]:
     """{name: the field's dataclass type, or None for a leaf}."""
     return {f.name: dataclass_type(f) for f in dataclasses.fields(cls)}
