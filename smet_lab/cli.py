@@ -19,8 +19,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
-from smet_lab.compose import compose, default_run_dir, given_run_dir, group_composer, resume_overrides, to_run_config
-from smet_lab.config import ConfigError, RuleError, anchor_config, check_writable_dir, claim_folder
+from smet_lab.compose import (compose, default_run_dir, given_run_dir, group_composer, resume_overrides, run_container,
+                              to_run_config)
+from smet_lab.config import ConfigError, RuleError, check_writable_dir, claim_folder
 from smet_lab.keys import explain_hydra_error, hydra_setting, null_group, unknown_key
 from smet_lab.preflight import (CONF_DIR, MULTIRUN_FLAGS, extension_entries, ignored_setting, multirun_overrides,
                                 overridden_by_grid, override_key, quote, split_args, unknown_flag)
@@ -114,8 +115,7 @@ def run_single(cfg: DictConfig, output_dir: Path) -> int:
     from smet_lab.train import checkpoint as ckpt
     from smet_lab.train.checks import no_update_note
 
-    # Paths recorded absolute (config, MLflow params, checkpoints): the same files whoever reads them, from anywhere.
-    container = anchor_config(OmegaConf.to_container(cfg, resolve=True), Path.cwd())
+    container = run_container(cfg)
     run_cfg = to_run_config(container)
     if run_cfg.train.resume_from:  # a run's folder means its newest checkpoint, recorded as the one resumed
         run_cfg.train.resume_from = str(ckpt.resolve(run_cfg.train.resume_from))
@@ -347,8 +347,7 @@ def run_distributed(cfg: DictConfig) -> int:
             return 0
         from smet_lab.train import Callbacks, train
 
-        container = anchor_config(OmegaConf.to_container(cfg, resolve=True), Path.cwd())  # as the first's
-        result = train(to_run_config(container), callbacks=Callbacks(progress=None, should_stop=STOP.is_set))
+        result = train(to_run_config(run_container(cfg)), callbacks=Callbacks(progress=None, should_stop=STOP.is_set))
         return {"FINISHED": 0, "KILLED": 130}.get(result.status, 1)
 
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from smet_lab import schema
-from smet_lab.config import ConfigError, RunConfig, anchored, run_config_from
+from smet_lab.config import ConfigError, RunConfig, anchor_config, anchored, run_config_from
 from smet_lab.keys import explain_hydra_error
 from smet_lab.preflight import CONF_DIR, override_key, override_value, quote, trial_groups
 
@@ -109,6 +109,12 @@ def group_composer(overrides: list[str]):
         return OmegaConf.to_container(cfg, resolve=True)
 
     return compose_for
+
+
+def run_container(cfg: DictConfig) -> dict:
+    """A run's full config as a dict, its paths anchored at the working folder (config.PATH_KEYS): what it
+    records (config.yaml, MLflow params, checkpoints), the same files whoever reads them, from anywhere."""
+    return anchor_config(OmegaConf.to_container(cfg, resolve=True), Path.cwd())
 
 
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:

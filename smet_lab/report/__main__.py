@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                         + known_sweeps(args.tracking_uri))
         from smet_lab.report.build import report_for_target
 
-        target = args.target[0] if len(args.target) == 1 else args.target
-        info, out = report_for_target(args.tracking_uri, target, args.out, log=not args.no_log,
+        info, out = report_for_target(args.tracking_uri, args.target, args.out, log=not args.no_log,
                                       warn=lambda line: print(f"smet_lab: warning: {line}", file=sys.stderr))
     except (ReportError, SpecError) as exc:
         return fail(str(exc))
